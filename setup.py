@@ -1,0 +1,36 @@
+"""tf_retrieval: content-based image retrieval with TensorFlow, ScaNN and TF Serving."""
+from setuptools import find_packages, setup
+
+# Core stack, verified together (TF 2.20 / Keras 3 / ScaNN 1.4.2 are tied: re-check `import scann` before moving TF).
+INSTALL_REQUIRES = [
+    "tensorflow==2.20.0",
+    "tensorflow-datasets==4.9.10",
+    "numpy>=2.0,<3",
+    "pillow>=11,<14",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS = {
+    "scann": ["scann==1.4.2"],
+    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2"],
+    "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
+    "tuning": ["keras-tuner==1.4.8"],
+    "plots": ["matplotlib>=3.9,<4"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "playwright>=1.50,<2"]
+
+setup(
+    name="tf_retrieval",
+    version="0.1.0",
+    description="Content-based image retrieval: frozen ImageNet and triplet-trained embeddings, ScaNN, TF Serving, Flask.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tf_retrieval", "tf_retrieval.*", "serving", "serving.*", "web", "web.*",
+                                    "tuning", "tuning.*"]),
+    package_data={"web": ["templates/*", "static/*"], "tf_retrieval": ["py.typed"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["tfr=tf_retrieval.cli:main"]},
+)
