@@ -1,0 +1,321 @@
+"""`tfr`: the command line, a thin layer over library functions.
+
+    tfr embed     --dataset cifar10 --out emb.npy         embeddings of a collection (in process or through TF Serving)
+    tfr index     --dataset cifar10 --name cifar10        build an index bundle under <workdir>/indexes/<name>
+    tfr search    IMAGE|FOLDER... --index cifar10         top-k neighbours with class and score
+    tfr evaluate  --protocol cifar10-2                    retrieval metrics of a protocol, appended to a records file
+    tfr demo                                              index CIFAR-10, answer a query, serve the search page
+
+Errors are reported as one line (`tfr: error: ...`, exit status 2); `--verbose` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from tf_retrieval.config import ModelConfig
+
+logger = logging.getLogger("tf_retrieval")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ModelConfig()
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-config", help="a ModelConfig JSON file (the flags below override it)")
+    group.add_argument("--model-name", help=f"model name (default {defaults.name})")
+    group.add_argument("--backbone", help=f"backbone (default {defaults.backbone}); see tf_retrieval.backbones.BACKBONES")
+    group.add_argument("--image-size", type=int, help=f"input size in px (default {defaults.image_size})")
+    group.add_argument("--pooling", choices=("avg", "gem", "max"), help=f"pooling (default {defaults.pooling})")
+    group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
+    group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    config = ModelConfig.load(args.model_config) if args.model_config else ModelConfig()
+    overrides = {"name": args.model_name, "backbone": args.backbone, "image_size": args.image_size,
+                 "pooling": args.pooling, "head": args.head}
+    for field, value in overrides.items():
+        if value is not None:
+            setattr(config, field, value)
+    if args.weights is not None:
+        config.weights = None if args.weights.lower() == "none" else args.weights
+    from tf_retrieval.backbones import BACKBONES  # validate early, with the list of choices
+
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if config.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32, got {config.image_size}")
+    return config
+
+
+def _add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--dataset", required=required,
+                        help="a tfds name (cifar10, oxford_flowers102) or a folder of images with one sub-folder per class")
+    parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds' own default)")
+    parser.add_argument("--split", action="append", help="only these splits of a tfds dataset (repeatable)")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+
+
+def _load_collection(args: argparse.Namespace):
+    from tf_retrieval.data import load_dataset, load_tfds
+
+    if os.path.isdir(args.dataset) or args.dataset.startswith("folder:"):
+        collection = load_dataset(args.dataset)
+    elif args.split:
+        collection = load_tfds(args.dataset, data_dir=args.data_dir, splits=args.split)
+    else:
+        collection = load_dataset(args.dataset, data_dir=args.data_dir)
+    if collection.skipped:
+        print(f"skipped {len(collection.skipped)} unreadable file(s):", file=sys.stderr)
+        for path, reason in collection.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise ValueError(f"--limit must be positive, got {args.limit}")
+        collection = collection.subset(np.arange(min(args.limit, len(collection))))
+    return collection
+
+
+def _workdir(args: argparse.Namespace) -> str:
+    from tf_retrieval.features import default_workdir
+
+    return args.workdir or default_workdir()
+
+
+def _bundle_dir(args: argparse.Namespace, name: str) -> str:
+    return name if os.path.isdir(os.path.join(name, "index")) else os.path.join(_workdir(args), "indexes", name)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Embeds a collection and saves the vectors (.npy) with their ids (.ids.txt)."""
+    from tf_retrieval.evaluate import embed_collection, head_function
+
+    config = _model_config(args)
+    collection = _load_collection(args)
+    if args.server:
+        from serving.client import EmbeddingClient
+
+        client = EmbeddingClient(args.server, args.server_model or config.name)
+        embeddings = np.concatenate([client.embed_bytes([collection.read_bytes(i) for i in range(s, min(s + 64, len(collection)))])
+                                     for s in range(0, len(collection), 64)])
+    else:
+        features = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
+        head = head_function(config)
+        embeddings = head(features) if head else features
+        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    np.save(args.out, embeddings.astype(np.float32))
+    ids_path = os.path.splitext(args.out)[0] + ".ids.txt"
+    with open(ids_path, "w") as f:
+        f.write("\n".join(collection.ids) + "\n")
+    print(f"{embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} -> {args.out} (ids: {ids_path})")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    """Builds an index bundle (model config + catalog + index) for a collection."""
+    from tf_retrieval.engine import build_bundle
+    from tf_retrieval.evaluate import embed_collection, head_function
+
+    config = _model_config(args)
+    collection = _load_collection(args)
+    features = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
+    head = head_function(config)
+    embeddings = head(features) if head else features
+    name = args.name or config.name
+    bundle = os.path.join(_workdir(args), "indexes", name)
+    engine = build_bundle(bundle, config, collection, embeddings, source=args.dataset, data_dir=args.data_dir,
+                          metric=args.metric, backend=args.backend)
+    print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} -> {bundle}")
+
+
+def _query_files(paths: Sequence[str]) -> list[str]:
+    from tf_retrieval.data import IMAGE_EXTENSIONS
+
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise ValueError(f"no images in folder {path}")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    return files
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    """Prints the top-k neighbours of each query image."""
+    from tf_retrieval.data import ImageDecodeError
+    from tf_retrieval.engine import RetrievalEngine
+
+    files = _query_files(args.images)
+    embedder = None
+    if args.server:
+        from serving.client import EmbeddingClient
+
+        embedder = EmbeddingClient(args.server, args.server_model)
+    engine = RetrievalEngine.load(_bundle_dir(args, args.index), embedder=embedder, data_dir=args.data_dir)
+    failures = 0
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            results = engine.search_images([data], args.k, threshold=args.threshold)[0]
+        except ImageDecodeError as exc:
+            print(f"{path}: skipped: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"{path}: top {len(results)} of {len(engine)} ({engine.config.name})")
+        for rank, result in enumerate(results, 1):
+            print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<16s} {result.id}")
+    if failures == len(files):
+        raise ValueError("no query image could be read")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Scores a protocol and appends the record to a records file."""
+    from tf_retrieval.evaluate import evaluate_model, merge_records, records_markdown
+    from tf_retrieval.protocols import load_protocol
+
+    config = _model_config(args)
+    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
+    print(protocol.summary())
+    record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
+                            batch_size=args.batch_size, command="tfr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(records_markdown([record]), end="")
+    if args.records:
+        merge_records(args.records, [record])
+        print(f"record written to {args.records}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Builds (once) a baseline CIFAR-10 index, answers a query with a test image, then serves the search page."""
+    from tf_retrieval.data import load_tfds
+    from tf_retrieval.engine import RetrievalEngine, build_bundle
+    from tf_retrieval.evaluate import embed_collection
+
+    config = _model_config(args)
+    bundle = os.path.join(_workdir(args), "indexes", f"demo-{config.name}")
+    engine = None
+    if os.path.exists(os.path.join(bundle, "catalog.json")):
+        try:
+            engine = RetrievalEngine.load(bundle, data_dir=args.data_dir)
+            print(f"using the index at {bundle}")
+        except ValueError as exc:
+            print(f"rebuilding {bundle}: {exc}")
+    if engine is None:
+        database = load_tfds("cifar10", data_dir=args.data_dir, splits=["train"])
+        database = database.subset(np.arange(min(args.limit, len(database))))
+        print(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
+        features = embed_collection(database, config, workdir=_workdir(args), batch_size=args.batch_size)
+        engine = build_bundle(bundle, config, database, features, source="cifar10", data_dir=args.data_dir)
+    queries = load_tfds("cifar10", data_dir=args.data_dir, splits=["test"])
+    position = int(np.random.default_rng(args.seed).integers(len(queries)))
+    results = engine.search_images([queries.read_bytes(position)], args.k)[0]
+    print(f"query: CIFAR-10 test image {queries.ids[position]} (class {queries.class_names[queries.labels[position]]})")
+    for rank, result in enumerate(results, 1):
+        print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<12s} {result.id}")
+    hits = sum(r.label == queries.labels[position] for r in results)
+    print(f"{hits}/{len(results)} neighbours share the query's class")
+    if args.no_web:
+        return
+    try:
+        from web.app import create_app, serve
+    except ImportError as exc:
+        raise ImportError(f"the search page needs the web extra: pip install 'tf_retrieval[web]' ({exc})") from None
+    print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
+    serve(create_app({engine.name: engine}), host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tfr", description="tf_retrieval: content-based image retrieval.")
+    parser.add_argument("--workdir", help="artefacts directory (default: $TFR_WORKDIR or ./artifacts)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    embed = commands.add_parser("embed", help="embed a collection to a .npy file", description=cmd_embed.__doc__)
+    _add_data_args(embed)
+    _add_model_args(embed)
+    embed.add_argument("--out", required=True, help="output .npy file")
+    embed.add_argument("--server", help="embed through a TF Serving gRPC server at HOST:PORT instead of in process")
+    embed.add_argument("--server-model", help="model name on the server (default: the model name)")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.set_defaults(run=cmd_embed)
+
+    index = commands.add_parser("index", help="build an index bundle of a collection", description=cmd_index.__doc__)
+    _add_data_args(index)
+    _add_model_args(index)
+    index.add_argument("--name", help="bundle name under <workdir>/indexes (default: the model name)")
+    index.add_argument("--metric", default="cosine", choices=("cosine", "euclidean", "dot", "pearson"))
+    index.add_argument("--backend", default="auto", choices=("auto", "exact", "scann"))
+    index.add_argument("--batch-size", type=int, default=64)
+    index.set_defaults(run=cmd_index)
+
+    search = commands.add_parser("search", help="query an index with images", description=cmd_search.__doc__)
+    search.add_argument("images", nargs="+", help="query image files or folders of images")
+    search.add_argument("--index", required=True, help="bundle name under <workdir>/indexes, or a bundle directory")
+    search.add_argument("-k", type=int, default=10, help="results per query")
+    search.add_argument("--threshold", type=float, help="minimum similarity score")
+    search.add_argument("--data-dir", help="tfds data directory of the indexed collection")
+    search.add_argument("--server", help="embed queries through a TF Serving gRPC server at HOST:PORT")
+    search.add_argument("--server-model", default="baseline", help="model name on the server")
+    search.set_defaults(run=cmd_search)
+
+    evaluate = commands.add_parser("evaluate", help="score an evaluation protocol", description=cmd_evaluate.__doc__)
+    evaluate.add_argument("--protocol", required=True,
+                          choices=("cifar10-2", "cifar10-1", "cifar10-unseen", "flowers-official", "flowers-disjoint"))
+    evaluate.add_argument("--dataset", help="collection to use (default: tfds cifar10 / oxford_flowers102); e.g. a folder")
+    evaluate.add_argument("--data-dir", help="tfds data directory")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--pca-dim", type=int, help="reduce embeddings with PCA fitted on the database")
+    evaluate.add_argument("--metric", default="cosine", choices=("cosine", "euclidean", "dot", "pearson"))
+    evaluate.add_argument("--records", help="append the record to this JSON list (e.g. benchmarks/results/retrieval.json)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = commands.add_parser("demo", help="index CIFAR-10, answer a query, serve the page", description=cmd_demo.__doc__)
+    _add_model_args(demo)
+    demo.add_argument("--data-dir", help="tfds data directory")
+    demo.add_argument("--limit", type=int, default=10000, help="database images from the CIFAR-10 train split")
+    demo.add_argument("-k", type=int, default=10)
+    demo.add_argument("--seed", type=int, default=0, help="picks the query test image")
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tfr`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("tfr: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, KeyError, IndexError) as exc:
+        if args.verbose:
+            raise
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"tfr: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Run an evaluation protocol for a model: extract (cached) features, rank the database exactly, score the rankings.
+
+The ranking here is exhaustive and exact (`index.ExactIndex`), so the metrics measure the embedding, not the ANN index.
+Records follow the schema of `benchmarks/results/retrieval.json` (see `make_record`).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tf_retrieval.config import ModelConfig
+from tf_retrieval.index import ExactIndex
+from tf_retrieval.metrics import RetrievalMetrics, relevance_matrix
+from tf_retrieval.protocols import Protocol
+
+logger = logging.getLogger(__name__)
+
+
+def fit_pca(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA fitted on `vectors` [n, d]: returns (mean [d], components [d, dim]); project with `(x - mean) @ components`."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if not 0 < dim <= min(vectors.shape):
+        raise ValueError(f"PCA dimension must be in 1..{min(vectors.shape)} for data of shape {vectors.shape}, got {dim}")
+    mean = vectors.mean(axis=0)
+    _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[:dim].T.astype(np.float32)
+
+
+def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: np.ndarray | None = None,
+                   query_labels: np.ndarray | None = None, *, metric: str = "cosine", map_k: int | None = None,
+                   chunk_size: int = 256, progress: bool = False) -> tuple[dict[str, float], dict[str, list]]:
+    """Ranks the whole database for every query and returns (metrics, pr_curve).
+
+    Args:
+      database, database_labels: vectors [n, d] and int labels [n].
+      queries, query_labels: [q, d] and [q]; None for leave-one-out (each database vector queries all the others).
+      metric: similarity for ranking (see `index.METRICS`).
+      map_k: also report mAP@map_k.
+      chunk_size: queries ranked at a time (memory is chunk_size x n).
+
+    Returns:
+      metrics dict (`metrics.RetrievalMetrics.result`) and the averaged precision/recall curve.
+    """
+    from tqdm.auto import tqdm
+
+    database_labels = np.asarray(database_labels)
+    leave_one_out = queries is None
+    if leave_one_out:
+        queries, query_labels = database, database_labels
+    query_labels = np.asarray(query_labels)
+    if len(queries) != len(query_labels) or len(database) != len(database_labels):
+        raise ValueError(f"vectors and labels differ in length: queries {len(queries)} vs {len(query_labels)}, "
+                         f"database {len(database)} vs {len(database_labels)}")
+    index = ExactIndex(database.shape[1], metric=metric)
+    index.add(database, np.arange(len(database)))
+    classes, counts = np.unique(database_labels, return_counts=True)
+    count_of = dict(zip(classes.tolist(), counts.tolist()))
+    num_relevant = np.array([count_of.get(int(label), 0) for label in query_labels]) - int(leave_one_out)
+    accumulator = RetrievalMetrics(map_k=map_k)
+    for start in tqdm(range(0, len(queries), chunk_size), desc="ranking", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + chunk_size, len(queries))
+        _, ids = index.search(queries[start:stop], len(database))
+        if leave_one_out:  # drop each query's own entry from its ranking
+            keep = ids != np.arange(start, stop)[:, None]
+            ids = ids[keep].reshape(stop - start, len(database) - 1)
+        relevance = relevance_matrix(query_labels[start:stop], database_labels[ids])
+        accumulator.update(relevance, num_relevant[start:stop])
+    return accumulator.result(), accumulator.pr_curve()
+
+
+def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callable[[np.ndarray], np.ndarray] | None = None,
+                      metric: str = "cosine", pca_dim: int | None = None, map_k: int | None = None,
+                      progress: bool = False) -> tuple[dict[str, float], dict[str, list], int]:
+    """Scores a protocol given features of the whole collection.
+
+    Args:
+      protocol: positions of database and queries in the collection.
+      features: one row per image of `protocol.collection` (e.g. cached backbone features).
+      embed: maps features to embeddings (a trained head); None keeps the features (the baseline).
+      metric: ranking similarity.
+      pca_dim: reduce to this many dimensions with PCA fitted on the database first.
+
+    Returns:
+      (metrics, pr_curve, embedding_dim).
+    """
+    if len(features) != len(protocol.collection):
+        raise ValueError(f"{len(features)} feature rows for a collection of {len(protocol.collection)} images")
+    positions = protocol.database if protocol.queries is None else np.concatenate([protocol.database, protocol.queries])
+    vectors = np.asarray(features[positions], dtype=np.float32)
+    if embed is not None:
+        vectors = np.asarray(embed(vectors), dtype=np.float32)
+    database, queries = vectors[:len(protocol.database)], vectors[len(protocol.database):]
+    if pca_dim:
+        mean, components = fit_pca(database, pca_dim)
+        database, queries = (database - mean) @ components, (queries - mean) @ components
+    labels = protocol.collection.labels
+    metrics, curve = rank_and_score(
+        database, labels[protocol.database],
+        None if protocol.queries is None else queries, None if protocol.queries is None else labels[protocol.queries],
+        metric=metric, map_k=map_k, progress=progress)
+    return metrics, curve, int(database.shape[1])
+
+
+def make_record(protocol: str, config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float, command: str,
+                model: str = "baseline", **extra) -> dict:
+    """One record of `benchmarks/results/retrieval.json`."""
+    return {"protocol": protocol, "model": model, "backbone": config.backbone, "image_size": int(config.image_size),
+            "pooling": config.pooling, "embedding_dim": int(embedding_dim), "weights": str(config.weights or "none"),
+            "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
+            "seconds": round(float(seconds), 1), "command": command,
+            "date": datetime.date.today().isoformat(), "machine": machine_description(), **extra}
+
+
+def machine_description() -> str:
+    """CPU count, processor and OS, for benchmark records."""
+    return f"{os.cpu_count()} cores {platform.machine()} {platform.system()} ({platform.processor() or 'cpu'})"
+
+
+RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embedding_dim", "weights", "hash_bits", "variant")
+
+
+def merge_records(path: str, records: Sequence[dict]) -> list[dict]:
+    """Adds `records` to the JSON list at `path`, replacing earlier records with the same key (`RECORD_KEY`)."""
+    existing = []
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+    keys = {tuple(r.get(k) for k in RECORD_KEY) for r in records}
+    merged = [r for r in existing if tuple(r.get(k) for k in RECORD_KEY) not in keys] + list(records)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return merged
+
+
+def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
+    """A Markdown table of records, one row each."""
+    header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", *columns, "s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        values = [f"{r['metrics'][c]:.3f}" if isinstance(r["metrics"].get(c), (int, float)) else "–" for c in columns]
+        lines.append("| " + " | ".join([r["protocol"], r["model"] + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else ""),
+                                        r["backbone"], str(r["image_size"]), r.get("pooling", ""), str(r["embedding_dim"]),
+                                        r["weights"], *values, str(r.get("seconds", ""))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def embed_collection(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
+                     progress: bool = True) -> np.ndarray:
+    """Backbone features of every image of `collection` for `config` (cached under `<workdir>/features`)."""
+    from tf_retrieval.backbones import backbone_id, build_backbone
+    from tf_retrieval.features import default_workdir, extract_features
+
+    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
+    return extract_features(collection, backbone, image_size=config.image_size,
+                            model_key=backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
+                            cache_dir=os.path.join(workdir or default_workdir(), "features"), batch_size=batch_size,
+                            progress=progress)
+
+
+def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The trained head of `config` as a features -> embeddings function, or None for the baseline."""
+    if not config.head:
+        return None
+    import keras
+
+    head = keras.models.load_model(config.head)
+    return lambda features: head.predict(features, batch_size=1024, verbose=0)
+
+
+def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
+                   metric: str = "cosine", batch_size: int = 64, command: str = "", model: str | None = None,
+                   progress: bool = True) -> dict:
+    """Extracts (cached) features, applies the model's head, scores `protocol`; returns a retrieval.json record."""
+    start = time.perf_counter()
+    features = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    metrics, curve, dim = evaluate_protocol(protocol, features, embed=head_function(config), metric=metric,
+                                            pca_dim=pca_dim, progress=progress)
+    logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
+    return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
+                       command=command, model=model or ("baseline" if not config.head else "finetuned"),
+                       dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,
+                       queries=int(metrics.get("queries", 0)))
