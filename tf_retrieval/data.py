@@ -200,8 +200,12 @@ def load_tfds(name: str, data_dir: str | None = None, splits: Iterable[str] | No
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
+    if splits is None and not builder.info.splits:  # not prepared yet: download and prepare as tfds.load would
+        builder.download_and_prepare()
     class_names = list(builder.info.features["label"].names)
     split_names = list(splits) if splits is not None else sorted(builder.info.splits.keys())
+    if not split_names:
+        raise ValueError(f"tfds dataset {name!r} has no splits in {builder.data_dir}")
     ids, labels, split_of, encoded = [], [], [], []
     for split in split_names:
         ds = tfds.load(name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})

@@ -1,0 +1,27 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Both create ./.venv and install the pinned stack into it on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Offline sites keep prepared tfds data beside the checkout; elsewhere tfds downloads as usual.
+export TFDS_DATA_DIR ?= $(abspath $(wildcard ../shared/data/tensorflow_datasets))
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/tfr demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

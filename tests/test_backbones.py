@@ -1,0 +1,62 @@
+import keras
+import numpy as np
+import pytest
+
+from tf_retrieval.backbones import GeneralizedMeanPooling, ImagePreprocessing, backbone_id, build_backbone
+
+
+@pytest.mark.parametrize("mode, reference", [
+    ("torch", keras.applications.densenet.preprocess_input),
+    ("caffe", keras.applications.resnet50.preprocess_input),
+    ("tf", keras.applications.mobilenet_v2.preprocess_input),
+])
+def test_preprocessing_matches_keras_applications(mode, reference, rng):
+    pixels = rng.uniform(0, 255, (2, 5, 5, 3)).astype("float32")
+    expected = reference(pixels.copy())
+    np.testing.assert_allclose(np.asarray(ImagePreprocessing(mode)(pixels)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_preprocessing_hand_values():
+    pixel = np.array([[[[255.0, 0.0, 127.5]]]], "float32")
+    torch = np.asarray(ImagePreprocessing("torch")(pixel))[0, 0, 0]
+    np.testing.assert_allclose(torch, [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0.5 - 0.406) / 0.225], rtol=1e-5)
+    caffe = np.asarray(ImagePreprocessing("caffe")(pixel))[0, 0, 0]
+    np.testing.assert_allclose(caffe, [127.5 - 103.939, 0 - 116.779, 255 - 123.68], rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown preprocessing mode"):
+        ImagePreprocessing("bgr")
+
+
+def test_gem_pooling_between_average_and_max(rng):
+    x = rng.uniform(0.1, 2.0, (2, 3, 3, 4)).astype("float32")
+    np.testing.assert_allclose(np.asarray(GeneralizedMeanPooling(p=1.0)(x)), x.mean(axis=(1, 2)), rtol=1e-5)
+    gem3 = np.asarray(GeneralizedMeanPooling(p=3.0)(x))
+    np.testing.assert_allclose(gem3, np.mean(x ** 3, axis=(1, 2)) ** (1 / 3), rtol=1e-5)
+    assert (gem3 >= x.mean(axis=(1, 2)) - 1e-6).all() and (gem3 <= x.max(axis=(1, 2)) + 1e-6).all()
+    layer = GeneralizedMeanPooling.from_config(GeneralizedMeanPooling(p=2.5).get_config())
+    assert layer.p == 2.5
+    with pytest.raises(ValueError, match="must be positive"):
+        GeneralizedMeanPooling(p=0)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "gem", "max"])
+def test_build_backbone_shapes_and_frozen(pooling, rng):
+    model = build_backbone("mobilenet_v2", image_size=32, pooling=pooling, weights=None)
+    assert model.output_shape == (None, 1280)
+    assert not model.trainable_weights
+    features = np.asarray(model(rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")))
+    assert features.shape == (2, 1280) and np.isfinite(features).all()
+    assert model.name == f"mobilenet_v2-32px-{pooling}-random"
+
+
+def test_build_backbone_errors():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg99'; choose one of efficientnet_lite0"):
+        build_backbone("vgg99", 32, weights=None)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_backbone("mobilenet_v2", 32, pooling="median", weights=None)
+    with pytest.raises(ValueError, match="at least 32 px"):
+        build_backbone("mobilenet_v2", 16, weights=None)
+
+
+def test_backbone_id_names_weights_files():
+    assert backbone_id("resnet50", 96, "gem", "imagenet") == "resnet50-96px-gem-imagenet"
+    assert backbone_id("resnet50", 96, "avg", "/tmp/my weights.h5") == "resnet50-96px-avg-my_weights_h5"

@@ -1,0 +1,145 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tf_retrieval.data import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
+                               read_image, resize_and_crop)
+
+
+def encode(array, fmt="PNG", **kwargs):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_header_only(width, height):
+    """A PNG whose header claims width x height pixels, with (almost) no pixel data: a decompression-bomb shape."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def test_decode_image_rgb_and_conversions():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    np.testing.assert_array_equal(decode_image(encode(rgb)), rgb)
+    grey = np.full((3, 2), 77, np.uint8)
+    out = decode_image(encode(grey))
+    assert out.shape == (3, 2, 3) and (out == 77).all()
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 200
+    assert decode_image(encode(rgba)).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty file"),
+    (b"this is not an image at all", "not an image"),
+    ("a string", "expected encoded image bytes"),
+])
+def test_decode_image_rejects_garbage(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data)
+
+
+def test_decode_image_rejects_truncated_jpeg_and_png():
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for fmt in ("JPEG", "PNG"):
+        data = encode(pixels, fmt)
+        with pytest.raises(ImageDecodeError, match="truncated|damaged|cannot decode"):
+            decode_image(data[: len(data) // 2], name=f"half.{fmt}")
+
+
+def test_decode_image_rejects_decompression_bombs_before_decoding():
+    with pytest.raises(ImageDecodeError, match="possible decompression bomb"):
+        decode_image(png_header_only(100_000, 100_000))
+    with pytest.raises(ImageDecodeError, match="20x20 = 400 pixels is over the limit of 100 .possible decompression bomb"):
+        decode_image(encode(np.zeros((20, 20, 3), np.uint8)), max_pixels=100)
+    with pytest.raises(ImageDecodeError, match="more than the limit of 10"):
+        decode_image(encode(np.zeros((20, 20, 3), np.uint8)), max_bytes=10)
+
+
+def test_read_image_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such image file"):
+        read_image(tmp_path / "nope.jpg")
+
+
+def test_resize_and_crop_keeps_the_centre():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 20:60] = 255  # a white centre band exactly as wide as the central crop after resizing to 20x40
+    out = resize_and_crop(image, 20).numpy()
+    assert out.shape == (20, 20, 3) and out.dtype == np.float32
+    assert out[:, 1:-1].min() > 250 and out.min() > 200  # the crop is the white centre band (antialiased edges)
+    tall = resize_and_crop(np.zeros((10, 3, 3), np.uint8), 32)
+    assert tall.shape == (32, 32, 3)
+
+
+def test_image_folder_labels_and_skips_corrupt_files(image_dir):
+    import os
+
+    open(os.path.join(image_dir, "red", "empty.png"), "wb").close()
+    with open(os.path.join(image_dir, "blue", "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with open(os.path.join(image_dir, "blue", "notes.txt"), "w") as f:
+        f.write("ignored: not an image extension")
+    collection = image_folder(image_dir, progress=False)
+    assert collection.class_names == ["blue", "green", "red"]
+    assert len(collection) == 18
+    assert np.bincount(collection.labels).tolist() == [6, 6, 6]
+    assert sorted(os.path.basename(p) for p, _ in collection.skipped) == ["broken.jpg", "empty.png"]
+    assert any("empty file" in why for _, why in collection.skipped)
+    assert collection.ids[0] == os.path.join("blue", "blue_000.png")
+    assert collection.image(0).shape == (40, 48, 3)
+
+
+def test_image_folder_index_csv(image_dir):
+    import os
+
+    with open(os.path.join(image_dir, "index.csv"), "w") as f:
+        f.write("file,label,official_split\nred/red_000.png,5,train\nblue/blue_001.png,2,test\n")
+    collection = image_folder(image_dir, progress=False)
+    assert collection.ids == ["red/red_000.png", "blue/blue_001.png"]
+    assert collection.labels.tolist() == [5, 2]
+    assert collection.splits.tolist() == ["train", "test"]
+    assert len(collection.class_names) == 6
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        image_folder(tmp_path / "missing")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        load_dataset("./no/such/folder")
+
+
+def test_collection_pipeline_and_subset(image_dir):
+    collection = image_folder(image_dir, progress=False)
+    batches = list(collection.as_dataset(image_size=32, batch_size=8))
+    assert [b.shape[0] for b in batches] == [8, 8, 2]
+    assert batches[0].shape[1:] == (32, 32, 3) and batches[0].dtype == tf.float32
+    # Pipeline order equals collection order: the first image is blue, the 13th red.
+    first = batches[0][0].numpy().mean(axis=(0, 1))
+    assert first[2] > first[0] + 100
+    sub = collection.subset([12, 0])
+    assert sub.ids == [collection.ids[12], collection.ids[0]] and sub.labels.tolist() == [2, 0]
+    with pytest.raises(ValueError, match="2 ids but"):
+        ImageCollection("x", ids=["a", "b"], labels=[0], class_names=["c"], splits=["all", "all"], paths=["p", "q"])
+
+
+def test_load_tfds_with_mock_data():
+    with tfds.testing.mock_data(num_examples=5):
+        collection = load_tfds("cifar10", splits=["train", "test"])
+    assert len(collection) == 10  # 5 per split, train + test
+    assert sorted(set(collection.splits.tolist())) == ["test", "train"]
+    assert len(set(collection.ids)) == 10
+    assert collection.image(0).shape == (32, 32, 3)
+    assert len(collection.class_names) == 10
+    images = next(iter(collection.as_dataset(image_size=48, batch_size=10)))
+    assert images.shape == (10, 48, 48, 3)

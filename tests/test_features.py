@@ -1,0 +1,84 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from tf_retrieval.data import image_folder
+from tf_retrieval.features import cache_path, extract_features
+
+
+def mean_colours(collection):
+    return np.stack([collection.image(i).reshape(-1, 3).mean(axis=0) for i in range(len(collection))])
+
+
+@pytest.fixture
+def collection(image_dir):
+    return image_folder(image_dir, progress=False)
+
+
+def test_features_follow_collection_order(collection):
+    features = extract_features(collection, keras.layers.GlobalAveragePooling2D(), image_size=40, progress=False)
+    assert features.shape == (18, 3) and features.dtype == np.float32
+    # 40x48 images resized to 40 and centre-cropped: the mean colour stays close to the full image's.
+    np.testing.assert_allclose(features, mean_colours(collection), atol=3.0)
+
+
+def test_cache_is_reused_and_keyed(collection, tmp_path):
+    pool = keras.layers.GlobalAveragePooling2D()
+    first = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    path = cache_path(str(tmp_path), collection, "mean")
+    meta = json.load(open(path[:-4] + ".json"))
+    assert meta["count"] == 18 and meta["shape"] == [18, 3] and meta["model_key"] == "mean"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model must not run on a cache hit")
+    np.testing.assert_array_equal(
+        extract_features(collection, fail, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False), first)
+    # Another key (or image size) is another cache entry.
+    other = extract_features(collection, pool, image_size=24, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    assert other.shape == (18, 3)
+    with pytest.raises(ValueError, match="model_key is required"):
+        extract_features(collection, pool, image_size=32, cache_dir=str(tmp_path))
+
+
+def test_damaged_cache_is_rebuilt(collection, tmp_path, caplog):
+    pool = keras.layers.GlobalAveragePooling2D()
+    first = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    path = cache_path(str(tmp_path), collection, "mean")
+    with open(path, "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00garbage")
+    again = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    np.testing.assert_allclose(again, first)
+    assert "damaged or stale (checksum mismatch)" in caplog.text
+
+
+def test_interrupted_extraction_resumes_from_shards(collection, tmp_path):
+    pool = keras.layers.GlobalAveragePooling2D()
+    calls = []
+
+    def flaky(images, training=False):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return pool(images)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        extract_features(collection, flaky, image_size=32, model_key="m", cache_dir=str(tmp_path), batch_size=4,
+                         shard_size=4, progress=False)
+    shards = os.path.join(cache_path(str(tmp_path), collection, "m")[:-4] + ".partial")
+    assert sorted(f for f in os.listdir(shards) if f.startswith("shard")) == ["shard_00000.npy", "shard_00001.npy"]
+
+    seen = []
+
+    def counting(images, training=False):
+        seen.append(int(images.shape[0]))
+        return pool(images)
+
+    features = extract_features(collection, counting, image_size=32, model_key="m", cache_dir=str(tmp_path), batch_size=4,
+                                shard_size=4, progress=False)
+    assert sum(seen) <= 18 - 8  # the two finished shards were not recomputed
+    np.testing.assert_allclose(features, extract_features(collection, pool, image_size=32, progress=False), atol=1e-5)
+    assert not os.path.exists(shards)
