@@ -1,0 +1,68 @@
+import os
+
+import numpy as np
+import pytest
+
+from tf_retrieval.cli import build_parser, main
+
+SMALL_MODEL = ["--backbone", "mobilenet_v2", "--image-size", "32", "--weights", "none"]
+
+
+@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tfr {command}") and len(out.splitlines()) > 5
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("embed", "index", "search", "evaluate", "demo"):
+        assert command in out
+
+
+def run_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tfr: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_arguments_give_one_line(tmp_path, capsys):
+    assert "unknown backbone 'vgg'" in run_error(["index", "--dataset", str(tmp_path), "--backbone", "vgg"], capsys)
+    assert "--image-size must be at least 32" in run_error(
+        ["index", "--dataset", str(tmp_path), "--image-size", "8"], capsys)
+    assert "image folder not found" in run_error(["index", "--dataset", "./no/such/dir", *SMALL_MODEL], capsys)
+    assert "no such image or folder" in run_error(["search", str(tmp_path / "nope.jpg"), "--index", "x"], capsys)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: exit 2 with usage
+        main(["evaluate", "--protocol", "imagenet"])
+    assert exit_info.value.code == 2
+
+
+def test_index_then_search_a_folder(image_dir, tmp_path, capsys):
+    workdir = str(tmp_path / "work")
+    assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", *SMALL_MODEL]) == 0
+    assert "indexed 18 images" in capsys.readouterr().out
+    bundle = os.path.join(workdir, "indexes", "colours")
+    assert sorted(os.listdir(bundle)) == ["catalog.json", "index", "model.json"]
+
+    query = os.path.join(image_dir, "green", "green_002.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    assert main(["--workdir", workdir, "search", query, str(broken), "--index", "colours", "-k", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith(f"{query}: top 3 of 18")
+    assert "green/green_002.png" in lines[1] and "1.0000" in lines[1]  # the image itself ranks first
+    assert "broken.jpg: skipped:" in captured.err
+
+    out = str(tmp_path / "emb.npy")
+    assert main(["--workdir", workdir, "embed", "--dataset", image_dir, "--out", out, *SMALL_MODEL]) == 0
+    embeddings = np.load(out)
+    assert embeddings.shape == (18, 1280)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert open(out.replace(".npy", ".ids.txt")).read().split()[0] == os.path.join("blue", "blue_000.png")

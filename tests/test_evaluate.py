@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+
+from tf_retrieval.config import ModelConfig
+from tf_retrieval.data import ImageCollection
+from tf_retrieval.evaluate import evaluate_protocol, fit_pca, make_record, merge_records, rank_and_score, records_markdown
+from tf_retrieval.protocols import Protocol
+
+
+def test_perfectly_separated_classes_score_one():
+    # Two tight clusters on orthogonal axes: every neighbour of a query ranks its own class first.
+    database = np.array([[1, 0.01], [1, -0.01], [0.98, 0], [0.01, 1], [-0.01, 1]], np.float32)
+    labels = np.array([0, 0, 0, 1, 1])
+    queries = np.array([[1, 0.02], [0.02, 1]], np.float32)
+    metrics, curve = rank_and_score(database, labels, queries, np.array([0, 1]))
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["MAP@R"] == pytest.approx(1.0)
+    assert metrics["R@1"] == 1.0 and metrics["queries"] == 2
+    assert curve["precision"][0] == pytest.approx(1.0)
+
+
+def test_hand_computed_ranking():
+    # Query [1, 0] against 1-d angles: ranking is d0 (rel), d1 (not), d2 (rel), d3 (not).
+    database = np.array([[1, 0], [0.9, 0.3], [0.5, 0.6], [-1, 0.1]], np.float32)
+    labels = np.array([0, 1, 0, 1])
+    metrics, _ = rank_and_score(database, labels, np.array([[1, 0]], np.float32), np.array([0]))
+    # AP = (1/1 + 2/3) / 2 = 0.8333; MAP@R with R=2: (1/2) * (1/1) = 0.5; R@1 = 1
+    assert metrics["mAP"] == pytest.approx(5 / 6, abs=1e-6)
+    assert metrics["MAP@R"] == pytest.approx(0.5, abs=1e-6)
+    assert metrics["R@1"] == 1.0
+
+
+def test_leave_one_out_excludes_the_query_itself():
+    database = np.array([[1, 0], [0.99, 0.1], [0, 1], [0.1, 0.99], [0.7, 0.7]], np.float32)
+    labels = np.array([0, 0, 1, 1, 2])  # class 2 has a single image: no relevant item, skipped and counted
+    metrics, _ = rank_and_score(database, labels, chunk_size=2)
+    assert metrics["queries"] == 4 and metrics["skipped_queries"] == 1
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["R@1"] == pytest.approx(1.0)
+
+
+def test_evaluate_protocol_with_head_and_pca(rng):
+    n = 40
+    labels = np.repeat([0, 1], n // 2)
+    collection = ImageCollection("c", ids=[str(i) for i in range(n)], labels=labels, class_names=["a", "b"],
+                                 splits=["all"] * n, encoded=[b""] * n)
+    features = rng.normal(size=(n, 8)).astype(np.float32)
+    features[:, 0] += np.where(labels == 0, 5, -5)
+    protocol = Protocol("flowers-disjoint", collection, train=np.arange(0), database=np.arange(n), queries=None)
+    metrics, _, dim = evaluate_protocol(protocol, features, pca_dim=2)
+    assert dim == 2 and metrics["mAP"] > 0.95
+    _, _, dim = evaluate_protocol(protocol, features, embed=lambda f: f[:, :3])
+    assert dim == 3
+    with pytest.raises(ValueError, match="3 feature rows for a collection of 40"):
+        evaluate_protocol(protocol, features[:3])
+
+
+def test_fit_pca_recovers_the_main_axis(rng):
+    x = rng.normal(size=(200, 3)) * np.array([10.0, 1.0, 0.1])
+    mean, components = fit_pca(x, 1)
+    assert components.shape == (3, 1) and abs(abs(components[0, 0]) - 1) < 1e-2
+    with pytest.raises(ValueError, match="PCA dimension must be in 1..3"):
+        fit_pca(x, 4)
+
+
+def test_records_merge_and_markdown(tmp_path):
+    path = str(tmp_path / "r.json")
+    config = ModelConfig(image_size=96)
+    first = make_record("cifar10-2", config, {"mAP": 0.5, "MAP@R": 0.2}, embedding_dim=1280, seconds=1.0, command="x")
+    merge_records(path, [first])
+    second = make_record("cifar10-2", config, {"mAP": 0.6, "MAP@R": 0.3}, embedding_dim=1280, seconds=1.0, command="x")
+    other = make_record("cifar10-1", config, {"mAP": 0.7}, embedding_dim=1280, seconds=1.0, command="x")
+    merged = merge_records(path, [second, other])
+    assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
+    table = records_markdown(merged)
+    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | 0.600 | 0.300 |" in table
