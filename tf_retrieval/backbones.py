@@ -116,7 +116,8 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
       name: one of `BACKBONES`.
       image_size: square input size in pixels (32 or more).
       pooling: "avg", "gem" (p=3) or "max" over the last feature map.
-      weights: "imagenet" (pre-trained), None (random init, for tests), or a path to a weights file.
+      weights: "imagenet" (pre-trained), None (random init, seeded so that it is reproducible; for tests), or a path to
+        a weights file.
 
     Raises:
       ValueError: unknown name or pooling, or an image size below 32.
@@ -128,6 +129,8 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
     if int(image_size) < 32:
         raise ValueError(f"image_size must be at least 32 px, got {image_size}")
     spec = BACKBONES[name]
+    if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
+        keras.utils.set_random_seed(0)
     trunk = spec.constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
     trunk.trainable = False
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")

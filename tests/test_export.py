@@ -1,0 +1,69 @@
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tf_retrieval.backbones import build_backbone
+from tf_retrieval.data import decode_image, resize_and_crop
+from tf_retrieval.export import build_embedding_model, export_model, load_exported, next_version
+
+
+def encode(pixels, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = build_embedding_model(build_backbone("mobilenet_v2", 32, "avg", weights=None))
+    base = str(tmp_path_factory.mktemp("models"))
+    path = export_model(model, base, "tiny", image_size=32, config={"backbone": "mobilenet_v2"})
+    return model, base, path
+
+
+def test_layout_and_config(exported):
+    _, base, path = exported
+    assert path == os.path.join(base, "tiny", "1")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    config = json.load(open(os.path.join(path, "assets.extra", "config.json")))
+    assert config["embedding_dim"] == 1280 and config["image_size"] == 32 and config["backbone"] == "mobilenet_v2"
+    assert next_version(os.path.join(base, "tiny")) == 2
+
+
+def test_both_signatures_match_the_in_process_model(exported, rng):
+    model, _, path = exported
+    loaded, _ = load_exported(path)
+    pixels = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    expected = model.predict(pixels, verbose=0)
+    got = loaded.signatures["embed_pixels"](images=tf.constant(pixels))["embedding"].numpy()
+    assert np.abs(got - expected).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+
+    images = [rng.integers(0, 255, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    encoded = [encode(images[0], "JPEG"), encode(images[1], "PNG")]
+    # In process: PIL decode + the same resize; served: TF decode inside the SavedModel.
+    reference = model.predict(np.stack([resize_and_crop(decode_image(b), 32).numpy() for b in encoded]), verbose=0)
+    served = loaded.signatures["serving_default"](images=tf.constant(encoded))["embedding"].numpy()
+    assert np.abs(served - reference).max() <= 1e-5
+
+
+def test_bad_bytes_fail_clearly(exported):
+    _, _, path = exported
+    loaded, _ = load_exported(path)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_default"](images=tf.constant([b"not an image"]))
+
+
+def test_versions_are_immutable_and_names_checked(exported):
+    model, base, _ = exported
+    with pytest.raises(ValueError, match="exists already"):
+        export_model(model, base, "tiny", image_size=32, version=1)
+    with pytest.raises(ValueError, match="may only contain"):
+        export_model(model, base, "bad/name", image_size=32)
+    with pytest.raises(FileNotFoundError, match="no SavedModel"):
+        load_exported(os.path.join(base, "tiny", "9"))
