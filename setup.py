@@ -14,7 +14,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "scann": ["scann==1.4.2"],
-    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2"],
+    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking==1.85.1"],
     "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
     "tuning": ["keras-tuner==1.4.8"],
     "plots": ["matplotlib>=3.9,<4"],
