@@ -1,166 +1,384 @@
 import json
 import os
+import sys
+import threading
 
 import numpy as np
 import pytest
 
+from tf_retrieval import index as index_module
 from tf_retrieval.index import (METRICS, ExactIndex, Index, IndexModelMismatchError, ScannIndex, build_index,
                                 scann_params)
 
-# Three 2-d points and a query at [1, 0]:
-#   a = [2, 0]    cosine 1.00, dot 2.0, euclidean d^2 = 1,  pearson: a-mean = [1, -1]
-#   b = [0.5, 0.5] cosine 0.71, dot 0.5, euclidean d^2 = 0.5
-#   c = [-1, 0.2] cosine -0.98, dot -1, euclidean d^2 = 4.04
-POINTS = np.array([[2.0, 0.0], [0.5, 0.5], [-1.0, 0.2]], np.float32)
-QUERY = np.array([[1.0, 0.0]], np.float32)
-EXPECTED_ORDER = {"cosine": [10, 11, 12], "dot": [10, 11, 12], "euclidean": [11, 10, 12], "pearson": [10, 12, 11]}
+# Query q = [1, 0, 0]; database (ids 10..13), worked out by hand:
+#   a = [3, 0, 0]        dot 3    cosine 1        |q-a|^2 4     Pearson: a-mean = [2,-1,-1] ~ q-mean = [2,-1,-1]/3 -> 1
+#   b = [1, 1, 0]        dot 1    cosine 1/sqrt2  |q-b|^2 1     Pearson: [1,1,-2]/3 . [2,-1,-1]/3 / (6/9) = 0.5
+#   c = [0.6, 0, 0.2]    dot 0.6  cosine 0.6/sqrt(0.4) = 0.949   |q-c|^2 0.16+0.04 = 0.2
+#                        Pearson: c-mean = [1/3,-4/15,-1/15]; dot with q-mean 1/3; norms 0.816 * 0.432 -> 0.945
+#   e = [0, -1, -1.2]    dot 0    cosine 0        |q-e|^2 1+1+1.44 = 3.44
+#                        Pearson: e-mean = [0.733,-0.267,-0.467]; dot with q-mean 0.733; norms 0.816 * 0.909 -> 0.988
+# So every metric ranks differently; euclidean scores are minus the squared distances.
+POINTS = np.array([[3, 0, 0], [1, 1, 0], [0.6, 0, 0.2], [0, -1, -1.2]], np.float32)
+IDS = [10, 11, 12, 13]
+QUERY = np.array([[1, 0, 0]], np.float32)
+EXPECTED = {
+    "dot": ([10, 11, 12, 13], [3.0, 1.0, 0.6, 0.0]),
+    "cosine": ([10, 12, 11, 13], [1.0, 0.9487, 0.7071, 0.0]),
+    "euclidean": ([12, 11, 13, 10], [-0.2, -1.0, -3.44, -4.0]),
+    "pearson": ([10, 13, 12, 11], [1.0, 0.9878, 0.9449, 0.5]),
+}
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_hand_checked_orders(metric, backend):
-    # Pearson: query [1,0] -> centred [0.5,-0.5]; a -> [1,-1] (corr 1); b -> [0,0] (corr 0); c -> [-0.6,0.6] (corr -1).
-    # So c ranks below b: [10, 11, 12] would be wrong; b (score 0) comes before c (score -1).
-    expected = {"pearson": [10, 11, 12]}.get(metric, EXPECTED_ORDER[metric])
-    index = build_index(POINTS, [10, 11, 12], metric=metric, backend=backend)
-    scores, ids = index.search(QUERY, 3)
-    assert ids[0].tolist() == expected
-    assert (np.diff(scores[0]) <= 1e-6).all()
-    if metric == "euclidean":
-        np.testing.assert_allclose(scores[0], [-0.5, -1.0, -4.04], rtol=1e-5)
+def test_hand_checked_orders_and_scores(metric, backend):
+    index = build_index(POINTS, IDS, metric=metric, backend=backend)
+    scores, ids = index.search(QUERY, 4)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64 and scores.shape == ids.shape == (1, 4)
+    assert ids[0].tolist() == EXPECTED[metric][0]
+    np.testing.assert_allclose(scores[0], EXPECTED[metric][1], rtol=1e-3, atol=1e-4)
+
+
+def numpy_reference(db, q, metric):
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    if metric == "cosine":
+        return unit(q) @ unit(db).T
+    if metric == "pearson":
+        return unit(q - q.mean(1, keepdims=True)) @ unit(db - db.mean(1, keepdims=True)).T
     if metric == "dot":
-        np.testing.assert_allclose(scores[0], [2.0, 0.5, -1.0], rtol=1e-5)
+        return q @ db.T
+    return -((q[:, None, :] - db[None]) ** 2).sum(-1)
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_exact_matches_numpy_reference(metric, rng):
+def test_exact_matches_numpy_argsort(metric, rng, monkeypatch):
+    monkeypatch.setattr(index_module, "_CHUNK_BYTES", 16 * 300 * 7)  # 7 queries per chunk: exercises chunking
     db = rng.normal(size=(300, 8)).astype(np.float32)
     q = rng.normal(size=(20, 8)).astype(np.float32)
-    if metric == "pearson":
-        db_c, q_c = db - db.mean(1, keepdims=True), q - q.mean(1, keepdims=True)
-        sims = (q_c / np.linalg.norm(q_c, axis=1, keepdims=True)) @ (db_c / np.linalg.norm(db_c, axis=1, keepdims=True)).T
-    elif metric == "cosine":
-        sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (db / np.linalg.norm(db, axis=1, keepdims=True)).T
-    elif metric == "dot":
-        sims = q @ db.T
-    else:
-        sims = -((q[:, None, :] - db[None]) ** 2).sum(-1)
-    reference = np.argsort(-sims, axis=1, kind="stable")[:, :15]
-    scores, ids = build_index(db, metric=metric, backend="exact").search(q, 15)
-    np.testing.assert_array_equal(ids, reference)
-    np.testing.assert_allclose(scores, np.take_along_axis(sims, reference, 1), rtol=1e-4, atol=1e-4)
+    sims = numpy_reference(db.astype(np.float64), q.astype(np.float64), metric)
+    reference = np.argsort(-sims, axis=1, kind="stable")
+    index = build_index(db, np.arange(1000, 1300), metric=metric, backend="exact")
+    for k in (15, 300):  # partial (argpartition) and full ranking
+        scores, ids = index.search(q, k)
+        np.testing.assert_array_equal(ids, reference[:, :k] + 1000)
+        np.testing.assert_allclose(scores, np.take_along_axis(sims, reference[:, :k], 1), rtol=1e-4, atol=1e-4)
 
 
-def clustered(rng, n, dim=16, clusters=40):
+def test_exact_breaks_ties_by_insertion_order():
+    index = ExactIndex(2, metric="dot")
+    index.add(np.array([[1, 0], [0, 1], [1, 0], [1, 0]]), [7, 3, 9, 1])
+    assert index.search(np.array([[1.0, 0.0]]), 3)[1][0].tolist() == [7, 9, 1]
+    assert index.search(np.array([[1.0, 0.0]]), 4)[1][0].tolist() == [7, 9, 1, 3]
+
+
+def clustered(rng, n, dim=16, clusters=30):
     centres = rng.normal(size=(clusters, dim)) * 3
     return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
 
 
-def recall_at_10(index, exact, queries):
-    _, found = index.search(queries, 10)
+def recall_at_10(approximate, exact, queries):
+    _, found = approximate.search(queries, 10)
     _, truth = exact.search(queries, 10)
     return np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
 
 
-@pytest.mark.parametrize("params", [
-    {"mode": "ah", "dims_per_block": 2, "reorder": 100, "anisotropic_quantization_threshold": 0.2,
-     "training_sample_size": 3000},
-    {"mode": "tree_ah", "num_leaves": 40, "leaves_to_search": 10, "dims_per_block": 2, "reorder": 100,
-     "anisotropic_quantization_threshold": 0.2, "training_sample_size": 3000},
-])
-def test_scann_recall_against_exact(params, rng):
+@pytest.mark.parametrize("mode,metric", [("ah", "cosine"), ("tree_ah", "cosine"), ("tree_ah", "euclidean")])
+def test_scann_recall_against_exact(mode, metric, rng):
     db, queries = clustered(rng, 3000), clustered(rng, 100)
-    scann = build_index(db, metric="cosine", backend="scann", params=params)
-    exact = build_index(db, metric="cosine", backend="exact")
+    scann = build_index(db, metric=metric, backend="scann", params={"mode": mode})
+    exact = build_index(db, metric=metric, backend="exact")
     assert recall_at_10(scann, exact, queries) >= 0.95
+    assert scann.built_params["mode"] == mode
+    if mode == "tree_ah":  # num_leaves ~ sqrt(3000) = 55, at least 20 of them searched
+        assert scann.built_params["num_leaves"] == 55 and scann.built_params["leaves_to_search"] == 20
 
 
-def test_add_and_delete(rng):
-    db = clustered(rng, 2000)
-    for backend in ("exact", "scann"):
-        index = build_index(db, metric="cosine", backend=backend)
-        index.search(db[:1], 5)  # builds the ScaNN searcher: later mutations go through its API
-        assert index.delete([0, 1, 2]) == 3
-        assert len(index) == 1997
-        _, ids = index.search(db[:3], 10)
-        assert not set(ids.ravel()) & {0, 1, 2}
-        index.add(db[:2] * 1.0, [5000, 5001])
-        _, ids = index.search(db[:2], 1)
-        assert ids[:, 0].tolist() == [5000, 5001]
-        with pytest.raises(ValueError, match="ids already in the index"):
-            index.add(db[:1], [5000])
-        with pytest.raises(KeyError, match="ids not in the index"):
-            index.delete([0])
+def test_scann_brute_force_equals_exact(rng):
+    db, queries = clustered(rng, 1000), clustered(rng, 20)
+    for metric in METRICS:
+        scann, exact = build_index(db, metric=metric, backend="scann"), build_index(db, metric=metric, backend="exact")
+        (s_scores, s_ids), (e_scores, e_ids) = scann.search(queries, 10), exact.search(queries, 10)
+        assert scann.built_params == {"mode": "brute_force"}  # 1,000 points: the automatic choice
+        np.testing.assert_array_equal(s_ids, e_ids)
+        np.testing.assert_allclose(s_scores, e_scores, rtol=1e-4, atol=1e-3)
+
+
+def test_scann_pads_what_a_narrow_tree_search_misses(rng):
+    db = clustered(rng, 1000)
+    index = build_index(db, backend="scann", params={"mode": "tree_ah", "num_leaves": 20, "leaves_to_search": 1})
+    scores, ids = index.search(db[:5], 500)  # one leaf holds far fewer than 500 points
+    missing = ids == -1
+    assert missing.any() and np.isneginf(scores[missing]).all() and np.isfinite(scores[~missing]).all()
+    assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in ids)
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
-def test_save_load_round_trip(backend, rng, tmp_path):
-    db = clustered(rng, 500)
-    index = build_index(db, np.arange(100, 600), metric="euclidean", backend=backend)
-    before = index.search(db[:7], 5)
-    index.save(str(tmp_path / "idx"), model_id="m:v1", extra={"note": "x"})
-    manifest = json.load(open(tmp_path / "idx" / "manifest.json"))
-    assert manifest["count"] == 500 and manifest["dim"] == 16 and manifest["model_id"] == "m:v1"
-    assert manifest["backend"] == backend and "vectors.npy" in manifest["files"]
-    loaded = Index.load(str(tmp_path / "idx"), expected_model_id="m:v1")
-    assert type(loaded) is type(index) and len(loaded) == 500
-    after = loaded.search(db[:7], 5)
+def test_add_and_delete(backend, rng):
+    db = clustered(rng, 2000)
+    options = {"params": {"mode": "tree_ah", "num_leaves": 20}} if backend == "scann" else {}
+    index = build_index(db, metric="cosine", backend=backend, **options)
+    index.search(db[:1], 5)  # trains ScaNN: the small mutations below go through its mutation API
+    assert index.delete([0, 1, 2, 2]) == 3
+    assert len(index) == 1997 and not {0, 1, 2} & set(index.ids.tolist())
+    _, ids = index.search(db[:3], 10)
+    assert not {0, 1, 2} & set(ids.ravel().tolist())
+    index.add(db[:2], [5000, 5001])  # the deleted vectors come back under new ids
+    _, ids = index.search(db[:2], 1)
+    assert ids[:, 0].tolist() == [5000, 5001]
+    index.add(db[2:3], [2])  # and a deleted id can be reused
+    assert index.search(db[2:3], 1)[1][0, 0] == 2
+    if backend == "scann":
+        assert index.built_params["mode"] == "tree_ah"  # 6 mutations: no retraining
+    with pytest.raises(ValueError, match=r"already in the index, e.g. \[5000\]"):
+        index.add(db[:1], [5000])
+    with pytest.raises(KeyError, match=r"not in the index: \[0\]; nothing was deleted"):
+        index.delete([5001, 0])
+    assert 5001 in index.ids  # all or nothing
+    np.testing.assert_allclose(index.get_vectors([5001]), db[1:2] / np.linalg.norm(db[1]), rtol=1e-5)
+    assert index.delete(index.ids) == 2000 and len(index) == 0
+    with pytest.raises(ValueError, match="the index is empty"):
+        index.search(db[:1], 1)
+    index.add(db[:3], [7, 8, 9])
+    ids = index.search(db[:1], 5)[1][0].tolist()
+    assert ids[0] == 7 and sorted(ids[1:3]) == [8, 9] and ids[3:] == [-1, -1]  # only 3 vectors: the rest is padding
+
+
+def test_scann_retrains_after_many_mutations(rng):
+    db = clustered(rng, 1200)
+    index = build_index(db[:1000], backend="scann", params={"mode": "ah"}, rebuild_fraction=0.1)
+    index.search(db[:1], 1)
+    index.add(db[1000:1050], np.arange(1000, 1050))
+    assert index.built_params is not None  # 50 mutations <= 10% of 1000: updated in place
+    index.add(db[1050:1200], np.arange(1050, 1200))
+    assert index.built_params is None  # 200 > 100: dropped, retrained at the next search
+    assert index.search(db[1100:1101], 1)[1][0, 0] == 1100
+    assert index.built_params["mode"] == "ah"
+
+
+@pytest.mark.parametrize("backend,options", [("exact", {}), ("scann", {}),
+                                             ("scann", {"params": {"mode": "tree_ah", "num_leaves": 10}})])
+def test_save_load_round_trip(backend, options, rng, tmp_path):
+    db = clustered(rng, 600)
+    index = build_index(db[:500], np.arange(100, 600), metric="euclidean", backend=backend, **options)
+    index.search(db[:1], 1)
+    index.delete(np.arange(100, 150))  # mutations before saving: ScaNN's row order is no longer the id order
+    index.add(db[500:], np.arange(1000, 1100))
+    before = index.search(db[:40], 5)
+    path = tmp_path / "idx"
+    index.save(path, model_id="m:v1", extra={"note": "x"})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["count"] == 550 and manifest["dim"] == 16 and manifest["model_id"] == "m:v1"
+    assert manifest["backend"] == backend and manifest["metric"] == "euclidean" and manifest["extra"] == {"note": "x"}
+    assert manifest["config"] == index.get_config() and {"vectors.npy", "ids.npy"} <= set(manifest["files"])
+    assert not [name for name in manifest["files"] if name.endswith(".pkl")]  # nothing unpickled on load
+    loaded = Index.load(path, expected_model_id="m:v1")
+    assert type(loaded) is type(index) and len(loaded) == 550
+    np.testing.assert_array_equal(loaded.ids, index.ids)
+    if backend == "scann":
+        assert loaded.built_params == index.built_params  # the trained searcher was loaded, not retrained
+    after = loaded.search(db[:40], 5)
     np.testing.assert_array_equal(before[1], after[1])
-    np.testing.assert_allclose(before[0], after[0], rtol=1e-5)
-    np.testing.assert_allclose(loaded.get_vectors([100, 599]), db[[0, 499]])
+    np.testing.assert_allclose(before[0], after[0], rtol=1e-6)
+    np.testing.assert_allclose(loaded.get_vectors([150, 1099]), db[[50, 599]])
+    loaded.add(db[:1], [1])  # the loaded index stays mutable
+    assert loaded.search(db[:1], 1)[1][0, 0] == 1
 
 
-def test_load_refuses_other_model_and_damage(rng, tmp_path):
-    index = build_index(clustered(rng, 50), backend="exact")
-    path = str(tmp_path / "idx")
-    index.save(path, model_id="baseline:v1")
-    with pytest.raises(IndexModelMismatchError, match="'baseline:v1', but the querying model is 'baseline:v2'"):
-        Index.load(path, expected_model_id="baseline:v2")
-    with open(os.path.join(path, "vectors.npy"), "r+b") as f:
+def test_save_and_load_an_empty_scann_index(tmp_path):
+    ScannIndex(4).save(tmp_path / "idx", model_id="m")
+    loaded = Index.load(tmp_path / "idx")
+    loaded.add(np.eye(4), [1, 2, 3, 4])
+    assert loaded.search(np.eye(4)[:1], 1)[1][0, 0] == 1
+
+
+def test_load_refuses_another_model(rng, tmp_path):
+    build_index(clustered(rng, 50), backend="exact").save(tmp_path / "idx", model_id="baseline:1")
+    with pytest.raises(IndexModelMismatchError, match="'baseline:1', but the querying model is 'baseline:2'") as info:
+        Index.load(tmp_path / "idx", expected_model_id="baseline:2")
+    assert "Rebuild the index with `tfr index`" in str(info.value)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="describes a exact index, not a scann one"):
+        ScannIndex.load(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("damaged", ["vectors.npy", "ids.npy", "scann/dataset.npy"])
+def test_load_detects_damaged_files(damaged, rng, tmp_path):
+    path = tmp_path / "idx"
+    build_index(clustered(rng, 50), backend="scann").save(path, model_id="m")
+    with open(path / damaged, "r+b") as f:
         f.seek(-4, os.SEEK_END)
-        f.write(b"\xff\xff\xff\xff")
-    with pytest.raises(ValueError, match="vectors.npy is missing or damaged"):
+        f.write(b"\xff\xfe\xfd\xfc")
+    with pytest.raises(ValueError, match=f"file {damaged} is damaged"):
         Index.load(path)
-    with pytest.raises(FileNotFoundError, match="no index at"):
-        Index.load(str(tmp_path / "nothing"))
 
 
-def test_atomic_save_keeps_the_old_index_when_writing_fails(rng, tmp_path, monkeypatch):
-    path = str(tmp_path / "idx")
+def test_load_detects_missing_files_and_bad_manifests(rng, tmp_path):
+    path = tmp_path / "idx"
+    build_index(clustered(rng, 50), backend="exact").save(path, model_id="m")
+    os.remove(path / "ids.npy")
+    with pytest.raises(ValueError, match="file ids.npy is missing"):
+        Index.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is damaged"):
+        Index.load(path)
+    with pytest.raises(FileNotFoundError, match="no index at .*build one with `tfr index`"):
+        Index.load(tmp_path / "nothing")
+
+
+def test_save_failure_keeps_the_old_index(rng, tmp_path, monkeypatch):
+    path = tmp_path / "idx"
     build_index(clustered(rng, 50), backend="exact").save(path, model_id="old")
     bigger = build_index(clustered(rng, 80), backend="exact")
-    monkeypatch.setattr(ExactIndex, "_save_backend", lambda self, d: (_ for _ in ()).throw(OSError("disk full")))
+
+    def disk_full(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ExactIndex, "_save_backend", disk_full)
     with pytest.raises(OSError, match="disk full"):
         bigger.save(path, model_id="new")
     assert len(Index.load(path, expected_model_id="old")) == 50
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp dirs left behind
+    assert os.listdir(tmp_path) == ["idx"]  # no temp dirs left behind
 
 
-def test_bad_inputs(rng):
+def test_save_replaces_atomically_or_restores(rng, tmp_path, monkeypatch):
+    path = tmp_path / "idx"
+    build_index(clustered(rng, 50), backend="exact").save(path, model_id="v1")
+    build_index(clustered(rng, 60), backend="exact").save(path, model_id="v2")  # RENAME_EXCHANGE where available
+    assert len(Index.load(path, expected_model_id="v2")) == 60 and os.listdir(tmp_path) == ["idx"]
+
+    monkeypatch.setattr(index_module, "_exchange", lambda a, b: False)  # the two-rename fallback
+    build_index(clustered(rng, 70), backend="exact").save(path, model_id="v3")
+    assert len(Index.load(path, expected_model_id="v3")) == 70 and os.listdir(tmp_path) == ["idx"]
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(str(src)).startswith(".idx.tmp-") and not str(src).endswith("-old"):
+            raise OSError("rename failed")  # the new index cannot be moved in
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        build_index(clustered(rng, 90), backend="exact").save(path, model_id="v4")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert len(Index.load(path, expected_model_id="v3")) == 70 and os.listdir(tmp_path) == ["idx"]
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_an_index(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match="is not an index"):
+        build_index(np.eye(3), backend="exact").save(tmp_path / "photos", model_id="m")
+    assert (tmp_path / "photos" / "cat.jpg").exists()
+    with pytest.raises(ValueError, match="model_id must be a non-empty string"):
+        build_index(np.eye(3), backend="exact").save(tmp_path / "idx", model_id="")
+
+
+def test_bad_inputs():
     index = ExactIndex(4)
     with pytest.raises(ValueError, match="the index is empty"):
         index.search(np.zeros((1, 4)), 1)
     with pytest.raises(ValueError, match=r"shape \[n, 4\], got \[2, 3\]"):
         index.add(np.zeros((2, 3)), [0, 1])
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        index.add(np.array([[np.nan, 0, 0, 0]]), [0])
+    with pytest.raises(ValueError, match=r"got \[4\] \(wrap a single vector"):
+        index.add(np.zeros(4), [0])
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(rows \[1\]\)"):
+        index.add(np.array([[0, 0, 0, 1], [np.inf, 0, 0, 0]]), [0, 1])
+    with pytest.raises(ValueError, match="must be real numbers"):
+        index.add(np.array([["a", "b", "c", "d"]]), [0])
     with pytest.raises(ValueError, match="2 vectors but 1 ids"):
         index.add(np.zeros((2, 4)), [0])
+    with pytest.raises(ValueError, match=r"ids must be unique; repeated: \[3\]"):
+        index.add(np.zeros((2, 4)), [3, 3])
+    with pytest.raises(ValueError, match="ids must be a 1-d array of integers"):
+        index.add(np.zeros((2, 4)), [0.5, 1.5])
+    with pytest.raises(ValueError, match="ids must be non-negative"):
+        index.add(np.zeros((1, 4)), [-1])
+    assert len(index) == 0  # nothing half-added
     index.add(np.eye(4)[:2], [0, 1])
-    with pytest.raises(ValueError, match="k must be positive"):
-        index.search(np.ones((1, 4)), 0)
+    for k in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            index.search(np.ones((1, 4)), k)
+    with pytest.raises(ValueError, match=r"queries must have shape \[n, 4\], got \[1, 5\]"):
+        index.search(np.ones((1, 5)), 1)
     scores, ids = index.search(np.ones((1, 4)), 4)  # fewer vectors than k: padded
-    assert ids[0, 2:].tolist() == [-1, -1] and np.isneginf(scores[0, 2:]).all()
-    with pytest.raises(ValueError, match="unknown metric"):
+    assert ids[0].tolist() == [0, 1, -1, -1] and np.isneginf(scores[0, 2:]).all()
+    assert index.search(np.zeros((0, 4)), 3)[1].shape == (0, 3)
+    with pytest.raises(KeyError, match="not in the index"):
+        index.get_vectors([0, 5])
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
         ExactIndex(4, metric="manhattan")
-    with pytest.raises(ValueError, match="unknown index backend"):
+    with pytest.raises(ValueError, match="dim must be a positive integer"):
+        ExactIndex(0)
+    with pytest.raises(ValueError, match="unknown option.* for the exact index: params"):
+        build_index(np.eye(4), backend="exact", params={"mode": "ah"})
+    with pytest.raises(ValueError, match="unknown index backend 'faiss'"):
         build_index(np.eye(4), backend="faiss")
+    with pytest.raises(ValueError, match=r"unknown keys \['leaves'\]"):
+        ScannIndex(4, params={"mode": "tree_ah", "leaves": 3})
+    with pytest.raises(ValueError, match="unknown ScaNN mode 'lsh'"):
+        ScannIndex(4, params={"mode": "lsh"})
+
+
+@pytest.mark.parametrize("metric,expected", [("cosine", [1.0, 3 ** -0.5, 0.0]), ("pearson", [1.0, 0.0, 0.0])])
+def test_zero_vectors_score_zero_for_cosine_and_pearson(metric, expected):
+    # [0, 0, 0] has no direction (and [2, 2, 2] no variance, for Pearson): similarity 0, not NaN
+    index = build_index(np.array([[0, 0, 0], [2, 2, 2], [1, 0, 0]]), metric=metric, backend="exact")
+    scores, ids = index.search(np.array([[1.0, 0.0, 0.0]]), 3)
+    assert ids[0, 0] == 2 and np.isfinite(scores).all()
+    np.testing.assert_allclose(scores[0], expected, atol=1e-6)
+
+
+def test_missing_scann_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scann", None)  # makes `import scann` fail
+    with pytest.raises(ImportError, match=r'pip install "tf_retrieval\[scann\]"'):
+        build_index(np.eye(4), backend="scann").search(np.eye(4), 1)
+    assert type(build_index(np.eye(4))) is ExactIndex  # "auto" falls back to exact
+
+
+def test_config_round_trip():
+    index = ScannIndex(8, "dot", params={"mode": "ah", "reorder": 50}, rebuild_fraction=0.5)
+    clone = Index.from_config(index.get_config())
+    assert type(clone) is ScannIndex and clone.get_config() == index.get_config()
+    assert type(Index.from_config(ExactIndex(3, "pearson").get_config())) is ExactIndex
+
+
+def test_concurrent_searches_and_mutations(rng):
+    db = clustered(rng, 1500)
+    index = build_index(db[:1000], backend="scann", params={"mode": "ah"})
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(20):
+                _, ids = index.search(db[:8], 5)
+                assert (ids >= 0).all()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for start in range(1000, 1500, 50):
+        index.add(db[start:start + 50], np.arange(start, start + 50))
+        index.delete([start])
+    for thread in threads:
+        thread.join()
+    assert not errors and len(index) == 1490
 
 
 def test_scann_params_follow_size():
-    assert scann_params(5_000, 128)["mode"] == "brute_force"
-    assert scann_params(50_000, 128)["mode"] == "ah"
+    assert scann_params(5_000, 128) == {"mode": "brute_force"}
+    mid = scann_params(50_000, 128)
+    assert mid["mode"] == "ah" and mid["dims_per_block"] == 2 and mid["anisotropic_quantization_threshold"] == 0.2
+    assert mid["reorder"] == 500 and mid["training_sample_size"] == 50_000
     big = scann_params(1_000_000, 128)
-    assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000 and big["leaves_to_search"] == 50
-    assert scann_params(50_000, 128, "euclidean")["anisotropic_quantization_threshold"] is None
-    assert ScannIndex(8).get_config()["params"] is None
+    assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000 and big["leaves_to_search"] == 100
+    assert big["spherical"] and big["tree_training_sample_size"] == 250_000 and big["training_sample_size"] == 100_000
+    assert scann_params(120_000, 128)["leaves_to_search"] == 35  # ceil(346 / 10)
+    for metric in ("euclidean", "dot"):  # no fixed norm: no anisotropic threshold, generic tree
+        params = scann_params(200_000, 128, metric)
+        assert params["anisotropic_quantization_threshold"] is None and not params["spherical"]
+    assert scann_params(100, 8, mode="tree_ah")["num_leaves"] == 10

@@ -1,23 +1,36 @@
-"""Vector indexes: one small interface, two backends — exact (numpy, the ground truth) and Google ScaNN.
+"""Vector indexes: one small interface, two backends: exact (numpy, the ground truth) and Google ScaNN.
 
-An index maps int64 ids to vectors and knows nothing of labels or images. Scores are similarities for every metric (higher
-is closer): cosine and Pearson (cosine of mean-centred vectors) as the inner product of normalised vectors, dot as the raw
-inner product, euclidean as minus the squared L2 distance.
+An index maps unique non-negative int64 ids to vectors of one dimension; it knows nothing of labels or images. Every
+metric returns similarities, so a higher score is always closer:
 
-`save(dir)` is atomic (a temp dir beside the target, fsynced, then renamed into place) and writes `manifest.json` with the
-backend, metric, dimension, count, the id of the model whose embeddings these are, and a sha256 per file. `Index.load` checks the
-checksums and refuses an index built by another model than the one that will query it.
+- ``cosine``: inner product of L2-normalised vectors.
+- ``pearson``: each vector minus its own mean, then cosine (the Pearson correlation of the two vectors).
+- ``dot``: raw inner product.
+- ``euclidean``: minus the squared L2 distance.
+
+A vector with no direction (all zeros for cosine, constant for Pearson) is kept as a zero vector and scores 0 against
+everything.
+
+``save`` is atomic: the files go to a temp dir beside the target, are fsynced, and the temp dir then replaces the target in
+one step (``renameat2(RENAME_EXCHANGE)`` where Linux offers it, else two renames that put the old index back on failure).
+``manifest.json`` records the backend, metric, dimension, count, the id of the model whose embeddings these are and a sha256
+per file. ``Index.load`` checks those checksums and refuses an index built from another model's embeddings.
 """
 from __future__ import annotations
 
 import abc
+import ctypes
 import datetime
+import errno
+import hashlib
 import json
 import logging
 import math
+import operator
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,347 +39,517 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "euclidean", "dot", "pearson")
 FORMAT_VERSION = 1
-_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+MANIFEST = "manifest.json"
+_CHUNK_BYTES = 256 * 1024 * 1024  # working memory of one ExactIndex search chunk
+_MIN_TRAINING_POINTS = 256  # below this ScaNN's quantisers cannot be trained: use brute force
+_SCANN_MODES = ("brute_force", "ah", "tree_ah")
+_PARALLEL_QUERIES = 512  # ScaNN batches at least this big are searched on all cores
 
 
 class IndexModelMismatchError(ValueError):
-    """The index was built from another model's embeddings than the one querying it."""
-
-
-def _sha256(path: str) -> str:
-    from tf_retrieval.features import file_sha256
-
-    return file_sha256(path)
+    """The index holds another model's embeddings than the model that would query it."""
 
 
 class Index(abc.ABC):
-    """Base class: maps unique int64 ids to vectors of one dimension.
+    """Maps unique int64 ids to vectors; knows nothing of labels.
 
-    Subclasses implement `_search_prepared(queries, k)` over the prepared (metric-transformed) vectors and may override
-    `_on_change`, `_save_backend` and `_load_backend`.
+    Subclasses set `backend` and implement `_search`; they may override the `_after_add`, `_after_delete`,
+    `_save_backend` and `_load_backend` hooks. Public methods are serialised by a lock, so one index can be shared by
+    threads.
 
     Args:
       dim: vector dimension.
       metric: one of `METRICS`.
+      **backend_options: options of the backend (see the subclass); the base class accepts none.
+
+    Raises:
+      ValueError: unknown metric or option, or a non-positive dimension.
     """
 
-    backend = "base"
+    backend = ""
 
-    def __init__(self, dim: int, metric: str = "cosine"):
+    def __init__(self, dim: int, metric: str = "cosine", **backend_options: Any):
+        if backend_options:
+            raise ValueError(f"unknown option(s) for the {self.backend} index: {', '.join(sorted(backend_options))}")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-        if int(dim) <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim, self.metric = int(dim), metric
-        self._vectors = np.zeros((0, self.dim), np.float32)
+        self._vectors = np.zeros((0, self.dim), np.float32)  # as indexed (after `_prepare`)
         self._ids = np.zeros((0,), np.int64)
         self._row_of: dict[int, int] = {}
+        self._lock = threading.RLock()
 
-    # -- the interface ---------------------------------------------------------------------------------------------------
+    # -- the interface -----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, count={len(self)})"
+
     @property
     def ids(self) -> np.ndarray:
-        """The indexed ids, in storage order."""
+        """The indexed ids (int64), in storage order."""
         return self._ids.copy()
 
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, plus "backend"; `from_config` inverts it."""
+        return {"backend": self.backend, "dim": self.dim, "metric": self.metric}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Index:
+        """An empty index from `get_config()` output; on `Index` itself the "backend" key picks the class."""
+        config = dict(config)
+        backend = config.pop("backend", cls.backend)
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
+        target = _BACKENDS[backend]
+        if not issubclass(target, cls):
+            raise ValueError(f"the config describes a {backend} index, not a {cls.backend} one")
+        return target(**config)
+
     def add(self, vectors: np.ndarray, ids: np.ndarray | Sequence[int]) -> None:
-        """Adds vectors [n, dim] under unique new int ids; an id already present raises ValueError."""
+        """Adds vectors under new ids.
+
+        Args:
+          vectors: float array [n, dim].
+          ids: n unique non-negative integers, none of them already in the index (delete an id first to replace its
+            vector).
+
+        Raises:
+          ValueError: bad shapes or values, repeated ids, or ids already present.
+        """
         vectors = self._check_vectors(vectors, "vectors")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _check_ids(ids)
         if len(ids) != len(vectors):
-            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids: give one id per vector")
         if len(np.unique(ids)) != len(ids):
-            raise ValueError("ids must be unique; the batch repeats some")
-        present = [int(i) for i in ids if int(i) in self._row_of]
-        if present:
-            raise ValueError(f"ids already in the index: {present[:10]}; delete them first to replace their vectors")
-        prepared = self._prepare(vectors)
-        start = len(self._ids)
-        self._vectors = np.concatenate([self._vectors, prepared])
-        self._ids = np.concatenate([self._ids, ids])
-        self._row_of.update((int(i), start + row) for row, i in enumerate(ids))
-        self._on_add(ids, prepared)
+            values, counts = np.unique(ids, return_counts=True)
+            raise ValueError(f"ids must be unique; repeated: {values[counts > 1][:10].tolist()}")
+        if len(ids) == 0:
+            return
+        with self._lock:
+            present = [int(i) for i in ids if int(i) in self._row_of]
+            if present:
+                raise ValueError(f"{len(present)} id(s) already in the index, e.g. {present[:10]}; "
+                                 "delete them first to replace their vectors")
+            prepared = self._prepare(vectors)
+            start = len(self._ids)
+            self._vectors = np.concatenate([self._vectors, prepared])
+            self._ids = np.concatenate([self._ids, ids])
+            self._row_of.update((int(i), start + row) for row, i in enumerate(ids))
+            self._after_add(ids, prepared)
 
     def delete(self, ids: np.ndarray | Sequence[int]) -> int:
-        """Removes ids; returns how many were removed. Unknown ids raise KeyError naming them."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        unknown = [int(i) for i in ids if int(i) not in self._row_of]
-        if unknown:
-            raise KeyError(f"ids not in the index: {unknown[:10]}")
-        ids = np.unique(ids)
-        keep = ~np.isin(self._ids, ids)
-        self._vectors, self._ids = self._vectors[keep], self._ids[keep]
-        self._row_of = {int(i): row for row, i in enumerate(self._ids)}
-        self._on_delete(ids)
+        """Removes ids and their vectors.
+
+        All or nothing: if any id is not in the index, nothing is removed and KeyError lists the unknown ids (repeats
+        within `ids` are fine).
+
+        Returns:
+          the number of vectors removed.
+        """
+        ids = np.unique(_check_ids(ids))
+        with self._lock:
+            unknown = [int(i) for i in ids if int(i) not in self._row_of]
+            if unknown:
+                raise KeyError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}; nothing was deleted")
+            if len(ids) == 0:
+                return 0
+            keep = ~np.isin(self._ids, ids)
+            self._vectors, self._ids = self._vectors[keep], self._ids[keep]
+            self._row_of = {int(i): row for row, i in enumerate(self._ids)}
+            self._after_delete(ids)
         return len(ids)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar indexed vectors of each query.
 
+        Args:
+          queries: float array [q, dim] (a single vector must be passed as [1, dim]).
+          k: neighbours per query.
+
         Returns:
-          (scores float32 [q, k], ids int64 [q, k]), best first. When the index holds fewer than k vectors the missing
-          columns have id -1 and score -inf.
+          (scores float32 [q, k], ids int64 [q, k]), best first (higher score = more similar). When fewer than k vectors
+          are found (the index holds fewer than k, or an approximate search reached fewer) the remaining columns have
+          id -1 and score -inf.
+
+        Raises:
+          ValueError: bad queries, k < 1, or an empty index.
         """
-        queries = self._check_vectors(np.atleast_2d(queries), "queries")
-        if int(k) <= 0:
-            raise ValueError(f"k must be positive, got {k}")
-        if len(self) == 0:
-            raise ValueError("the index is empty: add vectors before searching")
-        k = int(k)
-        found = min(k, len(self))
-        scores, ids = self._search_prepared(self._prepare(queries), found)
+        queries = self._check_vectors(queries, "queries")
+        try:
+            k = operator.index(k)
+        except TypeError:
+            raise ValueError(f"k must be a positive integer, got {k!r}") from None
+        if k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k}")
+        with self._lock:
+            if len(self) == 0:
+                raise ValueError("the index is empty: add vectors before searching")
+            found = min(k, len(self))
+            if len(queries) == 0:
+                scores, ids = np.zeros((0, found), np.float32), np.zeros((0, found), np.int64)
+            else:
+                scores, ids = self._search(self._prepare(queries), found)
         if found < k:
-            pad = k - found
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, k - found)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - found)), constant_values=-1)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     def get_vectors(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
-        """The stored vectors of `ids` as indexed (L2-normalised for cosine, centred and normalised for Pearson)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        unknown = [int(i) for i in ids if int(i) not in self._row_of]
-        if unknown:
-            raise KeyError(f"ids not in the index: {unknown[:10]}")
-        return self._vectors[[self._row_of[int(i)] for i in ids]]
+        """The stored vectors of `ids` [len(ids), dim], as indexed.
 
-    def get_config(self) -> dict[str, Any]:
-        return {"backend": self.backend, "dim": self.dim, "metric": self.metric}
+        That is L2-normalised for cosine, mean-centred then normalised for Pearson, and unchanged for dot and euclidean,
+        so a stored vector used as a query ranks exactly as its original would.
 
-    def save(self, directory: str, *, model_id: str, extra: dict | None = None) -> None:
-        """Writes the index atomically to `directory` (replacing any index there) with its manifest."""
-        directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
+        Raises:
+          KeyError: some ids are not in the index.
+        """
+        ids = _check_ids(ids)
+        with self._lock:
+            unknown = [int(i) for i in ids if int(i) not in self._row_of]
+            if unknown:
+                raise KeyError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}")
+            return self._vectors[[self._row_of[int(i)] for i in ids]].copy()
+
+    def save(self, directory: str | os.PathLike, *, model_id: str, extra: dict | None = None) -> None:
+        """Writes the index to `directory` atomically, replacing an index saved there before.
+
+        Args:
+          directory: target folder; it must not exist, be empty, or hold an index (it is never merged into).
+          model_id: the model whose embeddings these are (e.g. "baseline:3"); `load` can insist on it.
+          extra: JSON-serialisable information to keep in the manifest.
+
+        Raises:
+          ValueError: an empty model_id, or `directory` holds something other than an index.
+          OSError: writing failed; any index already at `directory` is left as it was.
+        """
+        if not isinstance(model_id, str) or not model_id:
+            raise ValueError(f"model_id must be a non-empty string naming the embedding model, got {model_id!r}")
+        directory = os.path.abspath(os.fspath(directory))
+        parent, name = os.path.split(directory)
+        if os.path.exists(directory) and not (os.path.isdir(directory) and (
+                not os.listdir(directory) or os.path.isfile(os.path.join(directory, MANIFEST)))):
+            raise ValueError(f"{directory} exists and is not an index (no {MANIFEST}); refusing to replace it: "
+                             "choose another directory")
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
-            np.save(os.path.join(tmp, "vectors.npy"), self._vectors)
-            np.save(os.path.join(tmp, "ids.npy"), self._ids)
-            self._save_backend(tmp)
-            files = {}
-            for root, _, names in os.walk(tmp):
-                for name in sorted(names):
-                    path = os.path.join(root, name)
-                    with open(path, "rb") as f:
-                        os.fsync(f.fileno())
-                    files[os.path.relpath(path, tmp)] = _sha256(path)
-            manifest = {"format_version": FORMAT_VERSION, "backend": self.backend, "metric": self.metric, "dim": self.dim,
-                        "count": len(self), "model_id": model_id, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "files": files, "config": self.get_config(), "extra": extra or {}}
-            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            with self._lock:
+                _save_npy(os.path.join(tmp, "vectors.npy"), self._vectors)
+                _save_npy(os.path.join(tmp, "ids.npy"), self._ids)
+                self._save_backend(tmp)
+                manifest = {
+                    "format_version": FORMAT_VERSION, "backend": self.backend, "metric": self.metric, "dim": self.dim,
+                    "count": len(self), "model_id": model_id,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "files": _sync_and_hash_tree(tmp), "config": self.get_config(), "extra": extra or {}}
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            old = None
-            if os.path.exists(directory):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-                os.rename(directory, os.path.join(old, "index"))
-            os.rename(tmp, directory)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("saved %s index of %d vectors to %s", self.backend, len(self), directory)
+            _fsync_dir(tmp)
+            _replace_dir(tmp, directory)
+            _fsync_dir(parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the new index on failure, the old one after a swap
+        logger.info("saved %r to %s (model %s)", self, directory, model_id)
 
     @classmethod
-    def load(cls, directory: str, *, expected_model_id: str | None = None) -> Index:
-        """Loads an index saved by `save`, checking the checksums and (if given) the model id.
+    def load(cls, directory: str | os.PathLike, *, expected_model_id: str | None = None) -> Index:
+        """Loads an index written by `save`; `Index.load` picks the backend from the manifest.
+
+        Args:
+          directory: the folder given to `save`.
+          expected_model_id: if given, the model that will query the index; an index of another model is refused.
 
         Raises:
           FileNotFoundError: no index there.
-          IndexModelMismatchError: the index was built by another model.
-          ValueError: a damaged file or an unknown format.
+          IndexModelMismatchError: the index holds another model's embeddings.
+          ValueError: a damaged or missing file, or an unknown format.
         """
-        manifest_path = os.path.join(directory, "manifest.json")
+        directory = os.fspath(directory)
+        manifest_path = os.path.join(directory, MANIFEST)
         if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"no index at {directory} (manifest.json missing): build one with `tfr index`")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: index format {manifest.get('format_version')} is not supported "
-                             f"(expected {FORMAT_VERSION}); rebuild it with `tfr index`")
-        if expected_model_id is not None and manifest["model_id"] != expected_model_id:
+            raise FileNotFoundError(f"no index at {directory} ({MANIFEST} missing): build one with `tfr index`")
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            version, files, config = manifest["format_version"], manifest["files"], manifest["config"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest_path} is damaged ({exc!r}); rebuild the index with `tfr index`") from None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{directory}: index format {version} is not supported (this version reads "
+                             f"{FORMAT_VERSION}); rebuild the index with `tfr index`")
+        if expected_model_id is not None and manifest.get("model_id") != expected_model_id:
             raise IndexModelMismatchError(
-                f"the index at {directory} holds embeddings of model {manifest['model_id']!r}, but the querying model is "
-                f"{expected_model_id!r}; rebuild the index with `tfr index` for this model")
-        for name, digest in manifest["files"].items():
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path) or _sha256(path) != digest:
-                raise ValueError(f"{directory}: file {name} is missing or damaged (checksum mismatch); rebuild the index")
-        backends = {c.backend: c for c in (ExactIndex, ScannIndex)}
-        if manifest["backend"] not in backends:
-            raise ValueError(f"{directory}: unknown index backend {manifest['backend']!r}")
-        target = backends[manifest["backend"]]
-        if cls is not Index and not issubclass(target, cls):
-            raise ValueError(f"{directory} holds a {manifest['backend']} index, not a {cls.backend} one")
-        config = dict(manifest["config"])
-        config.pop("backend", None)
-        index = target(**config)
-        index._vectors = np.load(os.path.join(directory, "vectors.npy"), allow_pickle=False)
-        index._ids = np.load(os.path.join(directory, "ids.npy"), allow_pickle=False)
-        index._row_of = {int(i): row for row, i in enumerate(index._ids)}
+                f"the index at {directory} holds embeddings of model {manifest.get('model_id')!r}, but the querying "
+                f"model is {expected_model_id!r}: its scores would be meaningless. Rebuild the index with `tfr index` "
+                "for this model")
+        for required in ("vectors.npy", "ids.npy"):
+            if required not in files:
+                raise ValueError(f"{directory}: the manifest lists no {required}; rebuild the index with `tfr index`")
+        for relative, digest in files.items():
+            path = os.path.join(directory, relative)
+            if not os.path.isfile(path):
+                raise ValueError(f"{directory}: file {relative} is missing; rebuild the index with `tfr index`")
+            if _sha256(path) != digest:
+                raise ValueError(f"{directory}: file {relative} is damaged (sha256 differs from the manifest); "
+                                 "rebuild the index with `tfr index`")
+        index = cls.from_config(config)
+        vectors = np.load(os.path.join(directory, "vectors.npy"), allow_pickle=False)
+        ids = np.load(os.path.join(directory, "ids.npy"), allow_pickle=False)
+        count = manifest.get("count")
+        if (vectors.dtype != np.float32 or vectors.shape != (count, index.dim) or ids.dtype != np.int64
+                or ids.shape != (count,) or len(np.unique(ids)) != count):
+            raise ValueError(f"{directory}: vectors {vectors.dtype}{list(vectors.shape)} / ids {ids.dtype}"
+                             f"{list(ids.shape)} do not match the manifest ({count} unique ids of dim {index.dim})")
+        index._vectors, index._ids = vectors, ids
+        index._row_of = {int(i): row for row, i in enumerate(ids)}
         index._load_backend(directory)
+        logger.info("loaded %r from %s (model %s)", index, directory, manifest.get("model_id"))
         return index
 
-    # -- for subclasses ---------------------------------------------------------------------------------------------------
+    # -- for subclasses ---------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def _search_prepared(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) [q, k] for prepared queries, 1 <= k <= len(self)."""
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each [q, k], best first, for prepared queries; 1 <= k <= len(self); pads with -inf / -1."""
 
-    def _on_add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
-        pass
+    def _after_add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
+        """Called (under the lock) after new rows were appended."""
 
-    def _on_delete(self, ids: np.ndarray) -> None:
-        pass
+    def _after_delete(self, ids: np.ndarray) -> None:
+        """Called (under the lock) after rows were removed."""
 
     def _save_backend(self, directory: str) -> None:
-        pass
+        """Writes backend files into `directory` (the temp dir of `save`); they get checksums like the rest."""
 
     def _load_backend(self, directory: str) -> None:
-        pass
+        """Reads what `_save_backend` wrote; vectors and ids are already loaded."""
 
-    # -- helpers ----------------------------------------------------------------------------------------------------------
+    # -- helpers ----------------------------------------------------------------------------------------------------
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"{what} must have shape [n, {self.dim}], got {list(vectors.shape)}")
-        if not np.issubdtype(vectors.dtype, np.number):
-            raise ValueError(f"{what} must be numeric, got dtype {vectors.dtype}")
+            hint = " (wrap a single vector as v[None, :])" if vectors.ndim == 1 else ""
+            raise ValueError(f"{what} must have shape [n, {self.dim}], got {list(vectors.shape)}{hint}")
+        if vectors.dtype.kind not in "fiu":
+            raise ValueError(f"{what} must be real numbers, got dtype {vectors.dtype}")
         vectors = vectors.astype(np.float32, copy=False)
         if not np.isfinite(vectors).all():
-            raise ValueError(f"{what} contain NaN or infinite values")
+            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+            raise ValueError(f"{what} contain NaN or infinite values (rows {bad[:10].tolist()})")
         return vectors
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
-        """Maps vectors into the space where the metric is an inner product (cosine, Pearson) or stays as is."""
+        """Maps vectors to the space where the metric is an inner product (cosine, Pearson) or stays as is."""
         if self.metric == "pearson":
             vectors = vectors - vectors.mean(axis=1, keepdims=True)
         if self.metric in ("cosine", "pearson"):
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
+            vectors = vectors / np.where(norms > 0, norms, 1)
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 class ExactIndex(Index):
-    """Exhaustive search with numpy matrix products, in query chunks of bounded memory. The ground truth."""
+    """Exhaustive search with numpy float32 matrix products, in query chunks of bounded memory. The ground truth.
+
+    Ties are broken by storage order (earlier added first).
+    """
 
     backend = "exact"
 
-    def _search_prepared(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self._vectors)
-        chunk = max(1, _MAX_CHUNK_BYTES // (4 * n))
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        vectors, n = self._vectors, len(self._vectors)
+        # ~16 bytes per (query, vector) pair: float32 scores plus int64 positions plus one temporary
+        chunk = max(1, _CHUNK_BYTES // (16 * n))
+        squared_norms = np.einsum("ij,ij->i", vectors, vectors) if self.metric == "euclidean" else None
         all_scores, all_ids = [], []
-        squared_norms = (self._vectors ** 2).sum(axis=1) if self.metric == "euclidean" else None
         for start in range(0, len(queries), chunk):
             block = queries[start:start + chunk]
-            scores = block @ self._vectors.T
-            if squared_norms is not None:  # -(|q|^2 - 2 q.x + |x|^2)
-                scores = 2 * scores - squared_norms[None, :] - (block ** 2).sum(axis=1, keepdims=True)
+            scores = block @ vectors.T
+            if squared_norms is not None:  # -|q - x|^2 = 2 q.x - |x|^2 - |q|^2
+                scores *= 2
+                scores -= squared_norms[None, :]
+                scores -= np.einsum("ij,ij->i", block, block)[:, None]
+                np.minimum(scores, 0, out=scores)
             if k < n:
-                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                top = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+                top_scores = np.take_along_axis(scores, top, axis=1)
+                order = np.lexsort((top, -top_scores), axis=1)  # by score, then by storage order
+                top = np.take_along_axis(top, order, axis=1)
             else:
-                top = np.broadcast_to(np.arange(n), (len(block), n))
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            all_scores.append(np.take_along_axis(top_scores, order, axis=1))
-            all_ids.append(self._ids[np.take_along_axis(top, order, axis=1)])
+                top = np.argsort(-scores, axis=1, kind="stable")
+            all_scores.append(np.take_along_axis(scores, top, axis=1))
+            all_ids.append(self._ids[top])
         return np.concatenate(all_scores), np.concatenate(all_ids)
 
 
-def scann_params(n: int, dim: int, metric: str = "cosine") -> dict[str, Any]:
-    """ScaNN settings chosen from the collection size, following ScaNN's own guidance.
+def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = None) -> dict[str, Any]:
+    """ScaNN settings for a collection of `n` vectors, following ScaNN's own guidance.
 
-    - n < 20,000: brute force (exact, and already fast at this size).
-    - 20,000 <= n < 100,000: asymmetric hashing (2 dims per block; anisotropic threshold 0.2 for inner products) with
-      exact re-ranking of the top 100.
-    - n >= 100,000: tree partitioning with num_leaves ~ sqrt(n), searching ~5% of the leaves (at least 10), then AH and
-      re-ranking of the top 250.
+    - n < 20,000: ``brute_force`` (exact; already fast at this size).
+    - 20,000 <= n < 100,000: ``ah``: asymmetric hashing with 2 dimensions per block, then exact re-scoring of the best
+      ``reorder`` = 500 candidates.
+    - n >= 100,000: ``tree_ah``: k-means tree with num_leaves = round(sqrt(n)), searching 10% of the leaves (at least
+      20), then AH and re-scoring as above.
+
+    The anisotropic quantisation threshold is 0.2 (ScaNN's value for normalised data) for cosine and Pearson and off for
+    dot and euclidean, whose vectors have no fixed norm; the tree is spherical for normalised data. At search time at
+    least ``10 * k`` candidates are re-scored, so recall holds for large k too. On clustered normalised 64-d data these
+    settings gave recall@10 of 0.99 (``ah``, 50k points) and 0.99 (``tree_ah``, 150k points) against exact search.
+
+    Args:
+      n: number of vectors.
+      dim: their dimension.
+      metric: one of `METRICS`.
+      mode: force "brute_force", "ah" or "tree_ah" instead of choosing by size.
+
+    Returns:
+      a dict with "mode" and that mode's settings.
     """
-    if n < 20_000:
-        return {"mode": "brute_force"}
-    params: dict[str, Any] = {"mode": "ah", "dims_per_block": 2, "reorder": 100,
-                              "anisotropic_quantization_threshold": 0.2 if metric != "euclidean" else None,
-                              "training_sample_size": min(n, 100_000)}
-    if n >= 100_000:
-        leaves = int(round(math.sqrt(n)))
-        params.update(mode="tree_ah", num_leaves=leaves, leaves_to_search=max(10, leaves // 20), reorder=250,
-                      training_sample_size=min(n, 250_000))
+    if mode is None:
+        mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 else "tree_ah"
+    if mode not in _SCANN_MODES:
+        raise ValueError(f"unknown ScaNN mode {mode!r}; choose one of {', '.join(_SCANN_MODES)}")
+    params: dict[str, Any] = {"mode": mode}
+    if mode == "brute_force":
+        return params
+    normalised = metric in ("cosine", "pearson")
+    params.update(dims_per_block=2, anisotropic_quantization_threshold=0.2 if normalised else None, reorder=500,
+                  training_sample_size=max(1, min(n, 100_000)))
+    if mode == "tree_ah":
+        leaves = max(1, int(round(math.sqrt(n))))
+        params.update(num_leaves=leaves, leaves_to_search=min(leaves, max(20, math.ceil(leaves / 10))),
+                      spherical=normalised, tree_training_sample_size=max(1, min(n, 250_000)))
     return params
 
 
 class ScannIndex(Index):
-    """Google ScaNN. Built lazily at the first search; adds and deletes after that go through ScaNN's own mutation API
-    (`upsert` / `delete`), so no full rebuild is needed; `rebuild()` re-trains from the stored vectors.
+    """Google ScaNN (`scann.scann_ops_pybind`).
+
+    The searcher is trained lazily, at the first search or save. After that, `add` and `delete` go through ScaNN's own
+    mutation API (`upsert` / `delete` by docid, which ScaNN 1.4.2 supports for brute force, AH and tree searchers), so a
+    small change costs milliseconds instead of a retraining. The quantisers and the tree keep their original training, so
+    once the mutations since the last training exceed `rebuild_fraction` of the trained size, or (with automatic params)
+    the size moves into another `scann_params` band, the searcher is dropped and retrained at the next search.
+
+    `save` stores ScaNN's own serialisation (loading it takes milliseconds, retraining can take minutes) beside
+    `vectors.npy`, which stays the source of truth for `get_vectors` and retraining. ScaNN's pickled docid list is not
+    kept: the docids are stored as an int64 array.
 
     Args:
       dim, metric: as `Index`.
-      params: ScaNN settings (see `scann_params`); None chooses them from the size at build time.
-      num_neighbors: default neighbours per query the searcher is configured for.
+      params: ScaNN settings: a dict with "mode" and any of that mode's keys from `scann_params` (missing keys get the
+        `scann_params` value for the size at training time); None chooses everything by size.
+      rebuild_fraction: retrain once mutations since the last training exceed this fraction of the trained size.
     """
 
     backend = "scann"
 
-    def __init__(self, dim: int, metric: str = "cosine", params: dict | None = None, num_neighbors: int = 10):
-        super().__init__(dim, metric)
-        self.params = dict(params) if params else None
-        self.num_neighbors = int(num_neighbors)
-        self._searcher = None
+    def __init__(self, dim: int, metric: str = "cosine", *, params: dict[str, Any] | None = None,
+                 rebuild_fraction: float = 0.25, **backend_options: Any):
+        super().__init__(dim, metric, **backend_options)
+        if params is not None:
+            params = dict(params)
+            allowed = set(scann_params(10**6, self.dim, metric, mode=params.get("mode", "tree_ah")))
+            unknown = sorted(set(params) - allowed)
+            if "mode" not in params or unknown:
+                raise ValueError(f"ScaNN params need a 'mode' ({', '.join(_SCANN_MODES)}) and only that mode's keys "
+                                 f"({', '.join(sorted(allowed))}); got unknown keys {unknown}")
+        if not rebuild_fraction > 0:
+            raise ValueError(f"rebuild_fraction must be positive, got {rebuild_fraction}")
+        self.params = params
+        self.rebuild_fraction = float(rebuild_fraction)
+        self._searcher: Any = None
+        self._built: dict[str, Any] = {}  # the params the searcher was trained with, its size, mutations since
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "params": self.params, "num_neighbors": self.num_neighbors}
+        return {**super().get_config(), "params": self.params, "rebuild_fraction": self.rebuild_fraction}
 
     @property
-    def built_params(self) -> dict[str, Any]:
-        """The settings the searcher uses (explicit `params`, else the automatic choice for the current size)."""
-        return self.params or scann_params(len(self), self.dim, self.metric)
+    def built_params(self) -> dict[str, Any] | None:
+        """The settings of the current searcher (None before it is trained)."""
+        return dict(self._built["params"]) if self._searcher is not None else None
 
     def rebuild(self) -> None:
         """(Re)trains the ScaNN searcher on the current vectors."""
         scann = _import_scann()
-        p = self.built_params
-        distance = "squared_l2" if self.metric == "euclidean" else "dot_product"
-        builder = scann.scann_ops_pybind.builder(self._vectors, self.num_neighbors, distance)
-        if p["mode"] == "tree_ah":
-            leaves = min(p["num_leaves"], max(1, len(self) // 2))
-            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=min(p["leaves_to_search"], leaves),
-                                   training_sample_size=min(len(self), p["training_sample_size"]))
-        if p["mode"] in ("ah", "tree_ah"):
-            threshold = p.get("anisotropic_quantization_threshold")
-            builder = builder.score_ah(p["dims_per_block"], anisotropic_quantization_threshold=(
-                float("nan") if threshold is None else threshold), training_sample_size=min(len(self),
-                                                                                            p["training_sample_size"]))
-            builder = builder.reorder(p["reorder"])
-        else:
-            builder = builder.score_brute_force()
-        self._searcher = builder.build(docids=[str(int(i)) for i in self._ids])
-        logger.info("built ScaNN searcher over %d vectors: %s", len(self), p)
+        with self._lock:
+            n = len(self)
+            if n == 0:
+                self._searcher, self._built = None, {}
+                return
+            params = self._resolve_params(n)
+            distance = "squared_l2" if self.metric == "euclidean" else "dot_product"
+            builder = scann.scann_ops_pybind.builder(self._vectors, 10, distance)
+            if params["mode"] == "tree_ah":
+                leaves = min(params["num_leaves"], max(1, n // 50))  # ScaNN's default minimum partition size is 50
+                builder = builder.tree(num_leaves=leaves, num_leaves_to_search=min(params["leaves_to_search"], leaves),
+                                       training_sample_size=min(n, params["tree_training_sample_size"]),
+                                       spherical=params["spherical"])
+            if params["mode"] == "brute_force":
+                builder = builder.score_brute_force()
+            else:
+                threshold = params["anisotropic_quantization_threshold"]
+                builder = builder.score_ah(params["dims_per_block"],
+                                           anisotropic_quantization_threshold=math.nan if threshold is None else threshold,
+                                           training_sample_size=min(n, params["training_sample_size"]))
+                builder = builder.reorder(params["reorder"])
+            self._searcher = builder.build(docids=self._ids.tolist())
+            self._built = {"params": params, "size": n, "mutations": 0}
+        logger.info("trained a ScaNN searcher over %d vectors: %s", n, params)
 
-    def _search_prepared(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _resolve_params(self, n: int) -> dict[str, Any]:
+        if self.params is None:
+            params = scann_params(n, self.dim, self.metric)
+        else:
+            params = {**scann_params(n, self.dim, self.metric, mode=self.params["mode"]), **self.params}
+        if params["mode"] != "brute_force" and (n < _MIN_TRAINING_POINTS or self.dim < 2):
+            logger.info("%d vectors of dim %d are too few to train ScaNN's %s: using brute force", n, self.dim,
+                        params["mode"])
+            params = {"mode": "brute_force"}
+        return params
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._searcher is None:
             self.rebuild()
-        p = self.built_params
-        reorder = max(k, p.get("reorder", k)) if p["mode"] != "brute_force" else None
-        neighbours, distances = self._searcher.search_batched(queries, final_num_neighbors=k,
-                                                              pre_reorder_num_neighbors=reorder)
-        ids = np.full((len(queries), k), -1, np.int64)
-        scores = np.full((len(queries), k), -np.inf, np.float32)
-        for row, (found, dist) in enumerate(zip(neighbours, distances)):
-            ids[row, :len(found)] = [int(d) for d in found]
-            scores[row, :len(found)] = -np.asarray(dist) if self.metric == "euclidean" else dist
+        params = self._built["params"]
+        pre_reorder = None if params["mode"] == "brute_force" else max(params["reorder"], 10 * k)
+        search = (self._searcher.search_batched_parallel if len(queries) >= _PARALLEL_QUERIES
+                  else self._searcher.search_batched)
+        neighbours, distances = search(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder)
+        ids = np.asarray(neighbours, dtype=np.int64).reshape(len(queries), k)
+        scores = np.asarray(distances, dtype=np.float32).reshape(len(queries), k)
+        if self.metric == "euclidean":
+            scores = -np.maximum(scores, 0)
+        missing = np.isnan(scores)  # ScaNN pads with NaN distances when it found fewer than k
+        ids[missing], scores[missing] = -1, -np.inf
         return scores, ids
 
-    def _on_add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
+    def _after_add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
         if self._searcher is not None:
-            self._searcher.upsert([str(int(i)) for i in ids], prepared)
+            self._searcher.upsert(ids.tolist(), prepared)
+            self._count_mutations(len(ids))
 
-    def _on_delete(self, ids: np.ndarray) -> None:
+    def _after_delete(self, ids: np.ndarray) -> None:
         if self._searcher is not None:
             if len(self) == 0:
-                self._searcher = None
-            else:
-                self._searcher.delete([str(int(i)) for i in ids])
+                self._searcher, self._built = None, {}
+                return
+            self._searcher.delete(ids.tolist())
+            self._count_mutations(len(ids))
+
+    def _count_mutations(self, count: int) -> None:
+        self._built["mutations"] += count
+        too_many = self._built["mutations"] > self.rebuild_fraction * self._built["size"]
+        auto_mode = scann_params(len(self), self.dim, self.metric)["mode"]
+        if too_many or (self.params is None and auto_mode != self._built["params"]["mode"]):
+            logger.info("%d mutations since ScaNN was trained on %d vectors: retraining at the next search",
+                        self._built["mutations"], self._built["size"])
+            self._searcher, self._built = None, {}
 
     def _save_backend(self, directory: str) -> None:
         if len(self) == 0:
@@ -376,39 +559,153 @@ class ScannIndex(Index):
         scann_dir = os.path.join(directory, "scann")
         os.makedirs(scann_dir)
         self._searcher.serialize(scann_dir, relative_path=True)
+        os.remove(os.path.join(scann_dir, "scann_docids.pkl"))  # replaced by the array below (no pickle on load)
+        _save_npy(os.path.join(scann_dir, "docids.npy"), np.asarray(self._searcher.docids, dtype=np.int64))
+        with open(os.path.join(scann_dir, "state.json"), "w", encoding="utf-8") as f:
+            json.dump(self._built, f)
 
     def _load_backend(self, directory: str) -> None:
         scann_dir = os.path.join(directory, "scann")
-        if os.path.isdir(scann_dir):
-            self._searcher = _import_scann().scann_ops_pybind.load_searcher(scann_dir)
+        if not os.path.isdir(scann_dir):
+            return  # saved empty: trained at the first search after adds
+        scann = _import_scann()
+        docids = np.load(os.path.join(scann_dir, "docids.npy"), allow_pickle=False)
+        with open(os.path.join(scann_dir, "state.json"), encoding="utf-8") as f:
+            built = json.load(f)
+        if len(docids) != len(self) or not np.isin(docids, self._ids).all():
+            raise ValueError(f"{directory}: the ScaNN searcher's ids do not match ids.npy; rebuild the index")
+        loaded = scann.scann_ops_pybind.load_searcher(scann_dir)
+        self._searcher = scann.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=docids.tolist())
+        self._built = built
 
 
-def _import_scann():
-    try:
-        import scann
-    except ImportError as exc:
-        raise ImportError(f'the ScaNN backend needs scann: pip install "tf_retrieval[scann]" ({exc})') from None
-    return scann
+_BACKENDS: dict[str, type[Index]] = {"exact": ExactIndex, "scann": ScannIndex}
 
 
 def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = None, *, metric: str = "cosine",
-                backend: str = "auto", **options) -> Index:
-    """Builds an index over `vectors` (ids default to 0..n-1).
+                backend: str = "auto", **options: Any) -> Index:
+    """An index over `vectors`.
 
-    backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact).
+    Args:
+      vectors: float array [n, dim].
+      ids: n unique non-negative integers; default 0..n-1.
+      metric: one of `METRICS`.
+      backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact).
+      **options: backend options (`ScannIndex`: params, rebuild_fraction).
+
+    Raises:
+      ValueError: unknown backend or option, bad vectors or ids.
+      ImportError: backend "scann" without scann installed.
     """
     vectors = np.asarray(vectors)
-    if vectors.ndim != 2 or len(vectors) == 0:
-        raise ValueError(f"build_index needs a non-empty [n, dim] array, got shape {list(vectors.shape)}")
+    if vectors.ndim != 2:
+        raise ValueError(f"build_index needs vectors of shape [n, dim], got {list(vectors.shape)}")
     if backend == "auto":
         try:
             _import_scann()
             backend = "scann"
         except ImportError:
+            logger.info("scann is not installed: using the exact index")
             backend = "exact"
-    classes = {"exact": ExactIndex, "scann": ScannIndex}
-    if backend not in classes:
-        raise ValueError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(classes)}")
-    index = classes[backend](vectors.shape[1], metric=metric, **options)
-    index.add(vectors, np.arange(len(vectors)) if ids is None else ids)
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(_BACKENDS)}")
+    index = _BACKENDS[backend](vectors.shape[1], metric=metric, **options)
+    index.add(vectors, np.arange(len(vectors), dtype=np.int64) if ids is None else ids)
     return index
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+def _import_scann():
+    try:
+        import scann
+    except ImportError as exc:
+        raise ImportError(f'the ScaNN index backend needs scann: pip install "tf_retrieval[scann]" ({exc})') from None
+    return scann
+
+
+def _check_ids(ids: np.ndarray | Sequence[int]) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return np.zeros((0,), np.int64)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be a 1-d array of integers, got {ids.dtype} of shape {list(ids.shape)}")
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"ids must fit in int64, got {ids.max()}")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"ids must be non-negative (-1 marks a missing result), got {ids.min()}")
+    return ids
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def _sha256(path: str, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sync_and_hash_tree(root: str) -> dict[str, str]:
+    """fsyncs every file (and folder) under root; returns {relative posix path: sha256}."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, root).replace(os.sep, "/")] = _sha256(path, fsync=True)
+        _fsync_dir(folder)
+    return dict(sorted(files.items()))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps two paths with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Moves the folder `new` to `target`, replacing a folder there; whatever is left at `new` is for the caller to delete.
+
+    With RENAME_EXCHANGE the swap is atomic and the old folder ends up at `new`. Without it the old folder is renamed
+    aside first and put back if the second rename fails; only a crash between the two renames leaves no folder at
+    `target` (the old one is then at `new + "-old"`).
+    """
+    if not os.path.exists(target):
+        os.rename(new, target)
+    elif not _exchange(new, target):
+        backup = new + "-old"
+        os.rename(target, backup)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
