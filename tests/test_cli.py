@@ -8,7 +8,7 @@ from tf_retrieval.cli import build_parser, main
 SMALL_MODEL = ["--backbone", "mobilenet_v2", "--image-size", "32", "--weights", "none"]
 
 
-@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo"])
+@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo", "export", "serve"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -66,3 +66,22 @@ def test_index_then_search_a_folder(image_dir, tmp_path, capsys):
     assert embeddings.shape == (18, 1280)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert open(out.replace(".npy", ".ids.txt")).read().split()[0] == os.path.join("blue", "blue_000.png")
+
+
+def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):
+    from serving.server import serve
+
+    workdir = str(tmp_path / "work")
+    assert main(["--workdir", workdir, "export", "--name", "tiny", *SMALL_MODEL]) == 0
+    assert os.path.isfile(os.path.join(workdir, "models", "tiny", "1", "saved_model.pb"))
+    server = serve(os.path.join(workdir, "models"), port=0, poll_seconds=0)
+    try:
+        served, local = str(tmp_path / "served.npy"), str(tmp_path / "local.npy")
+        assert main(["--workdir", workdir, "embed", "--dataset", image_dir, "--out", served,
+                     "--server", f"127.0.0.1:{server.port}", "--server-model", "tiny", *SMALL_MODEL]) == 0
+        assert main(["--workdir", workdir, "embed", "--dataset", image_dir, "--out", local, *SMALL_MODEL]) == 0
+        np.testing.assert_allclose(np.load(served), np.load(local), atol=1e-4)
+    finally:
+        server.stop(grace=1)
+    capsys.readouterr()  # the embed commands' progress bars
+    assert "bad/name" in run_error(["--workdir", workdir, "export", "--name", "bad/name", *SMALL_MODEL], capsys)

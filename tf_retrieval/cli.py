@@ -5,6 +5,8 @@
     tfr search    IMAGE|FOLDER... --index cifar10         top-k neighbours with class and score
     tfr evaluate  --protocol cifar10-2                    retrieval metrics of a protocol, appended to a records file
     tfr demo                                              index CIFAR-10, answer a query, serve the search page
+    tfr export    --name baseline                         SavedModel for TF Serving under <workdir>/models
+    tfr serve                                             gRPC server speaking TF Serving's protocol
 
 Errors are reported as one line (`tfr: error: ...`, exit status 2); `--verbose` shows tracebacks.
 """
@@ -235,6 +237,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
     serve(create_app({engine.name: engine}), host=args.host, port=args.port)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Exports the embedding model as a SavedModel for TF Serving: <base-dir>/<name>/<version>/."""
+    from tf_retrieval.embedder import build_model
+    from tf_retrieval.export import export_model
+
+    config = _model_config(args)
+    base_dir = args.base_dir or os.path.join(_workdir(args), "models")
+    path = export_model(build_model(config), base_dir, args.name or config.name, image_size=config.image_size,
+                        version=args.version, config=config.to_dict())
+    print(f"exported {config.model_id()} -> {path}")
+    print(f"serve it: tfr serve --model-base-path {base_dir}   (or tensorflow/serving with MODEL_NAME={args.name or config.name})")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serves exported models over gRPC with TF Serving's protocol (Ctrl-C or SIGTERM stops it gracefully)."""
+    from serving.server import main as serve_main
+
+    argv = ["--model_base_path", args.model_base_path or os.path.join(_workdir(args), "models"), "--port", str(args.port),
+            "--host", args.host, "--file_system_poll_wait_seconds", str(args.poll_seconds),
+            "--max_workers", str(args.max_workers), "--max_batch_size", str(args.max_batch_size)]
+    if args.model_name:
+        argv += ["--model_name", args.model_name]
+    if serve_main(argv) != 0:
+        raise ValueError("the server could not start (see above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfr", description="tf_retrieval: content-based image retrieval.")
     parser.add_argument("--workdir", help="artefacts directory (default: $TFR_WORKDIR or ./artifacts)")
@@ -293,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
     demo.set_defaults(run=cmd_demo)
+
+    export = commands.add_parser("export", help="export the embedder as a SavedModel for TF Serving",
+                                 description=cmd_export.__doc__)
+    _add_model_args(export)
+    export.add_argument("--base-dir", help="model base path (default <workdir>/models)")
+    export.add_argument("--name", help="served model name (default: the model name)")
+    export.add_argument("--version", type=int, help="integer version (default: the next one)")
+    export.set_defaults(run=cmd_export)
+
+    serve = commands.add_parser("serve", help="serve exported models over gRPC (TF Serving protocol)",
+                                description=cmd_serve.__doc__)
+    serve.add_argument("--model-base-path", help="a model directory or a directory of models (default <workdir>/models)")
+    serve.add_argument("--model-name", help="served name when the base path is one model's directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8500)
+    serve.add_argument("--poll-seconds", type=float, default=2.0, help="how often new versions are looked for")
+    serve.add_argument("--max-workers", type=int, default=8)
+    serve.add_argument("--max-batch-size", type=int, default=1024)
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 
