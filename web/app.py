@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import threading
 import time
@@ -38,7 +39,7 @@ import numpy as np
 from flask import Flask, Request, Response, jsonify, render_template, request
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, NotFound
 
-from tf_retrieval.data import ImageDecodeError, decode_image
+from tf_retrieval.data import ImageDecodeError, decode_image, resize_and_crop
 
 if TYPE_CHECKING:
     from tf_retrieval.engine import RetrievalEngine, SearchResult
@@ -76,11 +77,19 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
+#: Tag colours of the first classes: distinct hues, all dark enough for white text (WCAG contrast >= 4.5).
+PALETTE = ("#2563eb", "#dc2626", "#047857", "#b45309", "#7c3aed", "#be185d", "#0e7490", "#4d7c0f", "#475569", "#c2410c",
+           "#4338ca", "#0f766e")
+
+
 def class_colour(label: int) -> str:
-    """A deterministic, distinct tag colour for class `label`: golden-angle hues, dark enough for white text."""
-    hue = (label * 137.508) % 360.0
-    lightness = 0.40 if 40 <= hue <= 200 else 0.46  # yellows and greens look pale at the same lightness
-    red, green, blue = colorsys.hls_to_rgb(hue / 360.0, lightness, 0.70)
+    """A deterministic tag colour for class `label`: a fixed palette, then golden-angle hues for more classes."""
+    if label < 0:
+        raise ValueError(f"class labels are non-negative, got {label}")
+    if label < len(PALETTE):
+        return PALETTE[label]
+    hue = ((label - len(PALETTE)) * 137.508 + 15.0) % 360.0
+    red, green, blue = colorsys.hls_to_rgb(hue / 360.0, 0.36, 0.65)
     return "#{:02x}{:02x}{:02x}".format(round(red * 255), round(green * 255), round(blue * 255))
 
 
@@ -113,6 +122,91 @@ def rocchio(query: np.ndarray | None, positives: np.ndarray, alpha: float = ROCC
     if not math.isfinite(norm) or norm < 1e-12:
         raise ValueError("the feedback query vector is zero: choose other favourites or a larger alpha/beta")
     return (moved / norm).astype(np.float32)
+
+
+class EmbeddingBatcher:
+    """Dynamic batching of one-image embedding requests coming from many server threads (like TF Serving's batcher).
+
+    Request threads resize their decoded image (the same `data.resize_and_crop` as indexing, compiled once with
+    tf.function) and queue it; one worker thread takes everything queued (up to `max_batch`, waiting at most
+    `max_wait_ms` for more) and embeds it in one model call. Under load, the model then runs on batches instead of one
+    image at a time, which costs far less per image; a lone request waits for nothing.
+
+    Args:
+      embedder: an in-process embedder with `image_size` and `embed_pixels` (`tf_retrieval.embedder.Embedder`).
+      max_batch: most images per model call.
+      max_wait_ms: how long the worker waits for more images once it has one (0: take only what is already queued).
+      workers: model calls that may run at the same time (each on its own batch).
+    """
+
+    def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 0.0, workers: int = 1):
+        import tensorflow as tf
+
+        if max_batch < 1 or max_wait_ms < 0 or workers < 1:
+            raise ValueError(f"max_batch and workers must be >= 1 and max_wait_ms >= 0, got {max_batch}, {workers} and "
+                             f"{max_wait_ms}")
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        size = int(embedder.image_size)
+        self._resize = tf.function(lambda image: resize_and_crop(image, size),
+                                   input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+        self._queue: queue.Queue = queue.Queue()
+        self.batches = 0  # model calls made, and images embedded (for stats)
+        self.images = 0
+        self._workers = [threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        """One decoded RGB uint8 image [h, w, 3] -> its embedding [d] (blocks until its batch is done)."""
+        job = {"pixels": self._resize(image).numpy(), "done": threading.Event()}
+        self._queue.put(job)
+        job["done"].wait()
+        if "error" in job:
+            raise job["error"]
+        return job["vector"]
+
+    def close(self) -> None:
+        """Stops the worker threads (queued jobs are finished first)."""
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.perf_counter() + self.max_wait
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    remaining = deadline - time.perf_counter()
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            try:
+                vectors = self.embedder.embed_pixels(np.stack([j["pixels"] for j in batch]))
+                for j, vector in zip(batch, vectors):
+                    j["vector"] = vector
+            except Exception as exc:  # handed to every waiting request, which turns it into a 500
+                for j in batch:
+                    j["error"] = exc
+            finally:
+                self.batches += 1
+                self.images += len(batch)
+                for j in batch:
+                    j["done"].set()
+            if stop:
+                return
 
 
 class _Params:
@@ -188,7 +282,8 @@ class _Params:
 
 
 def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float = 10.0, default_k: int = 20,
-               max_k: int = 200, default_model: str | None = None, warmup: bool = False) -> Flask:
+               max_k: int = 200, default_model: str | None = None, warmup: bool = False, batching: bool = True,
+               max_batch: int = 32, batch_wait_ms: float = 0.0, batch_workers: int = 2) -> Flask:
     """Builds the Flask app serving the search page and the JSON API over `engines`.
 
     Args:
@@ -198,6 +293,12 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
       max_k: the largest `k` accepted.
       default_model: the model used when a request names none (default: the first of `engines`).
       warmup: embed one small generated image with every engine now, so the first real request is not slow.
+      batching: embed concurrent uploads together (`EmbeddingBatcher`) when the engine's embedder runs in this process;
+        a remote embedder (TF Serving client) gets one call per upload.
+      max_batch: most uploads embedded in one model call.
+      batch_wait_ms: how long a batch waits for more uploads once it has one (0: only those already queued).
+      batch_workers: model calls that may run at once (on a machine with few cores, one model call on a small batch
+        leaves cores idle).
 
     Returns:
       the app; `app.extensions["tf_retrieval"]` holds the engines and settings.
@@ -228,8 +329,33 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
     colours = {name: class_colour(i) for i, name in enumerate(all_classes)}
     with open(OPENAPI_PATH) as f:
         openapi = json.load(f)
-    if warmup:
-        _warmup(engines)
+    batchers: dict[str, EmbeddingBatcher | None] = {}
+    batchers_lock = threading.Lock()
+
+    def batcher_for(model: str) -> EmbeddingBatcher | None:
+        with batchers_lock:
+            if model not in batchers:
+                embedder = engines[model].embedder
+                usable = batching and hasattr(embedder, "embed_pixels") and hasattr(embedder, "image_size")
+                batchers[model] = EmbeddingBatcher(embedder, max_batch, batch_wait_ms, batch_workers) if usable else None
+            return batchers[model]
+
+    def embed_upload(model: str, data: bytes, image: np.ndarray) -> np.ndarray:
+        batcher = batcher_for(model)
+        return batcher.embed(image) if batcher is not None else engines[model].embed([data])[0]
+
+    if warmup:  # build each model and trace it for a batch of one and of several, so no request pays for that
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.new("RGB", (48, 48), (120, 60, 30)).save(out, format="PNG")
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            engine.search(embed_upload(name, out.getvalue(), decode_image(out.getvalue()))[None, :], 1)
+            if batcher_for(name) is not None:
+                size = engine.embedder.image_size
+                engine.embedder.embed_pixels(np.zeros((3, size, size, 3), np.float32))
+            logger.info("warmed up %s in %.1f s", name, time.perf_counter() - t0)
 
     def model_info(name: str, engine: RetrievalEngine) -> dict[str, Any]:
         config = engine.config
@@ -302,7 +428,7 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
         }
 
     def run_model(model: str, query: dict[str, Any], settings: dict[str, Any], classes_params: _Params,
-                  upload: bytes | None) -> dict[str, Any]:
+                  upload: tuple[bytes, np.ndarray] | None) -> dict[str, Any]:
         """Searches one model: embeds (or looks up) the query, applies feedback and filters, returns total + results."""
         engine = engines[model]
         timings: dict[str, float] = {}
@@ -311,7 +437,7 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
         exclude = set()
         vector = None
         if upload is not None:
-            vector = engine.embed([upload])[0]
+            vector = embed_upload(model, *upload)
             timings["embed_ms"] = (time.perf_counter() - t0) * 1000
         elif query.get("id") is not None:
             position = position_of(model, query["id"])
@@ -333,7 +459,8 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
                 "classes": None if classes is None else [engine.collection.class_names[c] for c in classes],
                 "timing_ms": {key: round(value, 2) for key, value in timings.items()}}
 
-    def answer(query: dict[str, Any], settings: dict[str, Any], params: _Params, upload: bytes | None) -> Response:
+    def answer(query: dict[str, Any], settings: dict[str, Any], params: _Params,
+               upload: tuple[bytes, np.ndarray] | None) -> Response:
         t0 = time.perf_counter()
         main = run_model(settings["model"], query, settings, params, upload)
         body: dict[str, Any] = {"query": query, "settings": {**settings, "classes": main["classes"]},
@@ -386,7 +513,7 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
                 raise BadRequest(str(exc)) from None
             query = {"type": "upload", "filename": name, "bytes": len(data), "width": int(array.shape[1]),
                      "height": int(array.shape[0])}
-            return answer(query, settings, params, data)
+            return answer(query, settings, params, (data, array))
         image_id = params.raw("id")
         if image_id is not None and image_id != "":
             return answer(id_query(settings["model"], image_id), settings, params, None)
@@ -425,8 +552,9 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
 
     @app.get("/api/health")
     def api_health() -> Response:
+        batching_stats = {name: {"batches": b.batches, "images": b.images} for name, b in batchers.items() if b is not None}
         return jsonify({"status": "ok", "models": list(engines), "index_sizes": {n: len(e) for n, e in engines.items()},
-                        "uptime_s": round(time.time() - started, 1)})
+                        "uptime_s": round(time.time() - started, 1), "embedding_batches": batching_stats})
 
     @app.get("/api/stats")
     def api_stats() -> Response:
@@ -467,7 +595,7 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    app.extensions["tf_retrieval"] = {"engines": engines, "stats": stats, "rocchio": rocchio}
+    app.extensions["tf_retrieval"] = {"engines": engines, "stats": stats, "batchers": batchers}
     logger.info("web app over %d model(s): %s", len(engines),
                 ", ".join(f"{n} ({len(e)} images)" for n, e in engines.items()))
     return app
@@ -480,17 +608,6 @@ def _union_class_names(engines: Sequence[RetrievalEngine] | Any) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
-
-
-def _warmup(engines: Mapping[str, RetrievalEngine]) -> None:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (48, 48), (120, 60, 30)).save(out, format="PNG")
-    for name, engine in engines.items():
-        t0 = time.perf_counter()
-        engine.search(engine.embed([out.getvalue()]), 1)
-        logger.info("warmed up %s in %.1f s", name, time.perf_counter() - t0)
 
 
 def create_server(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 8):
@@ -515,7 +632,7 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 
       threads: worker threads (concurrent requests).
     """
     server = create_server(app, host, port, threads)
-    logger.info("serving on http://%s:%d/ with %d threads", host, server.effective_port, threads)
+    logger.info("serving on http://%s:%s/ with %d threads", host, server.effective_port, threads)
     try:
         server.run()
     except KeyboardInterrupt:
