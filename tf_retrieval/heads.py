@@ -1,0 +1,122 @@
+"""Trainable parts of the fine-tuned embedder: the Siamese head, the top of a backbone, and hashing codes.
+
+The Siamese head maps backbone features to the embedding: Dense -> BatchNorm -> ReLU -> Dropout -> Dense(d) ->
+L2-normalise. With `hash_bits`, the last layer is tanh(Dense(bits)) instead (Deep Supervised Hashing): training pulls the
+outputs towards +-1 with a quantisation penalty, and `binarize` turns them into bits, ranked by Hamming distance.
+
+`split_backbone` cuts a frozen backbone's trunk at a named layer into a bottom (run once, its activations cached) and a
+top that shares the trunk's layers, so training the top on cached activations updates the trunk itself; the whole
+backbone is then saved as an ordinary weights file that `build_backbone(weights=path)` loads.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tf_retrieval.export import L2Normalize
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class QuantizationPenalty(keras.layers.Layer):
+    """Identity on tanh codes that adds `weight * mean((|h| - 1)^2)` to the loss, pushing codes towards +-1."""
+
+    def __init__(self, weight: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+
+    def call(self, codes):
+        self.add_loss(self.weight * keras.ops.mean(keras.ops.square(keras.ops.abs(codes) - 1.0)))
+        return codes
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
+def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hidden_dim: int = 512,
+               dropout: float = 0.1, hash_bits: int | None = None, quantization_weight: float = 0.1,
+               name: str = "head") -> keras.Model:
+    """The Siamese head: features [n, input_dim] -> unit-length embeddings [n, embedding_dim] (or tanh codes).
+
+    Args:
+      input_shape: feature dimension (or shape) of the backbone output.
+      embedding_dim: output size (ignored with `hash_bits`).
+      hidden_dim: width of the hidden layer; 0 for a single linear projection.
+      dropout: dropout rate after the hidden layer.
+      hash_bits: train a hashing head with this many bits instead (outputs tanh codes in (-1, 1)).
+      quantization_weight: weight of the penalty pulling codes towards +-1 (hashing only).
+    """
+    if embedding_dim < 1 or hidden_dim < 0 or not 0 <= dropout < 1 or (hash_bits is not None and hash_bits < 1):
+        raise ValueError(f"bad head sizes: embedding_dim={embedding_dim}, hidden_dim={hidden_dim}, dropout={dropout}, "
+                         f"hash_bits={hash_bits}")
+    shape = (input_shape,) if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)
+    features = keras.Input(shape, name="features")
+    x = features
+    if hidden_dim:
+        x = keras.layers.Dense(hidden_dim, use_bias=False, name="hidden")(x)
+        x = keras.layers.BatchNormalization(name="hidden_bn")(x)
+        x = keras.layers.ReLU(name="hidden_relu")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)
+    if hash_bits:
+        x = keras.layers.Dense(hash_bits, activation="tanh", name="codes")(x)
+        outputs = QuantizationPenalty(quantization_weight, name="quantization")(x)
+    else:
+        outputs = L2Normalize(name="embedding")(keras.layers.Dense(embedding_dim, name="projection")(x))
+    return keras.Model(features, outputs, name=name)
+
+
+def binarize(codes: np.ndarray) -> np.ndarray:
+    """tanh codes [n, bits] -> +-1 float32 codes (0 counts as +1); their dot product is bits - 2 * Hamming distance."""
+    return np.where(np.asarray(codes) >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """+-1 (or tanh) codes [n, bits] -> packed uint8 [n, ceil(bits / 8)]: 48 bits take 6 bytes per image."""
+    return np.packbits(np.asarray(codes) >= 0, axis=1)
+
+
+def hamming_distances(query_codes: np.ndarray, database_codes: np.ndarray) -> np.ndarray:
+    """Packed codes [q, B] and [n, B] (from `pack_codes`) -> Hamming distances [q, n] (int)."""
+    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int32)
+    return popcount[np.bitwise_xor(query_codes[:, None, :], database_codes[None, :, :])].sum(-1)
+
+
+def trunk_of(backbone: keras.Model) -> keras.Model:
+    """The nested trunk model (e.g. keras.applications' network) inside a `build_backbone` model."""
+    trunks = [layer for layer in backbone.layers if isinstance(layer, keras.Model)]
+    if len(trunks) != 1:
+        raise ValueError(f"{backbone.name}: expected one nested trunk model, found {len(trunks)}")
+    return trunks[0]
+
+
+def split_backbone(backbone: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Model]:
+    """Cuts a `build_backbone` model at trunk layer `layer_name`.
+
+    Returns:
+      (bottom, top): bottom maps pixels [n, s, s, 3] in 0..255 to the layer's activations; top maps those activations to
+      the pooled features. Together they compute `backbone`. The top shares the trunk's layers (training it trains them);
+      its batch-normalisation layers stay frozen (inference statistics), as usual when fine-tuning with small batches.
+
+    Raises:
+      ValueError: no such layer in the trunk.
+    """
+    trunk = trunk_of(backbone)
+    names = [layer.name for layer in trunk.layers]
+    if layer_name not in names:
+        blocks = [n for n in names if n.endswith(("_add", "_project_bn"))]
+        raise ValueError(f"layer {layer_name!r} is not in {trunk.name}; block outputs are e.g. {blocks[-6:]}")
+    cut = trunk.get_layer(layer_name).output
+    trunk_bottom = keras.Model(trunk.input, cut, name=f"{trunk.name}_bottom")
+    trunk_top = keras.Model(cut, trunk.output, name=f"{trunk.name}_top")
+
+    images = backbone.input
+    preprocessing = backbone.get_layer("preprocess")
+    bottom = keras.Model(images, trunk_bottom(preprocessing(images)), name=f"{backbone.name}_to_{layer_name}")
+
+    activations = keras.Input(tuple(cut.shape[1:]), name="activations")
+    pooled = backbone.layers[-1](trunk_top(activations))
+    top = keras.Model(activations, pooled, name=f"{backbone.name}_from_{layer_name}")
+    trunk_top.trainable = True  # recursive: then the batch normalisation layers are frozen again
+    for layer in trunk_top.layers:
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    return bottom, top

@@ -1,0 +1,344 @@
+"""Fine-tune the embedder with a triplet loss on cached backbone outputs.
+
+Two depths, one code path:
+
+- head only (`train_from=None`): the Siamese head trains on cached pooled features (seconds per epoch on a CPU);
+- top of the backbone (`train_from="block14_add"`, ...): the backbone's activations at that layer are cached once, and
+  the trunk's top blocks + pooling + head train on them (the costly bottom never runs again).
+
+Batches are class-balanced (P classes x K images) so every batch holds positives for the triplet mining. Each epoch ends
+with the validation MAP@R (leave-one-out on a held-out part of the protocol's training set: whole classes when there
+are many, else a stratified share of the images); early stopping and the best checkpoint follow it. TensorBoard logs, a
+CSV history and a resumable backup live in the run directory, and the result is an ordinary `ModelConfig` (a backbone
+weights file and a head file) that the embedder, the index, the export and the evaluation take unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from tf_retrieval.config import JsonConfig, ModelConfig
+from tf_retrieval.protocols import Protocol
+
+logger = logging.getLogger(__name__)
+
+VAL_METRIC = "val_map_at_r"
+
+
+@dataclasses.dataclass
+class TrainConfig(JsonConfig):
+    """Everything that determines a training run (saved as `train_config.json` in the run directory).
+
+    Attributes:
+      protocol: evaluation protocol whose training set is used (DESIGN.md §2).
+      source: dataset source for the protocol (default: the tfds dataset of its family).
+      name: model name of the result (also its TF Serving name).
+      backbone, image_size, pooling, weights: the frozen backbone (see `ModelConfig`).
+      train_from: trunk layer whose activations are cached and from which the top trains; None = head only.
+      embedding_dim, hidden_dim, dropout: head sizes (see `heads.build_head`).
+      hash_bits: train a hashing head with this many bits instead of a float embedding.
+      mining: triplet mining: "semihard", "hard" or "batch-all".
+      margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.
+      classes_per_batch, images_per_class: P and K of the class-balanced batches.
+      epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
+      validation_fraction: share of the training set (images or classes) held out for MAP@R.
+      seed: seeds batches, the validation split and initialisation.
+    """
+
+    protocol: str = "cifar10-2"
+    source: str | None = None
+    name: str = "finetuned"
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 96
+    pooling: str = "avg"
+    weights: str | None = "imagenet"
+    train_from: str | None = None
+    embedding_dim: int = 128
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    hash_bits: int | None = None
+    mining: str = "semihard"
+    margin: float = 0.2
+    learning_rate: float = 1e-3
+    classes_per_batch: int = 16
+    images_per_class: int = 8
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    patience: int = 5
+    validation_fraction: float = 0.1
+    seed: int = 0
+
+    def base_model(self) -> ModelConfig:
+        """The frozen baseline this run starts from."""
+        return ModelConfig(name="baseline", backbone=self.backbone, image_size=self.image_size, pooling=self.pooling,
+                           weights=self.weights)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` produced: the model config to embed with, and how training went."""
+
+    model_config: ModelConfig
+    run_dir: str
+    best_map_at_r: float
+    epochs: int
+    seconds: float
+    history: dict[str, list[float]]
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int = 0,
+                     min_classes_for_disjoint: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Splits positions 0..n-1 into (train, validation).
+
+    With at least `min_classes_for_disjoint` classes, whole classes are held out (class-disjoint, like the retrieval of
+    unseen classes); otherwise `fraction` of each class's images. Every validation class keeps >= 2 images.
+    """
+    labels = np.asarray(labels)
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    if len(classes) >= min_classes_for_disjoint:
+        held_out = rng.choice(classes, size=max(2, int(round(fraction * len(classes)))), replace=False)
+        validation = np.isin(labels, held_out)
+    else:
+        validation = np.zeros(len(labels), bool)
+        for c in classes:
+            members = np.flatnonzero(labels == c)
+            count = int(round(fraction * len(members)))
+            if count >= 2 and len(members) - count >= 2:
+                validation[rng.choice(members, size=count, replace=False)] = True
+    if validation.sum() < 2 or (~validation).sum() < 2:
+        raise ValueError(f"cannot hold out a validation set from {len(labels)} images of {len(classes)} classes")
+    return np.flatnonzero(~validation), np.flatnonzero(validation)
+
+
+def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Positions of one P x K batch: P random classes (all if fewer), K images of each (with replacement when a class
+    has fewer than K)."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError("triplet training needs at least 2 classes in the training set")
+    chosen = rng.choice(len(classes), size=min(classes_per_batch, len(classes)), replace=False)
+    batch = []
+    for c in chosen:
+        members = np.flatnonzero(inverse == c)
+        batch.append(rng.choice(members, size=images_per_class, replace=len(members) < images_per_class))
+    return np.concatenate(batch)
+
+
+def map_at_r(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out MAP@R of `embeddings` (cosine similarity)."""
+    from tf_retrieval.evaluate import rank_and_score
+
+    metrics, _ = rank_and_score(np.asarray(embeddings, np.float32), labels, metric="cosine")
+    return float(metrics["MAP@R"])
+
+
+def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
+                 progress: bool = True) -> np.ndarray:
+    """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
+    activations at `config.train_from` (float16), cached under `<workdir>/features`."""
+    from tf_retrieval.backbones import backbone_id, build_backbone
+    from tf_retrieval.evaluate import embed_collection
+    from tf_retrieval.features import extract_features
+    from tf_retrieval.heads import split_backbone
+
+    base = config.base_model()
+    if not config.train_from:
+        return embed_collection(collection, base, workdir=workdir, batch_size=batch_size, progress=progress)
+    backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
+    bottom, _ = split_backbone(backbone, config.train_from)
+    key = f"{backbone_id(base.backbone, base.image_size, base.pooling, base.weights)}@{config.train_from}"
+    return extract_features(collection, bottom, image_size=base.image_size, model_key=key, dtype="float16",
+                            cache_dir=os.path.join(workdir, "features"), batch_size=batch_size, progress=progress)
+
+
+def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
+    """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only."""
+    from tf_retrieval.backbones import build_backbone
+    from tf_retrieval.export import L2Normalize
+    from tf_retrieval.heads import build_head, split_backbone
+
+    keras.utils.set_random_seed(config.seed)
+    inputs = keras.Input(input_shape, name="inputs")
+    x, backbone = inputs, None
+    if config.train_from:
+        base = config.base_model()
+        backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
+        _, top = split_backbone(backbone, config.train_from)
+        x = top(keras.ops.cast(x, "float32"))
+    head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.hash_bits)
+    outputs = L2Normalize(name="unit")(head(x))  # hashing codes are compared by angle while training
+    return keras.Model(inputs, outputs, name=f"{config.name}_trainable"), backbone, head
+
+
+class BalancedBatches(keras.utils.PyDataset):
+    """P x K batches drawn from in-memory inputs, a fresh seeded draw every epoch."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, config: TrainConfig):
+        super().__init__()
+        self.inputs, self.labels, self.config, self.epoch = inputs, np.asarray(labels), config, 0
+
+    def __len__(self):
+        return self.config.steps_per_epoch
+
+    def __getitem__(self, step):
+        rng = np.random.default_rng([self.config.seed, self.epoch, step])
+        batch = np.sort(balanced_batch(self.labels, self.config.classes_per_batch, self.config.images_per_class, rng))
+        return np.asarray(self.inputs[batch], np.float32), self.labels[batch].astype(np.int32)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+class ValidationMapAtR(keras.callbacks.Callback):
+    """Adds `val_map_at_r` (leave-one-out MAP@R of the validation set) to the epoch logs: what early stopping, the
+    best checkpoint and keras-tuner follow."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+        super().__init__()
+        self.inputs, self.labels = np.asarray(inputs, np.float32), np.asarray(labels)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = map_at_r(self.model.predict(self.inputs, batch_size=512, verbose=0), self.labels)
+        if logs is not None:
+            logs[VAL_METRIC] = value
+        logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
+
+
+def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: str, *,
+        extra_callbacks: list | None = None, verbose: int = 2):
+    """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
+
+    The validation split is taken from `inputs`; the best epoch's weights (by validation MAP@R) are restored at the end.
+    An interrupted run resumes from `<run_dir>/backup`.
+    """
+    from tf_retrieval import losses
+
+    labels = np.asarray(labels)
+    train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed)
+    model, backbone, head = build_trainable(config, tuple(inputs.shape[1:]))
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
+    os.makedirs(run_dir, exist_ok=True)
+    best_path = os.path.join(run_dir, "best.weights.h5")
+    callbacks = [
+        ValidationMapAtR(inputs[val_pos], labels[val_pos]),
+        keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
+                                        save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        *(extra_callbacks or []),
+    ]
+    batches = BalancedBatches(inputs[train_pos], labels[train_pos], config)
+    history = model.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    if os.path.exists(best_path):
+        model.load_weights(best_path)
+    return model, backbone, head, history.history
+
+
+def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
+          inputs: np.ndarray | None = None, verbose: int = 2) -> TrainResult:
+    """Trains on the protocol's training set and writes the run directory.
+
+    Args:
+      config: the run's settings.
+      run_dir: output directory: train_config.json, model.json, the head (and backbone weights), history, logs.
+      workdir: artefacts directory holding the feature caches (default `features.default_workdir()`).
+      protocol: the protocol (default: loaded from `config.protocol` / `config.source`).
+      inputs: cached inputs for the whole collection (default: `cache_inputs`).
+
+    Returns:
+      a `TrainResult`; `result.model_config` is also saved as `<run_dir>/model.json`.
+    """
+    from tf_retrieval.features import default_workdir
+    from tf_retrieval.heads import trunk_of
+    from tf_retrieval.protocols import load_protocol
+
+    start = time.perf_counter()
+    workdir = workdir or default_workdir()
+    protocol = protocol or load_protocol(config.protocol, config.source)
+    if inputs is None:
+        inputs = cache_inputs(config, protocol.collection, workdir=workdir)
+    os.makedirs(run_dir, exist_ok=True)
+    config.save(os.path.join(run_dir, "train_config.json"))
+    labels = protocol.collection.labels
+    _, backbone, head, history = fit(config, inputs[protocol.train], labels[protocol.train], run_dir, verbose=verbose)
+
+    head_path = _save_with_digest(head.save, run_dir, f"{config.name}-head", ".keras")
+    weights = config.weights
+    if backbone is not None:
+        weights = _save_with_digest(trunk_of(backbone).save_weights, run_dir, f"{config.name}-backbone", ".weights.h5")
+    model_config = ModelConfig(name=config.name, backbone=config.backbone, image_size=config.image_size,
+                               pooling=config.pooling, weights=weights, head=head_path)
+    model_config.save(os.path.join(run_dir, "model.json"))
+    scores = history.get(VAL_METRIC, [])
+    result = TrainResult(model_config, run_dir, max(scores, default=float("nan")), len(scores),
+                         time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
+    with open(os.path.join(run_dir, "result.json"), "w") as f:
+        json.dump({"best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
+                   "history": result.history}, f, indent=1)
+    shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
+    logger.info("trained %s in %.0f s: best validation MAP@R %.4f", config.name, result.seconds, result.best_map_at_r)
+    return result
+
+
+def _save_with_digest(save: Callable[[str], Any], run_dir: str, stem: str, suffix: str) -> str:
+    """Saves through `save(path)`, then renames to `<stem>-<sha256[:10]><suffix>` so that the file name (part of the
+    model id and of feature cache keys) changes whenever the content does."""
+    tmp = os.path.join(run_dir, f"{stem}.tmp{suffix}")
+    save(tmp)
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    path = os.path.join(run_dir, f"{stem}-{digest.hexdigest()[:10]}{suffix}")
+    os.replace(tmp, path)
+    return path
+
+
+def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
+    """The training and model configs of a finished run."""
+    model_path = os.path.join(run_dir, "model.json")
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"{run_dir} holds no finished training run (no model.json); train with `tfr train`")
+    return TrainConfig.load(os.path.join(run_dir, "train_config.json")), ModelConfig.load(model_path)
+
+
+def run_embedder(config: TrainConfig, model_config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Maps the run's cached inputs (see `cache_inputs`) to its embeddings: (top blocks +) head, then binarised codes
+    for a hashing head."""
+    from tf_retrieval.backbones import build_backbone
+    from tf_retrieval.heads import binarize, split_backbone
+
+    head = keras.models.load_model(model_config.head)
+    layers = [head]
+    if config.train_from:
+        backbone = build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
+                                  model_config.weights)
+        layers.insert(0, split_backbone(backbone, config.train_from)[1])
+
+    def embed(inputs: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(inputs), 1024):
+            x = np.asarray(inputs[start:start + 1024], np.float32)
+            for layer in layers:
+                x = layer(x, training=False)
+            outputs.append(np.asarray(x))
+        vectors = np.concatenate(outputs)
+        return binarize(vectors) if config.hash_bits else vectors
+
+    return embed
