@@ -84,3 +84,35 @@ def test_bundle_detects_a_changed_collection(bundle, image_dir):
         RetrievalEngine.load(path, embedder=embedder)
     with open(os.path.join(path, "catalog.json")) as f:
         assert len(json.load(f)["ids"]) == 18
+
+
+def test_alpha_query_expansion_by_hand():
+    from tf_retrieval.expansion import alpha_query_expansion, expand_exact
+
+    query = np.array([[1.0, 0.0]])
+    neighbours = np.array([[[0.0, 1.0], [0.6, 0.8]]])
+    # alpha = 1: q + 0.5 * n1 + 0.8 * n2 = [1.48, 1.14], normalised
+    expanded = alpha_query_expansion(query, neighbours, np.array([[0.5, 0.8]]), alpha=1.0)
+    np.testing.assert_allclose(expanded, [[1.48, 1.14]] / np.hypot(1.48, 1.14), rtol=1e-6)
+    # alpha = 0 is average query expansion; padding (-inf) and negative similarities add nothing
+    np.testing.assert_allclose(alpha_query_expansion(query, neighbours, np.array([[0.5, -np.inf]]), alpha=0.0),
+                               [[2 ** -0.5, 2 ** -0.5]], rtol=1e-6)
+    np.testing.assert_allclose(alpha_query_expansion(query, neighbours, np.array([[-0.5, -0.2]]), 2.0), query)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        alpha_query_expansion(query, neighbours, np.array([[0.5]]))
+    database = np.array([[1.0, 0.1], [1.0, 0.3], [0.0, 1.0]])
+    np.testing.assert_allclose(expand_exact(query, database, k=1, alpha=0.0),
+                               alpha_query_expansion(query, database[None, :1] / np.linalg.norm(database[0]),
+                                                     np.array([[1.0]]), 0.0), rtol=1e-6)
+
+
+def test_search_with_query_expansion_moves_the_query_to_its_neighbours(bundle):
+    from tf_retrieval.expansion import alpha_query_expansion
+
+    _, engine, _ = bundle
+    query = engine.vectors([0]) * 0.5 + engine.vectors([6]) * 0.5  # between two classes
+    expanded = engine.search(query, k=18, expand=2, alpha=1.0)[0]
+    top = engine.search(query, k=2)[0]
+    moved = alpha_query_expansion(query, engine.vectors([r.position for r in top])[None], np.array([[r.score for r in top]]),
+                                  alpha=1.0)
+    assert [r.position for r in expanded] == [r.position for r in engine.search(moved, k=18)[0]]

@@ -84,7 +84,8 @@ class RetrievalEngine:
         return self.index.get_vectors(np.asarray(positions, dtype=np.int64))
 
     def search(self, queries: np.ndarray, k: int = 10, *, threshold: float | None = None,
-               classes: Sequence[int] | None = None, exclude: Sequence[int] = ()) -> list[list[SearchResult]]:
+               classes: Sequence[int] | None = None, exclude: Sequence[int] = (), expand: int = 0,
+               alpha: float = 3.0) -> list[list[SearchResult]]:
         """The top-k neighbours of each query vector.
 
         Args:
@@ -93,6 +94,8 @@ class RetrievalEngine:
           threshold: keep only results with score >= threshold.
           classes: keep only results whose label is in `classes`.
           exclude: positions never returned (e.g. the query image itself).
+          expand: α query expansion: re-query with the query plus its `expand` best neighbours (0: off).
+          alpha: weight exponent of α-QE (0: average query expansion).
 
         Returns:
           one list of at most k `SearchResult` per query, best first.
@@ -103,6 +106,13 @@ class RetrievalEngine:
         allowed = None if classes is None else set(int(c) for c in classes)
         excluded = set(int(p) for p in exclude)
         total = len(self.index)
+        if expand > 0:
+            from tf_retrieval.expansion import alpha_query_expansion
+
+            scores, ids = self.index.search(queries, min(expand, total))
+            known = np.where(ids >= 0, ids, ids.max())  # padding (-1) gets weight 0 below
+            neighbours = self.index.get_vectors(known.ravel()).reshape(ids.shape + (-1,))
+            queries = alpha_query_expansion(queries, neighbours, np.where(ids >= 0, scores, -np.inf), alpha)
         fetch = min(total, k + len(excluded))
         while True:
             scores, ids = self.index.search(queries, max(fetch, 1))
