@@ -8,7 +8,8 @@ from tf_retrieval.cli import build_parser, main
 SMALL_MODEL = ["--backbone", "mobilenet_v2", "--image-size", "32", "--weights", "none"]
 
 
-@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo", "export", "serve"])
+@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo", "export", "serve", "train",
+                                     "compare"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -85,3 +86,46 @@ def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):
         server.stop(grace=1)
     capsys.readouterr()  # the embed commands' progress bars
     assert "bad/name" in run_error(["--workdir", workdir, "export", "--name", "bad/name", *SMALL_MODEL], capsys)
+
+
+def split_folder(root, classes=("red", "green", "blue", "yellow"), per_class=8):
+    """An image folder with an index.csv giving CIFAR-like train/test splits (6 train + 2 test per class)."""
+    from conftest import make_image_folder
+
+    make_image_folder(root, classes=classes, per_class=per_class)
+    rows = ["file,label,official_split"]
+    for label, name in enumerate(classes):
+        rows += [f"{name}/{name}_{i:03d}.png,{label},{'test' if i >= per_class - 2 else 'train'}" for i in range(per_class)]
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+def test_train_then_compare(tmp_path, capsys):
+    folder = split_folder(tmp_path / "colours")
+    workdir, run_dir, report = str(tmp_path / "work"), str(tmp_path / "run"), str(tmp_path / "report")
+    training = ["--protocol", "cifar10-2", "--source", folder, "--image-size", "32", "--embedding-dim", "8",
+                "--hidden-dim", "16", "--classes-per-batch", "4", "--images-per-class", "3", "--epochs", "2",
+                "--steps-per-epoch", "2", "--validation-fraction", "0.34"]
+    assert main(["--workdir", workdir, "train", *training, "--run-dir", run_dir]) == 0
+    assert "best validation MAP@R" in capsys.readouterr().out
+    records_path = str(tmp_path / "records.json")
+    assert main(["--workdir", workdir, "compare", run_dir, "--out", report, "--records", records_path,
+                 "--expand", "2"]) == 0
+    import json
+
+    records = json.load(open(records_path))
+    assert [(r["model"], r.get("variant")) for r in records] == [
+        ("baseline", None), ("baseline", "alpha-qe"), ("finetuned", None), ("finetuned", "alpha-qe")]
+    assert all(r["protocol"] == "cifar10-2" and r["metrics"]["queries"] == 8 for r in records)
+    assert records[2]["embedding_dim"] == 8 and records[0]["embedding_dim"] == 1280
+    assert records[2]["config"]["embedding_dim"] == 8 and records[2]["train_epochs"] == 2
+    assert sorted(os.listdir(report)) == ["report.json", "report.md", "run-grid.png", "run-map.png", "run-pr.png"]
+    assert "| cifar10-2 | finetuned + alpha-qe |" in open(os.path.join(report, "report.md")).read()
+    # a config file round-trips: flags override it
+    config_path = os.path.join(run_dir, "train_config.json")
+    assert main(["--workdir", workdir, "train", "--config", config_path, "--epochs", "1", "--run-dir",
+                 str(tmp_path / "run2")]) == 0
+    assert json.load(open(tmp_path / "run2" / "train_config.json"))["epochs"] == 1
+    capsys.readouterr()
+    assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
+    assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)

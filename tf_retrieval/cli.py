@@ -7,6 +7,8 @@
     tfr demo                                              index CIFAR-10, answer a query, serve the search page
     tfr export    --name baseline                         SavedModel for TF Serving under <workdir>/models
     tfr serve                                             gRPC server speaking TF Serving's protocol
+    tfr train     --protocol cifar10-2                    fine-tune a triplet-loss head (and top blocks) on cached features
+    tfr compare   RUN...                                  baseline vs fine-tuned report (Markdown, JSON, figures)
 
 Errors are reported as one line (`tfr: error: ...`, exit status 2); `--verbose` shows tracebacks.
 """
@@ -263,6 +265,58 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError("the server could not start (see above)")
 
 
+_TRAIN_FIELD_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str}
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field (`--embedding-dim`, `--margin`, ...), all optional: they override --config."""
+    import dataclasses
+
+    from tf_retrieval.config import TrainConfig
+
+    group = parser.add_argument_group("training (override --config; defaults from TrainConfig)")
+    for field in dataclasses.fields(TrainConfig):
+        kind = _TRAIN_FIELD_TYPES.get(field.name, type(field.default))
+        group.add_argument("--" + field.name.replace("_", "-"), dest=f"train_{field.name}", type=kind,
+                           metavar=field.name.upper(), help=f"default {field.default}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fine-tunes on a protocol's training set (cached backbone outputs) and writes a run directory."""
+    from tf_retrieval.config import TrainConfig
+    from tf_retrieval.train import train
+
+    values = TrainConfig.load(args.config).to_dict() if args.config else {}
+    values.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
+    for field in ("weights", "train_from", "source"):
+        if isinstance(values.get(field), str) and values[field].lower() == "none":
+            values[field] = None
+    config = TrainConfig.from_dict(values)
+    from tf_retrieval.protocols import dataset_family
+
+    dataset_family(config.protocol)  # unknown protocol: a clear error before anything loads
+    run_dir = args.run_dir or os.path.join(_workdir(args), "runs", f"{config.name}-{config.protocol}")
+    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0)
+    print(f"trained {config.name} on {config.protocol} in {result.seconds:.0f} s ({result.epochs} epochs): "
+          f"best validation MAP@R {result.best_map_at_r:.4f}")
+    print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")
+    print(f"next: tfr compare {run_dir}   |   tfr index --model-config {os.path.join(run_dir, 'model.json')} ...")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Scores baseline and fine-tuned models of training runs; writes report.md, report.json and figures."""
+    from tf_retrieval.compare import compare
+    from tf_retrieval.evaluate import merge_records
+
+    command = "tfr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    records = compare(args.runs, args.out, workdir=_workdir(args), command=command, expand=args.expand,
+                      alpha=args.alpha)
+    print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
+    if args.records:
+        merge_records(args.records, records)
+        print(f"records written to {args.records}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfr", description="tf_retrieval: content-based image retrieval.")
     parser.add_argument("--workdir", help="artefacts directory (default: $TFR_WORKDIR or ./artifacts)")
@@ -340,6 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-workers", type=int, default=8)
     serve.add_argument("--max-batch-size", type=int, default=1024)
     serve.set_defaults(run=cmd_serve)
+
+    train = commands.add_parser("train", help="fine-tune with a triplet loss on cached features",
+                                description=cmd_train.__doc__)
+    train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote)")
+    train.add_argument("--run-dir", help="output directory (default <workdir>/runs/<name>-<protocol>)")
+    train.add_argument("--progress", action="store_true", help="print one line per epoch")
+    _add_train_args(train)
+    train.set_defaults(run=cmd_train)
+
+    compare = commands.add_parser("compare", help="baseline vs fine-tuned report", description=cmd_compare.__doc__)
+    compare.add_argument("runs", nargs="+", help="training run directories (from tfr train)")
+    compare.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
+    compare.add_argument("--records", help="also merge the records into this JSON list (benchmarks/results/retrieval.json)")
+    compare.add_argument("--expand", type=int, default=5, help="α query expansion over the top-k (0: off)")
+    compare.add_argument("--alpha", type=float, default=3.0)
+    compare.set_defaults(run=cmd_compare)
     return parser
 
 

@@ -77,6 +77,7 @@ def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: n
 
 def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callable[[np.ndarray], np.ndarray] | None = None,
                       metric: str = "cosine", pca_dim: int | None = None, map_k: int | None = None,
+                      expand: tuple[int, float] | None = None,
                       progress: bool = False) -> tuple[dict[str, float], dict[str, list], int]:
     """Scores a protocol given features of the whole collection.
 
@@ -86,6 +87,7 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
       embed: maps features to embeddings (a trained head); None keeps the features (the baseline).
       metric: ranking similarity.
       pca_dim: reduce to this many dimensions with PCA fitted on the database first.
+      expand: (k, alpha): α query expansion of the queries over their top-k in the database (protocols with queries).
 
     Returns:
       (metrics, pr_curve, embedding_dim).
@@ -100,6 +102,12 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
     if pca_dim:
         mean, components = fit_pca(database, pca_dim)
         database, queries = (database - mean) @ components, (queries - mean) @ components
+    if expand:
+        if protocol.queries is None:
+            raise ValueError(f"{protocol.name} is leave-one-out: query expansion needs separate queries")
+        from tf_retrieval.expansion import expand_exact
+
+        queries = expand_exact(queries, database, *expand)
     labels = protocol.collection.labels
     metrics, curve = rank_and_score(
         database, labels[protocol.database],

@@ -26,61 +26,12 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tf_retrieval.config import JsonConfig, ModelConfig
+from tf_retrieval.config import ModelConfig, TrainConfig
 from tf_retrieval.protocols import Protocol
 
 logger = logging.getLogger(__name__)
 
 VAL_METRIC = "val_map_at_r"
-
-
-@dataclasses.dataclass
-class TrainConfig(JsonConfig):
-    """Everything that determines a training run (saved as `train_config.json` in the run directory).
-
-    Attributes:
-      protocol: evaluation protocol whose training set is used (DESIGN.md §2).
-      source: dataset source for the protocol (default: the tfds dataset of its family).
-      name: model name of the result (also its TF Serving name).
-      backbone, image_size, pooling, weights: the frozen backbone (see `ModelConfig`).
-      train_from: trunk layer whose activations are cached and from which the top trains; None = head only.
-      embedding_dim, hidden_dim, dropout: head sizes (see `heads.build_head`).
-      hash_bits: train a hashing head with this many bits instead of a float embedding.
-      mining: triplet mining: "semihard", "hard" or "batch-all".
-      margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.
-      classes_per_batch, images_per_class: P and K of the class-balanced batches.
-      epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
-      validation_fraction: share of the training set (images or classes) held out for MAP@R.
-      seed: seeds batches, the validation split and initialisation.
-    """
-
-    protocol: str = "cifar10-2"
-    source: str | None = None
-    name: str = "finetuned"
-    backbone: str = "efficientnet_lite0"
-    image_size: int = 96
-    pooling: str = "avg"
-    weights: str | None = "imagenet"
-    train_from: str | None = None
-    embedding_dim: int = 128
-    hidden_dim: int = 512
-    dropout: float = 0.1
-    hash_bits: int | None = None
-    mining: str = "semihard"
-    margin: float = 0.2
-    learning_rate: float = 1e-3
-    classes_per_batch: int = 16
-    images_per_class: int = 8
-    epochs: int = 30
-    steps_per_epoch: int = 100
-    patience: int = 5
-    validation_fraction: float = 0.1
-    seed: int = 0
-
-    def base_model(self) -> ModelConfig:
-        """The frozen baseline this run starts from."""
-        return ModelConfig(name="baseline", backbone=self.backbone, image_size=self.image_size, pooling=self.pooling,
-                           weights=self.weights)
 
 
 @dataclasses.dataclass

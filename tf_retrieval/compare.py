@@ -1,0 +1,215 @@
+"""Baseline vs fine-tuned: one report per set of training runs (Markdown + JSON + PNG figures).
+
+For every run (a protocol and the model trained for it) the report holds, for the frozen baseline and the fine-tuned
+model on the same protocol: the metric table (also with α query expansion where the protocol has separate queries),
+precision-recall curves, a PCA map of both embedding spaces, and query -> top-10 grids side by side. Everything is
+computed from cached features, so re-running `tfr compare` regenerates the report in minutes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from tf_retrieval.evaluate import embed_collection, evaluate_protocol, make_record, records_markdown
+from tf_retrieval.protocols import Protocol, load_protocol
+from tf_retrieval.train import cache_inputs, load_run, run_embedder
+
+logger = logging.getLogger(__name__)
+
+QE_VARIANT = "alpha-qe"
+
+
+def protocol_vectors(protocol: Protocol, features: np.ndarray, embed=None) -> tuple[np.ndarray, np.ndarray]:
+    """(database vectors, query vectors) of a protocol (queries = database for leave-one-out protocols)."""
+    database = np.asarray(features[protocol.database], np.float32)
+    queries = database if protocol.queries is None else np.asarray(features[protocol.queries], np.float32)
+    if embed is not None:
+        database = embed(database)
+        queries = database if protocol.queries is None else embed(queries)
+    return database, queries
+
+
+def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
+                grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None) -> list[dict]:
+    """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records."""
+    train_config, model_config = load_run(run_dir)
+    protocol = protocol or load_protocol(train_config.protocol, train_config.source)
+    base = train_config.base_model()
+    base_features = embed_collection(protocol.collection, base, workdir=workdir)
+    inputs = base_features if not train_config.train_from else cache_inputs(train_config, protocol.collection,
+                                                                             workdir=workdir)
+    embed = run_embedder(train_config, model_config)
+    metric = "dot" if train_config.hash_bits else "cosine"  # +-1 codes: dot product ranks as Hamming distance
+    result = json.load(open(os.path.join(run_dir, "result.json")))
+    extra = {"run": os.path.basename(os.path.normpath(run_dir)), "dataset": protocol.collection.name}
+    records, curves, spaces = [], {}, {}
+    for model, features, fn, rank_metric in (("baseline", base_features, None, "cosine"),
+                                            ("finetuned", inputs, embed, metric)):
+        variants = [(None, 0)] + ([(QE_VARIANT, expand)] if expand and protocol.queries is not None else [])
+        for variant, k in variants:
+            start = time.perf_counter()
+            metrics, curve, dim = evaluate_protocol(protocol, features, embed=fn, metric=rank_metric,
+                                                    expand=(k, alpha) if k else None)
+            record = make_record(protocol.name, base, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
+                                 command=command, model=model, pr_curve=curve, queries=int(metrics["queries"]), **extra)
+            if variant:
+                record.update(variant=variant, expand=k, alpha=alpha)
+            if model == "finetuned":
+                record.update(train_from=train_config.train_from, train_seconds=result["seconds"],
+                              train_epochs=result["epochs"], validation_map_at_r=round(result["best_map_at_r"], 4),
+                              config=train_config.to_dict())
+                if train_config.hash_bits:
+                    record["hash_bits"] = train_config.hash_bits
+            records.append(record)
+            curves[(model, variant)] = curve
+            logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model, f" ({variant})" if variant else "",
+                        metrics["mAP"], metrics["MAP@R"])
+        spaces[model] = protocol_vectors(protocol, features, fn)
+    stem = os.path.join(out_dir, extra["run"])
+    plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
+    plot_embedding_maps(spaces, protocol, f"{stem}-map.png", seed=seed)
+    plot_query_grids(spaces, protocol, f"{stem}-grid.png", queries=grid_queries, seed=seed,
+                     metrics={"baseline": "cosine", "finetuned": metric})
+    return records
+
+
+def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
+            alpha: float = 3.0) -> list[dict]:
+    """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for run_dir in run_dirs:
+        records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report_markdown(records, out_dir))
+    return records
+
+
+def report_markdown(records: Sequence[dict], out_dir: str) -> str:
+    """The report: metric table, what each fine-tuned model is, and the figures."""
+    rows = [{**r, "model": r["model"] + (f" + {r['variant']}" if r.get("variant") else "")} for r in records]
+    lines = ["# Baseline vs fine-tuned", "",
+             "Frozen ImageNet backbone (baseline) against the triplet-loss fine-tuned model on the same protocol "
+             "(DESIGN.md §2). Exact ranking, relevance = same class. `alpha-qe` = α query expansion "
+             "(top-5, α = 3) where the protocol has separate queries.", "",
+             records_markdown(rows), ""]
+    runs = {}
+    for r in records:
+        if r["model"] == "finetuned" and not r.get("variant"):
+            runs[r["run"]] = r
+    lines += ["## Fine-tuned models", "", "| run | protocol | trains | dim | mining | margin | lr | epochs | "
+              "train s | val MAP@R |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        c = r["config"]
+        trains = f"top from `{c['train_from']}` + head" if c["train_from"] else "head"
+        dim = f"{c['hash_bits']} bits" if c.get("hash_bits") else c["embedding_dim"]
+        lines.append(f"| {name} | {r['protocol']} | {trains} | {dim} | {c['mining']} | {c['margin']} | "
+                     f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "
+                     f"{r['validation_map_at_r']:.3f} |")
+    lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Command:", "",
+              f"    {records[0]['command'] if records else ''}", ""]
+    for name, r in runs.items():
+        lines += [f"## {name} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
+                  f"![embedding maps]({name}-map.png)", "", f"![queries]({name}-grid.png)", ""]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pr_curves(curves: dict, title: str, path: str) -> None:
+    """Precision against recall, one line per (model, variant)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (model, variant), curve in curves.items():
+        ax.plot(curve["recall"], curve["precision"], label=model + (f" + {variant}" if variant else ""),
+                linestyle="--" if variant else "-")
+    ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    """The first two principal components of `vectors`."""
+    centred = vectors - vectors.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def plot_embedding_maps(spaces: dict, protocol: Protocol, path: str, *, sample: int = 2000, seed: int = 0) -> None:
+    """PCA maps of the database embeddings of each model, coloured by class."""
+    plt = _pyplot()
+    labels = protocol.collection.labels[protocol.database]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(labels), size=min(sample, len(labels)), replace=False))
+    fig, axes = plt.subplots(1, len(spaces), figsize=(5 * len(spaces), 4.5))
+    for ax, (model, (database, _)) in zip(np.atleast_1d(axes), spaces.items()):
+        points = pca_2d(np.asarray(database[chosen], np.float64))
+        ax.scatter(points[:, 0], points[:, 1], c=labels[chosen], cmap="tab20", s=4, alpha=0.7)
+        ax.set(title=f"{model} ({database.shape[1]}-d), PCA", xticks=[], yticks=[])
+    fig.suptitle(f"{protocol.name}: database embeddings, {len(chosen)} points coloured by class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_query_grids(spaces: dict, protocol: Protocol, path: str, *, queries: int = 4, k: int = 10, seed: int = 0,
+                     metrics: dict | None = None) -> None:
+    """For a few random queries: the query, then each model's top-k (green frame = same class, red = other)."""
+    from tf_retrieval.index import ExactIndex
+
+    plt = _pyplot()
+    collection = protocol.collection
+    query_positions = protocol.database if protocol.queries is None else protocol.queries
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(query_positions), size=min(queries, len(query_positions)), replace=False)
+    models = list(spaces)
+    fig, axes = plt.subplots(len(picked) * len(models), k + 1, figsize=(1.3 * (k + 1), 1.45 * len(picked) * len(models)),
+                             squeeze=False)
+    for qi, row in enumerate(picked):
+        query_position = query_positions[row]
+        query_label = collection.labels[query_position]
+        for mi, model in enumerate(models):
+            database, query_vectors = spaces[model]
+            index = ExactIndex(database.shape[1], metric=(metrics or {}).get(model, "cosine"))
+            index.add(database, np.arange(len(database)))
+            exclude = 1 if protocol.queries is None else 0  # leave-one-out: skip the query itself
+            _, ids = index.search(query_vectors[row:row + 1], k + exclude)
+            found = [protocol.database[i] for i in ids[0] if i >= 0 and not (exclude and i == row)][:k]
+            axes_row = axes[qi * len(models) + mi]
+            _show(axes_row[0], collection.image(query_position), f"query\n{model}", "black")
+            for ax, position in zip(axes_row[1:], found):
+                same = collection.labels[position] == query_label
+                _show(ax, collection.image(position), collection.class_names[collection.labels[position]][:12],
+                      "green" if same else "red")
+    fig.suptitle(f"{protocol.name}: query -> top-{k} (green: same class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _show(ax, image: np.ndarray, title: str, colour: str) -> None:
+    ax.imshow(image)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
+
