@@ -29,8 +29,10 @@ def test_top_level_help_lists_commands(capsys):
 def run_error(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tfr: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
-    return err
+    assert "Traceback" not in err
+    last = err.split("\r")[-1]  # after any progress bar
+    assert last.startswith("tfr: error: ") and len(last.splitlines()) == 1, err
+    return last
 
 
 def test_bad_arguments_give_one_line(tmp_path, capsys):
@@ -44,7 +46,7 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_index_then_search_a_folder(image_dir, tmp_path, capsys):
+def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):
     workdir = str(tmp_path / "work")
     assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", *SMALL_MODEL]) == 0
     assert "indexed 18 images" in capsys.readouterr().out
@@ -67,6 +69,21 @@ def test_index_then_search_a_folder(image_dir, tmp_path, capsys):
     assert embeddings.shape == (18, 1280)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
     assert open(out.replace(".npy", ".ids.txt")).read().split()[0] == os.path.join("blue", "blue_000.png")
+
+    # tfr web serves the bundle: the app it would run answers a search
+    import web.app
+
+    served = {}
+    monkeypatch.setattr(web.app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
+    assert main(["--workdir", workdir, "web", "--index", "colours", "--port", "8123"]) == 0
+    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    with open(query, "rb") as f:
+        response = served["app"].test_client().post("/api/search", data={"image": (f, "q.png"), "k": "3"})
+    assert response.status_code == 200, response.get_json()
+    assert [r["class_name"] for r in response.get_json()["results"]] == ["green"] * 3
+    capsys.readouterr()
+    assert "two bundles hold the model" in run_error(["--workdir", workdir, "web", "--index", "colours", "--index",
+                                                      bundle], capsys)
 
 
 def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):

@@ -7,6 +7,7 @@
     tfr demo                                              index CIFAR-10, answer a query, serve the search page
     tfr export    --name baseline                         SavedModel for TF Serving under <workdir>/models
     tfr serve                                             gRPC server speaking TF Serving's protocol
+    tfr web       --index demo-baseline [--server H:P]    the search page over one or more index bundles
     tfr train     --protocol cifar10-2                    fine-tune a triplet-loss head (and top blocks) on cached features
     tfr compare   RUN...                                  baseline vs fine-tuned report (Markdown, JSON, figures)
 
@@ -236,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ImportError(f"the search page needs the web extra: pip install 'tf_retrieval[web]' ({exc})") from None
     print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    serve(create_app({engine.name: engine}), host=args.host, port=args.port)
+    serve(create_app({engine.name: engine}, warmup=True), host=args.host, port=args.port)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -263,6 +264,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
         argv += ["--model_name", args.model_name]
     if serve_main(argv) != 0:
         raise ValueError("the server could not start (see above)")
+
+
+def cmd_web(args: argparse.Namespace) -> None:
+    """Serves the search page and its JSON API over index bundles (one model each), with waitress."""
+    from tf_retrieval.engine import RetrievalEngine
+
+    try:
+        from web.app import create_app, serve
+    except ImportError as exc:
+        raise ImportError(f"the search page needs the web extra: pip install 'tf_retrieval[web]' ({exc})") from None
+    engines = {}
+    for name in args.index:
+        embedder = None
+        if args.server:  # queries embedded by TF Serving (or `tfr serve`), under the bundle's model name
+            from serving.client import EmbeddingClient
+
+            embedder = EmbeddingClient(args.server, ModelConfig.load(os.path.join(_bundle_dir(args, name), "model.json")).name)
+        engine = RetrievalEngine.load(_bundle_dir(args, name), embedder=embedder, data_dir=args.data_dir)
+        if engine.name in engines:
+            raise ValueError(f"two bundles hold the model {engine.name!r}; each model may appear once")
+        engines[engine.name] = engine
+        print(f"{engine.name}: {len(engine):,} images from {_bundle_dir(args, name)}")
+    print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
+    serve(create_app(engines, max_upload_mb=args.max_upload_mb, warmup=True), host=args.host, port=args.port,
+          threads=args.threads)
 
 
 _TRAIN_FIELD_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str}
@@ -394,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-workers", type=int, default=8)
     serve.add_argument("--max-batch-size", type=int, default=1024)
     serve.set_defaults(run=cmd_serve)
+
+    web = commands.add_parser("web", help="serve the search page", description=cmd_web.__doc__)
+    web.add_argument("--index", action="append", required=True,
+                     help="bundle name under <workdir>/indexes, or a bundle directory (repeat for several models)")
+    web.add_argument("--server", help="embed queries through TF Serving at HOST:PORT (default: in process)")
+    web.add_argument("--data-dir", help="tfds data directory of the indexed collections")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--threads", type=int, default=8)
+    web.add_argument("--max-upload-mb", type=float, default=10.0)
+    web.set_defaults(run=cmd_web)
 
     train = commands.add_parser("train", help="fine-tune with a triplet loss on cached features",
                                 description=cmd_train.__doc__)
