@@ -33,6 +33,10 @@ def test_layout_and_config(exported):
     config = json.load(open(os.path.join(path, "assets.extra", "config.json")))
     assert config["embedding_dim"] == 1280 and config["image_size"] == 32 and config["backbone"] == "mobilenet_v2"
     assert next_version(os.path.join(base, "tiny")) == 2
+    # TF Serving's --model_config_file for docker-compose (base dir mounted at /models)
+    assert open(os.path.join(base, "models.config")).read() == (
+        'model_config_list {\n  config {\n    name: "tiny"\n    base_path: "/models/tiny"\n'
+        '    model_platform: "tensorflow"\n  }\n}\n')
 
 
 def test_both_signatures_match_the_in_process_model(exported, rng):

@@ -112,8 +112,26 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_models_config(base_dir)
     logger.info("exported %s version %d (%d-d embeddings) to %s", name, version, dim, target)
     return target
+
+
+def write_models_config(base_dir: str, serving_base_path: str = "/models") -> str:
+    """Writes `<base_dir>/models.config`, TF Serving's `--model_config_file`, listing every model under `base_dir`.
+
+    `serving_base_path` is where `base_dir` is mounted in the TF Serving container (docker-compose.yml mounts it at
+    /models), so `tensorflow_model_server --model_config_file=/models/models.config` serves all exported models.
+    """
+    names = sorted(name for name in os.listdir(base_dir)
+                   if os.path.isdir(os.path.join(base_dir, name)) and not name.startswith("."))
+    entries = "".join(f'  config {{\n    name: "{name}"\n    base_path: "{serving_base_path}/{name}"\n'
+                      f'    model_platform: "tensorflow"\n  }}\n' for name in names)
+    path = os.path.join(base_dir, "models.config")
+    with open(path + ".tmp", "w") as f:
+        f.write(f"model_config_list {{\n{entries}}}\n")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def load_exported(path: str):

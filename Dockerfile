@@ -1,0 +1,32 @@
+# The tf_retrieval application: CLI, index bundles and the search page (web + index + CLI).
+# Embedding runs in process by default, or in TF Serving (see docker-compose.yml: `tfr web --server serving:8500`).
+#
+#   docker build -t tf_retrieval .
+#   docker run --rm -p 8080:8080 -v $PWD/artifacts:/data -v $TFDS_DATA_DIR:/tfds:ro tf_retrieval \
+#       demo --host 0.0.0.0
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 TFR_WORKDIR=/data TFDS_DATA_DIR=/tfds KERAS_HOME=/data/keras
+
+RUN useradd --create-home --uid 1000 app && mkdir -p /data /tfds && chown app /data
+WORKDIR /app
+
+# Dependencies first (pinned by constraints.txt), so code changes do not reinstall them.
+COPY setup.py constraints.txt README.md ./
+RUN mkdir -p tf_retrieval serving web tuning && touch tf_retrieval/__init__.py serving/__init__.py web/__init__.py \
+        tuning/__init__.py \
+    && pip install -c constraints.txt ".[scann,serving,web,plots,tuning]" \
+    && pip uninstall -y tf_retrieval
+COPY tf_retrieval tf_retrieval
+COPY serving serving
+COPY web web
+COPY tuning tuning
+RUN pip install --no-deps . && tfr --help > /dev/null
+
+USER app
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD python -c \
+    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/api/health', timeout=4)"
+ENTRYPOINT ["tfr"]
+CMD ["demo", "--host", "0.0.0.0", "--port", "8080"]
