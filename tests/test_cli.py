@@ -146,3 +146,27 @@ def test_train_then_compare(tmp_path, capsys):
     capsys.readouterr()
     assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
     assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)
+
+
+def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_path, capsys, monkeypatch):
+    import tensorflow_datasets as tfds
+    import web.app
+
+    workdir = str(tmp_path / "work")
+    with tfds.testing.mock_data(num_examples=40):
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", *SMALL_MODEL]) == 0
+        out = capsys.readouterr().out
+        assert "indexing 30 CIFAR-10 train images" in out and "query: CIFAR-10 test image" in out
+        assert "baseline: " in out and "neighbours share the query's class" in out and "finetuned" not in out
+        assert [int(line.split(".")[0]) for line in out.splitlines() if line.startswith("  ")] == list(range(1, 11))
+        assert main(["--workdir", workdir, "train", "--protocol", "cifar10-2", "--image-size", "32", "--embedding-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--steps-per-epoch", "2",
+                     "--validation-fraction", "0.5"]) == 0
+        served = {}
+        monkeypatch.setattr(web.app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
+        assert main(["--workdir", workdir, "demo", "--limit", "30", *SMALL_MODEL]) == 0
+        out = capsys.readouterr().out
+        assert f"using the index at {os.path.join(workdir, 'indexes', 'demo-baseline')}" in out
+        assert "indexing 30 CIFAR-10 train images with finetuned:" in out and "finetuned: " in out
+        stats = served["app"].test_client().get("/api/stats").get_json()
+    assert [m["name"] for m in stats["models"]] == ["baseline", "finetuned"]
+    assert [m["index_size"] for m in stats["models"]] == [30, 30]

@@ -9,6 +9,7 @@
     tfr serve                                             gRPC server speaking TF Serving's protocol
     tfr web       --index demo-baseline [--server H:P]    the search page over one or more index bundles
     tfr train     --protocol cifar10-2                    fine-tune a triplet-loss head (and top blocks) on cached features
+    tfr tune      --protocol cifar10-2 --trials 20        search embedding size, margin, lr, mining (keras-tuner)
     tfr compare   RUN...                                  baseline vs fine-tuned report (Markdown, JSON, figures)
 
 Errors are reported as one line (`tfr: error: ...`, exit status 2); `--verbose` shows tracebacks.
@@ -201,35 +202,71 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"record written to {args.records}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """Builds (once) a baseline CIFAR-10 index, answers a query with a test image, then serves the search page."""
-    from tf_retrieval.data import load_tfds
+def _demo_engine(args: argparse.Namespace, config: ModelConfig, bundle: str, database):
+    """The demo's engine for `config`: loaded from `bundle`, or built (and saved there) from `database`."""
     from tf_retrieval.engine import RetrievalEngine, build_bundle
-    from tf_retrieval.evaluate import embed_collection
+    from tf_retrieval.evaluate import embed_collection, head_function
 
-    config = _model_config(args)
-    bundle = os.path.join(_workdir(args), "indexes", f"demo-{config.name}")
-    engine = None
     if os.path.exists(os.path.join(bundle, "catalog.json")):
         try:
             engine = RetrievalEngine.load(bundle, data_dir=args.data_dir)
-            print(f"using the index at {bundle}")
+            if len(engine) == len(database):
+                print(f"using the index at {bundle}")
+                return engine
+            print(f"rebuilding {bundle}: it holds {len(engine):,} images, the demo asks for {len(database):,}")
         except ValueError as exc:
             print(f"rebuilding {bundle}: {exc}")
-    if engine is None:
-        database = load_tfds("cifar10", data_dir=args.data_dir, splits=["train"])
-        database = database.subset(np.arange(min(args.limit, len(database))))
-        print(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
-        features = embed_collection(database, config, workdir=_workdir(args), batch_size=args.batch_size)
-        engine = build_bundle(bundle, config, database, features, source="cifar10", data_dir=args.data_dir)
+    print(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
+    features = embed_collection(database, config, workdir=_workdir(args), batch_size=args.batch_size)
+    head = head_function(config)
+    return build_bundle(bundle, config, database, head(features) if head else features, source="cifar10",
+                        data_dir=args.data_dir)
+
+
+def _finetuned_run(args: argparse.Namespace) -> ModelConfig | None:
+    """The model of --finetuned RUN, else of the newest finished CIFAR-10 float-embedding run under <workdir>/runs."""
+    import glob
+
+    from tf_retrieval.train import load_run
+
+    if args.finetuned:
+        return load_run(args.finetuned)[1]
+    candidates = []
+    for path in glob.glob(os.path.join(_workdir(args), "runs", "*", "model.json")):
+        try:
+            train_config, model_config = load_run(os.path.dirname(path))
+        except (ValueError, OSError):
+            continue
+        if train_config.protocol.startswith("cifar10") and not train_config.hash_bits:
+            candidates.append((os.path.getmtime(path), model_config))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Builds (once) a baseline CIFAR-10 index, answers a query with a test image, then serves the search page.
+
+    When a fine-tuned CIFAR-10 model exists (`tfr train`; or --finetuned RUN), it is indexed too and the page offers both.
+    """
+    from tf_retrieval.data import load_tfds
+
+    config = _model_config(args)
+    database = load_tfds("cifar10", data_dir=args.data_dir, splits=["train"])
+    database = database.subset(np.arange(min(args.limit, len(database))))
+    engines = {config.name: _demo_engine(args, config, os.path.join(_workdir(args), "indexes", f"demo-{config.name}"),
+                                         database)}
+    finetuned = None if args.baseline_only else _finetuned_run(args)
+    if finetuned is not None:
+        engines[finetuned.name] = _demo_engine(args, finetuned, os.path.join(_workdir(args), "indexes",
+                                                                             f"demo-{finetuned.name}"), database)
     queries = load_tfds("cifar10", data_dir=args.data_dir, splits=["test"])
     position = int(np.random.default_rng(args.seed).integers(len(queries)))
-    results = engine.search_images([queries.read_bytes(position)], args.k)[0]
     print(f"query: CIFAR-10 test image {queries.ids[position]} (class {queries.class_names[queries.labels[position]]})")
-    for rank, result in enumerate(results, 1):
-        print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<12s} {result.id}")
-    hits = sum(r.label == queries.labels[position] for r in results)
-    print(f"{hits}/{len(results)} neighbours share the query's class")
+    for name, engine in engines.items():
+        results = engine.search_images([queries.read_bytes(position)], args.k)[0]
+        hits = sum(r.label == queries.labels[position] for r in results)
+        print(f"{name}: {hits}/{len(results)} neighbours share the query's class")
+        for rank, result in enumerate(results, 1):
+            print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<12s} {result.id}")
     if args.no_web:
         return
     try:
@@ -237,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ImportError(f"the search page needs the web extra: pip install 'tf_retrieval[web]' ({exc})") from None
     print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    serve(create_app({engine.name: engine}, warmup=True), host=args.host, port=args.port)
+    serve(create_app(engines, warmup=True), host=args.host, port=args.port)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -307,10 +344,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                            metavar=field.name.upper(), help=f"default {field.default}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """Fine-tunes on a protocol's training set (cached backbone outputs) and writes a run directory."""
+def _train_config(args: argparse.Namespace):
+    """The `TrainConfig` of --config (if any) with the training flags applied; checks the protocol name."""
     from tf_retrieval.config import TrainConfig
-    from tf_retrieval.train import train
+    from tf_retrieval.protocols import dataset_family
 
     values = TrainConfig.load(args.config).to_dict() if args.config else {}
     values.update({k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None})
@@ -318,15 +355,60 @@ def cmd_train(args: argparse.Namespace) -> None:
         if isinstance(values.get(field), str) and values[field].lower() == "none":
             values[field] = None
     config = TrainConfig.from_dict(values)
-    from tf_retrieval.protocols import dataset_family
-
     dataset_family(config.protocol)  # unknown protocol: a clear error before anything loads
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fine-tunes on a protocol's training set (cached backbone outputs) and writes a run directory."""
+    from tf_retrieval.train import train
+
+    config = _train_config(args)
     run_dir = args.run_dir or os.path.join(_workdir(args), "runs", f"{config.name}-{config.protocol}")
     result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0)
     print(f"trained {config.name} on {config.protocol} in {result.seconds:.0f} s ({result.epochs} epochs): "
           f"best validation MAP@R {result.best_map_at_r:.4f}")
     print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")
     print(f"next: tfr compare {run_dir}   |   tfr index --model-config {os.path.join(run_dir, 'model.json')} ...")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Searches embedding size, margin, learning rate, mining and hidden width (keras-tuner) on a protocol's training
+    set (cached backbone outputs); writes the best TrainConfig, a trial table and a plot with each size's index cost.
+    Resumable: run it again with the same --out to finish or extend (--trials) the search."""
+    try:
+        from tuning.tune import tune
+    except ImportError as exc:
+        raise ImportError(f"tfr tune needs keras-tuner and matplotlib: pip install 'tf_retrieval[tuning,plots]' ({exc})")
+    from tf_retrieval.protocols import load_protocol
+    from tf_retrieval.train import cache_inputs
+
+    config = _train_config(args)
+    if args.trials < 1:
+        raise ValueError(f"--trials must be positive, got {args.trials}")
+    out = args.out or os.path.join(_workdir(args), "tuning", f"{config.name}-{config.protocol}")
+    protocol = load_protocol(config.protocol, config.source)
+    inputs = cache_inputs(config, protocol.collection, workdir=_workdir(args))
+    labels = protocol.collection.labels
+    quiet = [] if args.progress or args.verbose else [logging.getLogger(n) for n in ("tf_retrieval.train",
+                                                                                      "tf_retrieval.index")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # one line per trial, not per epoch
+        q.setLevel(logging.WARNING)
+    try:
+        result = tune(config, inputs[protocol.train], labels[protocol.train], out, trials=args.trials,
+                      algorithm=args.algorithm, database_size=len(protocol.database), index_backend=args.index_backend,
+                      overwrite=args.overwrite, verbose=2 if args.progress else 0,
+                      title=f"{protocol.summary()} ({config.backbone}, {config.image_size} px)")
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    best = result.best_config
+    print(f"best of {len(result.trials)} trials: validation MAP@R {result.best_score:.4f} with embedding_dim "
+          f"{best.embedding_dim}, hidden_dim {best.hidden_dim}, {best.mining}, margin {best.margin}, "
+          f"learning_rate {best.learning_rate:.2e}")
+    print(f"table: {result.table_path}; plot: {result.plot_path}")
+    print(f"next: tfr train --config {result.config_path}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -400,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
+    demo.add_argument("--finetuned", help="a training run to index beside the baseline (default: the newest CIFAR-10 run)")
+    demo.add_argument("--baseline-only", action="store_true", help="do not index a fine-tuned model")
     demo.set_defaults(run=cmd_demo)
 
     export = commands.add_parser("export", help="export the embedder as a SavedModel for TF Serving",
@@ -439,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--progress", action="store_true", help="print one line per epoch")
     _add_train_args(train)
     train.set_defaults(run=cmd_train)
+
+    tune = commands.add_parser("tune", help="search the head's hyperparameters with keras-tuner",
+                               description=cmd_tune.__doc__)
+    tune.add_argument("--config", help="a base TrainConfig JSON file (the searched fields are replaced)")
+    tune.add_argument("--trials", type=int, default=20, help="number of trials in all (default 20)")
+    tune.add_argument("--algorithm", default="bayesian", choices=("bayesian", "random", "hyperband"))
+    tune.add_argument("--out", help="output directory (default <workdir>/tuning/<name>-<protocol>)")
+    tune.add_argument("--index-backend", default="auto", choices=("auto", "exact", "scann"),
+                      help="index whose memory and latency are measured per embedding size")
+    tune.add_argument("--overwrite", action="store_true", help="discard an earlier search in --out instead of resuming")
+    tune.add_argument("--progress", action="store_true", help="also print Keras' per-epoch lines")
+    _add_train_args(tune)
+    tune.set_defaults(run=cmd_tune)
 
     compare = commands.add_parser("compare", help="baseline vs fine-tuned report", description=cmd_compare.__doc__)
     compare.add_argument("runs", nargs="+", help="training run directories (from tfr train)")

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data import ImageCollection, decode_image, load_dataset
+from tf_retrieval.data import ImageCollection, decode_image, load_dataset, load_tfds
 from tf_retrieval.index import Index, build_index
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class RetrievalEngine:
         except FileNotFoundError:
             raise FileNotFoundError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
-        collection = load_dataset(catalog["source"], data_dir=data_dir or catalog.get("data_dir"))
+        collection = _load_source(catalog, data_dir or catalog.get("data_dir"))
         positions = {image_id: i for i, image_id in enumerate(collection.ids)}
         missing = [image_id for image_id in catalog["ids"] if image_id not in positions]
         if missing:
@@ -179,7 +179,8 @@ def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollecti
     index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend)
     index.save(os.path.join(bundle_dir, "index"), model_id=config.model_id())
     config.save(os.path.join(bundle_dir, "model.json"))
-    catalog = {"source": source, "data_dir": data_dir, "ids": collection.ids, "labels": collection.labels.tolist(),
+    catalog = {"source": source, "data_dir": data_dir, "splits": sorted(set(collection.splits.tolist())),
+               "ids": collection.ids, "labels": collection.labels.tolist(),
                "class_names": collection.class_names, "skipped": collection.skipped}
     tmp = os.path.join(bundle_dir, "catalog.json.tmp")
     with open(tmp, "w") as f:
@@ -187,3 +188,11 @@ def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollecti
     os.replace(tmp, os.path.join(bundle_dir, "catalog.json"))
     logger.info("index bundle %s: %d images, model %s", bundle_dir, len(collection), config.model_id())
     return RetrievalEngine(config, collection, index)
+
+
+def _load_source(catalog: dict, data_dir: str | None) -> ImageCollection:
+    """The catalog's collection: its folder, or only the tfds splits it indexed."""
+    source = catalog["source"]
+    if os.path.isdir(source) or source.startswith("folder:") or not catalog.get("splits"):
+        return load_dataset(source, data_dir=data_dir)
+    return load_tfds(source, data_dir=data_dir, splits=catalog["splits"])

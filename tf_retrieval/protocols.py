@@ -6,10 +6,11 @@ Relevance is always "same class label".
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
-from tf_retrieval.data import ImageCollection, load_dataset
+from tf_retrieval.data import ImageCollection, load_dataset, load_tfds
 
 PROTOCOLS = {
     "cifar10-2": "queries = the 10,000 test images; database = training set = the 50,000 train images; mAP@all",
@@ -87,9 +88,17 @@ def make_protocol(name: str, collection: ImageCollection, *, seed: int = 0) -> P
     return Protocol(name, collection, train=np.flatnonzero(seen), database=np.flatnonzero(~seen), queries=None)
 
 
+SPLITS = {"cifar10": ["train", "test"], "flowers": ["train", "validation", "test"]}
+
+
 def load_protocol(name: str, source: str | None = None, data_dir: str | None = None, seed: int = 0) -> Protocol:
     """Loads the protocol's collection (default: tfds `cifar10` / `oxford_flowers102`, or `source`) and splits it."""
-    collection = load_dataset(source or DEFAULT_SOURCES[dataset_family(name)], data_dir=data_dir)
+    family = dataset_family(name)
+    source = source or DEFAULT_SOURCES[family]
+    if os.path.isdir(source) or source.startswith("folder:"):
+        collection = load_dataset(source, data_dir=data_dir)
+    else:  # a tfds dataset: exactly the splits the protocol uses
+        collection = load_tfds(source, data_dir=data_dir, splits=SPLITS[family])
     return make_protocol(name, collection, seed=seed)
 
 

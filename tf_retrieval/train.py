@@ -162,7 +162,11 @@ class ValidationMapAtR(keras.callbacks.Callback):
         self.inputs, self.labels = np.asarray(inputs, np.float32), np.asarray(labels)
 
     def on_epoch_end(self, epoch, logs=None):
-        value = map_at_r(self.model.predict(self.inputs, batch_size=512, verbose=0), self.labels)
+        embeddings = self.model.predict(self.inputs, batch_size=512, verbose=0)
+        if not np.isfinite(embeddings).all():
+            raise ValueError(f"training diverged at epoch {epoch + 1}: the model outputs NaN or infinite values "
+                             "(lower --learning-rate, or check the cached features)")
+        value = map_at_r(embeddings, self.labels)
         if logs is not None:
             logs[VAL_METRIC] = value
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
