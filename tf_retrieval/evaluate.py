@@ -131,7 +131,8 @@ def machine_description() -> str:
     return f"{os.cpu_count()} cores {platform.machine()} {platform.system()} ({platform.processor() or 'cpu'})"
 
 
-RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embedding_dim", "weights", "hash_bits", "variant")
+RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embedding_dim", "weights", "hash_bits", "variant",
+              "train_from")
 
 
 def merge_records(path: str, records: Sequence[dict]) -> list[dict]:
