@@ -156,7 +156,8 @@ def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         values = [f"{r['metrics'][c]:.3f}" if isinstance(r["metrics"].get(c), (int, float)) else "–" for c in columns]
-        lines.append("| " + " | ".join([r["protocol"], r["model"] + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else ""),
+        lines.append("| " + " | ".join([r["protocol"], r["model"] + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else "")
+                                        + (" + top blocks" if r.get("train_from") else ""),
                                         r["backbone"], str(r["image_size"]), r.get("pooling", ""), str(r["embedding_dim"]),
                                         r["weights"], *values, str(r.get("seconds", ""))]) + " |")
     return "\n".join(lines) + "\n"
