@@ -1,7 +1,7 @@
 """Tune the Siamese head (embedding size, margin, learning rate, mining, hidden width) with keras-tuner, and weigh
 each embedding size's validation MAP@R against the memory and query latency of an index of that size.
 
-Writes benchmarks/results/tuning.json (one object: dataset, protocol, trials [embedding_dim, margin, learning_rate,
+Writes benchmarks/results/tuning-<protocol>.json/.md/.png, and tuning.json / tuning.md over all tuned protocols (one object: dataset, protocol, trials [embedding_dim, margin, learning_rate,
 mining, MAP@R, index_ms_per_query, index_mb, ...], best, seconds, command, machine, versions), tuning.md and tuning.png.
 The search state lives under <workdir>/tuning/bench-<protocol>: re-running resumes it (more --trials extend it).
 
@@ -126,18 +126,40 @@ def main(argv=None) -> int:
                  "(whole classes when there are >= 20, else a stratified share); index cost measured once per "
                  "embedding size on random unit vectors (saved size; median single-query latency, k=10)"}
     os.makedirs(results_dir, exist_ok=True)
-    with open(os.path.join(results_dir, "tuning.json"), "w") as f:
+    stem = os.path.join(results_dir, f"tuning-{args.protocol}")
+    with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(result.table_path) as f:
         table = f.read()
-    with open(os.path.join(results_dir, "tuning.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(table + f"\nBest configuration (`tfr train --config`): `{json.dumps(best['config'], sort_keys=True)}`\n\n"
                 f"{record['machine']}; TF {tf.__version__}, keras-tuner {keras_tuner.__version__}; {record['date']}; "
                 f"{record['seconds']} s in all\n\n    {command}\n")
-    with open(result.plot_path, "rb") as src, open(os.path.join(results_dir, "tuning.png"), "wb") as dst:
+    with open(result.plot_path, "rb") as src, open(stem + ".png", "wb") as dst:
         dst.write(src.read())
+    combine(results_dir)
     print(f"best validation MAP@R {result.best_score:.4f} ({best['embedding_dim']}-d); results in {results_dir}")
     return 0
+
+
+def combine(results_dir: str) -> None:
+    """tuning.json / tuning.md over every tuned protocol (tuning-<protocol>.json): the CIFAR-10 record (else the first)
+    at the top level, as the results schema wants one object, and every record under "datasets"."""
+    import glob
+
+    records = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "tuning-*.json"))):
+        with open(path) as f:
+            records.append(json.load(f))
+    top = next((r for r in records if r["protocol"].startswith("cifar10")), records[0])
+    with open(os.path.join(results_dir, "tuning.json"), "w") as f:
+        json.dump({**top, "datasets": records}, f, indent=1)
+    parts = ["# Tuning the embedding size (keras-tuner)", ""]
+    for r in records:
+        with open(os.path.join(results_dir, f"tuning-{r['protocol']}.md")) as f:
+            parts += [f"## {r['protocol']} ({r['dataset']})", "", f"![tuning](tuning-{r['protocol']}.png)", "", f.read()]
+    with open(os.path.join(results_dir, "tuning.md"), "w") as f:
+        f.write("\n".join(parts))
 
 
 if __name__ == "__main__":
