@@ -80,15 +80,26 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
             alpha: float = 3.0) -> list[dict]:
-    """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`."""
+    """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
+
+    Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records), so
+    runs can be added one at a time. Returns this call's records.
+    """
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    report_path = os.path.join(out_dir, "report.json")
+    earlier = []
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            earlier = [r for r in json.load(f) if r["run"] not in {r["run"] for r in records}]
+    merged = earlier + records
+    with open(report_path + ".tmp", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(report_path + ".tmp", report_path)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(report_markdown(records, out_dir))
+        f.write(report_markdown(merged, out_dir))
     return records
 
 
@@ -113,8 +124,8 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
         lines.append(f"| {name} | {r['protocol']} | {trains} | {dim} | {c['mining']} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "
                      f"{r['validation_map_at_r']:.3f} |")
-    lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Command:", "",
-              f"    {records[0]['command'] if records else ''}", ""]
+    lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
+    lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
     for name, r in runs.items():
         lines += [f"## {name} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
                   f"![embedding maps]({name}-map.png)", "", f"![queries]({name}-grid.png)", ""]
