@@ -203,7 +203,8 @@ def load_tfds(name: str, data_dir: str | None = None, splits: Iterable[str] | No
     if splits is None and not builder.info.splits:  # not prepared yet: download and prepare as tfds.load would
         builder.download_and_prepare()
     class_names = list(builder.info.features["label"].names)
-    split_names = list(splits) if splits is not None else sorted(builder.info.splits.keys())
+    # canonical (sorted) order: the same collection, and so the same feature cache, however the splits are listed
+    split_names = sorted(splits) if splits is not None else sorted(builder.info.splits.keys())
     if not split_names:
         raise ValueError(f"tfds dataset {name!r} has no splits in {builder.data_dir}")
     ids, labels, split_of, encoded = [], [], [], []
