@@ -35,8 +35,13 @@ def protocol_vectors(protocol: Protocol, features: np.ndarray, embed=None) -> tu
 
 
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
-                grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None) -> list[dict]:
-    """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records."""
+                grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
+                baseline_cache: dict | None = None) -> list[dict]:
+    """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
+
+    `baseline_cache` (a dict shared between runs) keeps baseline scores, so runs on the same protocol rank it once.
+    """
+    baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config = load_run(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = train_config.base_model()
@@ -53,8 +58,14 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
         variants = [(None, 0)] + ([(QE_VARIANT, expand)] if expand and protocol.queries is not None else [])
         for variant, k in variants:
             start = time.perf_counter()
-            metrics, curve, dim = evaluate_protocol(protocol, features, embed=fn, metric=rank_metric,
-                                                    expand=(k, alpha) if k else None)
+            key = (protocol.name, base.model_id(), k, alpha)
+            if model == "baseline" and key in baseline_cache:
+                metrics, curve, dim = baseline_cache[key]
+            else:
+                metrics, curve, dim = evaluate_protocol(protocol, features, embed=fn, metric=rank_metric,
+                                                        expand=(k, alpha) if k else None)
+            if model == "baseline":
+                baseline_cache[key] = metrics, curve, dim
             record = make_record(protocol.name, base, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
                                  command=command, model=model, pr_curve=curve, queries=int(metrics["queries"]), **extra)
             if variant:
@@ -86,9 +97,10 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     runs can be added one at a time. Returns this call's records.
     """
     os.makedirs(out_dir, exist_ok=True)
-    records = []
+    records, baseline_cache = [], {}
     for run_dir in run_dirs:
-        records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha)
+        records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
+                               baseline_cache=baseline_cache)
     report_path = os.path.join(out_dir, "report.json")
     earlier = []
     if os.path.exists(report_path):
