@@ -21,6 +21,8 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "playwright>=1.50,<2"]
+# benchmarks/index_bench.py only (FAISS as the comparison; not part of "all"):
+EXTRAS["bench"] = ["faiss-cpu==1.15.1", "threadpoolctl>=3.5,<4", "matplotlib>=3.9,<4"]
 
 setup(
     name="tf_retrieval",

@@ -143,6 +143,11 @@ def test_train_then_compare(tmp_path, capsys):
     assert main(["--workdir", workdir, "train", "--config", config_path, "--epochs", "1", "--run-dir",
                  str(tmp_path / "run2")]) == 0
     assert json.load(open(tmp_path / "run2" / "train_config.json"))["epochs"] == 1
+    # comparing another run into the same report adds it; the first run's records stay
+    assert main(["--workdir", workdir, "compare", str(tmp_path / "run2"), "--out", report, "--expand", "0"]) == 0
+    merged = json.load(open(os.path.join(report, "report.json")))
+    assert [(r["run"], r["model"]) for r in merged][-2:] == [("run2", "baseline"), ("run2", "finetuned")]
+    assert len(merged) == 6 and "## run2 (cifar10-2)" in open(os.path.join(report, "report.md")).read()
     capsys.readouterr()
     assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
     assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)
@@ -170,3 +175,39 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         stats = served["app"].test_client().get("/api/stats").get_json()
     assert [m["name"] for m in stats["models"]] == ["baseline", "finetuned"]
     assert [m["index_size"] for m in stats["models"]] == [30, 30]
+
+
+def test_index_add_and_delete_without_a_rebuild(image_dir, tmp_path, capsys):
+    from conftest import make_image_folder
+
+    workdir = str(tmp_path / "work")
+    assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", "--backend", "scann",
+                 "--target-recall", "0.95", *SMALL_MODEL]) == 0
+    from tf_retrieval.index import Index
+
+    assert Index.load(os.path.join(workdir, "indexes", "colours", "index")).target_recall == 0.95
+    more = make_image_folder(tmp_path / "more", classes=("yellow",), per_class=3, seed=3)
+    capsys.readouterr()
+    assert main(["--workdir", workdir, "index", "--name", "colours", "--add", more]) == 0
+    assert "added 3 image(s), deleted 0; 21 images indexed, no rebuild" in capsys.readouterr().out
+    assert main(["--workdir", workdir, "index", "--name", "colours", "--add", more]) == 0  # nothing new
+    assert "added 0 image(s) (3 already indexed)" in capsys.readouterr().out
+
+    query = os.path.join(more, "yellow", "yellow_001.png")
+    assert main(["--workdir", workdir, "search", query, "--index", "colours", "-k", "1"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert os.path.realpath(query) in line and "1.0000" in line and "yellow" in line  # embedded by the bundle's model
+
+    gone = os.path.join("green", "green_002.png")
+    assert main(["--workdir", workdir, "index", "--name", "colours", "--delete", gone, os.path.realpath(query)]) == 0
+    assert "added 0 image(s), deleted 2; 19 images indexed" in capsys.readouterr().out
+    assert main(["--workdir", workdir, "search", os.path.join(image_dir, gone), "--index", "colours", "-k", "19"]) == 0
+    out = capsys.readouterr().out
+    assert "top 19 of 19" in out and f" {gone}\n" not in out and os.path.realpath(query) not in out
+    assert "not in the bundle: ['nope.png']" in run_error(
+        ["--workdir", workdir, "index", "--name", "colours", "--delete", "nope.png"], capsys)
+    assert "no index bundle 'other'" in run_error(["--workdir", workdir, "index", "--name", "other", "--delete", "x"],
+                                                  capsys)
+    assert "--dataset is required" in run_error(["--workdir", workdir, "index", *SMALL_MODEL], capsys)
+    assert "give one or the other" in run_error(
+        ["--workdir", workdir, "index", "--name", "colours", "--dataset", image_dir, "--add", more], capsys)

@@ -116,3 +116,93 @@ def test_search_with_query_expansion_moves_the_query_to_its_neighbours(bundle):
     moved = alpha_query_expansion(query, engine.vectors([r.position for r in top])[None], np.array([[r.score for r in top]]),
                                   alpha=1.0)
     assert [r.position for r in expanded] == [r.position for r in engine.search(moved, k=18)[0]]
+
+
+def embed_all(embedder, collection):
+    return embedder.embed_bytes([collection.read_bytes(i) for i in range(len(collection))])
+
+
+@pytest.mark.parametrize("backend", ["exact", "scann"])
+def test_add_and_delete_images_without_a_rebuild(backend, image_dir, tmp_path):
+    from conftest import make_image_folder
+
+    from tf_retrieval.engine import add_images, delete_images, pending_images
+    from tf_retrieval.index import Index
+
+    collection = image_folder(image_dir, progress=False)
+    embedder = ColourEmbedder()
+    config = ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None)
+    path = str(tmp_path / "bundle")
+    build_bundle(path, config, collection, embed_all(embedder, collection), source=image_dir, backend=backend)
+    other = image_folder(make_image_folder(tmp_path / "more", classes=("yellow", "red"), per_class=3, seed=1),
+                         progress=False)
+
+    result = add_images(path, other, embed_all(embedder, other))
+    root = os.path.realpath(str(tmp_path / "more"))
+    assert result["count"] == 24 and result["added"][0] == os.path.join(root, "red", "red_000.png")
+    engine = RetrievalEngine.load(path, embedder=embedder)
+    assert len(engine) == 24 and engine.collection.class_names == ["blue", "green", "red", "yellow"]
+    yellow = engine.collection.ids.index(os.path.join(root, "yellow", "yellow_001.png"))
+    top = engine.search_images([engine.collection.read_bytes(yellow)], k=3)[0]
+    assert top[0].position == yellow and [r.class_name for r in top] == ["yellow"] * 3
+    assert sum(engine.collection.labels == 2) == 9  # the added red images joined the bundle's red class
+    assert engine.index.backend == backend
+    assert len(pending_images(path, other)) == 0 and add_images(path, other, embed_all(embedder, other))["added"] == []
+
+    gone = [os.path.join("red", "red_000.png"), os.path.join(root, "yellow", "yellow_000.png")]
+    assert delete_images(path, gone)["count"] == 22
+    engine = RetrievalEngine.load(path, embedder=embedder)
+    assert len(engine) == len(engine.collection) == 22 and not set(gone) & set(engine.collection.ids)
+    # positions and index ids now differ: every image's stored vector is still its own
+    np.testing.assert_allclose(engine.vectors(np.arange(22)), embed_all(embedder, engine.collection), atol=1e-6)
+    for position in (0, 10, 21):
+        assert engine.search(engine.vectors([position]), k=1)[0][0].position == position
+    assert all(r.id not in gone for r in engine.search(engine.vectors([0]), k=22)[0])
+    with pytest.raises(KeyError, match="not in the bundle"):
+        delete_images(path, ["red/red_001.png", "no/such.png"])
+    assert len(RetrievalEngine.load(path)) == 22  # nothing was deleted
+    delete_images(path, [i for i in engine.collection.ids if i.startswith(root)])
+    with open(os.path.join(path, "catalog.json")) as f:
+        catalog = json.load(f)
+    assert catalog["added_sources"] == [] and set(catalog["origins"]) == {0}  # the other folder is forgotten
+    assert sorted(os.listdir(path)) == ["catalog.json", "index", "model.json"]
+    assert Index.load(os.path.join(path, "index")).backend == backend
+
+
+def test_bundle_update_is_atomic(bundle, image_dir, tmp_path, monkeypatch):
+    from tf_retrieval import index as index_module
+    from tf_retrieval.engine import delete_images
+
+    path, _, embedder = bundle
+    with open(os.path.join(path, "catalog.json")) as f:
+        before = f.read()
+
+    def broken_replace(new, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_module, "_replace_dir", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        delete_images(path, [os.path.join("red", "red_000.png")])
+    with open(os.path.join(path, "catalog.json")) as f:
+        assert f.read() == before
+    assert len(RetrievalEngine.load(path, embedder=embedder)) == 18
+    assert sorted(os.listdir(os.path.dirname(path))) == ["bundle", "images"]  # no temp folder left behind
+
+
+def test_scann_bundle_update_uses_the_mutation_api(tmp_path):
+    from conftest import make_image_folder
+
+    from tf_retrieval.engine import add_images, delete_images
+
+    base = image_folder(make_image_folder(tmp_path / "base", per_class=14), progress=False)  # 42 images
+    embedder = ColourEmbedder()
+    config = ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None)
+    path = str(tmp_path / "bundle")
+    build_bundle(path, config, base, embed_all(embedder, base), source=base.name, backend="scann")
+    more = image_folder(make_image_folder(tmp_path / "more", classes=("grey",), per_class=4), progress=False)
+    add_images(path, more, embed_all(embedder, more))
+    delete_images(path, [base.ids[0], base.ids[20]])
+    engine = RetrievalEngine.load(path, embedder=embedder)
+    assert engine.index._built["mutations"] == 6 and engine.index._built["size"] == 42  # 6 / 42 < 25%: no retraining
+    grey = engine.collection.ids.index(os.path.join(os.path.realpath(more.name), "grey", "grey_002.png"))
+    assert engine.search(engine.vectors([grey]), k=1)[0][0].position == grey

@@ -382,3 +382,67 @@ def test_scann_params_follow_size():
         params = scann_params(200_000, 128, metric)
         assert params["anisotropic_quantization_threshold"] is None and not params["spherical"]
     assert scann_params(100, 8, mode="tree_ah")["num_leaves"] == 10
+
+
+def test_scann_params_target_recall_bands():
+    default = scann_params(1_000_000, 128)
+    bands = [scann_params(1_000_000, 128, target_recall=t) for t in (0.8, 0.95, 0.99, 0.999)]
+    assert [p["leaves_to_search"] for p in bands] == [25, 50, 125, 250]  # of 1000 leaves: /40, /20, /8, /4
+    assert [p["reorder"] for p in bands] == [40, 100, 200, 500]
+    search_time = ("leaves_to_search", "reorder")
+    for params in bands:  # a target changes only search-time settings: one trained tree serves every target
+        assert {k: v for k, v in params.items() if k not in search_time} == \
+               {k: v for k, v in default.items() if k not in search_time}
+    assert scann_params(10_000, 128, mode="tree_ah", target_recall=0.9)["leaves_to_search"] == 10  # the minimum
+    assert scann_params(100, 8, mode="tree_ah", target_recall=0.999)["leaves_to_search"] == 10  # all 10 leaves
+    assert scann_params(50_000, 128, target_recall=0.9) == {**scann_params(50_000, 128), "reorder": 40}
+    assert scann_params(5_000, 128, target_recall=0.9) == {"mode": "brute_force"}
+    assert scann_params(500_000, 128, target_recall=1.0) == {"mode": "brute_force"}  # exact
+    assert scann_params(500_000, 128, mode="tree_ah", target_recall=1.0)["reorder"] == 500
+    for bad in (0, 1.5, -0.1, "high"):
+        with pytest.raises(ValueError, match="target_recall must be in"):
+            scann_params(1000, 8, target_recall=bad)
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        ScannIndex(8, target_recall=2)
+
+
+def test_scann_target_recall_trades_recall_for_work(rng, tmp_path):
+    db, queries = clustered(rng, 4000), clustered(rng, 100)
+    exact = build_index(db, backend="exact")
+    low = build_index(db, backend="scann", params={"mode": "tree_ah"}, target_recall=0.9)
+    high = build_index(db, backend="scann", params={"mode": "tree_ah"}, target_recall=0.99)
+    low_recall, high_recall = recall_at_10(low, exact, queries), recall_at_10(high, exact, queries)
+    assert low.built_params["leaves_to_search"] == 10 and high.built_params["leaves_to_search"] == 40  # of 63
+    assert (low.built_params["reorder"], high.built_params["reorder"]) == (40, 200)
+    assert high_recall >= 0.99 and high_recall >= low_recall
+    clone = Index.from_config(high.get_config())
+    assert clone.target_recall == 0.99 and "target_recall" not in ScannIndex(8).get_config()
+    high.save(tmp_path / "high", model_id="m:1")
+    loaded = Index.load(tmp_path / "high")
+    assert loaded.target_recall == 0.99 and loaded.built_params == high.built_params
+
+
+def test_scann_tune_changes_search_settings_without_retraining(rng, tmp_path):
+    db, queries = clustered(rng, 3000), clustered(rng, 100)
+    exact = build_index(db, backend="exact")
+    index = build_index(db, backend="scann", params={"mode": "tree_ah"})
+    narrow = index.tune(leaves_to_search=1, reorder=100)  # trains the searcher first
+    searcher = index._searcher
+    assert narrow["leaves_to_search"] == 1 and narrow["reorder"] == 100 and narrow["num_leaves"] == 55
+    narrow_recall = recall_at_10(index, exact, queries)
+    wide = index.tune(leaves_to_search=55, reorder=1000)
+    assert index._searcher is searcher and wide == index.built_params and wide["leaves_to_search"] == 55
+    wide_recall = recall_at_10(index, exact, queries)
+    assert wide_recall >= 0.99 and wide_recall > narrow_recall
+    index.save(tmp_path / "tuned", model_id="m:1")  # the tuned settings are saved with the searcher
+    assert Index.load(tmp_path / "tuned").built_params["leaves_to_search"] == 55
+    index.rebuild()  # retraining goes back to the params / scann_params settings
+    assert index.built_params["leaves_to_search"] == 20 and index.built_params["reorder"] == 500
+    with pytest.raises(ValueError, match="positive integer"):
+        index.tune(leaves_to_search=0)
+    with pytest.raises(ValueError, match=r"\(ah\) has no leaves_to_search"):
+        build_index(db, backend="scann", params={"mode": "ah"}).tune(leaves_to_search=3)
+    with pytest.raises(ValueError, match=r"\(brute_force\) has no reorder"):
+        build_index(db[:100], backend="scann").tune(reorder=50)
+    with pytest.raises(ValueError, match="index is empty"):
+        ScannIndex(4).tune(reorder=50)

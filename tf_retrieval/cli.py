@@ -2,6 +2,8 @@
 
     tfr embed     --dataset cifar10 --out emb.npy         embeddings of a collection (in process or through TF Serving)
     tfr index     --dataset cifar10 --name cifar10        build an index bundle under <workdir>/indexes/<name>
+    tfr index     --name cifar10 --add FOLDER --delete ID  add / remove images of a bundle without rebuilding it
+    tfr dedup     --index cifar10 --threshold 0.95        near-duplicate groups of an indexed collection
     tfr search    IMAGE|FOLDER... --index cifar10         top-k neighbours with class and score
     tfr evaluate  --protocol cifar10-2                    retrieval metrics of a protocol, appended to a records file
     tfr demo                                              index CIFAR-10, answer a query, serve the search page
@@ -123,7 +125,18 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    """Builds an index bundle (model config + catalog + index) for a collection."""
+    """Builds an index bundle (model config + catalog + index) for a collection, or changes one without a rebuild.
+
+    With --add FOLDER and/or --delete ID..., the existing bundle --name is changed in place: the images of FOLDER that
+    it does not hold yet are embedded with the bundle's own model (its model.json; the model flags are ignored) and
+    added to its index and catalog, the given image ids are removed, and the bundle is saved atomically. ScaNN indexes
+    change through ScaNN's mutation API and retrain only after many changes.
+    """
+    if args.add or args.delete:
+        _update_index(args)
+        return
+    if not args.dataset:
+        raise ValueError("--dataset is required to build an index (or give --add / --delete to change one)")
     from tf_retrieval.engine import build_bundle
     from tf_retrieval.evaluate import embed_collection, head_function
 
@@ -134,9 +147,75 @@ def cmd_index(args: argparse.Namespace) -> None:
     embeddings = head(features) if head else features
     name = args.name or config.name
     bundle = os.path.join(_workdir(args), "indexes", name)
+    options = {} if args.target_recall is None else {"target_recall": args.target_recall}
     engine = build_bundle(bundle, config, collection, embeddings, source=args.dataset, data_dir=args.data_dir,
-                          metric=args.metric, backend=args.backend)
+                          metric=args.metric, backend=args.backend, index_options=options)
     print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} -> {bundle}")
+
+
+def _update_index(args: argparse.Namespace) -> None:
+    """`tfr index --add/--delete`: embeds the new images with the bundle's model and updates the bundle in place."""
+    from tf_retrieval.data import load_dataset
+    from tf_retrieval.engine import pending_images, update_bundle
+    from tf_retrieval.evaluate import embed_collection, head_function
+
+    if args.dataset:
+        raise ValueError("--dataset builds a new index, --add / --delete change an existing one: give one or the other")
+    name = args.name or _model_config(args).name
+    bundle = _bundle_dir(args, name)
+    if not os.path.isfile(os.path.join(bundle, "catalog.json")):
+        raise FileNotFoundError(f"no index bundle {name!r} at {bundle}: build it first with `tfr index --dataset ...`")
+    add = embeddings = None
+    already = 0
+    if args.add:
+        if not os.path.isdir(args.add):
+            raise FileNotFoundError(f"image folder not found: {args.add}")
+        collection = load_dataset(args.add)
+        for path, reason in collection.skipped:
+            print(f"skipped unreadable file {path}: {reason}", file=sys.stderr)
+        add = pending_images(bundle, collection, deleted=args.delete or ())
+        already = len(collection) - len(add)
+        embeddings = np.zeros((0, 1), np.float32)
+        if len(add):
+            config = ModelConfig.load(os.path.join(bundle, "model.json"))
+            features = embed_collection(add, config, workdir=_workdir(args), batch_size=args.batch_size)
+            head = head_function(config)
+            embeddings = head(features) if head else features
+    result = update_bundle(bundle, add=add, embeddings=embeddings, delete=args.delete or ())
+    note = f" ({already} already indexed)" if already else ""
+    print(f"{bundle}: added {len(result['added'])} image(s){note}, deleted {len(result['deleted'])}; "
+          f"{result['count']} images indexed, no rebuild")
+
+
+def cmd_dedup(args: argparse.Namespace) -> None:
+    """Finds groups of near-duplicate images in an index bundle: every pair with similarity >= --threshold, joined into
+    connected components (like imagededup). Uses the vectors stored in the index: nothing is embedded."""
+    import json
+
+    from tf_retrieval.dedup import find_duplicates
+    from tf_retrieval.engine import RetrievalEngine
+
+    if args.k < 1:
+        raise ValueError(f"-k must be positive, got {args.k}")
+    bundle = _bundle_dir(args, args.index)
+    engine = RetrievalEngine.load(bundle, data_dir=args.data_dir)
+    groups = find_duplicates(engine, args.threshold, k=args.k)
+    print(f"{len(groups)} group(s) of near-duplicates ({sum(len(g.ids) for g in groups)} images) among {len(engine)} "
+          f"at similarity >= {args.threshold} ({engine.index.metric}) in {bundle}")
+    for number, group in enumerate(groups, 1):
+        scores = [score for *_, score in group.pairs]
+        print(f"group {number}: {len(group.ids)} images, pair scores {min(scores):.4f}-{max(scores):.4f}")
+        for image_id in group.ids:
+            print(f"  {image_id}")
+    if args.out:
+        report = {"bundle": os.path.abspath(bundle), "threshold": args.threshold, "metric": engine.index.metric,
+                  "k": args.k, "images": len(engine), "groups": [group.to_dict() for group in groups]}
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"groups written to {args.out}")
 
 
 def _query_files(paths: Sequence[str]) -> list[str]:
@@ -440,14 +519,35 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=64)
     embed.set_defaults(run=cmd_embed)
 
-    index = commands.add_parser("index", help="build an index bundle of a collection", description=cmd_index.__doc__)
-    _add_data_args(index)
+    index = commands.add_parser("index", help="build an index bundle of a collection, or add / remove images",
+                                description=cmd_index.__doc__)
+    _add_data_args(index, required=False)
     _add_model_args(index)
-    index.add_argument("--name", help="bundle name under <workdir>/indexes (default: the model name)")
+    index.add_argument("--name", help="bundle name under <workdir>/indexes, or a bundle directory for --add / --delete "
+                                      "(default: the model name)")
     index.add_argument("--metric", default="cosine", choices=("cosine", "euclidean", "dot", "pearson"))
     index.add_argument("--backend", default="auto", choices=("auto", "exact", "scann"))
+    index.add_argument("--target-recall", type=float,
+                       help="ScaNN: the recall@10 its automatic settings aim at, e.g. 0.9 (faster) or 0.99 "
+                            "(see tf_retrieval.index.scann_params); default: its own settings")
+    index.add_argument("--add", metavar="FOLDER",
+                       help="add the images of FOLDER that the bundle --name does not hold yet (embedded with the "
+                            "bundle's own model), without rebuilding it")
+    index.add_argument("--delete", nargs="+", metavar="ID",
+                       help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
+                            "rebuilding it")
     index.add_argument("--batch-size", type=int, default=64)
     index.set_defaults(run=cmd_index)
+
+    dedup = commands.add_parser("dedup", help="near-duplicate groups of an indexed collection",
+                                description=cmd_dedup.__doc__)
+    dedup.add_argument("--index", required=True, help="bundle name under <workdir>/indexes, or a bundle directory")
+    dedup.add_argument("--threshold", type=float, default=0.95,
+                       help="minimum similarity of a duplicate pair (default 0.95; cosine for the default metric)")
+    dedup.add_argument("-k", type=int, default=10, help="neighbours fetched per image at first (more where needed)")
+    dedup.add_argument("--out", help="also write the groups to this JSON file")
+    dedup.add_argument("--data-dir", help="tfds data directory of the indexed collection")
+    dedup.set_defaults(run=cmd_dedup)
 
     search = commands.add_parser("search", help="query an index with images", description=cmd_search.__doc__)
     search.add_argument("images", nargs="+", help="query image files or folders of images")

@@ -7,6 +7,17 @@ An *index bundle* on disk (written by `build_bundle`, read by `RetrievalEngine.l
     <bundle>/index/         the vector index (`index.Index.save`), its manifest naming the model id
 
 The index knows only vectors; labels and images are resolved through the catalog and the collection.
+
+`add_images` / `delete_images` (`tfr index --add/--delete`) change a bundle in place without rebuilding its index (the
+index's own add/delete, ScaNN's mutation API). They add three optional catalog keys, absent from a bundle that was never
+changed:
+
+    index_ids        the index id of each catalog entry (else its position); deleted entries leave gaps
+    origins          where each entry comes from: 0 the bundle's `source`, i > 0 `added_sources[i - 1]`
+    added_sources    [{"source": absolute folder path}] of images added from other folders; their ids are the absolute
+                     file paths (the source's own images keep their relative ids), so ids stay unique
+
+and save the whole bundle atomically (a new bundle folder swapped in for the old one).
 """
 from __future__ import annotations
 
@@ -14,6 +25,8 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -48,15 +61,26 @@ class RetrievalEngine:
       index: the vector index.
       embedder: anything with `embed_bytes(list[bytes]) -> np.ndarray` (in-process `Embedder`, or the TF Serving client).
         None builds the in-process embedder on first use.
+      index_ids: the index id of each collection image (a bundle changed by `add_images` / `delete_images`); None when
+        index ids are positions in the collection. Results and `vectors` always speak of positions.
     """
 
-    def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None):
+    def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None,
+                 index_ids: Sequence[int] | np.ndarray | None = None):
         if len(index) > len(collection):
             raise ValueError(f"index holds {len(index)} vectors but the collection only {len(collection)} images")
         self.config = config
         self.collection = collection
         self.index = index
         self._embedder = embedder
+        self._index_ids: np.ndarray | None = None
+        self._position_of: dict[int, int] | None = None
+        if index_ids is not None:
+            index_ids = np.asarray(index_ids, dtype=np.int64)
+            if index_ids.shape != (len(collection),):
+                raise ValueError(f"{len(index_ids)} index ids for a collection of {len(collection)} images")
+            self._index_ids = index_ids
+            self._position_of = {int(i): position for position, i in enumerate(index_ids)}
 
     @property
     def embedder(self):
@@ -79,9 +103,26 @@ class RetrievalEngine:
             decode_image(data, name=f"image {i}")
         return np.asarray(self.embedder.embed_bytes(list(encoded)), dtype=np.float32)
 
+    def positions_of(self, index_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The collection positions of index ids (they differ once a bundle has been changed by `update_bundle`).
+
+        Raises:
+          KeyError: an id that is not in the catalog.
+        """
+        index_ids = np.asarray(index_ids, dtype=np.int64)
+        if self._position_of is None:
+            if len(index_ids) and (index_ids.min() < 0 or index_ids.max() >= len(self.collection)):
+                raise KeyError(f"index ids outside the collection of {len(self.collection)} images")
+            return index_ids.copy()
+        try:
+            return np.array([self._position_of[int(i)] for i in index_ids], dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"index id {exc.args[0]} is not in the catalog") from None
+
     def vectors(self, positions: Sequence[int]) -> np.ndarray:
         """The stored embeddings of database images at `positions`."""
-        return self.index.get_vectors(np.asarray(positions, dtype=np.int64))
+        positions = np.asarray(positions, dtype=np.int64)
+        return self.index.get_vectors(positions if self._index_ids is None else self._index_ids[positions])
 
     def search(self, queries: np.ndarray, k: int = 10, *, threshold: float | None = None,
                classes: Sequence[int] | None = None, exclude: Sequence[int] = (), expand: int = 0,
@@ -128,6 +169,8 @@ class RetrievalEngine:
         results = []
         for score, position in zip(scores, ids):
             position = int(position)
+            if self._position_of is not None and position >= 0:
+                position = self._position_of.get(position, -1)
             if position < 0 or position in excluded or (threshold is not None and score < threshold):
                 continue
             label = int(self.collection.labels[position])
@@ -161,22 +204,19 @@ class RetrievalEngine:
         except FileNotFoundError:
             raise FileNotFoundError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
-        collection = _load_source(catalog, data_dir or catalog.get("data_dir"))
-        positions = {image_id: i for i, image_id in enumerate(collection.ids)}
-        missing = [image_id for image_id in catalog["ids"] if image_id not in positions]
-        if missing:
-            raise ValueError(f"{len(missing)} indexed image(s) are no longer in {catalog['source']} (e.g. {missing[:3]}): "
-                             "the collection changed since the index was built; rebuild it with `tfr index`")
-        collection = collection.subset([positions[image_id] for image_id in catalog["ids"]])
-        return cls(config, collection, index, embedder)
+        collection = _catalog_collection(catalog, data_dir or catalog.get("data_dir"))
+        return cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"))
 
 
 def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollection, embeddings: np.ndarray, *,
-                 source: str, data_dir: str | None = None, metric: str = "cosine", backend: str = "auto") -> RetrievalEngine:
-    """Indexes `embeddings` (one row per image of `collection`) and saves the bundle; returns the engine over it."""
+                 source: str, data_dir: str | None = None, metric: str = "cosine", backend: str = "auto",
+                 index_options: dict | None = None) -> RetrievalEngine:
+    """Indexes `embeddings` (one row per image of `collection`) and saves the bundle; returns the engine over it.
+
+    `index_options` go to `index.build_index` (e.g. {"target_recall": 0.95} for ScaNN)."""
     if len(embeddings) != len(collection):
         raise ValueError(f"{len(embeddings)} embeddings for {len(collection)} images")
-    index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend)
+    index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend, **(index_options or {}))
     index.save(os.path.join(bundle_dir, "index"), model_id=config.model_id())
     config.save(os.path.join(bundle_dir, "model.json"))
     catalog = {"source": source, "data_dir": data_dir, "splits": sorted(set(collection.splits.tolist())),
@@ -196,3 +236,203 @@ def _load_source(catalog: dict, data_dir: str | None) -> ImageCollection:
     if os.path.isdir(source) or source.startswith("folder:") or not catalog.get("splits"):
         return load_dataset(source, data_dir=data_dir)
     return load_tfds(source, data_dir=data_dir, splits=catalog["splits"])
+
+
+def _catalog_collection(catalog: dict, data_dir: str | None) -> ImageCollection:
+    """The images of the catalog, in catalog order, re-read from their sources and checked against the catalog."""
+    primary = _load_source(catalog, data_dir)
+    added = catalog.get("added_sources") or []
+    if not added:
+        positions = {image_id: i for i, image_id in enumerate(primary.ids)}
+        missing = [image_id for image_id in catalog["ids"] if image_id not in positions]
+        if missing:
+            raise ValueError(f"{len(missing)} indexed image(s) are no longer in {catalog['source']} (e.g. {missing[:3]}): "
+                             "the collection changed since the index was built; rebuild it with `tfr index`")
+        return primary.subset([positions[image_id] for image_id in catalog["ids"]])
+    parts = [primary] + [load_dataset(source["source"]) for source in added]
+    lookups = [{image_id: i for i, image_id in enumerate(part.ids)} for part in parts]
+    origins = catalog.get("origins") or [0] * len(catalog["ids"])
+    picks, missing = [], []
+    for image_id, origin in zip(catalog["ids"], origins):
+        local = image_id if origin == 0 else os.path.relpath(image_id, added[origin - 1]["source"])
+        position = lookups[origin].get(local)
+        if position is None:
+            missing.append(image_id)
+        picks.append((parts[origin], position))
+    if missing:
+        raise ValueError(f"{len(missing)} indexed image(s) are no longer in their folders (e.g. {missing[:3]}): the "
+                         "collection changed since the index was built; remove them with `tfr index --delete` or rebuild "
+                         "the index with `tfr index`")
+    in_memory = primary.encoded is not None  # a tfds source: read the added files too
+    images = [part.read_bytes(p) if in_memory else part.paths[p] for part, p in picks]
+    return ImageCollection(name=primary.name, ids=list(catalog["ids"]), labels=np.asarray(catalog["labels"]),
+                           class_names=list(catalog["class_names"]),
+                           splits=np.array([part.splits[p] for part, p in picks], dtype=str),
+                           encoded=images if in_memory else None, paths=None if in_memory else images)
+
+
+def _read_catalog(bundle_dir: str) -> dict:
+    path = os.path.join(bundle_dir, "catalog.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{bundle_dir} is not an index bundle: {path} is missing; build one with `tfr index`") from None
+
+
+def _source_key(source: str) -> str:
+    if source.startswith("folder:"):
+        source = source[len("folder:"):]
+    return os.path.realpath(source) if os.path.isdir(source) else source
+
+
+def _catalog_ids(catalog: dict, added_sources: list[dict], collection: ImageCollection) -> tuple[int, list[str]]:
+    """(origin, catalog ids) of `collection`'s images; registers a new folder in `added_sources`."""
+    if _source_key(collection.name) == _source_key(catalog["source"]):
+        return 0, list(collection.ids)
+    if collection.paths is None:
+        raise ValueError(f"cannot add images of {collection.name!r} to a bundle of {catalog['source']!r}: only the "
+                         "bundle's own source or image folders can be added")
+    root = os.path.realpath(collection.name)
+    origin = next((i + 1 for i, source in enumerate(added_sources) if source["source"] == root), None)
+    if origin is None:
+        added_sources.append({"source": root})
+        origin = len(added_sources)
+    return origin, [os.path.join(root, image_id) for image_id in collection.ids]
+
+
+def pending_images(bundle_dir: str, collection: ImageCollection, deleted: Sequence[str] = ()) -> ImageCollection:
+    """The images of `collection` that the bundle does not hold yet, or will not once `deleted` are removed (embed
+    only these before `add_images` / `update_bundle`)."""
+    catalog = _read_catalog(bundle_dir)
+    _, ids = _catalog_ids(catalog, [dict(s) for s in catalog.get("added_sources") or []], collection)
+    present = set(catalog["ids"]) - set(deleted)
+    return collection.subset([i for i, image_id in enumerate(ids) if image_id not in present])
+
+
+def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embeddings: np.ndarray | None = None,
+                  delete: Sequence[str] = ()) -> dict:
+    """Deletes and adds images of an index bundle without rebuilding its index, then saves the bundle atomically.
+
+    The index changes through its own `add` / `delete` (for ScaNN the mutation API: no retraining until the mutations
+    exceed `ScannIndex.rebuild_fraction` of the trained size). Deletes run first, so an id both deleted and added gets
+    its new vector. The new bundle is written to a temp folder beside the old one and swapped in one step (as
+    `Index.save`), so a failure or a crash leaves either the old or the new bundle, never a mix.
+
+    Args:
+      bundle_dir: a bundle written by `build_bundle`.
+      add: images to add: the bundle's own source (e.g. its folder with new files in it) or another image folder
+        (`data.image_folder`); images already in the catalog are skipped (`pending_images` leaves them out before
+        embedding). Class names are matched by name; new ones are appended.
+      embeddings: one row per image of `add`, from the bundle's model (`model.json`).
+      delete: catalog ids of images to remove (as listed by `tfr search` or the catalog).
+
+    Returns:
+      {"added": [ids], "skipped": [ids already in the bundle], "deleted": [ids], "count": images in the bundle}.
+
+    Raises:
+      KeyError: some ids to delete are not in the bundle (nothing is changed).
+      ValueError: embeddings that do not match `add`, or a source that cannot be added.
+      index.IndexModelMismatchError: the bundle's index holds another model's embeddings than model.json.
+      OSError: saving failed; the bundle is left as it was.
+    """
+    config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
+    catalog = _read_catalog(bundle_dir)
+    index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
+    ids, labels = list(catalog["ids"]), list(catalog["labels"])
+    index_ids = list(catalog.get("index_ids") or range(len(ids)))
+    origins = list(catalog.get("origins") or [0] * len(ids))
+    added_sources = [dict(s) for s in catalog.get("added_sources") or []]
+    class_names = list(catalog["class_names"])
+
+    delete = list(dict.fromkeys(str(image_id) for image_id in delete))
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    unknown = [image_id for image_id in delete if image_id not in row_of]
+    if unknown:
+        raise KeyError(f"{len(unknown)} image id(s) not in the bundle: {unknown[:10]}; nothing was changed")
+    if delete:
+        dropped = {row_of[image_id] for image_id in delete}
+        index.delete([index_ids[row] for row in sorted(dropped)])
+        keep = [row for row in range(len(ids)) if row not in dropped]
+        ids, labels = [ids[r] for r in keep], [labels[r] for r in keep]
+        index_ids, origins = [index_ids[r] for r in keep], [origins[r] for r in keep]
+
+    added, skipped = [], []
+    if add is not None:
+        if embeddings is None or len(embeddings) != len(add):
+            raise ValueError(f"{0 if embeddings is None else len(embeddings)} embeddings for {len(add)} images to add")
+        origin, new_ids = _catalog_ids(catalog, added_sources, add)
+        present = set(ids)
+        rows = [i for i, image_id in enumerate(new_ids) if image_id not in present]
+        skipped = [image_id for image_id in new_ids if image_id in present]
+        label_of = []
+        for name in add.class_names:
+            if name not in class_names:
+                class_names.append(name)
+            label_of.append(class_names.index(name))
+        if rows:
+            start = max(max(index_ids, default=-1), int(index.ids.max()) if len(index) else -1) + 1
+            fresh = list(range(start, start + len(rows)))
+            index.add(np.asarray(embeddings)[rows], np.asarray(fresh, dtype=np.int64))
+            added = [new_ids[i] for i in rows]
+            ids += added
+            labels += [label_of[int(add.labels[i])] for i in rows]
+            index_ids += fresh
+            origins += [origin] * len(rows)
+            if origin == 0 and catalog.get("splits"):  # more tfds splits of the source: load them too
+                catalog["splits"] = sorted(set(catalog["splits"]) | set(add.splits[rows].tolist()))
+        known = [list(entry) for entry in catalog.get("skipped") or []]
+        catalog["skipped"] = known + [list(entry) for entry in add.skipped if list(entry) not in known]
+    if not added and not delete:
+        return {"added": [], "skipped": skipped, "deleted": [], "count": len(ids)}
+    used = sorted({origin for origin in origins if origin > 0})  # forget folders no image comes from any more
+    renumber = {old: new for new, old in enumerate(used, start=1)}
+    added_sources = [added_sources[old - 1] for old in used]
+    origins = [renumber.get(origin, 0) for origin in origins]
+    catalog.update(ids=ids, labels=labels, class_names=class_names, index_ids=index_ids, origins=origins,
+                   added_sources=added_sources)
+    _save_bundle(bundle_dir, index, catalog, config)
+    logger.info("bundle %s: %d added, %d deleted, %d images", bundle_dir, len(added), len(delete), len(ids))
+    return {"added": added, "skipped": skipped, "deleted": delete, "count": len(ids)}
+
+
+def add_images(bundle_dir: str, collection: ImageCollection, embeddings: np.ndarray) -> dict:
+    """Adds images (one embedding row each, from the bundle's model) to a bundle; see `update_bundle`."""
+    return update_bundle(bundle_dir, add=collection, embeddings=embeddings)
+
+
+def delete_images(bundle_dir: str, ids: Sequence[str]) -> dict:
+    """Removes images (catalog ids) from a bundle; see `update_bundle`."""
+    return update_bundle(bundle_dir, delete=ids)
+
+
+def _save_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelConfig) -> None:
+    """Writes index + catalog (+ copies of the bundle's other files) to a temp folder and swaps it in for the bundle."""
+    from tf_retrieval.index import _fsync_dir, _replace_dir  # the same atomic swap as `Index.save`
+
+    bundle_dir = os.path.abspath(bundle_dir)
+    parent, name = os.path.split(bundle_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        for entry in os.listdir(bundle_dir):
+            if entry in ("index", "catalog.json") or entry.endswith(".tmp"):
+                continue
+            source = os.path.join(bundle_dir, entry)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(tmp, entry))
+            else:
+                shutil.copy2(source, os.path.join(tmp, entry))
+        index.save(os.path.join(tmp, "index"), model_id=config.model_id())
+        for folder, _, files in os.walk(tmp):
+            for file in files:
+                with open(os.path.join(folder, file), "rb") as f:
+                    os.fsync(f.fileno())
+        with open(os.path.join(tmp, "catalog.json"), "w") as f:
+            json.dump(catalog, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, bundle_dir)
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new bundle on failure, the old one after the swap

@@ -387,7 +387,8 @@ class ExactIndex(Index):
         return np.concatenate(all_scores), np.concatenate(all_ids)
 
 
-def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = None) -> dict[str, Any]:
+def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = None,
+                 target_recall: float | None = None) -> dict[str, Any]:
     """ScaNN settings for a collection of `n` vectors, following ScaNN's own guidance.
 
     - n < 20,000: ``brute_force`` (exact; already fast at this size).
@@ -397,21 +398,54 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
       20), then AH and re-scoring as above.
 
     The anisotropic quantisation threshold is 0.2 (ScaNN's value for normalised data) for cosine and Pearson and off for
-    dot and euclidean, whose vectors have no fixed norm; the tree is spherical for normalised data. At search time at
-    least ``10 * k`` candidates are re-scored, so recall holds for large k too. On clustered normalised 64-d data these
+    dot and euclidean, whose vectors have no fixed norm; the tree is spherical for normalised data. ``reorder`` is the
+    number of candidates re-scored for the top 10; a search for k > 10 re-scores ``reorder * k / 10``, so recall holds
+    for large k too (and at least k are re-scored for any k). On clustered normalised 64-d data these
     settings gave recall@10 of 0.99 (``ah``, 50k points) and 0.99 (``tree_ah``, 150k points) against exact search.
+
+    ``target_recall`` trades that margin for speed (or buys more): it only changes the search-time settings, by band
+    (the first band at or above the target), so one trained tree serves every target (`ScannIndex.tune`):
+
+    ============  ==========================================  ===========================
+    target        tree_ah leaves_to_search                     reorder (candidates, k=10)
+    ============  ==========================================  ===========================
+    <= 0.90       max(10, ceil(num_leaves / 40))               40
+    <= 0.95       max(20, ceil(num_leaves / 20))               100
+    <= 0.99       max(40, ceil(num_leaves / 8))                200
+    > 0.99        max(80, ceil(num_leaves / 4))                500
+    1.0           brute force (exact), unless `mode` is forced
+    ============  ==========================================  ===========================
+
+    Calibrated with ``benchmarks/index_bench.py`` (recall@10 against exact search, 1000 queries): on CIFAR-10 embeddings
+    (EfficientNet-Lite0, PCA to 128-d) with sqrt(n) leaves, recall 0.90 took about 10 leaves, 0.95 about 17 (26 with 40
+    candidates re-scored) and 0.99 about 26-38 with 100 candidates, at both 10k and 50k points: a roughly constant
+    number of leaves while the tree grows, and 40 candidates capped recall at 0.97-0.985. ``ah`` reached 0.94-0.97
+    with 40 candidates and 0.99 with 100. The minimums leave a margin over those figures; the fractions keep one for
+    trees with far more leaves than measured (1M points). They are starting points, not guarantees: measure recall on
+    your own data.
 
     Args:
       n: number of vectors.
       dim: their dimension.
       metric: one of `METRICS`.
       mode: force "brute_force", "ah" or "tree_ah" instead of choosing by size.
+      target_recall: the recall@10 to aim at, in (0, 1]; None keeps the settings above (about 0.98-0.99).
 
     Returns:
       a dict with "mode" and that mode's settings.
+
+    Raises:
+      ValueError: unknown mode, or a target recall outside (0, 1].
     """
+    if target_recall is not None:
+        number = isinstance(target_recall, (int, float, np.floating)) and not isinstance(target_recall, bool)
+        if not number or not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if mode is None:
-        mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 else "tree_ah"
+        if target_recall == 1:
+            mode = "brute_force"
+        else:
+            mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 else "tree_ah"
     if mode not in _SCANN_MODES:
         raise ValueError(f"unknown ScaNN mode {mode!r}; choose one of {', '.join(_SCANN_MODES)}")
     params: dict[str, Any] = {"mode": mode}
@@ -424,7 +458,17 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
         leaves = max(1, int(round(math.sqrt(n))))
         params.update(num_leaves=leaves, leaves_to_search=min(leaves, max(20, math.ceil(leaves / 10))),
                       spherical=normalised, tree_training_sample_size=max(1, min(n, 250_000)))
+    if target_recall is not None:
+        band = next((b for b in _RECALL_BANDS if target_recall <= b[0]), _RECALL_BANDS[-1])
+        _, minimum, fraction, reorder = band
+        params["reorder"] = reorder
+        if mode == "tree_ah":
+            params["leaves_to_search"] = min(params["num_leaves"], max(minimum, math.ceil(params["num_leaves"] / fraction)))
     return params
+
+
+# (highest target recall of the band, minimum leaves to search, 1 / fraction of the leaves, candidates re-scored)
+_RECALL_BANDS = ((0.90, 10, 40, 40), (0.95, 20, 20, 100), (0.99, 40, 8, 200), (1.0, 80, 4, 500))
 
 
 class ScannIndex(Index):
@@ -445,13 +489,17 @@ class ScannIndex(Index):
       params: ScaNN settings: a dict with "mode" and any of that mode's keys from `scann_params` (missing keys get the
         `scann_params` value for the size at training time); None chooses everything by size.
       rebuild_fraction: retrain once mutations since the last training exceed this fraction of the trained size.
+      target_recall: passed to `scann_params` at every training: the recall@10 the automatic (or missing) settings aim
+        at; None keeps its defaults.
     """
 
     backend = "scann"
 
     def __init__(self, dim: int, metric: str = "cosine", *, params: dict[str, Any] | None = None,
-                 rebuild_fraction: float = 0.25, **backend_options: Any):
+                 rebuild_fraction: float = 0.25, target_recall: float | None = None, **backend_options: Any):
         super().__init__(dim, metric, **backend_options)
+        scann_params(1, self.dim, metric, target_recall=target_recall)  # validates the target
+        self.target_recall = target_recall
         if params is not None:
             params = dict(params)
             allowed = set(scann_params(10**6, self.dim, metric, mode=params.get("mode", "tree_ah")))
@@ -464,10 +512,14 @@ class ScannIndex(Index):
         self.params = params
         self.rebuild_fraction = float(rebuild_fraction)
         self._searcher: Any = None
+        self._docid_map: tuple[Any, np.ndarray] | None = None  # (searcher, its docids as an array)
         self._built: dict[str, Any] = {}  # the params the searcher was trained with, its size, mutations since
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "params": self.params, "rebuild_fraction": self.rebuild_fraction}
+        config = {**super().get_config(), "params": self.params, "rebuild_fraction": self.rebuild_fraction}
+        if self.target_recall is not None:  # only when set: indexes saved before the option load unchanged
+            config["target_recall"] = self.target_recall
+        return config
 
     @property
     def built_params(self) -> dict[str, Any] | None:
@@ -498,15 +550,53 @@ class ScannIndex(Index):
                                            anisotropic_quantization_threshold=math.nan if threshold is None else threshold,
                                            training_sample_size=min(n, params["training_sample_size"]))
                 builder = builder.reorder(params["reorder"])
+            self._docid_map = None
             self._searcher = builder.build(docids=self._ids.tolist())
             self._built = {"params": params, "size": n, "mutations": 0}
         logger.info("trained a ScaNN searcher over %d vectors: %s", n, params)
 
+    def tune(self, *, leaves_to_search: int | None = None, reorder: int | None = None) -> dict[str, Any]:
+        """Changes the search-time settings of the trained searcher, without retraining it (microseconds).
+
+        ScaNN decides per query how many tree leaves to scan and how many candidates to re-score exactly, so recall can
+        be traded for speed on a trained index, e.g. to sweep a recall / QPS curve. The change applies to the current
+        searcher and is saved with it (`save` / `load`); a retraining (`rebuild`, or after many mutations) goes back to
+        `params` / `scann_params`: put a setting in `params` to keep it for good. Trains the searcher first if needed.
+
+        Args:
+          leaves_to_search: leaves scanned per query (``tree_ah`` only; more than the tree has means all of them).
+          reorder: candidates re-scored exactly per query for k <= 10 (``ah`` and ``tree_ah``; ``reorder * k / 10``
+            for a larger k).
+
+        Returns:
+          the searcher's settings after the change (as `built_params`).
+
+        Raises:
+          ValueError: a non-positive value, or a setting the trained mode does not have.
+        """
+        changes = {"leaves_to_search": leaves_to_search, "reorder": reorder}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        for key, value in changes.items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        with self._lock:
+            if self._searcher is None:
+                if len(self) == 0:
+                    raise ValueError("the index is empty: add vectors before tuning the search")
+                self.rebuild()
+            params = self._built["params"]
+            unknown = sorted(set(changes) - set(params))
+            if unknown:
+                raise ValueError(f"the trained ScaNN searcher ({params['mode']}) has no {', '.join(unknown)} setting")
+            params.update({key: int(value) for key, value in changes.items()})
+            return dict(params)
+
     def _resolve_params(self, n: int) -> dict[str, Any]:
         if self.params is None:
-            params = scann_params(n, self.dim, self.metric)
+            params = scann_params(n, self.dim, self.metric, target_recall=self.target_recall)
         else:
-            params = {**scann_params(n, self.dim, self.metric, mode=self.params["mode"]), **self.params}
+            params = {**scann_params(n, self.dim, self.metric, mode=self.params["mode"],
+                                     target_recall=self.target_recall), **self.params}
         if params["mode"] != "brute_force" and (n < _MIN_TRAINING_POINTS or self.dim < 2):
             logger.info("%d vectors of dim %d are too few to train ScaNN's %s: using brute force", n, self.dim,
                         params["mode"])
@@ -517,24 +607,39 @@ class ScannIndex(Index):
         if self._searcher is None:
             self.rebuild()
         params = self._built["params"]
-        pre_reorder = None if params["mode"] == "brute_force" else max(params["reorder"], 10 * k)
-        search = (self._searcher.search_batched_parallel if len(queries) >= _PARALLEL_QUERIES
-                  else self._searcher.search_batched)
-        neighbours, distances = search(queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre_reorder)
-        ids = np.asarray(neighbours, dtype=np.int64).reshape(len(queries), k)
+        # `reorder` candidates for the top 10, proportionally more for a larger k (as many as k at least)
+        pre_reorder = None if params["mode"] == "brute_force" else math.ceil(max(params["reorder"], k) * max(k, 10) / 10)
+        leaves = {"leaves_to_search": params["leaves_to_search"]} if params["mode"] == "tree_ah" else {}
+        # ScaNN's own wrapper maps its row numbers to docids in a Python loop (a third of the time of a fast batched
+        # search): call the searcher underneath and map them with a numpy array instead.
+        parallel = len(queries) >= _PARALLEL_QUERIES
+        rows, distances = self._searcher.searcher.search_batched(
+            queries, k, -1 if pre_reorder is None else pre_reorder, leaves.get("leaves_to_search", -1), parallel,
+            256 if parallel else 0)
+        docids = self._docid_array()
+        rows = np.asarray(rows, dtype=np.int64).reshape(len(queries), k)
+        ids = docids[np.clip(rows, 0, len(docids) - 1)]
         scores = np.asarray(distances, dtype=np.float32).reshape(len(queries), k)
         if self.metric == "euclidean":
             scores = -np.maximum(scores, 0)
-        missing = np.isnan(scores)  # ScaNN pads with NaN distances when it found fewer than k
+        missing = np.isnan(scores) | (rows < 0) | (rows >= len(docids))  # ScaNN pads with NaN when it found < k
         ids[missing], scores[missing] = -1, -np.inf
         return scores, ids
 
+    def _docid_array(self) -> np.ndarray:
+        """The searcher's docids (row -> id) as an int64 array, rebuilt after mutations."""
+        if self._docid_map is None or self._docid_map[0] is not self._searcher:
+            self._docid_map = (self._searcher, np.asarray(self._searcher.docids, dtype=np.int64))
+        return self._docid_map[1]
+
     def _after_add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
+        self._docid_map = None
         if self._searcher is not None:
             self._searcher.upsert(ids.tolist(), prepared)
             self._count_mutations(len(ids))
 
     def _after_delete(self, ids: np.ndarray) -> None:
+        self._docid_map = None
         if self._searcher is not None:
             if len(self) == 0:
                 self._searcher, self._built = None, {}
@@ -545,7 +650,7 @@ class ScannIndex(Index):
     def _count_mutations(self, count: int) -> None:
         self._built["mutations"] += count
         too_many = self._built["mutations"] > self.rebuild_fraction * self._built["size"]
-        auto_mode = scann_params(len(self), self.dim, self.metric)["mode"]
+        auto_mode = scann_params(len(self), self.dim, self.metric, target_recall=self.target_recall)["mode"]
         if too_many or (self.params is None and auto_mode != self._built["params"]["mode"]):
             logger.info("%d mutations since ScaNN was trained on %d vectors: retraining at the next search",
                         self._built["mutations"], self._built["size"])
@@ -591,7 +696,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
       ids: n unique non-negative integers; default 0..n-1.
       metric: one of `METRICS`.
       backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact).
-      **options: backend options (`ScannIndex`: params, rebuild_fraction).
+      **options: backend options (`ScannIndex`: params, rebuild_fraction, target_recall); with "auto" and no scann
+        installed they are ignored (logged).
 
     Raises:
       ValueError: unknown backend or option, bad vectors or ids.
@@ -607,6 +713,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
         except ImportError:
             logger.info("scann is not installed: using the exact index")
             backend = "exact"
+            if options:
+                logger.warning("the exact index ignores the ScaNN options %s", sorted(options))
+                options = {}
     if backend not in _BACKENDS:
         raise ValueError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(_BACKENDS)}")
     index = _BACKENDS[backend](vectors.shape[1], metric=metric, **options)
