@@ -152,3 +152,28 @@ class _Labels:
 
     def __init__(self, labels):
         self.labels = labels
+
+
+def test_end_to_end_training_on_images(image_dir, tmp_path):
+    from tf_retrieval.backbones import build_backbone
+    from tf_retrieval.data import image_folder
+    from tf_retrieval.embedder import Embedder
+    from tf_retrieval.train import ImageInputs, cache_inputs
+
+    collection = image_folder(image_dir, progress=False)
+    config = TrainConfig(backbone="efficientnet_lite0", image_size=32, train_from="images", embedding_dim=8,
+                         hidden_dim=16, classes_per_batch=3, images_per_class=2, epochs=1, steps_per_epoch=2,
+                         validation_fraction=0.34)
+    inputs = cache_inputs(config, collection, workdir=str(tmp_path / "work"))
+    assert isinstance(inputs, ImageInputs) and inputs.shape == (18, 32, 32, 3)
+    assert inputs[[0, 5]].shape == (2, 32, 32, 3) and len(inputs.subset(np.arange(4))) == 4
+    protocol = Protocol("cifar10-2", collection, train=np.arange(18), database=np.arange(18), queries=None)
+    result = train(config, str(tmp_path / "run"), workdir=str(tmp_path / "work"), protocol=protocol, verbose=0)
+    trained = build_backbone("efficientnet_lite0", 32, "avg", result.model_config.weights)
+    untouched = build_backbone("efficientnet_lite0", 32, "avg", "imagenet")
+    changed = {a.path.split("/")[-2] for a, b in zip(trained.weights, untouched.weights)
+               if not np.array_equal(np.asarray(a), np.asarray(b))}
+    assert {"stem_conv", "block0_dw_conv", "head_conv"} <= changed  # the whole trunk trained ...
+    assert not any(name.endswith("_bn") for name in changed)  # ... with batch normalisation frozen
+    served = Embedder(result.model_config).embed_bytes([collection.read_bytes(i) for i in range(18)])
+    np.testing.assert_allclose(served, run_embedder(config, result.model_config)(inputs), atol=1e-4)

@@ -7,6 +7,7 @@ computed from cached features, so re-running `tfr compare` regenerates the repor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import numpy as np
 
 from tf_retrieval.evaluate import embed_collection, evaluate_protocol, make_record, records_markdown
 from tf_retrieval.protocols import Protocol, load_protocol
-from tf_retrieval.train import cache_inputs, load_run, run_embedder
+from tf_retrieval.train import END_TO_END, cache_inputs, load_run, run_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,13 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = train_config.base_model()
     base_features = embed_collection(protocol.collection, base, workdir=workdir)
-    inputs = base_features if not train_config.train_from else cache_inputs(train_config, protocol.collection,
-                                                                             workdir=workdir)
-    embed = run_embedder(train_config, model_config)
+    if train_config.train_from == END_TO_END:  # the trained backbone over the collection (cached), then the head
+        inputs = embed_collection(protocol.collection, dataclasses.replace(model_config, head=None), workdir=workdir)
+        embed = run_embedder(dataclasses.replace(train_config, train_from=None), model_config)
+    else:
+        inputs = base_features if not train_config.train_from else cache_inputs(train_config, protocol.collection,
+                                                                                 workdir=workdir)
+        embed = run_embedder(train_config, model_config)
     metric = "dot" if train_config.hash_bits else "cosine"  # +-1 codes: dot product ranks as Hamming distance
     result = json.load(open(os.path.join(run_dir, "result.json")))
     extra = {"run": os.path.basename(os.path.normpath(run_dir)), "dataset": protocol.collection.name}
@@ -131,7 +136,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
               "train s | val MAP@R |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         c = r["config"]
-        trains = f"top from `{c['train_from']}` + head" if c["train_from"] else "head"
+        trains = {None: "head", END_TO_END: "end to end"}.get(c["train_from"], f"top from `{c['train_from']}` + head")
         dim = f"{c['hash_bits']} bits" if c.get("hash_bits") else c["embedding_dim"]
         lines.append(f"| {name} | {r['protocol']} | {trains} | {dim} | {c['mining']} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "

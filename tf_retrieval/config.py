@@ -81,7 +81,8 @@ class TrainConfig(JsonConfig):
       source: dataset source for the protocol (default: the tfds dataset of its family).
       name: model name of the result (also its TF Serving name).
       backbone, image_size, pooling, weights: the frozen backbone (see `ModelConfig`).
-      train_from: trunk layer whose activations are cached and from which the top trains; None = head only.
+      train_from: trunk layer whose activations are cached and from which the top trains; None = head only;
+        "images" = end to end on augmented images (GPU advised).
       embedding_dim, hidden_dim, dropout: head sizes (see `heads.build_head`).
       hash_bits: train a hashing head with this many bits instead of a float embedding.
       mining: triplet mining: "semihard", "hard" or "batch-all".

@@ -4,7 +4,9 @@ Two depths, one code path:
 
 - head only (`train_from=None`): the Siamese head trains on cached pooled features (seconds per epoch on a CPU);
 - top of the backbone (`train_from="block14_add"`, ...): the backbone's activations at that layer are cached once, and
-  the trunk's top blocks + pooling + head train on them (the costly bottom never runs again).
+  the trunk's top blocks + pooling + head train on them (the costly bottom never runs again);
+- end to end (`train_from="images"`): the whole backbone (batch norm frozen) + head train on decoded images with random
+  flips and translations. Meant for a GPU; it runs on a CPU too, slowly.
 
 Batches are class-balanced (P classes x K images) so every batch holds positives for the triplet mining. Each epoch ends
 with the validation MAP@R (leave-one-out on a held-out part of the protocol's training set: whole classes when there
@@ -32,6 +34,43 @@ from tf_retrieval.protocols import Protocol
 logger = logging.getLogger(__name__)
 
 VAL_METRIC = "val_map_at_r"
+END_TO_END = "images"
+
+
+class ImageInputs:
+    """Images of a collection decoded and resized on demand: the "cache" of end-to-end training.
+
+    Indexing with positions (an array, a list or a slice) returns float32 pixels [n, s, s, 3]; `subset` keeps it lazy.
+    """
+
+    def __init__(self, collection, image_size: int, positions: np.ndarray | None = None):
+        self.collection, self.image_size = collection, int(image_size)
+        self.positions = np.arange(len(collection)) if positions is None else np.asarray(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), self.image_size, self.image_size, 3)
+
+    def subset(self, positions) -> ImageInputs:
+        return ImageInputs(self.collection, self.image_size, self.positions[positions])
+
+    def __getitem__(self, positions) -> np.ndarray:
+        from tf_retrieval.data import decode_image, resize_and_crop
+
+        chosen = np.atleast_1d(self.positions[positions])
+        return np.stack([resize_and_crop(decode_image(self.collection.read_bytes(int(i))), self.image_size).numpy()
+                         for i in chosen]).astype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def _take(inputs, positions):
+    """inputs[positions], lazily for `ImageInputs`."""
+    return inputs.subset(positions) if isinstance(inputs, ImageInputs) else inputs[positions]
 
 
 @dataclasses.dataclass
@@ -99,13 +138,16 @@ def map_at_r(embeddings: np.ndarray, labels: np.ndarray) -> float:
 def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
                  progress: bool = True) -> np.ndarray:
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
-    activations at `config.train_from` (float16), cached under `<workdir>/features`."""
+    activations at `config.train_from` (float16), cached under `<workdir>/features`; for end-to-end training, the
+    images themselves (`ImageInputs`, decoded on demand)."""
     from tf_retrieval.backbones import backbone_id, build_backbone
     from tf_retrieval.evaluate import embed_collection
     from tf_retrieval.features import extract_features
     from tf_retrieval.heads import split_backbone
 
     base = config.base_model()
+    if config.train_from == END_TO_END:
+        return ImageInputs(collection, base.image_size)
     if not config.train_from:
         return embed_collection(collection, base, workdir=workdir, batch_size=batch_size, progress=progress)
     backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
@@ -119,12 +161,22 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
     """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only."""
     from tf_retrieval.backbones import build_backbone
     from tf_retrieval.export import L2Normalize
-    from tf_retrieval.heads import build_head, split_backbone
+    from tf_retrieval.heads import build_head, split_backbone, trunk_of
 
     keras.utils.set_random_seed(config.seed)
     inputs = keras.Input(input_shape, name="inputs")
     x, backbone = inputs, None
-    if config.train_from:
+    if config.train_from == END_TO_END:
+        base = config.base_model()
+        backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
+        backbone.trainable = True  # recursive: then batch normalisation is frozen again (small batches)
+        for layer in trunk_of(backbone).layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+        x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="flip")(x)
+        x = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=config.seed, name="shift")(x)
+        x = backbone(x)
+    elif config.train_from:
         base = config.base_model()
         backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
         _, top = split_backbone(backbone, config.train_from)
@@ -189,7 +241,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     os.makedirs(run_dir, exist_ok=True)
     best_path = os.path.join(run_dir, "best.weights.h5")
     callbacks = [
-        ValidationMapAtR(inputs[val_pos], labels[val_pos]),
+        ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos]),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
@@ -198,7 +250,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         *(extra_callbacks or []),
     ]
-    batches = BalancedBatches(inputs[train_pos], labels[train_pos], config)
+    batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config)
     history = model.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
     if os.path.exists(best_path):
         model.load_weights(best_path)
@@ -231,7 +283,8 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     os.makedirs(run_dir, exist_ok=True)
     config.save(os.path.join(run_dir, "train_config.json"))
     labels = protocol.collection.labels
-    _, backbone, head, history = fit(config, inputs[protocol.train], labels[protocol.train], run_dir, verbose=verbose)
+    _, backbone, head, history = fit(config, _take(inputs, protocol.train), labels[protocol.train], run_dir,
+                                     verbose=verbose)
 
     head_path = _save_with_digest(head.save, run_dir, f"{config.name}-head", ".keras")
     weights = config.weights
@@ -281,7 +334,10 @@ def run_embedder(config: TrainConfig, model_config: ModelConfig) -> Callable[[np
 
     head = keras.models.load_model(model_config.head)
     layers = [head]
-    if config.train_from:
+    if config.train_from == END_TO_END:
+        layers.insert(0, build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
+                                        model_config.weights))
+    elif config.train_from:
         backbone = build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
                                   model_config.weights)
         layers.insert(0, split_backbone(backbone, config.train_from)[1])
