@@ -497,7 +497,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     command = "tfr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     records = compare(args.runs, args.out, workdir=_workdir(args), command=command, expand=args.expand,
-                      alpha=args.alpha)
+                      alpha=args.alpha, label=args.label)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
     if args.records:
         merge_records(args.records, records)
@@ -643,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--records", help="also merge the records into this JSON list (benchmarks/results/retrieval.json)")
     compare.add_argument("--expand", type=int, default=5, help="α query expansion over the top-k (0: off)")
     compare.add_argument("--alpha", type=float, default=3.0)
+    compare.add_argument("--label", default="finetuned", help="model name of the trained runs in the records "
+                         "(e.g. 'tuned' for a configuration from tfr tune)")
     compare.set_defaults(run=cmd_compare)
     return parser
 

@@ -37,10 +37,11 @@ def protocol_vectors(protocol: Protocol, features: np.ndarray, embed=None) -> tu
 
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
                 grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
-                baseline_cache: dict | None = None) -> list[dict]:
+                baseline_cache: dict | None = None, label: str = "finetuned") -> list[dict]:
     """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
 
     `baseline_cache` (a dict shared between runs) keeps baseline scores, so runs on the same protocol rank it once.
+    `label` names the trained model in the records ("finetuned"; "tuned" for a configuration found by `tfr tune`).
     """
     baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config = load_run(run_dir)
@@ -59,7 +60,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     extra = {"run": os.path.basename(os.path.normpath(run_dir)), "dataset": protocol.collection.name}
     records, curves, spaces = [], {}, {}
     for model, features, fn, rank_metric in (("baseline", base_features, None, "cosine"),
-                                            ("finetuned", inputs, embed, metric)):
+                                            (label, inputs, embed, metric)):
         variants = [(None, 0)] + ([(QE_VARIANT, expand)] if expand and protocol.queries is not None else [])
         for variant, k in variants:
             start = time.perf_counter()
@@ -75,7 +76,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
                                  command=command, model=model, pr_curve=curve, queries=int(metrics["queries"]), **extra)
             if variant:
                 record.update(variant=variant, expand=k, alpha=alpha)
-            if model == "finetuned":
+            if model == label:
                 record.update(train_from=train_config.train_from, train_seconds=result["seconds"],
                               train_epochs=result["epochs"], validation_map_at_r=round(result["best_map_at_r"], 4),
                               config=train_config.to_dict())
@@ -90,12 +91,12 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
     plot_embedding_maps(spaces, protocol, f"{stem}-map.png", seed=seed)
     plot_query_grids(spaces, protocol, f"{stem}-grid.png", queries=grid_queries, seed=seed,
-                     metrics={"baseline": "cosine", "finetuned": metric})
+                     metrics={"baseline": "cosine", label: metric})
     return records
 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
-            alpha: float = 3.0) -> list[dict]:
+            alpha: float = 3.0, label: str = "finetuned") -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
     Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records), so
@@ -105,7 +106,7 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
-                               baseline_cache=baseline_cache)
+                               baseline_cache=baseline_cache, label=label)
     report_path = os.path.join(out_dir, "report.json")
     earlier = []
     if os.path.exists(report_path):
@@ -130,7 +131,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
              records_markdown(rows), ""]
     runs = {}
     for r in records:
-        if r["model"] == "finetuned" and not r.get("variant"):
+        if r["model"] != "baseline" and not r.get("variant"):
             runs[r["run"]] = r
     lines += ["## Fine-tuned models", "", "| run | protocol | trains | dim | mining | margin | lr | epochs | "
               "train s | val MAP@R |", "|---|---|---|---|---|---|---|---|---|---|"]
