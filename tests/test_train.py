@@ -90,6 +90,27 @@ def test_head_training_beats_raw_features(mining, rng, tmp_path):
     assert tuned > raw + 0.2, (raw, tuned)
 
 
+def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
+    import subprocess
+    import sys
+
+    features, labels = nuisance_features(rng)
+    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=None)
+    config = TrainConfig(embedding_dim=8, hidden_dim=16, epochs=1, steps_per_epoch=2, classes_per_batch=6,
+                         images_per_class=4, validation_fraction=0.25)
+    head_path = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0).model_config.head
+    np.save(tmp_path / "x.npy", features[:3])
+    # nothing but the public path a CLI command takes: the custom layers must register themselves
+    code = ("import sys, numpy as np; from tf_retrieval.config import ModelConfig; "
+            "from tf_retrieval.evaluate import head_function; "
+            "out = head_function(ModelConfig(head=sys.argv[1]))(np.load(sys.argv[2])); print(out.shape)")
+    done = subprocess.run([sys.executable, "-c", code, head_path, str(tmp_path / "x.npy")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(3, 8)"
+
+
 def test_hashing_head_gives_binary_codes(rng, tmp_path):
     features, labels = nuisance_features(rng)
     protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),

@@ -303,7 +303,8 @@ def _demo_engine(args: argparse.Namespace, config: ModelConfig, bundle: str, dat
 
 
 def _finetuned_run(args: argparse.Namespace) -> ModelConfig | None:
-    """The model of --finetuned RUN, else of the newest finished CIFAR-10 float-embedding run under <workdir>/runs."""
+    """The model of --finetuned RUN, else of the newest finished CIFAR-10 float-embedding run under <workdir>/runs
+    (cifar10-2 runs first: they train on the whole train split the demo indexes)."""
     import glob
 
     from tf_retrieval.train import load_run
@@ -317,8 +318,8 @@ def _finetuned_run(args: argparse.Namespace) -> ModelConfig | None:
         except (ValueError, OSError):
             continue
         if train_config.protocol.startswith("cifar10") and not train_config.hash_bits:
-            candidates.append((os.path.getmtime(path), model_config))
-    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+            candidates.append((train_config.protocol == "cifar10-2", os.path.getmtime(path), model_config))
+    return max(candidates, key=lambda c: c[:2])[2] if candidates else None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -14,13 +14,12 @@ logger = logging.getLogger(__name__)
 
 def build_model(config: ModelConfig):
     """The keras model of `config`: pixels [n, s, s, 3] in 0..255 -> L2-normalised embeddings [n, d]."""
-    import keras
-
     from tf_retrieval.backbones import build_backbone
     from tf_retrieval.export import build_embedding_model
+    from tf_retrieval.heads import load_head
 
     backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
-    head = keras.models.load_model(config.head) if config.head else None
+    head = load_head(config.head) if config.head else None
     return build_embedding_model(backbone, head)
 
 

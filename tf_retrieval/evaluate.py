@@ -180,9 +180,9 @@ def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray] | N
     """The trained head of `config` as a features -> embeddings function, or None for the baseline."""
     if not config.head:
         return None
-    import keras
+    from tf_retrieval.heads import load_head
 
-    head = keras.models.load_model(config.head)
+    head = load_head(config.head)
     return lambda features: head.predict(features, batch_size=1024, verbose=0)
 
 

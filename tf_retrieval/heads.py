@@ -10,6 +10,8 @@ backbone is then saved as an ordinary weights file that `build_backbone(weights=
 """
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 
@@ -63,6 +65,13 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
     else:
         outputs = L2Normalize(name="embedding")(keras.layers.Dense(embedding_dim, name="projection")(x))
     return keras.Model(features, outputs, name=name)
+
+
+def load_head(path: str) -> keras.Model:
+    """A head saved by training (`.keras`); importing this module registers its custom layers for deserialisation."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"head file not found: {path}")
+    return keras.models.load_model(path, compile=False)
 
 
 def binarize(codes: np.ndarray) -> np.ndarray:

@@ -330,9 +330,9 @@ def run_embedder(config: TrainConfig, model_config: ModelConfig) -> Callable[[np
     """Maps the run's cached inputs (see `cache_inputs`) to its embeddings: (top blocks +) head, then binarised codes
     for a hashing head."""
     from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.heads import binarize, split_backbone
+    from tf_retrieval.heads import binarize, load_head, split_backbone
 
-    head = keras.models.load_model(model_config.head)
+    head = load_head(model_config.head)
     layers = [head]
     if config.train_from == END_TO_END:
         layers.insert(0, build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
