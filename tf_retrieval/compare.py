@@ -123,7 +123,14 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
 
 def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     """The report: metric table, what each fine-tuned model is, and the figures."""
-    rows = [{**r, "model": r["model"] + (f" + {r['variant']}" if r.get("variant") else "")} for r in records]
+    rows, seen_baselines = [], set()
+    for r in records:  # a protocol's baseline once, however many runs share it
+        key = (r["protocol"], r.get("variant"), r["image_size"], r["pooling"])
+        if r["model"] == "baseline" and key in seen_baselines:
+            continue
+        if r["model"] == "baseline":
+            seen_baselines.add(key)
+        rows.append({**r, "model": r["model"] + (f" + {r['variant']}" if r.get("variant") else "")})
     lines = ["# Baseline vs fine-tuned", "",
              "Frozen ImageNet backbone (baseline) against the triplet-loss fine-tuned model on the same protocol "
              "(DESIGN.md §2). Exact ranking, relevance = same class. `alpha-qe` = α query expansion "
