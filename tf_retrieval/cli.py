@@ -102,7 +102,7 @@ def _bundle_dir(args: argparse.Namespace, name: str) -> str:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """Embeds a collection and saves the vectors (.npy) with their ids (.ids.txt)."""
-    from tf_retrieval.evaluate import embed_collection, head_function
+    from tf_retrieval.evaluate import embed_with_model
 
     config = _model_config(args)
     collection = _load_collection(args)
@@ -113,9 +113,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         embeddings = np.concatenate([client.embed_bytes([collection.read_bytes(i) for i in range(s, min(s + 64, len(collection)))])
                                      for s in range(0, len(collection), 64)])
     else:
-        features = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
-        head = head_function(config)
-        embeddings = head(features) if head else features
+        embeddings = embed_with_model(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
         embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     np.save(args.out, embeddings.astype(np.float32))
     ids_path = os.path.splitext(args.out)[0] + ".ids.txt"
@@ -138,13 +136,11 @@ def cmd_index(args: argparse.Namespace) -> None:
     if not args.dataset:
         raise ValueError("--dataset is required to build an index (or give --add / --delete to change one)")
     from tf_retrieval.engine import build_bundle
-    from tf_retrieval.evaluate import embed_collection, head_function
+    from tf_retrieval.evaluate import embed_with_model
 
     config = _model_config(args)
     collection = _load_collection(args)
-    features = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
-    head = head_function(config)
-    embeddings = head(features) if head else features
+    embeddings = embed_with_model(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
     name = args.name or config.name
     bundle = os.path.join(_workdir(args), "indexes", name)
     options = {} if args.target_recall is None else {"target_recall": args.target_recall}
@@ -157,7 +153,7 @@ def _update_index(args: argparse.Namespace) -> None:
     """`tfr index --add/--delete`: embeds the new images with the bundle's model and updates the bundle in place."""
     from tf_retrieval.data import load_dataset
     from tf_retrieval.engine import pending_images, update_bundle
-    from tf_retrieval.evaluate import embed_collection, head_function
+    from tf_retrieval.evaluate import embed_with_model
 
     if args.dataset:
         raise ValueError("--dataset builds a new index, --add / --delete change an existing one: give one or the other")
@@ -178,9 +174,7 @@ def _update_index(args: argparse.Namespace) -> None:
         embeddings = np.zeros((0, 1), np.float32)
         if len(add):
             config = ModelConfig.load(os.path.join(bundle, "model.json"))
-            features = embed_collection(add, config, workdir=_workdir(args), batch_size=args.batch_size)
-            head = head_function(config)
-            embeddings = head(features) if head else features
+            embeddings = embed_with_model(add, config, workdir=_workdir(args), batch_size=args.batch_size)
     result = update_bundle(bundle, add=add, embeddings=embeddings, delete=args.delete or ())
     note = f" ({already} already indexed)" if already else ""
     print(f"{bundle}: added {len(result['added'])} image(s){note}, deleted {len(result['deleted'])}; "
@@ -284,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def _demo_engine(args: argparse.Namespace, config: ModelConfig, bundle: str, database):
     """The demo's engine for `config`: loaded from `bundle`, or built (and saved there) from `database`."""
     from tf_retrieval.engine import RetrievalEngine, build_bundle
-    from tf_retrieval.evaluate import embed_collection, head_function
+    from tf_retrieval.evaluate import embed_with_model
 
     if os.path.exists(os.path.join(bundle, "catalog.json")):
         try:
@@ -296,10 +290,8 @@ def _demo_engine(args: argparse.Namespace, config: ModelConfig, bundle: str, dat
         except ValueError as exc:
             print(f"rebuilding {bundle}: {exc}")
     print(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
-    features = embed_collection(database, config, workdir=_workdir(args), batch_size=args.batch_size)
-    head = head_function(config)
-    return build_bundle(bundle, config, database, head(features) if head else features, source="cifar10",
-                        data_dir=args.data_dir)
+    embeddings = embed_with_model(database, config, workdir=_workdir(args), batch_size=args.batch_size)
+    return build_bundle(bundle, config, database, embeddings, source="cifar10", data_dir=args.data_dir)
 
 
 def _finetuned_run(args: argparse.Namespace) -> ModelConfig | None:

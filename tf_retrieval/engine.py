@@ -408,7 +408,8 @@ def delete_images(bundle_dir: str, ids: Sequence[str]) -> dict:
 
 def _save_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelConfig) -> None:
     """Writes index + catalog (+ copies of the bundle's other files) to a temp folder and swaps it in for the bundle."""
-    from tf_retrieval.index import _fsync_dir, _replace_dir  # the same atomic swap as `Index.save`
+    # the same durable, atomic swap as `Index.save`
+    from tf_retrieval.index import _fsync_dir, _fsync_tree, _replace_dir, _write_json_synced
 
     bundle_dir = os.path.abspath(bundle_dir)
     parent, name = os.path.split(bundle_dir)
@@ -423,15 +424,8 @@ def _save_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelConf
             else:
                 shutil.copy2(source, os.path.join(tmp, entry))
         index.save(os.path.join(tmp, "index"), model_id=config.model_id())
-        for folder, _, files in os.walk(tmp):
-            for file in files:
-                with open(os.path.join(folder, file), "rb") as f:
-                    os.fsync(f.fileno())
-        with open(os.path.join(tmp, "catalog.json"), "w") as f:
-            json.dump(catalog, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        _write_json_synced(os.path.join(tmp, "catalog.json"), catalog)
+        _fsync_tree(tmp)  # the copied files too
         _replace_dir(tmp, bundle_dir)
         _fsync_dir(parent)
     finally:

@@ -186,6 +186,14 @@ def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray] | N
     return lambda features: head.predict(features, batch_size=1024, verbose=0)
 
 
+def embed_with_model(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
+                     progress: bool = True) -> np.ndarray:
+    """The embeddings of `config` for every image of `collection`: cached backbone features, then its head if any."""
+    features = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    head = head_function(config)
+    return head(features) if head else features
+
+
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
                    metric: str = "cosine", batch_size: int = 64, command: str = "", model: str | None = None,
                    progress: bool = True) -> dict:

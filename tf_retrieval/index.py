@@ -246,10 +246,7 @@ class Index(abc.ABC):
                     "count": len(self), "model_id": model_id,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "files": _sync_and_hash_tree(tmp), "config": self.get_config(), "extra": extra or {}}
-            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_json_synced(os.path.join(tmp, MANIFEST), manifest, indent=1)
             _fsync_dir(tmp)
             _replace_dir(tmp, directory)
             _fsync_dir(parent)
@@ -770,6 +767,26 @@ def _sync_and_hash_tree(root: str) -> dict[str, str]:
             files[os.path.relpath(path, root).replace(os.sep, "/")] = _sha256(path, fsync=True)
         _fsync_dir(folder)
     return dict(sorted(files.items()))
+
+
+def _fsync_tree(root: str) -> None:
+    """fsyncs every file and folder under root (without reading them, unlike `_sync_and_hash_tree`)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _write_json_synced(path: str, value, **dump_options) -> None:
+    """Writes `value` as JSON to `path` and fsyncs it (the file is part of a folder about to be swapped in)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, **dump_options)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
