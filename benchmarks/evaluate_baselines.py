@@ -18,6 +18,8 @@ import shlex
 import sys
 import time
 
+from tf_retrieval.storage import write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -51,9 +53,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.data import load_dataset
-    from tf_retrieval.evaluate import embed_collection, evaluate_protocol, make_record, merge_records, records_markdown
-    from tf_retrieval.protocols import dataset_family, make_protocol
+    from tf_retrieval.data.images import load_dataset
+    from tf_retrieval.evaluation.evaluate import (RECORD_KEY, embed_collection, evaluate_protocol, make_record,
+                                                  records_markdown)
+    from tf_retrieval.data.protocols import dataset_family, make_protocol
+    from tf_retrieval.storage import RecordStore
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     configs = [] if args.random_only else [
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     sources = {"cifar10": "cifar10", "flowers": flowers_source()}
     collections = {}
     records = []
+    store = RecordStore(os.path.join(RESULTS, "retrieval.json"), RECORD_KEY)
     for config in configs:
         for family in ("cifar10", "flowers"):
             names = [p for p in args.protocols if dataset_family(p) == family]
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
                                      queries=int(metrics["queries"]), pr_curve=curve)
                 records.append(record)
                 logging.info("%s: %s", name, {k: metrics[k] for k in ("mAP", "MAP@R", "R@1")})
-                merged = merge_records(os.path.join(RESULTS, "retrieval.json"), [record])
+                merged = store.merge([record])
                 write_markdown(merged, records_markdown)
     return 0
 
@@ -98,13 +103,12 @@ def write_markdown(records, records_markdown) -> None:
     lines = ["# Retrieval quality", "",
              "Written by `benchmarks/evaluate_baselines.py` (baselines) and the training/compare commands (fine-tuned).",
              "Exact exhaustive ranking; relevance = same class; CIFAR-10 is the JPEG copy described in the data notes.",
-             "Protocols: see DESIGN.md §2 and `tf_retrieval/protocols.py`. `s` = seconds to rank and score (features cached).", "",
+             "Protocols: see DESIGN.md §2 and `tf_retrieval/data/protocols.py`. `s` = seconds to rank and score (features cached).", "",
              records_markdown(records), ""]
     machines = sorted({r.get("machine", "?") for r in records})
     commands = sorted({r.get("command", "?") for r in records})
     lines += ["Machine(s): " + "; ".join(machines), "", "Commands:", ""] + [f"    {c}" for c in commands] + [""]
-    with open(os.path.join(RESULTS, "retrieval.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_text(os.path.join(RESULTS, "retrieval.md"), "\n".join(lines))
 
 
 if __name__ == "__main__":

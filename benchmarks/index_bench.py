@@ -3,7 +3,7 @@
 For each size n (vectors of dimension --dim, cosine similarity) every system is built on the same database and asked the
 same held-out queries:
 
-- ``exact``: `tf_retrieval.index.ExactIndex` (numpy float32 matmul in bounded-memory chunks; the product's ground truth);
+- ``exact``: `tf_retrieval.search.index.ExactIndex` (numpy float32 matmul in bounded-memory chunks; the product's ground truth);
 - ``faiss-flat``: FAISS IndexFlatIP (exact, BLAS), a second exact baseline;
 - ``scann-auto``: `ScannIndex` with `scann_params(n)`, what `tfr index` builds (brute force below 20k points), at the
   default settings and at each `--targets` recall of `scann_params(..., target_recall=)`;
@@ -42,8 +42,8 @@ new points are added and 10% of the old ones deleted through ScaNN's mutation AP
 retraining threshold); its recall is compared with an index rebuilt from scratch on the same final set
 (systems ``scann-updated`` / ``scann-rebuilt``).
 
-Writes benchmarks/results/index.json (merged: a run replaces the earlier records of the same dataset and n), index.md
-and index_recall_qps.png. Run it on an otherwise idle machine; record what else ran.
+Writes benchmarks/results/index.json (merged: a record replaces the earlier one of the same dataset, n, system and
+settings), index.md and index_recall_qps.png. Run it on an otherwise idle machine; record what else ran.
 
     python benchmarks/index_bench.py --sizes 10000                        # quick check, well under a minute
     python benchmarks/index_bench.py --sizes 10000 100000 --features artifacts/features/<cifar10 embeddings>.npy
@@ -72,9 +72,23 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from tf_retrieval.storage import RecordStore, write_text  # noqa: E402 -- after the path
+
 RESULTS = os.path.join(HERE, "results")
 STOP_RECALL = 0.99  # a sweep stops once recall@10 reaches this
 UPDATE_SYSTEMS = ("scann-updated", "scann-rebuilt")
+MEASURED_PARAMS = ("update_s", "mutations")  # outcomes recorded in params, not settings
+
+
+class IndexRecords(RecordStore):
+    """index.json: one record per dataset, n, system and settings (`params` without `MEASURED_PARAMS`)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, key=("dataset", "n", "system", "params"))
+
+    def key_of(self, record: dict) -> tuple:
+        settings = {k: v for k, v in record["params"].items() if k not in MEASURED_PARAMS}
+        return record["dataset"], record["n"], record["system"], json.dumps(settings, sort_keys=True)
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -284,14 +298,14 @@ class Runner:
 
 
 def run_exact(r: Runner) -> None:
-    from tf_retrieval.index import build_index
+    from tf_retrieval.search.index import build_index
 
     r.run("exact", lambda: build_index(r.database, backend="exact"), lambda idx, q, k: idx.search(q, k)[1],
           lambda idx: (idx._vectors.nbytes + idx._ids.nbytes) / 2**20, lambda idx: {"implementation": "numpy matmul"})
 
 
 def run_scann(r: Runner) -> None:
-    from tf_retrieval.index import ScannIndex, scann_params
+    from tf_retrieval.search.index import ScannIndex, scann_params
 
     n = r.n
 
@@ -408,7 +422,7 @@ def run_faiss(r: Runner) -> None:
 
 def run_updates(r: Runner, new_points: Callable[[int], np.ndarray]) -> None:
     """10% adds + 10% deletes through ScaNN's mutation API vs a rebuild on the same final set."""
-    from tf_retrieval.index import ExactIndex, ScannIndex
+    from tf_retrieval.search.index import ExactIndex, ScannIndex
 
     n, change = r.n, max(1, r.n // 10)
     args = argparse.Namespace(**{**vars(r.args), "min_recall": 0.0})  # always record both
@@ -537,8 +551,7 @@ def write_markdown(records: list[dict], path: str, target: float) -> None:
         lines.append(f"| {x['dataset'].split(' (')[0]} | {x['n']:,} | {x['system']} | {_short(x['params'])} | "
                      f"{x['recall@1']:.4f} | {x['recall@10']:.4f} | {x['recall@100']:.4f} | {x['qps_batch']:,.0f} | "
                      f"{x['ms_single_p50']:.3f} | {x['ms_single_p99']:.3f} | {x['build_s']:.1f} | {x['mem_mb']:.0f} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def plot(records: list[dict], path: str, target: float) -> None:
@@ -606,7 +619,7 @@ def plot(records: list[dict], path: str, target: float) -> None:
 
 
 def machine() -> str:
-    from tf_retrieval.evaluate import machine_description
+    from tf_retrieval.evaluation.evaluate import machine_description
 
     model = ""
     try:
@@ -656,7 +669,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
 
-    from tf_retrieval.index import ExactIndex
+    from tf_retrieval.search.index import ExactIndex
 
     common = {"command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/index_bench.py"] + sys.argv[1:]),
               "machine": machine(), "date": datetime.date.today().isoformat(), "versions": versions(),
@@ -685,18 +698,9 @@ def main(argv=None) -> int:
             del database, runner
             gc.collect()
 
-    os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, "index.json")
-    previous = []
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            previous = json.load(f)
-    replaced = {(x["dataset"], x["n"]) for x in records}
-    merged = [x for x in previous if (x["dataset"], x["n"]) not in replaced] + records
-    merged.sort(key=lambda x: (not x["dataset"].startswith("synthetic"), x["dataset"], x["n"], x["system"]))
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
+    merged = sorted(IndexRecords(json_path).merge(records),
+                    key=lambda x: (not x["dataset"].startswith("synthetic"), x["dataset"], x["n"], x["system"]))
     write_markdown(merged, os.path.join(args.out_dir, "index.md"), args.target)
     plot(merged, os.path.join(args.out_dir, "index_recall_qps.png"), args.target)
     print("\n".join(summary(records, args.target)))

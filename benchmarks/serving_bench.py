@@ -1,9 +1,10 @@
 """Served (gRPC, TF Serving protocol) against in-process embedding throughput and latency.
 
-Exports the embedder as a SavedModel, starts `python -m serving` on it in a separate process (as deployed), then sends
-the same JPEG batches (a) straight to the loaded SavedModel's `serving_default` signature in this process and (b) through
-`serving.client.EmbeddingClient` over loopback gRPC, from `concurrency` threads. Writes benchmarks/results/serving.json
-(the headline: batch 32, the highest concurrency, plus every configuration under "runs") and serving.md.
+Exports the embedder as a SavedModel, starts `python -m tf_retrieval.serving` (gRPC only) on it in a separate process
+(as deployed), then sends the same JPEG batches (a) straight to the loaded SavedModel's `serving_default` signature in
+this process and (b) through `tf_retrieval.serving.client.EmbeddingClient` over loopback gRPC, from `concurrency`
+threads. Writes benchmarks/results/serving.json (the headline: batch 32, the highest concurrency, plus every
+configuration under "runs") and serving.md.
 
     python benchmarks/serving_bench.py                      # EfficientNet-Lite0 ImageNet at 96 px, CIFAR-10 test JPEGs
 """
@@ -22,6 +23,8 @@ import time
 
 import numpy as np
 
+from tf_retrieval.storage import write_json, write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -29,7 +32,7 @@ RESULTS = os.path.join(HERE, "results")
 def query_images(count: int) -> tuple[list[bytes], str]:
     """CIFAR-10 test JPEGs through tfds when available, else generated JPEGs of the same size."""
     try:
-        from tf_retrieval.data import load_tfds
+        from tf_retrieval.data.images import load_tfds
 
         collection = load_tfds("cifar10", splits=["test"])
         return [collection.read_bytes(i) for i in range(count)], "cifar10 test (32 px JPEG)"
@@ -66,8 +69,9 @@ def measure(call, batches: list[list[bytes]], concurrency: int) -> tuple[float, 
 
 def start_server(base_dir: str) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    process = subprocess.Popen([sys.executable, "-m", "serving", "--model_base_path", base_dir, "--port", "0",
-                                "--file_system_poll_wait_seconds", "0", "--max_workers", "16"],
+    process = subprocess.Popen([sys.executable, "-m", "tf_retrieval.serving", "--model_base_path", base_dir,
+                                "--port", "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
+                                "--max_workers", "16"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                cwd=os.path.dirname(HERE))
     line = process.stdout.readline()
@@ -90,11 +94,11 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
-    from serving.client import EmbeddingClient
+    from tf_retrieval.serving.client import EmbeddingClient
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.embedder import build_model
-    from tf_retrieval.evaluate import machine_description
-    from tf_retrieval.export import export_model
+    from tf_retrieval.features.embedding import build_model
+    from tf_retrieval.evaluation.evaluate import machine_description
+    from tf_retrieval.serving.export import export_model
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     config = ModelConfig(backbone=args.backbone, image_size=args.image_size,
@@ -137,14 +141,12 @@ def main(argv=None) -> int:
     result = {**headline, "image_size": config.image_size, "backbone": config.backbone, "weights": str(config.weights),
               "dataset": dataset, "command": command, "machine": machine_description(),
               "date": datetime.date.today().isoformat(), "runs": runs}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serving.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(args.out, "serving.json"), result, indent=1)
     lines = ["# Serving throughput and latency", "",
              f"{config.backbone} ({config.weights}) at {config.image_size} px, {dataset}; {result['machine']}; "
              f"{result['date']}. In process = the exported SavedModel's `serving_default` signature called in this "
-             "process; gRPC = the same SavedModel behind `python -m serving` (a separate process) through "
-             "`serving.client.EmbeddingClient` on loopback. Both decode the same JPEG bytes.", "",
+             "process; gRPC = the same SavedModel behind `python -m tf_retrieval.serving` (a separate process) "
+             "through `tf_retrieval.serving.client.EmbeddingClient` on loopback. Both decode the same JPEG bytes.", "",
              "| batch | concurrency | in-process img/s | gRPC img/s | served / in-process | in-process p50 ms | "
              "gRPC p50 ms | gRPC p99 ms |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -152,8 +154,7 @@ def main(argv=None) -> int:
                      f"{r['served_over_in_process']:.2f} | {r['in_process_p50_ms']} | {r['grpc_p50_ms']} | "
                      f"{r['grpc_p99_ms']} |")
     lines += ["", "    " + command, ""]
-    with open(os.path.join(args.out, "serving.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_text(os.path.join(args.out, "serving.md"), "\n".join(lines))
     return 0
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import sys
 import time
 
 import numpy as np
+
+from tf_retrieval.storage import write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -34,10 +35,10 @@ def main(argv=None) -> int:
 
     import tensorflow as tf
 
-    from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.data import load_dataset, load_tfds
-    from tf_retrieval.evaluate import machine_description
-    from tf_retrieval.features import extract_features
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.data.images import load_dataset, load_tfds
+    from tf_retrieval.evaluation.evaluate import machine_description
+    from tf_retrieval.features.cache import extract_features
 
     if os.path.isdir(args.dataset):
         collection = load_dataset(args.dataset)
@@ -71,19 +72,16 @@ def main(argv=None) -> int:
               "date": datetime.date.today().isoformat(),
               "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
               "notes": "raw = keras model.predict on pre-decoded, pre-resized float32 pixels in memory; pipeline = "
-                       "tf_retrieval.features.extract_features from encoded JPEG bytes (PIL decode + resize in tf.data), "
+                       "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + resize in tf.data), "
                        "best of --repeats runs each"}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "throughput.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(RESULTS, "throughput.json"), result, indent=1)
     lines = ["# Embedding throughput", "", f"{args.backbone} ({args.weights}), {result['dataset']}, {result['machine']}, "
              f"TF {tf.__version__}, {result['date']}", "", "| px | images | batch | raw predict img/s | pipeline img/s | "
              "pipeline / raw |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['image_size']} | {r['images']} | {r['batch']} | {r['raw_predict_img_s']} | {r['pipeline_img_s']} | "
               f"{r['pipeline_over_raw']:.2f} |" for r in runs]
     lines += ["", result["notes"], "", f"    {result['command']}", ""]
-    with open(os.path.join(RESULTS, "throughput.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_text(os.path.join(RESULTS, "throughput.md"), "\n".join(lines))
     return 0
 
 

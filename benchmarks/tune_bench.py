@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from tf_retrieval.storage import atomic_write, write_json, write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -65,20 +67,21 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic", action="store_true", help="synthetic features instead of a dataset (smoke test)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("absl", "tf_retrieval.train", "tf_retrieval.index"):  # one line per trial, not per epoch
+    for name in ("absl", "tf_retrieval.training.train", "tf_retrieval.search.index"):  # one line per trial, not per epoch
         logging.getLogger(name).setLevel(logging.WARNING)
 
     import keras_tuner
     import tensorflow as tf
 
-    from tf_retrieval.config import TrainConfig
-    from tf_retrieval.evaluate import machine_description
-    from tuning.tune import tune
+    from tf_retrieval.config import ModelConfig, TrainConfig
+    from tf_retrieval.evaluation.evaluate import machine_description
+    from tf_retrieval.tuning.tune import tune
 
     start = time.perf_counter()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
-    base = TrainConfig(protocol=args.protocol, backbone=args.backbone, image_size=args.image_size,
-                       pooling=args.pooling, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+    base = TrainConfig(protocol=args.protocol, model=ModelConfig(name="finetuned", backbone=args.backbone,
+                                                                 image_size=args.image_size, pooling=args.pooling),
+                       epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                        patience=args.patience, validation_fraction=args.validation_fraction)
     if args.synthetic:
         inputs, labels = synthetic_features()
@@ -88,8 +91,8 @@ def main(argv=None) -> int:
     else:
         from evaluate_baselines import flowers_source
 
-        from tf_retrieval.protocols import dataset_family, load_protocol
-        from tf_retrieval.train import cache_inputs
+        from tf_retrieval.data.protocols import dataset_family, load_protocol
+        from tf_retrieval.training.train import cache_inputs
 
         family = dataset_family(args.protocol)
         base.source = args.source or (flowers_source() if family == "flowers" else None)
@@ -125,17 +128,14 @@ def main(argv=None) -> int:
         "notes": "MAP@R = best epoch's leave-one-out MAP@R on the validation split held out of the training set "
                  "(whole classes when there are >= 20, else a stratified share); index cost measured once per "
                  "embedding size on random unit vectors (saved size; median single-query latency, k=10)"}
-    os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, f"tuning-{args.protocol}")
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(stem + ".json", record, indent=1)
     with open(result.table_path) as f:
         table = f.read()
-    with open(stem + ".md", "w") as f:
-        f.write(table + f"\nBest configuration (`tfr train --config`): `{json.dumps(best['config'], sort_keys=True)}`\n\n"
-                f"{record['machine']}; TF {tf.__version__}, keras-tuner {keras_tuner.__version__}; {record['date']}; "
-                f"{record['seconds']} s in all\n\n    {command}\n")
-    with open(result.plot_path, "rb") as src, open(stem + ".png", "wb") as dst:
+    write_text(stem + ".md", table + f"\nBest configuration (`tfr train --config`): "
+               f"`{json.dumps(best['config'], sort_keys=True)}`\n\n{record['machine']}; TF {tf.__version__}, keras-tuner "
+               f"{keras_tuner.__version__}; {record['date']}; {record['seconds']} s in all\n\n    {command}\n")
+    with open(result.plot_path, "rb") as src, atomic_write(stem + ".png", "wb") as dst:
         dst.write(src.read())
     combine(results_dir)
     print(f"best validation MAP@R {result.best_score:.4f} ({best['embedding_dim']}-d); results in {results_dir}")
@@ -152,14 +152,12 @@ def combine(results_dir: str) -> None:
         with open(path) as f:
             records.append(json.load(f))
     top = next((r for r in records if r["protocol"].startswith("cifar10")), records[0])
-    with open(os.path.join(results_dir, "tuning.json"), "w") as f:
-        json.dump({**top, "datasets": records}, f, indent=1)
+    write_json(os.path.join(results_dir, "tuning.json"), {**top, "datasets": records}, indent=1)
     parts = ["# Tuning the embedding size (keras-tuner)", ""]
     for r in records:
         with open(os.path.join(results_dir, f"tuning-{r['protocol']}.md")) as f:
             parts += [f"## {r['protocol']} ({r['dataset']})", "", f"![tuning](tuning-{r['protocol']}.png)", "", f.read()]
-    with open(os.path.join(results_dir, "tuning.md"), "w") as f:
-        f.write("\n".join(parts))
+    write_text(os.path.join(results_dir, "tuning.md"), "\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ import uuid
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script from anywhere: import web/ and tf_retrieval/ from this checkout
+if REPO not in sys.path:  # run as a script from anywhere: import tf_retrieval from this checkout
     sys.path.insert(0, REPO)
+from tf_retrieval.storage import write_text  # noqa: E402 -- after the path
 
 logger = logging.getLogger("web_load")
 
@@ -55,7 +56,7 @@ def synthetic_collection(count: int, size: int = 64, seed: int = 0):
     """`count` generated PNG images of 8 shape classes, encoded in memory, with a 90/10 index/query split."""
     from PIL import Image, ImageDraw
 
-    from tf_retrieval.data import ImageCollection
+    from tf_retrieval.data.images import ImageCollection
 
     shapes = ["circle", "square", "triangle", "stripes", "ring", "cross", "diamond", "dots"]
     rng = np.random.default_rng(seed)
@@ -101,10 +102,10 @@ def synthetic_collection(count: int, size: int = 64, seed: int = 0):
 def build_engine(args):
     """The engine to serve and the query images (encoded bytes) to send, per the source chosen on the command line."""
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.embedder import Embedder
-    from tf_retrieval.engine import RetrievalEngine
-    from tf_retrieval.features import default_workdir, extract_features
-    from tf_retrieval.index import build_index
+    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.search.engine import RetrievalEngine
+    from tf_retrieval.features.cache import default_workdir, extract_features
+    from tf_retrieval.search.index import build_index
 
     if args.bundle:
         engine = RetrievalEngine.load(args.bundle, data_dir=os.environ.get("TFDS_DATA_DIR"))
@@ -116,7 +117,7 @@ def build_engine(args):
     if args.dataset == "cifar10":
         if not os.environ.get("TFDS_DATA_DIR"):
             raise SystemExit("--dataset cifar10 needs TFDS_DATA_DIR pointing at prepared tensorflow_datasets")
-        from tf_retrieval.data import load_tfds
+        from tf_retrieval.data.images import load_tfds
 
         collection = load_tfds("cifar10", data_dir=os.environ["TFDS_DATA_DIR"])
         source = "cifar10 (train split indexed, test split queries)"
@@ -146,7 +147,7 @@ def serve_child(args, channel) -> None:
     """Child process: build the engine, start waitress on a free 127.0.0.1 port, report, serve until told to stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
     try:
-        from web.app import create_app, create_server
+        from tf_retrieval.web.app import create_app, create_server
 
         engine, queries, source = build_engine(args)
         app = create_app({engine.name: engine}, default_k=args.k, warmup=True, batching=not args.no_batching,
@@ -313,8 +314,7 @@ def write_markdown(path: str, result: dict) -> None:
     ]
     if result["error_examples"]:
         lines += ["", "First errors:", "", *[f"- `{e}`" for e in result["error_examples"]]]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> dict:
@@ -445,10 +445,7 @@ def main(argv=None) -> dict:
                             + ", ".join(name for name, ok in checks.items() if ok))
                            + ("" if in_setting else "; not the goal's setting (CIFAR-10, efficientnet_lite0 @ 96 px, "
                                                     "2,000 requests at concurrency 8), so this run does not count"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     write_markdown(os.path.splitext(args.out)[0] + ".md", result)
     logger.info("p50 %.1f ms, p99 %.1f ms, %.1f req/s, %d errors, RSS %.0f -> %.0f MB; wrote %s", result["p50_ms"],
                 result["p99_ms"], result["rps"], result["errors"], result["rss_mb_start"], result["rss_mb_end"], args.out)

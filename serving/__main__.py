@@ -1,5 +1,5 @@
 import sys
 
-from serving.server import main
+from tf_retrieval.serving.server import main
 
 sys.exit(main())

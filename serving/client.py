@@ -1,31 +1,130 @@
-"""A thin TF Serving client for the embedder, built on the `tensorflow_serving.apis` stubs only.
+"""Thin TF Serving clients for the embedder, over gRPC (`tensorflow_serving.apis` stubs) or REST (the standard library).
 
-It works unchanged against real `tensorflow_model_server` and against `serving.server`.
+Both work unchanged against real `tensorflow_model_server` and against `tf_retrieval.serving.server`, and have the same
+methods (`embed_bytes`, `embed_pixels`, `metadata`, `status`); `connect(address, model)` picks one by the address:
+
+    embedder = connect("localhost:8500", "baseline")          # gRPC
+    embedder = connect("http://localhost:8501", "baseline")   # REST
+    vectors = embedder.embed_bytes([jpeg, png, ...])          # float32 [n, d], sent in requests of `batch_size` images
+
+Errors: the server refusing a request raises `InvalidInputError`, an unknown model or version `MissingError`, an
+unreachable server `ConnectionError`.
 """
 from __future__ import annotations
 
+import base64
+import json
+import urllib.error
+import urllib.request
 from typing import Sequence
 
 import grpc
 import numpy as np
 
+from tf_retrieval.errors import InvalidInputError, MissingError
 
-class EmbeddingClient:
-    """Embeds images through a TF Serving PredictionService.
+DEFAULT_BATCH_SIZE = 64
+_BYTES_SIGNATURE, _PIXELS_SIGNATURE = "serving_default", "embed_pixels"
+
+
+def connect(address: str, model_name: str, version: int | None = None, *, timeout: float = 30.0,
+            batch_size: int = DEFAULT_BATCH_SIZE) -> EmbeddingClient | RestEmbeddingClient:
+    """A client for the model server at `address`: "http(s)://host:port" is TF Serving's REST API, "host:port" its gRPC."""
+    if address.startswith(("http://", "https://")):
+        return RestEmbeddingClient(address, model_name, version, timeout=timeout, batch_size=batch_size)
+    return EmbeddingClient(address.removeprefix("grpc://"), model_name, version, timeout=timeout, batch_size=batch_size)
+
+
+def _raise_for(kind: str, message: str, address: str):
+    """Turns a server error ("invalid", "not_found", "unavailable"; other kinds: RuntimeError) into the library's."""
+    if kind == "invalid":
+        raise InvalidInputError(f"TF Serving rejected the request: {message}") from None
+    if kind == "not_found":
+        raise MissingError(f"TF Serving at {address}: {message}") from None
+    if kind == "unavailable":
+        raise ConnectionError(f"TF Serving at {address} is not reachable: {message}") from None
+    raise RuntimeError(f"TF Serving at {address} failed: {message}") from None
+
+
+class _Embedder:
+    """What both clients share: batching, and reading metadata and status protos."""
+
+    model_name: str
+    batch_size: int
+
+    def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature."""
+        if len(encoded) == 0:
+            raise InvalidInputError("embed_bytes: no images given")
+        return self._batched(np.array(list(encoded), dtype=object), _BYTES_SIGNATURE)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 [n, s, s, 3] pixels in 0..255 -> float32 [n, d] through the `embed_pixels` signature."""
+        return self._batched(np.asarray(pixels, dtype=np.float32), _PIXELS_SIGNATURE)
+
+    def _batched(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        return np.concatenate([self._embed(images[start:start + self.batch_size], signature_name)
+                               for start in range(0, len(images), self.batch_size)])
+
+    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def metadata(self) -> dict:
+        """{"version": served version, "signatures": {name: {"inputs"/"outputs": {tensor: (dtype, shape)}}}}."""
+        import tensorflow as tf
+
+        version, signatures = self._metadata()
+
+        def describe(tensors):
+            return {key: (tf.dtypes.as_dtype(t.dtype).name, [d.size for d in t.tensor_shape.dim])
+                    for key, t in tensors.items()}
+
+        return {"version": version, "signatures": {name: {"inputs": describe(s.inputs), "outputs": describe(s.outputs)}
+                                                   for name, s in signatures.signature_def.items()}}
+
+    def _metadata(self):
+        """(version, SignatureDefMap proto)."""
+        raise NotImplementedError
+
+    def status(self) -> list[tuple[int, str]]:
+        """(version, state name) of each version the server knows, as it lists them (TF Serving: newest first)."""
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        return [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state))
+                for s in self._status().model_version_status]
+
+    def _status(self):
+        """GetModelStatusResponse proto."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class EmbeddingClient(_Embedder):
+    """Embeds images through a TF Serving gRPC PredictionService.
 
     Args:
       address: "host:port" of the gRPC server.
       model_name: the served model.
       version: a model version; None for the server's newest.
       timeout: seconds per call.
+      batch_size: the most images sent in one request (longer lists are split).
       max_message_bytes: gRPC message limit for large batches.
     """
 
     def __init__(self, address: str, model_name: str, version: int | None = None, timeout: float = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024):
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_message_bytes: int = 64 * 1024 * 1024):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.address, self.model_name, self.version, self.timeout = address, model_name, version, timeout
+        self.batch_size = batch_size
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel = grpc.insecure_channel(address, options=options)
@@ -34,12 +133,6 @@ class EmbeddingClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _spec(self, spec, signature_name: str | None = None):
         spec.name = self.model_name
@@ -52,16 +145,13 @@ class EmbeddingClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ConnectionError(f"TF Serving at {self.address} is not reachable: {error.details()}") from None
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(f"TF Serving rejected the request: {error.details()}") from None
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise LookupError(f"TF Serving at {self.address}: {error.details()}") from None
-            raise
+            kind = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.FAILED_PRECONDITION: "invalid",
+                    grpc.StatusCode.NOT_FOUND: "not_found", grpc.StatusCode.UNAVAILABLE: "unavailable",
+                    grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable"}.get(error.code(), error.code().name)
+            _raise_for(kind, error.details(), self.address)
 
-    def predict(self, inputs: dict[str, np.ndarray], signature_name: str = "serving_default") -> dict[str, np.ndarray]:
-        """Raw Predict: named input arrays -> named output arrays."""
+    def predict(self, inputs: dict[str, np.ndarray], signature_name: str = _BYTES_SIGNATURE) -> dict[str, np.ndarray]:
+        """Raw Predict: named input arrays -> named output arrays (one request, no batching)."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -72,41 +162,82 @@ class EmbeddingClient:
         response = self._call(self._predict.Predict, request)
         return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
-    def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature."""
-        if len(encoded) == 0:
-            raise ValueError("embed_bytes: no images given")
-        return self.predict({"images": np.array(list(encoded), dtype=object)})["embedding"]
+    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        return self.predict({"images": images}, signature_name)["embedding"]
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 [n, s, s, 3] pixels in 0..255 -> float32 [n, d] through the `embed_pixels` signature."""
-        return self.predict({"images": np.asarray(pixels, dtype=np.float32)}, "embed_pixels")["embedding"]
-
-    def metadata(self) -> dict:
-        """Signature names -> {"inputs"/"outputs": {name: (dtype, shape)}} from GetModelMetadata."""
-        import tensorflow as tf
+    def _metadata(self):
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._spec(request.model_spec)
-        request.metadata_field.append("signature_def")
         response = self._call(self._predict.GetModelMetadata, request)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
+        return response.model_spec.version.value, signatures
 
-        def describe(tensors):
-            return {key: (tf.dtypes.as_dtype(t.dtype).name, [d.size for d in t.tensor_shape.dim]) for key, t in tensors.items()}
-
-        return {"version": response.model_spec.version.value,
-                "signatures": {name: {"inputs": describe(s.inputs), "outputs": describe(s.outputs)}
-                               for name, s in signatures.signature_def.items()}}
-
-    def status(self) -> list[tuple[int, str]]:
-        """(version, state name) of each served version."""
+    def _status(self):
         from tensorflow_serving.apis import get_model_status_pb2
 
         request = get_model_status_pb2.GetModelStatusRequest()
         self._spec(request.model_spec)
-        response = self._call(self._models.GetModelStatus, request)
-        return [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state))
-                for s in response.model_version_status]
+        return self._call(self._models.GetModelStatus, request)
+
+
+class RestEmbeddingClient(_Embedder):
+    """Embeds images through TF Serving's REST API (`{"instances": [{"b64": ...}]}` -> `{"predictions": ...}`).
+
+    Args:
+      url: "http://host:port" of the REST API (TF Serving's is on 8501).
+      model_name, version, timeout, batch_size: as for `EmbeddingClient`.
+    """
+
+    def __init__(self, url: str, model_name: str, version: int | None = None, timeout: float = 30.0,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        self.url, self.model_name, self.version, self.timeout = url.rstrip("/"), model_name, version, timeout
+        self.batch_size = batch_size
+        version_path = f"/versions/{version}" if version is not None else ""
+        self._model_url = f"{self.url}/v1/models/{urllib.request.quote(model_name, safe='')}{version_path}"
+
+    def _request(self, url: str, payload: dict | None = None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            body = error.read()
+            try:
+                message = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {error.code}: {body[:200].decode('utf-8', 'replace')}"
+            kind = {400: "invalid", 404: "not_found", 503: "unavailable"}.get(error.code, f"HTTP {error.code}")
+            _raise_for(kind, message, self.url)
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            _raise_for("unavailable", str(getattr(error, "reason", error)), self.url)
+
+    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        if images.dtype == object:
+            instances = [{"b64": base64.b64encode(image).decode("ascii")} for image in images]
+        else:
+            instances = images.tolist()
+        predictions = self._request(f"{self._model_url}:predict",
+                                    {"signature_name": signature_name, "instances": instances})["predictions"]
+        if predictions and isinstance(predictions[0], dict):  # several outputs: one object per instance
+            predictions = [p["embedding"] for p in predictions]
+        return np.asarray(predictions, dtype=np.float32)
+
+    def _metadata(self):
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        answer = self._request(f"{self._model_url}/metadata")
+        signatures = json_format.ParseDict(answer["metadata"]["signature_def"], get_model_metadata_pb2.SignatureDefMap(),
+                                           ignore_unknown_fields=True)
+        return int(answer["model_spec"]["version"]), signatures
+
+    def _status(self):
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        return json_format.ParseDict(self._request(self._model_url), get_model_status_pb2.GetModelStatusResponse(),
+                                     ignore_unknown_fields=True)

@@ -1,13 +1,14 @@
-"""A gRPC server that speaks TF Serving's protocol over TF Serving's model directories.
+"""A server that speaks TF Serving's protocols over TF Serving's model directories.
 
 `tensorflow_model_server` cannot be installed everywhere (it is not on PyPI), so this server implements the same services from
-`tensorflow-serving-api` — PredictionService (`Predict`, `GetModelMetadata`) and ModelService (`GetModelStatus`) — over the
-same `<base_path>/<model_name>/<version>/` SavedModel layout, plus the standard gRPC health service. Clients written for TF
-Serving work unchanged against it, and the exported models run unchanged on real TF Serving (see docs/serving.md).
+`tensorflow-serving-api` — gRPC PredictionService (`Predict`, `GetModelMetadata`) and ModelService (`GetModelStatus`), plus
+TF Serving's REST API (`serving.rest`) — over the same `<base_path>/<model_name>/<version>/` SavedModel layout, with the
+standard gRPC health service. Clients written for TF Serving work unchanged against it, and the exported models run unchanged
+on real TF Serving (see docs/serving.md).
 
-Behaviour follows TF Serving: a request without a version gets the newest one; new version directories are picked up by a
-polling thread and removed ones unloaded; bad tensors get INVALID_ARGUMENT, unknown models or versions NOT_FOUND, and the
-server keeps serving.
+Behaviour follows TF Serving: outputs are typed proto fields (`float_val`, ...); a request without a version gets the newest
+loaded one; a polling thread applies the version policy (by default only the newest version on disk stays loaded); bad
+requests get INVALID_ARGUMENT, unknown models or versions NOT_FOUND, and the server keeps serving.
 """
 from __future__ import annotations
 
@@ -16,25 +17,77 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from typing import Sequence
 
 import grpc
-import numpy as np
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+from tf_retrieval.errors import InvalidInputError, MissingError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_SIGNATURE = "serving_default"
 
 
 class ServingError(Exception):
-    """An error with the gRPC status code it maps to."""
+    """A request error with the gRPC status code it answers with."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk are served, like TF Serving's `model_version_policy`.
+
+    `parse` reads "latest" (the newest version), "latest:N" (the N newest), "all", or "specific:1,3".
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, argument = text.strip().partition(":")
+        try:
+            if kind == "latest":
+                policy = cls("latest", int(argument) if argument else 1)
+            elif kind == "all" and not argument:
+                policy = cls("all")
+            elif kind == "specific":
+                policy = cls("specific", versions=tuple(sorted({int(v) for v in argument.split(",")})))
+            else:
+                raise ValueError
+        except ValueError:
+            policy = None
+        if policy is None or policy.num_versions < 1 or any(v < 1 for v in policy.versions):
+            raise InvalidInputError(f"version policy {text!r} is not one of 'latest', 'latest:N' (N >= 1), 'all', "
+                                    "'specific:V[,V...]'")
+        return policy
+
+    def select(self, available: Sequence[int]) -> set[int]:
+        """The versions to serve out of those `available`."""
+        if self.kind == "latest":
+            return set(sorted(available)[-self.num_versions:])
+        if self.kind == "specific":
+            return set(available) & set(self.versions)
+        return set(available)
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return "latest" if self.num_versions == 1 else f"latest:{self.num_versions}"
+        return "specific:" + ",".join(map(str, self.versions)) if self.kind == "specific" else "all"
 
 
 @dataclasses.dataclass
@@ -60,164 +113,213 @@ class LoadedVersion:
         return cls(name, version, path, tf.saved_model.load(path), signature_defs)
 
     def signature(self, signature_name: str):
-        name = signature_name or "serving_default"
-        if name not in self.model.signatures:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"model {self.name} version {self.version} has no signature {name!r}; "
-                               f"it has {sorted(self.model.signatures.keys())}")
-        return name, self.model.signatures[name]
+        """(name, SignatureDef, concrete function) of a signature ("" is `serving_default`); FAILED_PRECONDITION if absent."""
+        name = signature_name or DEFAULT_SIGNATURE
+        if name not in self.signature_defs:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f'Serving signature key "{name}" not found. Signatures of {self.name} version '
+                               f"{self.version}: {sorted(self.signature_defs)}")
+        return name, self.signature_defs[name], self.model.signatures[name]
+
+
+@dataclasses.dataclass
+class VersionState:
+    """A version's state as GetModelStatus reports it: LOADING, AVAILABLE or END (unloaded, or failed with `error`)."""
+
+    state: str
+    error: str = ""
 
 
 class ModelRegistry:
-    """Loaded versions of the models under a base path, kept in step with the disk by `refresh()`.
+    """Loaded versions of the models under a base path, kept in step with the disk and the version policy by `refresh()`.
 
     Args:
       base_path: either one model's directory (integer version sub-directories; give `model_name`) or a directory of
         model directories (each sub-directory with versions is a model, named after it).
-      model_name: the served name when `base_path` is one model's directory.
+      model_name: the served name when `base_path` is one model's directory; otherwise serve only this model.
+      version_policy: which versions on disk are loaded (`VersionPolicy` or its text form); by default the newest.
     """
 
-    def __init__(self, base_path: str, model_name: str | None = None):
+    def __init__(self, base_path: str, model_name: str | None = None, version_policy: VersionPolicy | str = "latest"):
         self.base_path = os.path.abspath(base_path)
         self.model_name = model_name
+        self.policy = VersionPolicy.parse(version_policy) if isinstance(version_policy, str) else version_policy
         self._models: dict[str, dict[int, LoadedVersion]] = {}
+        self._states: dict[str, dict[int, VersionState]] = {}
+        self._failed: dict[tuple[str, int], float] = {}  # (name, version) -> mtime of the saved_model.pb that failed
         self._lock = threading.Lock()
 
     def _model_dirs(self) -> dict[str, str]:
         if not os.path.isdir(self.base_path):
-            raise FileNotFoundError(f"model base path not found: {self.base_path}")
+            raise MissingError(f"model base path not found: {self.base_path}")
         if _versions_on_disk(self.base_path):
             return {self.model_name or os.path.basename(self.base_path): self.base_path}
         dirs = {name: os.path.join(self.base_path, name) for name in sorted(os.listdir(self.base_path))
-                if os.path.isdir(os.path.join(self.base_path, name)) and _versions_on_disk(os.path.join(self.base_path, name))}
+                if _versions_on_disk(os.path.join(self.base_path, name))}
         if self.model_name:
             dirs = {name: path for name, path in dirs.items() if name == self.model_name}
         return dirs
 
     def refresh(self) -> None:
-        """Loads versions that appeared on disk and unloads those that disappeared."""
-        for name, directory in self._model_dirs().items():
-            on_disk = _versions_on_disk(directory)
-            loaded = self._models.get(name, {})
-            for version in sorted(set(on_disk) - set(loaded)):
-                try:
-                    new = LoadedVersion.load(name, version, on_disk[version])
-                except Exception:  # a half-written or broken version must not stop the server
-                    logger.exception("could not load %s version %d from %s", name, version, on_disk[version])
-                    continue
-                with self._lock:
-                    self._models.setdefault(name, {})[version] = new
-                logger.info("loaded model %s version %d", name, version)
-            for version in sorted(set(loaded) - set(on_disk)):
+        """Loads the versions the policy wants and unloads the others; a version that fails to load is skipped.
+
+        New versions load before old ones unload (as TF Serving's availability-preserving policy does), so a model keeps
+        serving while it changes version, and keeps its old version when the new one cannot be loaded.
+        """
+        dirs = self._model_dirs()
+        for name in sorted(set(dirs) | set(self._models)):
+            on_disk = _versions_on_disk(dirs[name]) if name in dirs else {}
+            loaded = set(self.versions(name))
+            for version in sorted(self.policy.select(self._loadable(name, on_disk)) - loaded):
+                self._load(name, version, on_disk[version])
+            wanted = self.policy.select(self._loadable(name, on_disk))
+            for version in sorted(set(self.versions(name)) - wanted):
                 with self._lock:
                     del self._models[name][version]
-                logger.info("unloaded model %s version %d (removed from disk)", name, version)
+                    self._states[name][version] = VersionState("END")
+                logger.info("unloaded model %s version %d (%s)", name, version,
+                            "removed from disk" if version not in on_disk else f"version policy {self.policy}")
+
+    def _loadable(self, name: str, on_disk: dict[int, str]) -> list[int]:
+        return [v for v, path in on_disk.items() if self._failed.get((name, v)) != _mtime(path)]
+
+    def _load(self, name: str, version: int, path: str) -> None:
+        with self._lock:
+            self._states.setdefault(name, {})[version] = VersionState("LOADING")
+        try:
+            loaded = LoadedVersion.load(name, version, path)
+        except Exception as exc:  # a broken version must not stop the server; it is retried when its files change
+            logger.exception("could not load %s version %d from %s", name, version, path)
+            self._failed[(name, version)] = _mtime(path)
+            with self._lock:
+                self._states[name][version] = VersionState("END", f"{type(exc).__name__}: {exc}")
+            return
+        self._failed.pop((name, version), None)
+        with self._lock:
+            self._models.setdefault(name, {})[version] = loaded
+            self._states[name][version] = VersionState("AVAILABLE")
+        logger.info("loaded model %s version %d", name, version)
 
     def get(self, name: str, version: int | None = None) -> LoadedVersion:
-        """The requested version (newest when None); NOT_FOUND otherwise."""
+        """The requested version (the newest loaded when None); NOT_FOUND (TF Serving's message) otherwise."""
         with self._lock:
-            versions = self._models.get(name)
-            if not versions:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Servable not found for request: model {name!r} is not served "
-                                   f"(served: {sorted(k for k, v in self._models.items() if v)})")
-            if version is None:
+            versions = self._models.get(name) or {}
+            if version is None and versions:
                 return versions[max(versions)]
-            if version not in versions:
-                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: model {name!r} has no "
-                                                              f"version {version} (available: {sorted(versions)})")
-            return versions[version]
+            if version in versions:
+                return versions[version]
+        request = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+        known = f"loaded versions of {name}: {sorted(versions)}" if versions else f"served models: {self.names()}"
+        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request} ({known})")
+
+    def states(self, name: str) -> dict[int, VersionState]:
+        """Every version of `name` the server has seen, with its state (unloaded versions stay, as END)."""
+        with self._lock:
+            return dict(self._states.get(name, {}))
 
     def versions(self, name: str) -> list[int]:
+        """The loaded versions of `name`, ascending."""
         with self._lock:
             return sorted(self._models.get(name, {}))
 
     def names(self) -> list[str]:
+        """The names of the models with at least one loaded version."""
         with self._lock:
             return sorted(name for name, versions in self._models.items() if versions)
 
 
 def _versions_on_disk(directory: str) -> dict[int, str]:
-    versions = {}
-    for entry in os.listdir(directory):
-        path = os.path.join(directory, entry)
-        if entry.isdigit() and os.path.isfile(os.path.join(path, "saved_model.pb")):
-            versions[int(entry)] = path
-    return versions
+    if not os.path.isdir(directory):
+        return {}
+    paths = {entry: os.path.join(directory, entry) for entry in os.listdir(directory)}
+    return {int(entry): path for entry, path in paths.items()
+            if entry.isdigit() and int(entry) > 0 and os.path.isfile(os.path.join(path, "saved_model.pb"))}
 
 
-def _requested_version(model_spec) -> int | None:
-    if model_spec.HasField("version_label"):
-        raise ServingError(grpc.StatusCode.NOT_FOUND,
-                           f"version labels are not configured on this server (label {model_spec.version_label!r})")
-    return model_spec.version.value if model_spec.HasField("version") else None
+def _mtime(version_dir: str) -> float:
+    try:
+        return os.path.getmtime(os.path.join(version_dir, "saved_model.pb"))
+    except OSError:
+        return 0.0
 
 
-def _abort(context, error: Exception):
-    if isinstance(error, ServingError):
-        context.abort(error.code, str(error))
-    raise error
+def op_error_message(message: str) -> str:
+    """The op's own error out of TensorFlow's "Graph execution error" text (without the header, node trace and op suffix).
+
+    "Graph execution error:\\n\\nDetected at node ...\\n<stack traces unavailable>\\nUnknown image file format. ...\\n\\t [[{{node
+    DecodeImage}}]] [Op:__inference_...]" -> "Unknown image file format. ..."
+    """
+    header = re.compile(r"Graph execution error:|Detected at node |<stack traces unavailable>|Node: ")
+    lines = [line for line in message.splitlines()
+             if line.strip() and not line[0].isspace() and not header.match(line)]
+    text = re.sub(r"\s*\[\[.*?\]\]|\s*\[Op:[^\]]*\](?: name: \S*)?", "", " ".join(lines)).strip()
+    return text or message.strip()
 
 
-class PredictionServicer:
-    """tensorflow.serving.PredictionService over a `ModelRegistry`."""
+class ServingCore:
+    """The request handling behind both APIs (gRPC and REST): proto requests in, proto responses out.
+
+    Errors are raised as `ServingError` with TF Serving's status codes (and its messages where clients may match them).
+    """
 
     def __init__(self, registry: ModelRegistry, max_batch_size: int = 1024):
         self.registry = registry
         self.max_batch_size = max_batch_size
 
-    def Predict(self, request, context):
+    def resolve(self, model_spec) -> LoadedVersion:
+        """The loaded version a ModelSpec asks for (newest without a version; labels are not configured here)."""
+        if not model_spec.name:
+            raise _invalid("ModelSpec has no name specified.")
+        choice = model_spec.WhichOneof("version_choice")
+        if choice == "version_label":
+            raise _invalid(f"Unrecognized servable version label: {model_spec.version_label}")
+        return self.registry.get(model_spec.name, model_spec.version.value if choice == "version" else None)
+
+    def predict(self, request):
+        """PredictRequest -> PredictResponse, outputs as typed fields (`float_val`, ...) like TF Serving's default."""
         from tensorflow_serving.apis import predict_pb2
 
-        try:
-            servable = self.registry.get(request.model_spec.name, _requested_version(request.model_spec))
-            signature_name, function = servable.signature(request.model_spec.signature_name)
-            inputs = self._inputs(request, function, servable, signature_name)
-            outputs = self._run(function, inputs)
-        except ServingError as error:
-            return _abort(context, error)
+        servable = self.resolve(request.model_spec)
+        signature_name, signature_def, function = servable.signature(request.model_spec.signature_name)
+        wanted = list(request.output_filter) or list(signature_def.outputs)
+        for alias in wanted:
+            if alias not in signature_def.outputs:
+                raise _invalid(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                               f"{{{','.join(sorted(signature_def.outputs))}}}.")
+        if len(set(wanted)) != len(wanted):
+            raise _invalid(f"duplicate output tensor alias in output_filter {wanted}")
+        outputs = self._run(function, self._inputs(request, function, signature_name))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = signature_name
-        wanted = set(request.output_filter) or set(outputs)
-        unknown = wanted - set(outputs)
-        if unknown:
-            return _abort(context, ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                                f"output_filter names unknown outputs {sorted(unknown)}; "
-                                                f"outputs are {sorted(outputs)}"))
-        for key in wanted:
-            response.outputs[key].CopyFrom(_to_proto(outputs[key]))
+        for alias in wanted:
+            response.outputs[alias].CopyFrom(tensor_to_proto_field(outputs[alias]))
         return response
 
-    def _inputs(self, request, function, servable, signature_name) -> dict:
+    def _inputs(self, request, function, signature_name: str) -> dict:
         import tensorflow as tf
 
         specs = function.structured_input_signature[1]
-        given, expected = set(request.inputs), set(specs)
-        if given != expected:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"signature {signature_name!r} of {servable.name} takes inputs {sorted(expected)}, "
-                               f"got {sorted(given)}")
+        if set(request.inputs) != set(specs):
+            extra, missing = sorted(set(request.inputs) - set(specs)), sorted(set(specs) - set(request.inputs))
+            raise _invalid(f'inputs do not match signature "{signature_name}". Sent extra: {{{",".join(extra)}}}. '
+                           f'Missing but required: {{{",".join(missing)}}}.')
         inputs = {}
         for key, spec in specs.items():
             proto = request.inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"input {key!r} must be {spec.dtype.name}, got {tf.dtypes.as_dtype(proto.dtype).name}")
+                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {tf.dtypes.as_dtype(proto.dtype).name}")
             try:
                 value = tf.make_ndarray(proto)
             except Exception as exc:  # malformed TensorProto content
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is not a valid tensor: {exc}") from None
+                raise _invalid(f"input {key!r} is not a valid tensor: {exc}") from None
             if not spec.shape.is_compatible_with(value.shape):
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got "
-                                   f"{list(value.shape)}")
+                raise _invalid(f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got {list(value.shape)}")
             if value.ndim and len(value) > self.max_batch_size:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"batch of {len(value)} is over this server's limit of {self.max_batch_size}")
+                raise _invalid(f"batch of {len(value)} is over this server's limit of {self.max_batch_size}")
             if value.ndim and len(value) == 0:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is an empty batch")
+                raise _invalid(f"input {key!r} is an empty batch")
             inputs[key] = tf.constant(value, dtype=spec.dtype)
         return inputs
 
@@ -226,21 +328,20 @@ class PredictionServicer:
         import tensorflow as tf
 
         try:
-            return {key: value.numpy() for key, value in function(**inputs).items()}
+            return function(**inputs)
         except tf.errors.InvalidArgumentError as exc:
-            message = exc.message.splitlines()[0] if exc.message else str(exc)
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"the model rejected the input: {message}") from None
+            raise _invalid(f"the model rejected the input: {op_error_message(exc.message or str(exc))}") from None
 
-    def GetModelMetadata(self, request, context):
+    def metadata(self, request):
+        """GetModelMetadataRequest -> GetModelMetadataResponse (the `signature_def` field, the only one TF Serving has)."""
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        try:
-            if list(request.metadata_field) != ["signature_def"]:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"metadata_field must be ['signature_def'], got {list(request.metadata_field)}")
-            servable = self.registry.get(request.model_spec.name, _requested_version(request.model_spec))
-        except ServingError as error:
-            return _abort(context, error)
+        if not request.metadata_field:
+            raise _invalid("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise _invalid(f"Metadata field {field} is not supported")
+        servable = self.resolve(request.model_spec)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for key, signature_def in servable.signature_defs.items():
             signature_map.signature_def[key].CopyFrom(signature_def)
@@ -250,125 +351,208 @@ class PredictionServicer:
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
-    def Classify(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not served: the models here are embedders (use Predict)")
-
-    def Regress(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not served: the models here are embedders (use Predict)")
-
-    def MultiInference(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not served (use Predict)")
-
-
-class ModelServicer:
-    """tensorflow.serving.ModelService (status only; reloading follows the file system)."""
-
-    def __init__(self, registry: ModelRegistry):
-        self.registry = registry
-
-    def GetModelStatus(self, request, context):
+    def status(self, request):
+        """GetModelStatusRequest -> GetModelStatusResponse: every version seen, newest first, as TF Serving lists them."""
         from tensorflow_serving.apis import get_model_status_pb2
-        from tensorflow_serving.apis import status_pb2
 
-        try:
-            requested = _requested_version(request.model_spec)
-            name = request.model_spec.name
-            versions = [self.registry.get(name, requested).version] if requested is not None else self.registry.versions(name)
-            if not versions:
-                self.registry.get(name)  # raises NOT_FOUND with the served names
-        except ServingError as error:
-            return _abort(context, error)
+        spec = request.model_spec
+        if not spec.name:
+            raise _invalid("ModelSpec has no name specified.")
+        if spec.WhichOneof("version_choice") == "version_label":
+            raise _invalid(f"Unrecognized servable version label: {spec.version_label}")
+        states = self.registry.states(spec.name)
+        if spec.HasField("version"):
+            if spec.version.value not in states:
+                raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                   f"Could not find version {spec.version.value} of model {spec.name}")
+            states = {spec.version.value: states[spec.version.value]}
+        elif not states:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
         response = get_model_status_pb2.GetModelStatusResponse()
-        for version in versions:
-            entry = response.model_version_status.add()
-            entry.version = version
-            entry.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-            entry.status.CopyFrom(status_pb2.StatusProto())
+        for version in sorted(states, reverse=True):
+            entry = response.model_version_status.add(version=version)
+            entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(states[version].state)
+            entry.status.SetInParent()  # always present, as in TF Serving ("error_code": "OK" in REST)
+            if states[version].error:
+                entry.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
+                entry.status.error_message = states[version].error
         return response
 
-    def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "config reloads are not supported: versions follow the file system")
 
-
-def _to_proto(value: np.ndarray):
+def tensor_to_proto_field(tensor):
+    """A tf.Tensor as a TensorProto with typed fields (`float_val`, `int64_val`, `string_val`, ...), like TF Serving's
+    `Tensor::AsProtoField`; dtypes without a typed field use `tensor_content`."""
     import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
 
-    return tf.make_tensor_proto(value)
+    field = {tf.float32: "float_val", tf.float64: "double_val", tf.int32: "int_val", tf.int16: "int_val",
+             tf.int8: "int_val", tf.uint8: "int_val", tf.uint16: "int_val", tf.int64: "int64_val", tf.bool: "bool_val",
+             tf.string: "string_val", tf.uint32: "uint32_val", tf.uint64: "uint64_val"}.get(tensor.dtype)
+    if field is None:
+        return tf.make_tensor_proto(tensor.numpy())
+    proto = tensor_pb2.TensorProto(dtype=tensor.dtype.as_datatype_enum, tensor_shape=tensor.shape.as_proto())
+    getattr(proto, field).extend(tensor.numpy().ravel().tolist())
+    return proto
+
+
+def _answer(method, request, context):
+    """Runs a ServingCore method for a gRPC call; a ServingError ends the call with its status code."""
+    try:
+        return method(request)
+    except ServingError as error:
+        context.abort(error.code, str(error))
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService: Predict and GetModelMetadata (Classify/Regress answer UNIMPLEMENTED)."""
+
+    def __init__(self, core: ServingCore):
+        self.core = core
+
+    def Predict(self, request, context):
+        return _answer(self.core.predict, request, context)
+
+    def GetModelMetadata(self, request, context):
+        return _answer(self.core.metadata, request, context)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """tensorflow.serving.ModelService: GetModelStatus (versions follow the file system, so no config reloads)."""
+
+    def __init__(self, core: ServingCore):
+        self.core = core
+
+    def GetModelStatus(self, request, context):
+        return _answer(self.core.status, request, context)
 
 
 class Server:
-    """A running server: `.port`, `.stop(grace)`, `.wait()`."""
+    """A running server: `.port` (gRPC), `.rest_port` (None without REST), `.registry`, `.stop(grace)`, `.wait()`."""
 
-    def __init__(self, grpc_server, port: int, registry: ModelRegistry, poller: threading.Thread | None,
-                 stop_event: threading.Event, health):
-        self._server, self.port, self.registry = grpc_server, port, registry
-        self._poller, self._stop_event, self._health = poller, stop_event, health
+    def __init__(self, grpc_server, port: int, rest, registry: ModelRegistry, stop_event: threading.Event, health):
+        self._server, self.port, self._rest, self.registry = grpc_server, port, rest, registry
+        self.rest_port = rest.port if rest else None
+        self._stop_event, self._health = stop_event, health
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Stops accepting requests and lets in-flight ones finish within `grace` seconds."""
-        from grpc_health.v1 import health_pb2
-
         self._stop_event.set()
         self._health.enter_graceful_shutdown()
-        self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._rest:
+            self._rest.stop()
         self._server.stop(grace).wait()
         logger.info("server on port %d stopped", self.port)
 
     def wait(self) -> None:
+        """Blocks until the server has stopped."""
         self._server.wait_for_termination()
+
+    def wait_for_signal(self, grace: float = 10.0) -> None:
+        """Blocks until SIGINT (Ctrl-C) or SIGTERM, then stops gracefully (from the main thread; elsewhere: `wait()`)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self.wait()
+        received = threading.Event()
+
+        def on_signal(signum, frame):
+            logger.info("signal %d: shutting down", signum)
+            received.set()
+
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not received.wait(1.0) and not self._stop_event.is_set():
+                pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        self.stop(grace)
 
 
 def serve(model_base_path: str, model_name: str | None = None, *, host: str = "127.0.0.1", port: int = 8500,
-          max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_batch_size: int = 1024,
-          poll_seconds: float = 2.0) -> Server:
-    """Loads the models under `model_base_path` and starts serving them (port 0 picks a free port).
+          rest_port: int | None = None, poll_seconds: float = 2.0, max_workers: int = 8, max_batch_size: int = 1024,
+          version_policy: VersionPolicy | str = "latest", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+          block: bool = False) -> Server:
+    """Loads the models under `model_base_path` and serves them over gRPC (and REST when `rest_port` is given).
+
+    Args:
+      model_base_path: a model directory (`<version>/saved_model.pb`) or a directory of model directories.
+      model_name: the served name of a single model directory; otherwise serve only this model of the base path.
+      host, port: where gRPC listens (port 0: any free port, see `Server.port`).
+      rest_port: TF Serving's REST API port (0: any free port); None serves no REST API.
+      poll_seconds: how often the disk is checked for new or removed versions (0: never).
+      max_workers: gRPC worker threads; max_batch_size: the most images one request may carry.
+      version_policy: "latest" (default), "latest:N", "all" or "specific:1,3" (see `VersionPolicy`).
+      block: serve until SIGINT/SIGTERM, then stop gracefully before returning.
 
     Returns:
-      the running `Server`.
+      the running `Server` (stopped already when `block`).
+
+    Raises:
+      MissingError: no SavedModel under the base path. OSError: a port is in use. InvalidInputError: a bad version policy.
     """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-    registry = ModelRegistry(model_base_path, model_name)
+    from tf_retrieval.serving.rest import RestServer
+
+    registry = ModelRegistry(model_base_path, model_name, version_policy)
     registry.refresh()
     if not registry.names():
-        raise FileNotFoundError(f"no SavedModel versions under {model_base_path} "
-                                "(expected <model>/<version>/saved_model.pb): export one with `tfr export`")
-    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(registry, max_batch_size), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+        raise MissingError(f"no loadable SavedModel versions under {model_base_path} "
+                           "(expected <model>/<version>/saved_model.pb): export one with `tfr export`")
+    core = ServingCore(registry, max_batch_size)
+    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.so_reuseport", 0)]  # with SO_REUSEPORT a second server on the same port would start silently
+    grpc_server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), grpc_server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), grpc_server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
+        raise OSError(f"cannot serve gRPC on {host}:{port}: the address is in use (another server?) or not available")
+    try:
+        rest = RestServer(core, host, rest_port, max_body_bytes=max_message_bytes) if rest_port is not None else None
+    except OSError as exc:
+        grpc_server.stop(None)
+        raise OSError(f"cannot serve REST on {host}:{rest_port}: {exc.strerror or exc}") from None
+    grpc_server.start()
+    if rest:
+        rest.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in registry.names():
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop_event = threading.Event()
-    poller = None
     if poll_seconds > 0:
-        def poll():
-            while not stop_event.wait(poll_seconds):
-                try:
-                    registry.refresh()
-                except Exception:
-                    logger.exception("model directory poll failed")
-        poller = threading.Thread(target=poll, name="model-poller", daemon=True)
-        poller.start()
-    logger.info("serving %s on %s:%d", {n: registry.versions(n) for n in registry.names()}, host, bound)
-    return Server(server, bound, registry, poller, stop_event, health_servicer)
+        threading.Thread(target=_poll, args=(registry, poll_seconds, stop_event), name="model-poller", daemon=True).start()
+    logger.info("serving %s on %s (gRPC port %d%s), version policy %s",
+                {name: registry.versions(name) for name in registry.names()}, host, bound,
+                f", REST port {rest.port}" if rest else "", registry.policy)
+    server = Server(grpc_server, bound, rest, registry, stop_event, health_servicer)
+    if block:
+        server.wait_for_signal()
+    return server
+
+
+def _poll(registry: ModelRegistry, seconds: float, stop_event: threading.Event) -> None:
+    while not stop_event.wait(seconds):
+        try:
+            registry.refresh()
+        except Exception:
+            logger.exception("model directory poll failed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m serving`: flags follow tensorflow_model_server's."""
-    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n\n")[0])
+    """`python -m tf_retrieval.serving`: flags follow tensorflow_model_server's."""
+    parser = argparse.ArgumentParser(prog="python -m tf_retrieval.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free port)")
+    parser.add_argument("--rest_api_port", type=int, default=8501, help="REST API port (0: no REST API)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--model_base_path", required=True, help="a model directory, or a directory of model directories")
     parser.add_argument("--model_name", help="served name when --model_base_path is one model's directory")
+    parser.add_argument("--model_version_policy", default="latest",
+                        help="versions served: latest (default), latest:N, all, or specific:1,3")
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=2.0,
                         help="how often to look for new / removed versions (0: never)")
     parser.add_argument("--max_workers", type=int, default=8)
@@ -377,21 +561,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        server = serve(args.model_base_path, args.model_name, host=args.host, port=args.port, max_workers=args.max_workers,
-                       max_message_bytes=args.max_message_mb * 1024 * 1024, max_batch_size=args.max_batch_size,
-                       poll_seconds=args.file_system_poll_wait_seconds)
+        server = serve(args.model_base_path, args.model_name, host=args.host, port=args.port,
+                       rest_port=args.rest_api_port or None, poll_seconds=args.file_system_poll_wait_seconds,
+                       max_workers=args.max_workers, max_batch_size=args.max_batch_size,
+                       version_policy=args.model_version_policy, max_message_bytes=args.max_message_mb * 1024 * 1024)
     except (OSError, ValueError) as exc:
         print(f"serving: error: {exc}", file=sys.stderr)
         return 2
-    print(f"serving on {args.host}:{server.port}", flush=True)
-    done = threading.Event()
-
-    def shutdown(signum, frame):
-        logger.info("signal %d: shutting down", signum)
-        server.stop(grace=10.0)
-        done.set()
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
-    done.wait()
+    print(f"serving on {args.host}:{server.port}", flush=True)  # the gRPC address, alone on the first line for scripts
+    if server.rest_port:
+        print(f"REST API on http://{args.host}:{server.rest_port}/v1/models/", flush=True)
+    server.wait_for_signal()
     return 0

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from tf_retrieval.backbones import GeneralizedMeanPooling, ImagePreprocessing, backbone_id, build_backbone
+from tf_retrieval.models.backbones import GeneralizedMeanPooling, ImagePreprocessing, backbone_id, build_backbone
 
 
 @pytest.mark.parametrize("mode, reference", [

@@ -71,12 +71,13 @@ def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):
     assert open(out.replace(".npy", ".ids.txt")).read().split()[0] == os.path.join("blue", "blue_000.png")
 
     # tfr web serves the bundle: the app it would run answers a search
-    import web.app
+    from tf_retrieval.web import app as web_app
 
     served = {}
-    monkeypatch.setattr(web.app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setattr(web_app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
     assert main(["--workdir", workdir, "web", "--index", "colours", "--port", "8123"]) == 0
-    assert served["port"] == 8123 and served["host"] == "127.0.0.1"
+    assert served["sock"].getsockname()[:2] == ("127.0.0.1", 8123)  # bound before the models loaded
+    served["sock"].close()
     with open(query, "rb") as f:
         response = served["app"].test_client().post("/api/search", data={"image": (f, "q.png"), "k": "3"})
     assert response.status_code == 200, response.get_json()
@@ -87,7 +88,7 @@ def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):
-    from serving.server import serve
+    from tf_retrieval.serving.server import serve
 
     workdir = str(tmp_path / "work")
     assert main(["--workdir", workdir, "export", "--name", "tiny", *SMALL_MODEL]) == 0
@@ -155,11 +156,11 @@ def test_train_then_compare(tmp_path, capsys):
 
 def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_path, capsys, monkeypatch):
     import tensorflow_datasets as tfds
-    import web.app
+    from tf_retrieval.web import app as web_app
 
     workdir = str(tmp_path / "work")
     with tfds.testing.mock_data(num_examples=40):
-        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", *SMALL_MODEL]) == 0
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", "--baseline-only", *SMALL_MODEL]) == 0
         out = capsys.readouterr().out
         assert "indexing 30 CIFAR-10 train images" in out and "query: CIFAR-10 test image" in out
         assert "baseline: " in out and "neighbours share the query's class" in out and "finetuned" not in out
@@ -167,7 +168,7 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         assert main(["--workdir", workdir, "train", "--protocol", "cifar10-2", "--image-size", "32", "--embedding-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--steps-per-epoch", "2",
                      "--validation-fraction", "0.5"]) == 0
         served = {}
-        monkeypatch.setattr(web.app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
+        monkeypatch.setattr(web_app, "serve", lambda app, **kwargs: served.update(app=app, **kwargs))
         assert main(["--workdir", workdir, "demo", "--limit", "30", *SMALL_MODEL]) == 0
         out = capsys.readouterr().out
         assert f"using the index at {os.path.join(workdir, 'indexes', 'demo-baseline')}" in out
@@ -177,13 +178,32 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
     assert [m["index_size"] for m in stats["models"]] == [30, 30]
 
 
+def test_demo_trains_a_head_when_no_run_exists(tmp_path, capsys, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from tf_retrieval import demo
+
+    monkeypatch.setitem(demo.DEMO_TRAINING, "epochs", 2)  # the real demo trains longer; the path is the same
+    monkeypatch.setitem(demo.DEMO_TRAINING, "steps_per_epoch", 3)
+    workdir = str(tmp_path / "work")
+    with tfds.testing.mock_data(num_examples=100):
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "100", *SMALL_MODEL]) == 0
+        out = capsys.readouterr().out
+        assert "no fine-tuned CIFAR-10 model yet: training a triplet-loss head on the 100 demo images" in out
+        assert "baseline: " in out and "finetuned: " in out
+        assert os.path.isfile(os.path.join(workdir, "runs", "demo-finetuned", "model.json"))
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "100", *SMALL_MODEL]) == 0  # reused
+        out = capsys.readouterr().out
+        assert "training" not in out and out.count("using the index at") == 2
+
+
 def test_index_add_and_delete_without_a_rebuild(image_dir, tmp_path, capsys):
     from conftest import make_image_folder
 
     workdir = str(tmp_path / "work")
     assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", "--backend", "scann",
                  "--target-recall", "0.95", *SMALL_MODEL]) == 0
-    from tf_retrieval.index import Index
+    from tf_retrieval.search.index import Index
 
     assert Index.load(os.path.join(workdir, "indexes", "colours", "index")).target_recall == 0.95
     more = make_image_folder(tmp_path / "more", classes=("yellow",), per_class=3, seed=3)

@@ -1,4 +1,5 @@
 import io
+import os
 import struct
 import zlib
 
@@ -8,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tf_retrieval.data import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
+from tf_retrieval.data.images import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
                                read_image, resize_and_crop)
 
 
@@ -131,6 +132,34 @@ def test_collection_pipeline_and_subset(image_dir):
     assert sub.ids == [collection.ids[12], collection.ids[0]] and sub.labels.tolist() == [2, 0]
     with pytest.raises(ValueError, match="2 ids but"):
         ImageCollection("x", ids=["a", "b"], labels=[0], class_names=["c"], splits=["all", "all"], paths=["p", "q"])
+
+
+def test_load_tfds_offline_fails_with_one_clear_line(tmp_path, monkeypatch):
+    """An unprepared dataset with no network: tfds' download-and-prepare path (checksum lookup included, which imports
+    importlib_resources) runs up to the HTTP request, then one line says what was searched and how to fix it."""
+    import requests
+
+    from tf_retrieval.errors import MissingError
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("network disabled for the test")
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", offline)
+    with pytest.raises(MissingError) as caught:
+        load_tfds("cifar10", data_dir=str(tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message and "'cifar10'" in message and str(tmp_path) in message
+    assert "(ConnectionError)" in message  # it got as far as the download
+    assert "set TFDS_DATA_DIR" in message and "connect to the internet" in message
+
+
+def test_tfds_data_dir_treats_an_empty_variable_as_unset(monkeypatch):
+    from tf_retrieval.data.images import tfds_data_dir
+
+    monkeypatch.setenv("TFDS_DATA_DIR", "")
+    assert tfds_data_dir() == os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", "/data/tfds")
+    assert tfds_data_dir() == "/data/tfds" and tfds_data_dir("/elsewhere") == "/elsewhere"
 
 
 def test_load_tfds_with_mock_data():

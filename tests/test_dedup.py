@@ -7,10 +7,10 @@ import pytest
 
 from tf_retrieval.cli import main
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data import image_folder
-from tf_retrieval.dedup import connected_groups, duplicate_pairs, find_duplicates
-from tf_retrieval.engine import RetrievalEngine, build_bundle, delete_images
-from tf_retrieval.index import build_index
+from tf_retrieval.data.images import image_folder
+from tf_retrieval.search.dedup import connected_groups, duplicate_pairs, find_duplicates
+from tf_retrieval.search.engine import RetrievalEngine, build_bundle, delete_images
+from tf_retrieval.search.index import build_index
 
 
 class ThumbnailEmbedder:
@@ -20,7 +20,7 @@ class ThumbnailEmbedder:
     def embed_bytes(self, encoded):
         from PIL import Image
 
-        from tf_retrieval.data import decode_image
+        from tf_retrieval.data.images import decode_image
 
         rows = []
         for data in encoded:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from tf_retrieval import efficientnet_lite as lite
+from tf_retrieval.models import efficientnet_lite as lite
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REFERENCE = os.path.join(FIXTURES, "efficientnet_lite0_reference.npz")

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data import ImageDecodeError, image_folder
-from tf_retrieval.engine import RetrievalEngine, build_bundle
-from tf_retrieval.index import IndexModelMismatchError
+from tf_retrieval.data.images import ImageDecodeError, image_folder
+from tf_retrieval.search.engine import RetrievalEngine, build_bundle
+from tf_retrieval.search.index import IndexModelMismatchError
 
 
 class ColourEmbedder:
     """A transparent embedder for tests: the mean colour of the image, L2-normalised."""
 
     def embed_bytes(self, encoded):
-        from tf_retrieval.data import decode_image
+        from tf_retrieval.data.images import decode_image
 
         vectors = np.stack([decode_image(b).reshape(-1, 3).mean(axis=0) for b in encoded]).astype(np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -51,10 +51,14 @@ def test_filters(bundle):
     assert len(engine.search(blue, k=50)[0]) == 18
     close = engine.search(blue, k=50, threshold=0.99)[0]
     assert 1 <= len(close) <= 6 and all(r.score >= 0.99 for r in close)
-    neighbours = engine.search_position(0, k=5)
+    from tf_retrieval.errors import MissingError
+    from tf_retrieval.search.query import Query, Searcher
+
+    searcher = Searcher({"colour": engine})
+    neighbours = searcher.search(Query(id=engine.collection.ids[0]), k=5).results  # a database image: itself left out
     assert 0 not in [r.position for r in neighbours] and {r.class_name for r in neighbours} == {"blue"}
-    with pytest.raises(IndexError, match="no image at position 99"):
-        engine.search_position(99)
+    with pytest.raises(MissingError, match="unknown image id 'nope.png'"):
+        searcher.search(Query(id="nope.png"))
     with pytest.raises(ImageDecodeError, match="not an image"):
         engine.search_images([b"garbage"])
 
@@ -87,7 +91,7 @@ def test_bundle_detects_a_changed_collection(bundle, image_dir):
 
 
 def test_alpha_query_expansion_by_hand():
-    from tf_retrieval.expansion import alpha_query_expansion, expand_exact
+    from tf_retrieval.search.query import alpha_query_expansion, expand_exact
 
     query = np.array([[1.0, 0.0]])
     neighbours = np.array([[[0.0, 1.0], [0.6, 0.8]]])
@@ -107,7 +111,7 @@ def test_alpha_query_expansion_by_hand():
 
 
 def test_search_with_query_expansion_moves_the_query_to_its_neighbours(bundle):
-    from tf_retrieval.expansion import alpha_query_expansion
+    from tf_retrieval.search.query import alpha_query_expansion
 
     _, engine, _ = bundle
     query = engine.vectors([0]) * 0.5 + engine.vectors([6]) * 0.5  # between two classes
@@ -126,8 +130,8 @@ def embed_all(embedder, collection):
 def test_add_and_delete_images_without_a_rebuild(backend, image_dir, tmp_path):
     from conftest import make_image_folder
 
-    from tf_retrieval.engine import add_images, delete_images, pending_images
-    from tf_retrieval.index import Index
+    from tf_retrieval.search.engine import add_images, delete_images, pending_images
+    from tf_retrieval.search.index import Index
 
     collection = image_folder(image_dir, progress=False)
     embedder = ColourEmbedder()
@@ -170,8 +174,8 @@ def test_add_and_delete_images_without_a_rebuild(backend, image_dir, tmp_path):
 
 
 def test_bundle_update_is_atomic(bundle, image_dir, tmp_path, monkeypatch):
-    from tf_retrieval import index as index_module
-    from tf_retrieval.engine import delete_images
+    from tf_retrieval import storage
+    from tf_retrieval.search.engine import delete_images
 
     path, _, embedder = bundle
     with open(os.path.join(path, "catalog.json")) as f:
@@ -180,7 +184,7 @@ def test_bundle_update_is_atomic(bundle, image_dir, tmp_path, monkeypatch):
     def broken_replace(new, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_module, "_replace_dir", broken_replace)
+    monkeypatch.setattr(storage, "_replace_dir", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         delete_images(path, [os.path.join("red", "red_000.png")])
     with open(os.path.join(path, "catalog.json")) as f:
@@ -192,7 +196,7 @@ def test_bundle_update_is_atomic(bundle, image_dir, tmp_path, monkeypatch):
 def test_scann_bundle_update_uses_the_mutation_api(tmp_path):
     from conftest import make_image_folder
 
-    from tf_retrieval.engine import add_images, delete_images
+    from tf_retrieval.search.engine import add_images, delete_images
 
     base = image_folder(make_image_folder(tmp_path / "base", per_class=14), progress=False)  # 42 images
     embedder = ColourEmbedder()

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data import ImageCollection
-from tf_retrieval.evaluate import evaluate_protocol, fit_pca, make_record, merge_records, rank_and_score, records_markdown
-from tf_retrieval.protocols import Protocol
+from tf_retrieval.data.images import ImageCollection
+from tf_retrieval.evaluation.evaluate import (RECORD_KEY, evaluate_protocol, fit_pca, make_record, rank_and_score,
+                                              records_markdown)
+from tf_retrieval.storage import RecordStore
+from tf_retrieval.data.protocols import Protocol
 
 
 def test_perfectly_separated_classes_score_one():
@@ -67,10 +69,11 @@ def test_records_merge_and_markdown(tmp_path):
     path = str(tmp_path / "r.json")
     config = ModelConfig(image_size=96)
     first = make_record("cifar10-2", config, {"mAP": 0.5, "MAP@R": 0.2}, embedding_dim=1280, seconds=1.0, command="x")
-    merge_records(path, [first])
+    store = RecordStore(path, RECORD_KEY)
+    store.merge([first])
     second = make_record("cifar10-2", config, {"mAP": 0.6, "MAP@R": 0.3}, embedding_dim=1280, seconds=1.0, command="x")
     other = make_record("cifar10-1", config, {"mAP": 0.7}, embedding_dim=1280, seconds=1.0, command="x")
-    merged = merge_records(path, [second, other])
+    merged = store.merge([second, other])
     assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
     table = records_markdown(merged)
     assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | 0.600 | 0.300 |" in table

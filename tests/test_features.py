@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from tf_retrieval.data import image_folder
-from tf_retrieval.features import cache_path, extract_features
+from tf_retrieval.data.images import image_folder
+from tf_retrieval.features.cache import cache_path, extract_features
 
 
 def mean_colours(collection):

@@ -6,8 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from tf_retrieval import index as index_module
-from tf_retrieval.index import (METRICS, ExactIndex, Index, IndexModelMismatchError, ScannIndex, build_index,
+from tf_retrieval import storage
+from tf_retrieval.search import index as index_module
+from tf_retrieval.search.index import (FLOAT_METRICS, METRICS, ExactIndex, Index, IndexModelMismatchError, ScannIndex, build_index,
                                 scann_params)
 
 # Query q = [1, 0, 0]; database (ids 10..13), worked out by hand:
@@ -30,7 +31,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann"])
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
 def test_hand_checked_orders_and_scores(metric, backend):
     index = build_index(POINTS, IDS, metric=metric, backend=backend)
     scores, ids = index.search(QUERY, 4)
@@ -52,7 +53,7 @@ def numpy_reference(db, q, metric):
     return -((q[:, None, :] - db[None]) ** 2).sum(-1)
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
 def test_exact_matches_numpy_argsort(metric, rng, monkeypatch):
     monkeypatch.setattr(index_module, "_CHUNK_BYTES", 16 * 300 * 7)  # 7 queries per chunk: exercises chunking
     db = rng.normal(size=(300, 8)).astype(np.float32)
@@ -97,7 +98,7 @@ def test_scann_recall_against_exact(mode, metric, rng):
 
 def test_scann_brute_force_equals_exact(rng):
     db, queries = clustered(rng, 1000), clustered(rng, 20)
-    for metric in METRICS:
+    for metric in FLOAT_METRICS:
         scann, exact = build_index(db, metric=metric, backend="scann"), build_index(db, metric=metric, backend="exact")
         (s_scores, s_ids), (e_scores, e_ids) = scann.search(queries, 10), exact.search(queries, 10)
         assert scann.built_params == {"mode": "brute_force"}  # 1,000 points: the automatic choice
@@ -248,7 +249,7 @@ def test_save_replaces_atomically_or_restores(rng, tmp_path, monkeypatch):
     build_index(clustered(rng, 60), backend="exact").save(path, model_id="v2")  # RENAME_EXCHANGE where available
     assert len(Index.load(path, expected_model_id="v2")) == 60 and os.listdir(tmp_path) == ["idx"]
 
-    monkeypatch.setattr(index_module, "_exchange", lambda a, b: False)  # the two-rename fallback
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)  # the two-rename fallback
     build_index(clustered(rng, 70), backend="exact").save(path, model_id="v3")
     assert len(Index.load(path, expected_model_id="v3")) == 70 and os.listdir(tmp_path) == ["idx"]
 
@@ -446,3 +447,41 @@ def test_scann_tune_changes_search_settings_without_retraining(rng, tmp_path):
         build_index(db[:100], backend="scann").tune(reorder=50)
     with pytest.raises(ValueError, match="index is empty"):
         ScannIndex(4).tune(reorder=50)
+
+
+def test_hamming_ranks_packed_codes_by_distance_then_id():
+    # 8-bit codes, query 0b11110000; distances worked out by hand
+    codes = np.array([[0b11110001], [0b11110000], [0b00001111], [0b11100000], [0b11110000]], np.uint8)
+    ids = [40, 30, 20, 10, 5]
+    index = build_index(codes, ids, metric="hamming", backend="auto")  # auto: Hamming is exact only
+    assert isinstance(index, ExactIndex) and index.dim == 8 and len(index) == 5
+    scores, found = index.search(np.array([[0b11110000]], np.uint8), 5)
+    assert found[0].tolist() == [5, 30, 10, 40, 20]  # distance 0 (ids 5 < 30), 1 (10 < 40), 8
+    assert scores[0].tolist() == [0.0, 0.0, -1.0, -1.0, -8.0]  # minus the Hamming distance
+    top2 = index.search(np.array([[0b11110000]], np.uint8), 2)
+    assert top2[1][0].tolist() == [5, 30]  # partial selection keeps the tie order
+
+
+def test_hamming_matches_a_numpy_reference_and_packs_real_codes(rng, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "_CHUNK_BYTES", 4000)  # a few queries per chunk
+    db = rng.normal(size=(200, 48)).astype(np.float32)
+    queries = rng.normal(size=(9, 48)).astype(np.float32)
+    index = build_index(db, metric="hamming")  # real-valued codes are packed on the way in: bit = value >= 0
+    assert index.get_vectors([0]).dtype == np.uint8 and index.get_vectors([0]).shape == (1, 6)
+    scores, ids = index.search(queries, 200)
+    reference = ((queries[:, None, :] >= 0) != (db[None] >= 0)).sum(-1)
+    expected = np.lexsort((np.broadcast_to(np.arange(200), reference.shape), reference), axis=1)
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(-scores, np.take_along_axis(reference, expected, axis=1))
+    index.save(tmp_path / "codes", model_id="hash48")
+    loaded = Index.load(tmp_path / "codes", expected_model_id="hash48")
+    assert loaded.metric == "hamming" and loaded.dim == 48
+    np.testing.assert_array_equal(loaded.search(queries, 7)[1], ids[:, :7])
+
+
+def test_hamming_needs_the_exact_backend_and_the_right_width():
+    with pytest.raises(ValueError, match="ScaNN does not search binary codes"):
+        build_index(np.zeros((3, 1), np.uint8), metric="hamming", backend="scann")
+    index = build_index(np.zeros((3, 2), np.uint8), metric="hamming")
+    with pytest.raises(ValueError, match=r"shape \[n, 16\]"):
+        index.search(np.zeros((1, 3), np.uint8), 1)

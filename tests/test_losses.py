@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_retrieval import losses
-from tf_retrieval.losses import (TripletBatchAllLoss, TripletHardLoss, TripletSemiHardLoss, angular_distance,
+from tf_retrieval.training import losses
+from tf_retrieval.training.losses import (TripletBatchAllLoss, TripletHardLoss, TripletSemiHardLoss, angular_distance,
                                  pairwise_distance, triplet_batch_all_loss, triplet_hard_loss, triplet_semihard_loss)
 
 

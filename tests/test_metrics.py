@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tf_retrieval.metrics import (RetrievalMetrics, average_precision, f1_at_k, map_at_r, pr_curve, precision_at_k,
+from tf_retrieval.evaluation.metrics import (RetrievalMetrics, average_precision, f1_at_k, map_at_r, pr_curve, precision_at_k,
                                   r_precision, recall_at, recall_at_k, relevance_matrix)
 
 # One query, ranking: R N R N N R  (3 relevant in the database, all ranked).

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tf_retrieval.data import ImageCollection
-from tf_retrieval.protocols import PROTOCOLS, dataset_family, make_protocol
+from tf_retrieval.data.images import ImageCollection
+from tf_retrieval.data.protocols import PROTOCOLS, dataset_family, make_protocol
 
 
 def fake_collection(labels, splits, name="fake"):

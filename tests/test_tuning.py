@@ -7,11 +7,11 @@ import pytest
 from test_train import nuisance_features
 from tf_retrieval.cli import main
 from tf_retrieval.config import TrainConfig
-from tf_retrieval.train import map_at_r
+from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r as map_at_r
 
 pytest.importorskip("keras_tuner")
 
-from tuning import SiameseHyperModel, make_tuner, measure_index_cost, tune  # noqa: E402
+from tf_retrieval.tuning import SiameseHyperModel, make_tuner, measure_index_cost, tune  # noqa: E402
 
 TINY = dict(classes_per_batch=6, images_per_class=6, epochs=3, steps_per_epoch=5, validation_fraction=0.25)
 
@@ -69,7 +69,7 @@ def test_class_disjoint_validation_with_many_classes(tmp_path):
     hypermodel = SiameseHyperModel(TrainConfig(**TINY), features, labels)
     assert hypermodel.class_disjoint and hypermodel.validation_classes == 6
     with pytest.raises(ValueError, match="hash_bits"):
-        SiameseHyperModel(TrainConfig(hash_bits=16), features, labels)
+        SiameseHyperModel(TrainConfig.from_dict({"hash_bits": 16}), features, labels)
     with pytest.raises(ValueError, match="unknown tuning algorithm"):
         make_tuner(hypermodel, str(tmp_path), algorithm="grid")
 
@@ -95,7 +95,7 @@ def test_tfr_tune_writes_a_config_that_tfr_train_takes(tmp_path, capsys):
     config_path = os.path.join(out, "best_config.json")
     assert f"next: tfr train --config {config_path}" in printed
     best = TrainConfig.load(config_path)
-    assert best.source == folder and best.weights is None and best.image_size == 32
+    assert best.source == folder and best.model.weights is None and best.model.image_size == 32
     assert sorted(os.listdir(out)) == ["best_config.json", "trials.json", "tuner", "tuning.md", "tuning.png"]
     assert json.load(open(os.path.join(out, "trials.json")))["database_size"] == 24  # the protocol's database
 

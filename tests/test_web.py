@@ -6,12 +6,18 @@ numpy from the engines' stored vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import re
+import socket
 import struct
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 
@@ -67,10 +73,10 @@ def build_test_engines(root) -> dict:
     pooling (at 32 px its last feature map is 1x1, where both poolings agree), so the two rank differently.
     """
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.data import image_folder
-    from tf_retrieval.embedder import Embedder
-    from tf_retrieval.engine import RetrievalEngine
-    from tf_retrieval.index import build_index
+    from tf_retrieval.data.images import image_folder
+    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.search.engine import RetrievalEngine
+    from tf_retrieval.search.index import build_index
 
     collection = image_folder(make_image_folder(root), progress=False)
     encoded = [collection.read_bytes(i) for i in range(len(collection))]
@@ -90,7 +96,7 @@ def engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(engines):
-    from web.app import create_app
+    from tf_retrieval.web.app import create_app
 
     return create_app(engines, max_upload_mb=2, default_k=8, max_k=50)
 
@@ -135,25 +141,8 @@ def error_of(response) -> str:
 
 # ------------------------------------------------------------------------------------------------- pure helpers
 
-def test_rocchio_formula_and_errors():
-    from web.app import rocchio
-
-    q = np.array([1.0, 0.0, 0.0], np.float32)
-    positives = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
-    moved = rocchio(q, positives, alpha=1.0, beta=0.75)
-    expected = np.array([1.0, 0.375, 0.375]) / np.linalg.norm([1.0, 0.375, 0.375])
-    np.testing.assert_allclose(moved, expected, rtol=1e-6)
-    np.testing.assert_allclose(rocchio(None, positives), np.array([0, 1, 1]) / np.sqrt(2), rtol=1e-6)
-    with pytest.raises(ValueError, match="positives of shape"):
-        rocchio(q, np.zeros((0, 3)))
-    with pytest.raises(ValueError, match="dimension 3 but positives have 2"):
-        rocchio(q, np.ones((1, 2)))
-    with pytest.raises(ValueError, match="zero"):
-        rocchio(q, -q[None, :], alpha=1.0, beta=1.0)
-
-
 def test_class_colours_are_deterministic_distinct_hex():
-    from web.app import class_colour
+    from tf_retrieval.web.app import class_colour
 
     colours = [class_colour(i) for i in range(40)]
     assert colours == [class_colour(i) for i in range(40)]
@@ -164,7 +153,7 @@ def test_class_colours_are_deterministic_distinct_hex():
 
 
 def test_create_app_rejects_bad_setup(engines):
-    from web.app import create_app
+    from tf_retrieval.web.app import create_app
 
     with pytest.raises(ValueError, match="at least one engine"):
         create_app({})
@@ -336,7 +325,8 @@ def test_random_returns_a_database_image_and_its_neighbours(client, engines):
     assert first["results"] == again["results"] and first["query"] == again["query"]
     query = first["query"]
     assert query["type"] == "id" and query["random"] is True and query["id"] in engines["finetuned"].collection.ids
-    expected = engines["finetuned"].search_position(query["position"], 4)
+    expected = engines["finetuned"].search(engines["finetuned"].vectors([query["position"]]), 4,
+                                           exclude=[query["position"]])[0]
     assert [r["id"] for r in first["results"]] == [r.id for r in expected]
     ids = {client.get("/api/random").get_json()["query"]["id"] for _ in range(8)}
     assert len(ids) > 1
@@ -401,7 +391,7 @@ def test_bad_uploads_get_clear_400_json(client, engines, make, message):
 
 
 def test_oversized_upload_gets_413_json(engines):
-    from web.app import create_app
+    from tf_retrieval.web.app import create_app
 
     small = create_app(engines, max_upload_mb=0.05).test_client()
     response = small.post("/api/search", data={"image": (io.BytesIO(b"\0" * 80_000), "big.png")})
@@ -460,50 +450,149 @@ def test_wrong_methods_and_unknown_routes_are_json(client):
     assert client.get("/not-a-page").status_code == 404  # outside /api: a plain 404 page
 
 
-def test_server_keeps_serving_after_bad_requests_under_waitress(engines):
-    """The production server: bad uploads and an oversized body get JSON errors, then searches still work."""
-    from web.app import create_app, create_server
+@contextlib.contextmanager
+def running_server(app, sock=None):
+    """`app` under waitress on a free localhost port (or on `sock`), in a thread; yields its base URL."""
+    from tf_retrieval.web.app import create_server
 
-    server = create_server(create_app(engines, max_upload_mb=0.1, default_k=3), port=0, threads=2)
+    server = create_server(app, port=0, threads=2, sock=sock)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-
-    def post(body: bytes, boundary: str = "xYz"):
-        payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
-                   f"Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
-        req = urllib.request.Request(f"{base}/api/search", data=payload, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.load(exc)
-
     try:
-        assert post(b"")[0] == 400
-        status, body = post(b"\0" * 300_000)
-        assert status == 413 and body["error"]["code"] == 413
-        assert post(b"not an image")[0] == 400
-        status, body = post(png_bytes(engines["baseline"], 5))
-        assert status == 200 and body["total"] == 3
-        with urllib.request.urlopen(f"{base}/api/health", timeout=10) as response:
-            assert json.load(response)["status"] == "ok"
+        yield f"http://127.0.0.1:{server.effective_port}"
     finally:
         server.close()
         thread.join(timeout=10)
 
 
-def test_load_engines_from_bundles(tmp_path, engines):
-    from tf_retrieval.engine import build_bundle
-    from web.app import load_engines
+def multipart_image(body: bytes, boundary: str = "xYz") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
+
+
+def post_image(base: str, body: bytes, boundary: str = "xYz") -> tuple[int, dict]:
+    req = urllib.request.Request(f"{base}/api/search", data=multipart_image(body, boundary), method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_server_keeps_serving_after_bad_requests_under_waitress(engines):
+    """The production server: bad uploads and an oversized body get JSON errors, then searches still work."""
+    from tf_retrieval.web.app import create_app
+
+    with running_server(create_app(engines, max_upload_mb=0.1, default_k=3)) as base:
+        assert post_image(base, b"")[0] == 400
+        status, body = post_image(base, b"\0" * 300_000)
+        assert status == 413 and body["error"]["code"] == 413
+        assert post_image(base, b"not an image")[0] == 400
+        status, body = post_image(base, png_bytes(engines["baseline"], 5))
+        assert status == 200 and body["total"] == 3
+        with urllib.request.urlopen(f"{base}/api/health", timeout=10) as response:
+            assert json.load(response)["status"] == "ok"
+
+
+def test_every_oversized_body_gets_the_json_413_under_waitress(engines):
+    """Bodies over the app's limit, also above the 21 MB waitress once refused in plain text, get the API's JSON 413;
+    a body announced over waitress' own limit too, at once."""
+    from tf_retrieval.web.app import SERVER_BODY_LIMIT, create_app
+
+    app = create_app(engines)  # the default 10 MB limit
+    too_large = {"error": {"code": 413, "name": "Request Entity Too Large",
+                           "message": "the upload is larger than the limit of 10 MB"}}
+    with running_server(app) as base:
+        for size in (11 << 20, 22020096 + 1):
+            assert post_image(base, b"\0" * size) == (413, too_large)
+        host, port = urllib.parse.urlsplit(base).netloc.split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(f"POST /api/search HTTP/1.1\r\nHost: {host}\r\nContent-Length: {SERVER_BODY_LIMIT + 1}\r\n"
+                         "Content-Type: multipart/form-data; boundary=xYz\r\n\r\n".encode())
+            head, _, payload = conn.makefile("rb").read().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ") and b"Content-Type: application/json" in head
+        assert json.loads(payload) == too_large
+        with urllib.request.urlopen(f"{base}/api/health", timeout=10) as response:
+            assert response.status == 200
+
+
+def test_a_port_in_use_is_reported_at_once(app):
+    """`tfr web` reserves its port before it loads models: a taken port fails fast, with the way out."""
+    from tf_retrieval.errors import InvalidInputError
+    from tf_retrieval.web.app import create_server, reserve_port
+
+    with socket.create_server(("127.0.0.1", 0)) as occupant:
+        port = occupant.getsockname()[1]
+        with pytest.raises(InvalidInputError, match=f"^port {port} is in use: choose another with --port$"):
+            reserve_port("127.0.0.1", port)
+        with pytest.raises(InvalidInputError, match=f"port {port} is in use"):
+            create_server(app, port=port)
+    reserved = reserve_port("127.0.0.1", 0)
+    with pytest.raises(InvalidInputError, match="is in use"):
+        reserve_port("127.0.0.1", reserved.getsockname()[1])
+    with running_server(app, sock=reserved) as base:  # the server listens on the reserved socket
+        assert base.endswith(f":{reserved.getsockname()[1]}")
+        with urllib.request.urlopen(f"{base}/api/health", timeout=10) as response:
+            assert json.load(response)["status"] == "ok"
+
+
+def test_every_request_is_logged_with_its_status_and_time(client, caplog):
+    with caplog.at_level(logging.INFO, logger="tf_retrieval.web.requests"):
+        client.get("/api/health")
+        client.post("/api/search", data={"id": "square/square_00.png", "k": "0"})
+        client.get("/api/images/evil%0Aline.png")
+        client.get("/static/app.js")
+    lines = [record.getMessage() for record in caplog.records if record.name == "tf_retrieval.web.requests"]
+    assert len(lines) == 4
+    assert re.fullmatch(r"GET /api/health 200 \d+\.\d ms", lines[0])
+    assert re.fullmatch(r"POST /api/search 400 \d+\.\d ms", lines[1])
+    assert re.fullmatch(r"GET /api/images/evil%0Aline\.png 404 \d+\.\d ms", lines[2])  # no line breaks in the log
+    assert re.fullmatch(r"GET /static/app\.js 200 \d+\.\d ms", lines[3])
+
+
+def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
+    """`tfr index --add` swaps the bundle folder: the running page loads it aside and serves it, without a restart."""
+    from tf_retrieval.search.engine import RetrievalEngine, add_images, build_bundle
+    from tf_retrieval.search.query import Query
+    from tf_retrieval.web.app import create_app
 
     engine = engines["baseline"]
-    build_bundle(str(tmp_path / "b"), engine.config, engine.collection, all_vectors(engine),
+    bundle = str(tmp_path / "bundle")
+    build_bundle(bundle, engine.config, engine.collection.subset(range(40)), engine.vectors(range(40)),
                  source=engine.collection.name, backend="exact")
-    loaded = load_engines([f"mine={tmp_path / 'b'}"])
-    assert list(loaded) == ["mine"] and len(loaded["mine"]) == 60
-    assert loaded["mine"].collection.ids == engine.collection.ids
-    assert list(load_engines([str(tmp_path / "b")])) == ["baseline"]
-    with pytest.raises(ValueError, match="two bundles are named"):
-        load_engines([str(tmp_path / "b"), str(tmp_path / "b")])
+    app = create_app({"baseline": RetrievalEngine.load(bundle, embedder=engine.embedder)}, reload_seconds=0.01)
+    page, client = app.extensions["tf_retrieval"], app.test_client()
+
+    def index_size() -> int:
+        """The index size /api/health reports once the reloads that requests start have finished."""
+        for _ in range(2):
+            time.sleep(0.02)  # more than reload_seconds: the next request looks at the bundle
+            client.get("/api/health")
+            page.reloader.wait()
+        return client.get("/api/health").get_json()["index_sizes"]["baseline"]
+
+    assert index_size() == 40
+    before = page.searcher
+    added = engine.collection.subset(range(40, 60))
+    add_images(bundle, added, engine.vectors(range(40, 60)))
+    assert index_size() == 60
+    new_id = added.ids[0]
+    body = client.post("/api/search", json={"id": new_id, "k": 3}).get_json()
+    assert body["query"]["id"] == new_id and body["total"] == 3
+    assert client.get("/api/stats").get_json()["models"][0]["index_size"] == 60
+    assert len(before.engines["baseline"]) == 40  # a request that started before keeps its engine
+    assert before.search(Query(id=engine.collection.ids[0]), k=2).total == 2
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tf_retrieval.web.reload"):
+        os.rename(bundle, bundle + ".aside")  # mid-swap without RENAME_EXCHANGE: no bundle there, nothing is read
+        assert index_size() == 60
+        os.rename(bundle + ".aside", bundle)
+        assert index_size() == 60
+        assert not [record for record in caplog.records if record.name == "tf_retrieval.web.reload"]
+        # a bundle that cannot be read is logged and skipped: the page keeps serving the last good one
+        with open(os.path.join(bundle, "catalog.json"), "w") as f:
+            f.write("{broken")
+        assert index_size() == 60
+    assert "could not reload the bundle of baseline" in caplog.text

@@ -31,7 +31,7 @@ def site(tmp_path_factory):
     """The app over two real engines, served by waitress on a free localhost port."""
     from test_web import build_test_engines
 
-    from web.app import create_app, create_server
+    from tf_retrieval.web.app import create_app, create_server
 
     engines = build_test_engines(tmp_path_factory.mktemp("shapes"))
     server = create_server(create_app(engines, default_k=12, max_k=60), host="127.0.0.1", port=0, threads=4)

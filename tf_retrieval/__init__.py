@@ -1,7 +1,8 @@
 """tf_retrieval: content-based image retrieval.
 
-Data flow (one direction): images -> `data` (decode, resize) -> `backbones` (frozen ImageNet features, cached by
-`features`) -> embedding head -> `index` (exact or ScaNN) -> `metrics` / `evaluate`. `serving/`, `web/` and
-`tuning/` build on this package; it imports none of them.
+One package per stage, data flowing one way: `data` (decode, resize, tfds protocols) -> `models` (frozen backbones,
+heads) -> `features` (config -> finished vectors, with the feature cache) -> `search` (exact / ScaNN / Hamming index,
+bundles, queries) -> `evaluation` (metrics, protocol scores, comparisons). `training` fits the heads. `serving`, `web`
+and `tuning` (installed as `tf_retrieval.serving`, `.web`, `.tuning`) build on the stages; the stages import none of them.
 """
 __version__ = "0.1.0"

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Any, TypeVar
+
+from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.storage import write_json
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -20,15 +24,11 @@ class JsonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            raise InvalidInputError(f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
@@ -36,23 +36,27 @@ class JsonConfig:
             with open(path) as f:
                 values = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+            raise MissingError(f"config file not found: {path}") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+            raise InvalidInputError(f"config file {path} is not valid JSON: {exc}") from None
         return cls.from_dict(values)
 
 
 @dataclasses.dataclass
 class ModelConfig(JsonConfig):
-    """An embedding model: a frozen backbone, optionally followed by a trained head, then L2 normalisation.
+    """Everything an embedding model is: a backbone, optionally a trained head, and how its outputs are finished.
 
     Attributes:
       name: the model's name ("baseline", "finetuned", ...), also its TF Serving model name.
-      backbone: a name from `backbones.BACKBONES`.
+      backbone: a name from `models.backbones.BACKBONES`.
       image_size: square input size in pixels.
       pooling: "avg", "gem" or "max".
-      weights: "imagenet", None (random) or a weights file for the backbone.
+      weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
+      train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
+        end to end). Recorded for reports; the weights file holds the trained trunk.
+      hash_bits: a hashing model: its vectors are `hash_bits`-bit binary codes, packed 8 to a byte and compared by
+        Hamming distance; None for float embeddings (unit length).
       version: model version; indexes built with one version refuse queries from another.
     """
 
@@ -62,14 +66,34 @@ class ModelConfig(JsonConfig):
     pooling: str = "avg"
     weights: str | None = "imagenet"
     head: str | None = None
+    train_from: str | None = None
+    hash_bits: int | None = None
     version: int = 1
+
+    def __post_init__(self):
+        if self.hash_bits is not None and (isinstance(self.hash_bits, bool) or int(self.hash_bits) < 1):
+            raise InvalidInputError(f"hash_bits must be a positive number of bits, got {self.hash_bits!r}")
+
+    @property
+    def metric(self) -> str:
+        """The similarity its vectors are meant for: "hamming" for a hashing model, else "cosine"."""
+        return "hamming" if self.hash_bits else "cosine"
 
     def model_id(self) -> str:
         """Identifies the embedding space: two models with the same id give comparable vectors."""
-        from tf_retrieval.backbones import backbone_id
+        from tf_retrieval.models.backbones import backbone_id
 
         head = "identity" if self.head is None else os.path.basename(self.head)
-        return f"{self.name}:v{self.version}:{backbone_id(self.backbone, self.image_size, self.pooling, self.weights)}:{head}"
+        codes = f":hash{self.hash_bits}" if self.hash_bits else ""
+        return (f"{self.name}:v{self.version}:{backbone_id(self.backbone, self.image_size, self.pooling, self.weights)}"
+                f":{head}{codes}")
+
+
+#: `train_from` of end-to-end training (the whole trunk on decoded images).
+END_TO_END = "images"
+
+#: TrainConfig fields that describe the model and moved into `TrainConfig.model` (older run files have them flat).
+_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "weights", "train_from", "hash_bits")
 
 
 @dataclasses.dataclass
@@ -79,12 +103,11 @@ class TrainConfig(JsonConfig):
     Attributes:
       protocol: evaluation protocol whose training set is used (DESIGN.md §2).
       source: dataset source for the protocol (default: the tfds dataset of its family).
-      name: model name of the result (also its TF Serving name).
-      backbone, image_size, pooling, weights: the frozen backbone (see `ModelConfig`).
-      train_from: trunk layer whose activations are cached and from which the top trains; None = head only;
-        "images" = end to end on augmented images (GPU advised).
-      embedding_dim, hidden_dim, dropout: head sizes (see `heads.build_head`).
-      hash_bits: train a hashing head with this many bits instead of a float embedding.
+      model: the model to train: its name, the backbone it starts from (`weights` are the starting weights), how deep
+        training reaches (`train_from`: None = head only; a trunk layer whose activations are cached and above which
+        the trunk trains; "images" = end to end on augmented images, GPU advised) and `hash_bits` for a hashing head.
+        Its `head` stays None: the head is what training produces.
+      embedding_dim, hidden_dim, dropout: head sizes (see `models.heads.build_head`).
       mining: triplet mining: "semihard", "hard" or "batch-all".
       margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
@@ -95,16 +118,10 @@ class TrainConfig(JsonConfig):
 
     protocol: str = "cifar10-2"
     source: str | None = None
-    name: str = "finetuned"
-    backbone: str = "efficientnet_lite0"
-    image_size: int = 96
-    pooling: str = "avg"
-    weights: str | None = "imagenet"
-    train_from: str | None = None
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(name="finetuned"))
     embedding_dim: int = 128
     hidden_dim: int = 512
     dropout: float = 0.1
-    hash_bits: int | None = None
     mining: str = "semihard"
     margin: float = 0.2
     learning_rate: float = 1e-3
@@ -116,7 +133,40 @@ class TrainConfig(JsonConfig):
     validation_fraction: float = 0.1
     seed: int = 0
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Also reads the older flat layout, where the model fields sat beside the training fields."""
+        values = dict(values)
+        model = values.pop("model", None)
+        model = dict(model) if isinstance(model, dict) else ({} if model is None else model.to_dict())
+        model.update({field: values.pop(field) for field in _MODEL_FIELDS if field in values})
+        model = ModelConfig.from_dict({"name": "finetuned", **model})
+        return super().from_dict({**values, "model": model})
+
     def base_model(self) -> ModelConfig:
-        """The frozen baseline this run starts from."""
-        return ModelConfig(name="baseline", backbone=self.backbone, image_size=self.image_size, pooling=self.pooling,
-                           weights=self.weights)
+        """The frozen baseline this run starts from (float embeddings of the starting backbone)."""
+        return dataclasses.replace(self.model, name="baseline", head=None, train_from=None, hash_bits=None)
+
+
+def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
+    """The training and model configs of a finished run."""
+    model_path = os.path.join(run_dir, "model.json")
+    if not os.path.exists(model_path):
+        raise MissingError(f"{run_dir} holds no finished training run (no model.json); train with `tfr train`")
+    return TrainConfig.load(os.path.join(run_dir, "train_config.json")), ModelConfig.load(model_path)
+
+
+def latest_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None = None) -> str | None:
+    """The newest finished run under `runs_dir` (a folder of run directories) whose protocol starts with
+    `protocol_prefix` (and whose model hashes, or not, when `hashing` is given); runs on the whole training set of
+    their dataset ("-2" protocols such as cifar10-2) come first. None when there is none."""
+    candidates = []
+    for path in glob.glob(os.path.join(runs_dir, "*", "model.json")):
+        try:
+            train_config, model_config = load_run(os.path.dirname(path))
+        except (ValueError, OSError):
+            continue  # an unfinished or foreign folder
+        if train_config.protocol.startswith(protocol_prefix) and (hashing is None
+                                                                  or bool(model_config.hash_bits) == hashing):
+            candidates.append((train_config.protocol.endswith("-2"), os.path.getmtime(path), os.path.dirname(path)))
+    return max(candidates)[2] if candidates else None

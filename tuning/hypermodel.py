@@ -16,8 +16,9 @@ import keras
 import keras_tuner
 import numpy as np
 
+from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import TrainConfig
-from tf_retrieval.train import VAL_METRIC, BalancedBatches, ValidationMapAtR, build_trainable, validation_split
+from tf_retrieval.training.train import VAL_METRIC, BalancedBatches, ValidationMapAtR, build_trainable, validation_split
 
 OBJECTIVE = keras_tuner.Objective(VAL_METRIC, direction="max")
 MININGS = ("semihard", "hard", "batch-all")
@@ -44,16 +45,16 @@ class SearchSpace:
     def __post_init__(self):
         low, high, step = self.margins
         if not (self.embedding_dims and all(int(d) >= 1 for d in self.embedding_dims)):
-            raise ValueError(f"embedding_dims must be positive integers, got {self.embedding_dims}")
+            raise InvalidInputError(f"embedding_dims must be positive integers, got {self.embedding_dims}")
         if not 0 < low <= high or step <= 0:
-            raise ValueError(f"margins must be (min, max, step) with 0 < min <= max and step > 0, got {self.margins}")
+            raise InvalidInputError(f"margins must be (min, max, step) with 0 < min <= max and step > 0, got {self.margins}")
         if not 0 < self.learning_rates[0] <= self.learning_rates[1]:
-            raise ValueError(f"learning_rates must be (min, max) with 0 < min <= max, got {self.learning_rates}")
+            raise InvalidInputError(f"learning_rates must be (min, max) with 0 < min <= max, got {self.learning_rates}")
         unknown = sorted(set(self.minings) - set(MININGS))
         if not self.minings or unknown:
-            raise ValueError(f"unknown mining(s) {unknown}; choose from {', '.join(MININGS)}")
+            raise InvalidInputError(f"unknown mining(s) {unknown}; choose from {', '.join(MININGS)}")
         if not (self.hidden_dims and all(int(h) >= 0 for h in self.hidden_dims)):
-            raise ValueError(f"hidden_dims must be non-negative integers, got {self.hidden_dims}")
+            raise InvalidInputError(f"hidden_dims must be non-negative integers, got {self.hidden_dims}")
 
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in dataclasses.asdict(self).items()}
@@ -76,11 +77,11 @@ class SiameseHyperModel(keras_tuner.HyperModel):
 
     def __init__(self, base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, space: SearchSpace | None = None):
         super().__init__(name="siamese_head", tunable=True)
-        if base.hash_bits:
-            raise ValueError("tuning searches float embedding heads: set hash_bits to None in the base config")
+        if base.model.hash_bits:
+            raise InvalidInputError("tuning searches float embedding heads: set hash_bits to None in the base config")
         labels = np.asarray(labels)
         if len(inputs) != len(labels):
-            raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+            raise InvalidInputError(f"{len(inputs)} inputs but {len(labels)} labels")
         self.base, self.space = base, space or SearchSpace()
         train_pos, val_pos = validation_split(labels, base.validation_fraction, base.seed)
         self.input_shape = tuple(inputs.shape[1:])
@@ -103,7 +104,7 @@ class SiameseHyperModel(keras_tuner.HyperModel):
         )
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        from tf_retrieval import losses
+        from tf_retrieval.training import losses
 
         config = self.trial_config(hp)
         model, _, _ = build_trainable(config, self.input_shape)

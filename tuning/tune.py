@@ -10,7 +10,7 @@
   embedding size, as JSON, as a Markdown table, and as a plot of embedding size vs MAP@R, index memory and query latency.
 
 Index cost (`measure_index_cost`) depends on the embedding size and the database size only, so it is measured once per
-size on random unit vectors of that size: an index of `database_size` vectors is built with `tf_retrieval.index.build_index`
+size on random unit vectors of that size: an index of `database_size` vectors is built with `tf_retrieval.search.index.build_index`
 (ScaNN when installed, with the same size-dependent settings the product uses), then timed on single queries (k=10, the
 median over 200) and saved; its size on disk (vectors, ids and ScaNN's serialised searcher: what loading it puts in
 memory) is the memory figure, in MB (10^6 bytes).
@@ -30,7 +30,9 @@ import keras_tuner
 import numpy as np
 
 from tf_retrieval.config import TrainConfig
-from tuning.hypermodel import OBJECTIVE, SearchSpace, SiameseHyperModel
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.storage import write_json, write_text
+from tf_retrieval.tuning.hypermodel import OBJECTIVE, SearchSpace, SiameseHyperModel
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,7 @@ class _TrialRecorder:
         seconds = time.perf_counter() - self._started.get(trial.trial_id, time.perf_counter())
         record = {"history": [{k: [float(v) for v in vs] for k, vs in h.history.items()} for h in histories],
                   "seconds": round(seconds, 2)}
-        with open(os.path.join(self.get_trial_dir(trial.trial_id), HISTORY_FILE), "w") as f:
-            json.dump(record, f)
+        write_json(os.path.join(self.get_trial_dir(trial.trial_id), HISTORY_FILE), record)
         return histories
 
     def on_trial_end(self, trial):
@@ -125,9 +126,9 @@ def make_tuner(hypermodel: SiameseHyperModel, directory: str, *, algorithm: str 
       ValueError: unknown algorithm or a non-positive number of trials.
     """
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown tuning algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        raise InvalidInputError(f"unknown tuning algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if trials < 1:
-        raise ValueError(f"trials must be positive, got {trials}")
+        raise InvalidInputError(f"trials must be positive, got {trials}")
     common = dict(hypermodel=hypermodel, objective=OBJECTIVE, seed=seed, directory=directory, project_name="search",
                   overwrite=overwrite, progress=progress)
     if algorithm == "bayesian":
@@ -160,10 +161,10 @@ def measure_index_cost(dim: int, database_size: int, *, backend: str = "auto", q
       {"embedding_dim", "database_size", "backend", "index_mb" (saved size, MB), "index_ms_per_query" (median of
       `queries` single-vector searches), "build_s" (building + ScaNN training)}.
     """
-    from tf_retrieval.index import build_index
+    from tf_retrieval.search.index import build_index
 
     if database_size < 1:
-        raise ValueError(f"database_size must be positive, got {database_size}")
+        raise InvalidInputError(f"database_size must be positive, got {database_size}")
     rng = np.random.default_rng(seed)
 
     def unit(n: int) -> np.ndarray:
@@ -237,7 +238,7 @@ def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str
 
     records = _trial_records(tuner)
     if not records:
-        raise ValueError(f"no trial finished (see the trial folders under {tuner.project_dir})")
+        raise InvalidInputError(f"no trial finished (see the trial folders under {tuner.project_dir})")
     costs: dict[int, dict[str, Any]] = {}
     for record in records:
         dim = record["embedding_dim"]
@@ -250,15 +251,14 @@ def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str
     os.makedirs(out_dir, exist_ok=True)
     config_path = os.path.join(out_dir, "best_config.json")
     best_config.save(config_path)
-    with open(os.path.join(out_dir, "trials.json"), "w") as f:
-        json.dump({"base": base.to_dict(), "space": space.to_dict(), "algorithm": algorithm,
-                   "database_size": database_size, "index_backend": sorted({c["backend"] for c in costs.values()}),
-                   "best_trial": best_trial.trial_id, "trials": records}, f, indent=1)
+    write_json(os.path.join(out_dir, "trials.json"), {
+        "base": base.to_dict(), "space": space.to_dict(), "algorithm": algorithm, "database_size": database_size,
+        "index_backend": sorted({c["backend"] for c in costs.values()}), "best_trial": best_trial.trial_id,
+        "trials": records}, indent=1)
     title = title or f"{base.protocol}: {algorithm} search, {len(records)} trials"
     table_path = os.path.join(out_dir, "tuning.md")
-    with open(table_path, "w") as f:
-        f.write(tuning_markdown(records, best_trial.trial_id, title=title, database_size=database_size,
-                                backend=", ".join(sorted({c["backend"] for c in costs.values()}))))
+    write_text(table_path, tuning_markdown(records, best_trial.trial_id, title=title, database_size=database_size,
+                                           backend=", ".join(sorted({c["backend"] for c in costs.values()}))))
     plot_path = os.path.join(out_dir, "tuning.png")
     plot_tuning(records, plot_path, title=title, database_size=database_size)
     result = TuneResult(best_config, float(best_trial.score), records, out_dir, config_path, table_path, plot_path,
@@ -266,6 +266,33 @@ def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str
     logger.info("best of %d trials: val MAP@R %.4f with %s", len(records), result.best_score,
                 _describe(best_trial.hyperparameters.values))
     return result
+
+
+def tune_protocol(base: TrainConfig, out_dir: str, *, workdir: str, trials: int = 20, algorithm: str = "bayesian",
+                  index_backend: str = "auto", overwrite: bool = False, verbose: bool = False) -> TuneResult:
+    """`tfr tune`: `tune` on the training set of the protocol of `base`, with its inputs cached under `workdir` and
+    one line per trial (per epoch too with `verbose`)."""
+    from tf_retrieval.data.protocols import load_protocol
+    from tf_retrieval.training.train import cache_inputs
+
+    if trials < 1:
+        raise InvalidInputError(f"--trials must be positive, got {trials}")
+    protocol = load_protocol(base.protocol, base.source)
+    inputs = cache_inputs(base, protocol.collection, workdir=workdir)
+    labels = protocol.collection.labels
+    quiet = [] if verbose else [logging.getLogger(name) for name in ("tf_retrieval.training.train",
+                                                                     "tf_retrieval.search.index")]
+    levels = [logger_.level for logger_ in quiet]
+    for logger_ in quiet:  # one line per trial, not per epoch
+        logger_.setLevel(logging.WARNING)
+    try:
+        return tune(base, inputs[protocol.train], labels[protocol.train], out_dir, trials=trials, algorithm=algorithm,
+                    database_size=len(protocol.database), index_backend=index_backend, overwrite=overwrite,
+                    verbose=2 if verbose else 0,
+                    title=f"{protocol.summary()} ({base.model.backbone}, {base.model.image_size} px)")
+    finally:
+        for logger_, level in zip(quiet, levels):
+            logger_.setLevel(level)
 
 
 def _trial_records(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
@@ -294,11 +321,9 @@ def _check_same_search(tuner_dir: str, search: dict[str, Any], overwrite: bool) 
             before = json.load(f)
         changed = sorted(k for k in search if before.get(k) != search[k])
         if changed:
-            raise ValueError(f"{tuner_dir} holds a search with another {', '.join(changed)}; resume it with the same "
+            raise InvalidInputError(f"{tuner_dir} holds a search with another {', '.join(changed)}; resume it with the same "
                              f"settings, or use another output directory or --overwrite")
-    os.makedirs(tuner_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(search, f, indent=1)
+    write_json(path, search, indent=1)
 
 
 def _digest(array: np.ndarray) -> str:

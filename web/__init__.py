@@ -1,4 +1,5 @@
-"""The tf_retrieval search page: a Flask app (`web.app.create_app`) over loaded retrieval engines, served by waitress.
+"""The tf_retrieval search page (`tfr web`): a Flask app (`tf_retrieval.web.app.create_app`) over loaded retrieval engines, served by
+waitress.
 
 Flask and waitress are the `web` extra (`pip install tf_retrieval[web]`).
 """
@@ -6,9 +7,10 @@ from __future__ import annotations
 
 try:
     import flask  # noqa: F401
+    import waitress  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the web page needs Flask and waitress: pip install 'tf_retrieval[web]'") from exc
 
-from web.app import class_colour, create_app, create_server, load_engines, rocchio, serve
+from tf_retrieval.web.app import class_colour, create_app, create_server, reserve_port, serve
 
-__all__ = ["class_colour", "create_app", "create_server", "load_engines", "rocchio", "serve"]
+__all__ = ["class_colour", "create_app", "create_server", "reserve_port", "serve"]

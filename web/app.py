@@ -1,7 +1,11 @@
-"""The search page and its JSON API: a Flask app factory over one or more loaded `RetrievalEngine`s.
+"""The search page and its JSON API: a Flask app over one or more `RetrievalEngine`s, served by waitress (`tfr web`).
 
-`create_app({"baseline": engine_a, "finetuned": engine_b})` builds the app (no globals: everything the routes need lives in the
-closure and in `app.extensions["tf_retrieval"]`); `serve(app)` runs it under waitress, the production WSGI server, debug off.
+`create_app({"baseline": engine_a, "finetuned": engine_b})` builds the app; `serve(app)` runs it under waitress, the
+production WSGI server, debug off. The routes only translate HTTP to the library and back: searching is
+`search.query.Searcher`, thumbnails `data.images.ThumbnailCache`, batched embedding
+`features.batching.EmbeddingBatcher`.
+A `SearchPage` (in `app.extensions["tf_retrieval"]`) holds the engines and settings; when an engine's index bundle is
+replaced on disk (`tfr index --add/--delete`), the page loads the new one in the background and serves it (`reload`).
 
 API (documented in `web/openapi.json`, served at `/api/openapi.json`):
 
@@ -13,38 +17,47 @@ API (documented in `web/openapi.json`, served at `/api/openapi.json`):
     GET  /api/stats         models, backbones, index sizes, class names and their tag colours, limits
     GET  /api/openapi.json  this API as OpenAPI 3
 
-Safety: uploads are bounded by `MAX_CONTENT_LENGTH` (413 JSON), kept in memory (never written to disk, never under the
-client's file name), and decoded through `tf_retrieval.data.decode_image`, which refuses empty, non-image, truncated and
-decompression-bomb input (400 JSON with the reason). Image ids are looked up in the collections, never turned into paths.
-Every error under `/api/` is JSON: `{"error": {"code", "name", "message"}}`.
+Safety: uploads are bounded by `MAX_CONTENT_LENGTH` (413 JSON, also from waitress for bodies over its own limit), kept
+in memory by the app (waitress buffers bodies over 512 KB in anonymous temporary files; never under the client's file
+name), and decoded through `data.images.decode_image`, which refuses empty, non-image, truncated and
+decompression-bomb input (400 JSON with the reason). Image ids are looked up in
+the collections, never turned into paths. Every error under `/api/` is JSON: `{"error": {"code", "name", "message"}}`.
+Every request is logged at INFO on `tf_retrieval.web.requests`: method, path, status, milliseconds.
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
+import dataclasses
+import errno
 import functools
 import io
 import json
 import logging
 import math
 import os
-import queue
-import random
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import quote
 
 import numpy as np
-from flask import Flask, Request, Response, jsonify, render_template, request
+from flask import Blueprint, Flask, Request, Response, current_app, jsonify, render_template, request
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, NotFound
 
-from tf_retrieval.data import ImageDecodeError, decode_image, resize_and_crop
+from tf_retrieval.data.images import ImageDecodeError, ThumbnailCache
+from tf_retrieval.errors import InvalidInputError, MissingError, RetrievalError
+from tf_retrieval.features.batching import EmbeddingBatcher
+from tf_retrieval.search.query import ROCCHIO_ALPHA, ROCCHIO_BETA, Answer, Query, Searcher
+from tf_retrieval.web.reload import BundleReloader
 
 if TYPE_CHECKING:
-    from tf_retrieval.engine import RetrievalEngine, SearchResult
+    from tf_retrieval.search.engine import RetrievalEngine, SearchResult
 
 logger = logging.getLogger(__name__)
+request_logger = logging.getLogger("tf_retrieval.web.requests")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_PATH = os.path.join(HERE, "openapi.json")
@@ -53,10 +66,8 @@ OPENAPI_PATH = os.path.join(HERE, "openapi.json")
 MIN_THUMBNAIL, MAX_THUMBNAIL, DEFAULT_THUMBNAIL = 16, 512, 256
 #: Most favourites accepted for relevance feedback in one request.
 MAX_POSITIVES = 200
-#: Longest image id looked up (ids are paths relative to a folder, or tfds ids).
-MAX_ID_LENGTH = 1024
-#: Rocchio defaults (the classic SMART values): q' = alpha * q + beta * mean(positives), re-normalised.
-ROCCHIO_ALPHA, ROCCHIO_BETA = 1.0, 0.75
+#: Largest body waitress reads (its default, 1 GiB); the app's own upload limit is far lower.
+SERVER_BODY_LIMIT = 1 << 30
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -65,17 +76,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-
-
-class InMemoryRequest(Request):
-    """A request whose uploaded files stay in memory (the body is already bounded by MAX_CONTENT_LENGTH).
-
-    Werkzeug would spool files over 500 KB to a temporary file; keeping them in a BytesIO means no upload ever touches disk.
-    """
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()
-
 
 #: Tag colours of the first classes: distinct hues, all dark enough for white text (WCAG contrast >= 4.5).
 PALETTE = ("#2563eb", "#dc2626", "#047857", "#b45309", "#7c3aed", "#be185d", "#0e7490", "#4d7c0f", "#475569", "#c2410c",
@@ -93,120 +93,132 @@ def class_colour(label: int) -> str:
     return "#{:02x}{:02x}{:02x}".format(round(red * 255), round(green * 255), round(blue * 255))
 
 
-def rocchio(query: np.ndarray | None, positives: np.ndarray, alpha: float = ROCCHIO_ALPHA,
-            beta: float = ROCCHIO_BETA) -> np.ndarray:
-    """Rocchio relevance feedback: q' = alpha * q + beta * mean(positives), L2-normalised.
-
-    Args:
-      query: the query embedding [d] (or None: the feedback vector alone, i.e. the favourites' centroid).
-      positives: embeddings of the images marked relevant, [m, d] with m >= 1.
-      alpha: weight of the original query.
-      beta: weight of the positives' mean.
-
-    Returns:
-      float32 [d], unit length.
-
-    Raises:
-      ValueError: on empty positives, mismatched dimensions or a zero result vector.
-    """
-    positives = np.asarray(positives, dtype=np.float32)
-    if positives.ndim != 2 or len(positives) == 0:
-        raise ValueError(f"rocchio needs positives of shape [m >= 1, d], got {list(positives.shape)}")
-    moved = beta * positives.mean(axis=0)
-    if query is not None:
-        query = np.asarray(query, dtype=np.float32).reshape(-1)
-        if query.shape[0] != positives.shape[1]:
-            raise ValueError(f"query has dimension {query.shape[0]} but positives have {positives.shape[1]}")
-        moved = alpha * query + moved
-    norm = float(np.linalg.norm(moved))
-    if not math.isfinite(norm) or norm < 1e-12:
-        raise ValueError("the feedback query vector is zero: choose other favourites or a larger alpha/beta")
-    return (moved / norm).astype(np.float32)
+def error_body(code: int, name: str, message: str) -> dict[str, Any]:
+    """The JSON body of every API error."""
+    return {"error": {"code": code, "name": name, "message": message}}
 
 
-class EmbeddingBatcher:
-    """Dynamic batching of one-image embedding requests coming from many server threads (like TF Serving's batcher).
+# ------------------------------------------------------------------------------------------------ the page's state
 
-    Request threads resize their decoded image (the same `data.resize_and_crop` as indexing, compiled once with
-    tf.function) and queue it; one worker thread takes everything queued (up to `max_batch`, waiting at most
-    `max_wait_ms` for more) and embeds it in one model call. Under load, the model then runs on batches instead of one
-    image at a time, which costs far less per image; a lone request waits for nothing.
+@dataclasses.dataclass(frozen=True)
+class PageSettings:
+    """The page's limits and defaults (see `create_app` for each)."""
 
-    Args:
-      embedder: an in-process embedder with `image_size` and `embed_pixels` (`tf_retrieval.embedder.Embedder`).
-      max_batch: most images per model call.
-      max_wait_ms: how long the worker waits for more images once it has one (0: take only what is already queued).
-      workers: model calls that may run at the same time (each on its own batch).
+    max_upload_mb: float = 10.0
+    default_k: int = 20
+    max_k: int = 200
+    batching: bool = True
+    max_batch: int = 32
+    batch_wait_ms: float = 0.0
+    batch_workers: int = 2
+    reload_seconds: float = 2.0
+
+    def __post_init__(self):
+        if not 1 <= self.default_k <= self.max_k:
+            raise InvalidInputError(f"default_k must be between 1 and max_k={self.max_k}, got {self.default_k}")
+        if not self.max_upload_mb > 0:
+            raise InvalidInputError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_too_large(self) -> str:
+        """The message of a 413."""
+        return f"the upload is larger than the limit of {self.max_upload_mb:g} MB"
+
+
+class SearchPage:
+    """What the routes serve: a `Searcher` over the engines, the settings, the embedding batchers and thumbnails.
+
+    `searcher` is replaced as a whole when a bundle is reloaded, so a request that took it keeps consistent engines.
     """
 
-    def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 0.0, workers: int = 1):
-        import tensorflow as tf
+    def __init__(self, engines: Mapping[str, RetrievalEngine], settings: PageSettings,
+                 default_model: str | None = None):
+        self.settings = settings
+        self.searcher = Searcher(engines, default_model, embed=self.embed)
+        self.thumbnails = ThumbnailCache()
+        self.started = time.time()
+        self._batchers: dict[str, EmbeddingBatcher | None] = {}
+        self._lock = threading.Lock()
+        self.reloader = BundleReloader(engines, self._use_engines, settings.reload_seconds)
 
-        if max_batch < 1 or max_wait_ms < 0 or workers < 1:
-            raise ValueError(f"max_batch and workers must be >= 1 and max_wait_ms >= 0, got {max_batch}, {workers} and "
-                             f"{max_wait_ms}")
-        self.embedder = embedder
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        size = int(embedder.image_size)
-        self._resize = tf.function(lambda image: resize_and_crop(image, size),
-                                   input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-        self._queue: queue.Queue = queue.Queue()
-        self.batches = 0  # model calls made, and images embedded (for stats)
-        self.images = 0
-        self._workers = [threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True)
-                         for i in range(workers)]
-        for worker in self._workers:
-            worker.start()
+    def embed(self, model: str, engine: RetrievalEngine, query: Query) -> np.ndarray:
+        """A query image's embedding: batched with concurrent uploads when the embedder runs in this process."""
+        batcher = self._batcher(model, engine)
+        return batcher.embed(query.image) if batcher is not None else engine.embed([query.encoded])[0]
 
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        """One decoded RGB uint8 image [h, w, 3] -> its embedding [d] (blocks until its batch is done)."""
-        job = {"pixels": self._resize(image).numpy(), "done": threading.Event()}
-        self._queue.put(job)
-        job["done"].wait()
-        if "error" in job:
-            raise job["error"]
-        return job["vector"]
+    def _batcher(self, model: str, engine: RetrievalEngine) -> EmbeddingBatcher | None:
+        with self._lock:
+            if model not in self._batchers:
+                settings = self.settings
+                usable = settings.batching and EmbeddingBatcher.supports(engine.embedder)
+                self._batchers[model] = EmbeddingBatcher(engine.embedder, settings.max_batch, settings.batch_wait_ms,
+                                                         settings.batch_workers) if usable else None
+            return self._batchers[model]
 
-    def close(self) -> None:
-        """Stops the worker threads (queued jobs are finished first)."""
-        for _ in self._workers:
-            self._queue.put(None)
-        for worker in self._workers:
-            worker.join(timeout=10)
+    def _use_engines(self, engines: dict[str, RetrievalEngine]) -> None:
+        """Serves reloaded engines from now on (requests in flight finish on the engines they started with)."""
+        with self._lock:
+            old = self.searcher
+            self.searcher = Searcher({**old.engines, **engines}, old.default_model, embed=self.embed)
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch = [job]
-            deadline = time.perf_counter() + self.max_wait
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    remaining = deadline - time.perf_counter()
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-            try:
-                vectors = self.embedder.embed_pixels(np.stack([j["pixels"] for j in batch]))
-                for j, vector in zip(batch, vectors):
-                    j["vector"] = vector
-            except Exception as exc:  # handed to every waiting request, which turns it into a 500
-                for j in batch:
-                    j["error"] = exc
-            finally:
-                self.batches += 1
-                self.images += len(batch)
-                for j in batch:
-                    j["done"].set()
-            if stop:
-                return
+    def warm_up(self) -> None:
+        """Builds each model and traces it for a batch of one and of several, so that no request pays for that."""
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.new("RGB", (48, 48), (120, 60, 30)).save(out, format="PNG")
+        query = Query.from_bytes(out.getvalue())
+        for name, engine in self.searcher.engines.items():
+            started = time.perf_counter()
+            self.searcher.search(query, name, k=1)
+            if self._batcher(name, engine) is not None:
+                size = engine.embedder.image_size
+                engine.embedder.embed_pixels(np.zeros((3, size, size, 3), np.float32))
+            logger.info("warmed up %s in %.1f s", name, time.perf_counter() - started)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: models, index sizes, uptime, batching counts."""
+        engines = self.searcher.engines
+        with self._lock:
+            batchers = {name: batcher for name, batcher in self._batchers.items() if batcher is not None}
+        batching = {name: {"batches": b.batches, "images": b.images} for name, b in batchers.items()}
+        return {"status": "ok", "models": list(engines), "index_sizes": {n: len(e) for n, e in engines.items()},
+                "uptime_s": round(time.time() - self.started, 1), "embedding_batches": batching}
+
+    def stats(self) -> dict[str, Any]:
+        """Models, index sizes, class names and their tag colours, limits: what the page shows and offers."""
+        searcher, settings = self.searcher, self.settings
+        class_names = list(dict.fromkeys(name for engine in searcher.engines.values()
+                                         for name in engine.collection.class_names))
+        return {"models": [_model_info(name, engine) for name, engine in searcher.engines.items()],
+                "default_model": searcher.default_model, "default_k": settings.default_k, "max_k": settings.max_k,
+                "max_upload_mb": settings.max_upload_mb, "class_names": class_names,
+                "class_colours": {name: class_colour(i) for i, name in enumerate(class_names)},
+                "rocchio": {"alpha": ROCCHIO_ALPHA, "beta": ROCCHIO_BETA}}
+
+
+def _model_info(name: str, engine: RetrievalEngine) -> dict[str, Any]:
+    config = engine.config
+    return {"name": name, "model_id": config.model_id(), "backbone": config.backbone, "image_size": config.image_size,
+            "pooling": config.pooling, "weights": config.weights, "head": os.path.basename(config.head or "") or None,
+            "version": config.version, "index_size": len(engine), "collection": engine.collection.name,
+            "index": type(engine.index).__name__, "class_names": list(engine.collection.class_names)}
+
+
+# ------------------------------------------------------------------------------------------------ HTTP in
+
+class InMemoryRequest(Request):
+    """A request whose uploaded files stay in memory (the body is already bounded by MAX_CONTENT_LENGTH).
+
+    Werkzeug would spool files over 500 KB to a temporary file; keeping them in a BytesIO means no upload ever touches disk.
+    """
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
 
 
 class _Params:
@@ -280,10 +292,230 @@ class _Params:
             return False
         raise BadRequest(f"{name} must be true or false, got {value!r}")
 
+    def search_settings(self, searcher: Searcher, settings: PageSettings) -> dict[str, Any]:
+        """The search settings of a request, echoed in its answer (with the class filter as the answer applied it)."""
+        positives = self.raw_list("positives")
+        if len(positives) > MAX_POSITIVES:
+            raise BadRequest(f"at most {MAX_POSITIVES} positives are accepted, got {len(positives)}")
+        return {"model": searcher.engine(self.raw("model"))[0],
+                "k": self.integer("k", settings.default_k, 1, settings.max_k),
+                "threshold": self.number("threshold", None, -1e6, 1e6),
+                "alpha": self.number("alpha", ROCCHIO_ALPHA, 0.0, 10.0),
+                "beta": self.number("beta", ROCCHIO_BETA, 0.0, 10.0),
+                "positives": positives,
+                "compare": self.flag("compare"),
+                "classes": self.raw_list("classes")}
+
+
+# ------------------------------------------------------------------------------------------------ HTTP out
+
+def _thumbnail_url(model: str, image_id: str) -> str:
+    return f"/api/images/{quote(image_id, safe='')}?model={quote(model, safe='')}&size={DEFAULT_THUMBNAIL}"
+
+
+def _result_json(model: str, result: SearchResult, rank: int) -> dict[str, Any]:
+    return {"rank": rank, "id": result.id, "position": result.position, "label": result.label,
+            "class_name": result.class_name, "score": round(float(result.score), 6),
+            "thumbnail_url": _thumbnail_url(model, result.id)}
+
+
+def _answer_json(answer: Answer) -> dict[str, Any]:
+    return {"model": answer.model, "total": answer.total,
+            "results": [_result_json(answer.model, r, rank) for rank, r in enumerate(answer.results, start=1)],
+            "timing_ms": {key: round(value, 2) for key, value in answer.timing_ms.items()}}
+
+
+def _id_description(searcher: Searcher, model: str, image_id: Any) -> dict[str, Any]:
+    """How a query by database image is shown: its id, position, class and thumbnail."""
+    position = searcher.position_of(model, image_id)
+    collection = searcher.engines[model].collection
+    label = int(collection.labels[position])
+    return {"type": "id", "id": image_id, "position": position, "label": label,
+            "class_name": collection.class_names[label], "thumbnail_url": _thumbnail_url(model, image_id)}
+
+
+def _feedback(settings: dict[str, Any]) -> dict[str, Any]:
+    """The `Query` fields of the request's favourites."""
+    return {"positives": tuple(settings["positives"]), "alpha": settings["alpha"], "beta": settings["beta"]}
+
+
+def _search_response(searcher: Searcher, query: Query, description: dict[str, Any],
+                     settings: dict[str, Any]) -> Response:
+    """Runs the query on the chosen model, or on every model side by side, and answers it as JSON."""
+    started = time.perf_counter()
+    filters = {"k": settings["k"], "threshold": settings["threshold"], "classes": settings["classes"]}
+    model = settings["model"]
+    answers = (searcher.compare(query, **filters) if settings["compare"]
+               else {model: searcher.search(query, model, **filters)})
+    main = _answer_json(answers[model])
+    body = {"query": description, "settings": {**settings, "classes": answers[model].classes}, "total": main["total"],
+            "results": main["results"]}
+    if settings["compare"]:
+        body["side_by_side"] = [_answer_json(answer) for answer in answers.values()]
+    body["timing_ms"] = {**main["timing_ms"], "total_ms": round((time.perf_counter() - started) * 1000, 2)}
+    return jsonify(body)
+
+
+@functools.lru_cache(maxsize=1)
+def _openapi() -> dict[str, Any]:
+    with open(OPENAPI_PATH) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------ routes
+
+routes = Blueprint("search_page", __name__)
+
+
+def _page() -> SearchPage:
+    return current_app.extensions["tf_retrieval"]
+
+
+def _request_settings():
+    """The searcher, this request's parameters and its search settings (the page defaults where a parameter is absent)."""
+    page = _page()
+    params = _Params(request)
+    return page.searcher, params, params.search_settings(page.searcher, page.settings)
+
+
+@routes.get("/")
+def index() -> str:
+    return render_template("index.html", config=_page().stats())
+
+
+@routes.post("/api/search")
+def api_search() -> Response:
+    searcher, params, settings = _request_settings()
+    upload = request.files.get("image")
+    if upload is not None:
+        data = upload.read()
+        name = (upload.filename or "upload")[:120]
+        query = Query.from_bytes(data, name=f"uploaded file {name!r}", **_feedback(settings))
+        height, width = query.image.shape[:2]
+        description = {"type": "upload", "filename": name, "bytes": len(data), "width": width, "height": height}
+        return _search_response(searcher, query, description, settings)
+    image_id = params.raw("id")
+    if image_id is not None and image_id != "":
+        description = _id_description(searcher, settings["model"], image_id)
+        return _search_response(searcher, Query(id=image_id, **_feedback(settings)), description, settings)
+    if settings["positives"]:
+        description = {"type": "favourites", "count": len(settings["positives"])}
+        return _search_response(searcher, Query(**_feedback(settings)), description, settings)
+    raise BadRequest("no query: send an image file in the multipart field 'image', a database image 'id', "
+                     "or favourites in 'positives'")
+
+
+@routes.get("/api/random")
+def api_random() -> Response:
+    searcher, params, settings = _request_settings()
+    seed = params.integer("seed", -1, 0, 2**63 - 1)
+    image_id = searcher.random_id(settings["model"], None if seed < 0 else seed)
+    description = {**_id_description(searcher, settings["model"], image_id), "random": True}
+    return _search_response(searcher, Query(id=image_id, **_feedback(settings)), description, settings)
+
+
+@routes.get("/api/images/<path:image_id>")
+def api_image(image_id: str) -> Response:
+    page = _page()
+    searcher = page.searcher
+    params = _Params(request)
+    size = params.integer("size", DEFAULT_THUMBNAIL, MIN_THUMBNAIL, MAX_THUMBNAIL)
+    model, position = searcher.locate(image_id, params.raw("model"))
+    try:
+        data = page.thumbnails.get(searcher.engines[model].collection, position, size)
+    except (ImageDecodeError, OSError):
+        logger.exception("cannot read database image %r of model %s", image_id, model)
+        raise InternalServerError(f"database image {image_id[:200]!r} could not be read") from None
+    return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+
+@routes.get("/api/health")
+def api_health() -> Response:
+    return jsonify(_page().health())
+
+
+@routes.get("/api/stats")
+def api_stats() -> Response:
+    return jsonify(_page().stats())
+
+
+@routes.get("/api/openapi.json")
+def api_openapi() -> Response:
+    return jsonify(_openapi())
+
+
+@routes.before_app_request
+def reload_changed_bundles() -> None:
+    _page().reloader.check()
+
+
+@routes.after_app_request
+def add_headers(response: Response) -> Response:
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+    if request.path.startswith("/api/") and response.mimetype == "application/json":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@routes.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException):
+    """Errors under /api/ as JSON; the page's own errors stay HTML."""
+    if not request.path.startswith("/api/"):
+        return exc
+    message = _page().settings.upload_too_large if exc.code == 413 else exc.description
+    response = jsonify(error_body(exc.code, exc.name, message))
+    response.status_code = exc.code or 500
+    return response
+
+
+@routes.app_errorhandler(RetrievalError)
+@routes.app_errorhandler(ImageDecodeError)
+def user_error(exc: Exception):
+    """What the user can fix: 404 for something that does not exist, else 400."""
+    return http_error(NotFound(str(exc)) if isinstance(exc, MissingError) else BadRequest(str(exc)))
+
+
+@routes.app_errorhandler(Exception)
+def unexpected_error(exc: Exception):
+    logger.exception("unhandled error on %s %s", request.method, request.path)
+    response = jsonify(error_body(500, "Internal Server Error",
+                                  f"internal error ({type(exc).__name__}); see the server log"))
+    response.status_code = 500
+    return response
+
+
+class RequestLog:
+    """WSGI middleware logging one line per request at INFO: method, path, status, milliseconds."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        status = "-"
+
+        def logging_start_response(status_line, headers, exc_info=None):
+            nonlocal status
+            status = status_line.split(" ", 1)[0]
+            return start_response(status_line, headers, exc_info)
+
+        try:
+            return self.wsgi_app(environ, logging_start_response)
+        finally:
+            request_logger.info("%s %s %s %.1f ms", environ.get("REQUEST_METHOD", "-"), _logged_path(environ), status,
+                                (time.perf_counter() - started) * 1000)
+
+
+def _logged_path(environ) -> str:
+    """The request path as the client sent it (percent-encoded: no control characters reach the log)."""
+    return quote(environ.get("PATH_INFO", "").encode("latin-1", "replace"), safe="/:@!$&'()*+,;=~")
+
 
 def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float = 10.0, default_k: int = 20,
                max_k: int = 200, default_model: str | None = None, warmup: bool = False, batching: bool = True,
-               max_batch: int = 32, batch_wait_ms: float = 0.0, batch_workers: int = 2) -> Flask:
+               max_batch: int = 32, batch_wait_ms: float = 0.0, batch_workers: int = 2,
+               reload_seconds: float = 2.0) -> Flask:
     """Builds the Flask app serving the search page and the JSON API over `engines`.
 
     Args:
@@ -299,330 +531,119 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
       batch_wait_ms: how long a batch waits for more uploads once it has one (0: only those already queued).
       batch_workers: model calls that may run at once (on a machine with few cores, one model call on a small batch
         leaves cores idle).
+      reload_seconds: how often (at most) to look whether an engine's index bundle was replaced on disk, e.g. by
+        `tfr index --add`, and then serve the new one; <= 0: never. Engines built in memory are never reloaded.
 
     Returns:
-      the app; `app.extensions["tf_retrieval"]` holds the engines and settings.
+      the app; `app.extensions["tf_retrieval"]` is its `SearchPage` (engines, settings, batchers).
 
     Raises:
       ValueError: no engines, an unknown default model, or limits out of range.
     """
-    if not engines:
-        raise ValueError("create_app needs at least one engine, e.g. {'baseline': RetrievalEngine.load(bundle_dir)}")
-    engines = dict(engines)
-    default_model = default_model or next(iter(engines))
-    if default_model not in engines:
-        raise ValueError(f"default_model {default_model!r} is not one of the engines {sorted(engines)}")
-    if not 1 <= default_k <= max_k:
-        raise ValueError(f"default_k must be between 1 and max_k={max_k}, got {default_k}")
-    if not max_upload_mb > 0:
-        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-
+    settings = PageSettings(max_upload_mb=max_upload_mb, default_k=default_k, max_k=max_k, batching=batching,
+                            max_batch=max_batch, batch_wait_ms=batch_wait_ms, batch_workers=batch_workers,
+                            reload_seconds=reload_seconds)
+    page = SearchPage(engines, settings, default_model)
     app = Flask(__name__, template_folder=os.path.join(HERE, "templates"), static_folder=os.path.join(HERE, "static"))
     app.request_class = InMemoryRequest
-    app.config.update(MAX_CONTENT_LENGTH=int(max_upload_mb * 1024 * 1024), JSON_SORT_KEYS=False, DEBUG=False,
-                      PROPAGATE_EXCEPTIONS=False, SEND_FILE_MAX_AGE_DEFAULT=300)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, DEBUG=False, PROPAGATE_EXCEPTIONS=False,
+                      SEND_FILE_MAX_AGE_DEFAULT=300)
     app.json.sort_keys = False
-    started = time.time()
-    system_random = random.SystemRandom()
-    positions = {name: {image_id: i for i, image_id in enumerate(engine.collection.ids)} for name, engine in engines.items()}
-    all_classes = _union_class_names(engines.values())
-    colours = {name: class_colour(i) for i, name in enumerate(all_classes)}
-    with open(OPENAPI_PATH) as f:
-        openapi = json.load(f)
-    batchers: dict[str, EmbeddingBatcher | None] = {}
-    batchers_lock = threading.Lock()
-
-    def batcher_for(model: str) -> EmbeddingBatcher | None:
-        with batchers_lock:
-            if model not in batchers:
-                embedder = engines[model].embedder
-                usable = batching and hasattr(embedder, "embed_pixels") and hasattr(embedder, "image_size")
-                batchers[model] = EmbeddingBatcher(embedder, max_batch, batch_wait_ms, batch_workers) if usable else None
-            return batchers[model]
-
-    def embed_upload(model: str, data: bytes, image: np.ndarray) -> np.ndarray:
-        batcher = batcher_for(model)
-        return batcher.embed(image) if batcher is not None else engines[model].embed([data])[0]
-
-    if warmup:  # build each model and trace it for a batch of one and of several, so no request pays for that
-        from PIL import Image
-
-        out = io.BytesIO()
-        Image.new("RGB", (48, 48), (120, 60, 30)).save(out, format="PNG")
-        for name, engine in engines.items():
-            t0 = time.perf_counter()
-            engine.search(embed_upload(name, out.getvalue(), decode_image(out.getvalue()))[None, :], 1)
-            if batcher_for(name) is not None:
-                size = engine.embedder.image_size
-                engine.embedder.embed_pixels(np.zeros((3, size, size, 3), np.float32))
-            logger.info("warmed up %s in %.1f s", name, time.perf_counter() - t0)
-
-    def model_info(name: str, engine: RetrievalEngine) -> dict[str, Any]:
-        config = engine.config
-        return {"name": name, "model_id": config.model_id(), "backbone": config.backbone, "image_size": config.image_size,
-                "pooling": config.pooling, "weights": config.weights, "head": os.path.basename(config.head or "") or None,
-                "version": config.version, "index_size": len(engine), "collection": engine.collection.name,
-                "index": type(engine.index).__name__, "class_names": list(engine.collection.class_names)}
-
-    stats = {"models": [model_info(name, engine) for name, engine in engines.items()], "default_model": default_model,
-             "default_k": default_k, "max_k": max_k, "max_upload_mb": max_upload_mb,
-             "class_names": all_classes, "class_colours": colours,
-             "rocchio": {"alpha": ROCCHIO_ALPHA, "beta": ROCCHIO_BETA}}
-
-    # ---------------------------------------------------------------- helpers
-
-    def get_engine(name: str | None) -> tuple[str, RetrievalEngine]:
-        name = name or default_model
-        if not isinstance(name, str) or name not in engines:
-            raise NotFound(f"unknown model {name!r}; available models: {', '.join(engines)}")
-        return name, engines[name]
-
-    def position_of(model: str, image_id: Any, what: str = "id") -> int:
-        if not isinstance(image_id, str) or not image_id or len(image_id) > MAX_ID_LENGTH:
-            raise BadRequest(f"{what} must be a database image id (a non-empty string), got {str(image_id)[:80]!r}")
-        position = positions[model].get(image_id)
-        if position is None:
-            raise NotFound(f"unknown image id {image_id[:200]!r} in the collection of model {model!r}")
-        return position
-
-    def thumbnail_url(model: str, image_id: str) -> str:
-        return f"/api/images/{quote(image_id, safe='')}?model={quote(model, safe='')}&size={DEFAULT_THUMBNAIL}"
-
-    def result_dict(model: str, result: SearchResult, rank: int) -> dict[str, Any]:
-        return {"rank": rank, "id": result.id, "position": result.position, "label": result.label,
-                "class_name": result.class_name, "score": round(float(result.score), 6),
-                "thumbnail_url": thumbnail_url(model, result.id)}
-
-    def parse_classes(params: _Params, engine: RetrievalEngine) -> list[int] | None:
-        values = params.raw_list("classes")
-        if len(values) == 1 and isinstance(values[0], str) and "," in values[0]:
-            values = [v.strip() for v in values[0].split(",") if v.strip()]
-        if not values:
-            return None
-        names = list(engine.collection.class_names)
-        labels = []
-        for value in values:
-            if isinstance(value, str) and value in names:
-                labels.append(names.index(value))
-            elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-                labels.append(value)
-            elif isinstance(value, str) and value.isdigit() and int(value) < len(names):
-                labels.append(int(value))
-            else:
-                raise BadRequest(f"unknown class {str(value)[:100]!r} in classes; known classes: {', '.join(names)}")
-        return sorted(set(labels))
-
-    def parse_settings(params: _Params) -> dict[str, Any]:
-        model, _ = get_engine(params.raw("model"))
-        positives = params.raw_list("positives")
-        if len(positives) > MAX_POSITIVES:
-            raise BadRequest(f"at most {MAX_POSITIVES} positives are accepted, got {len(positives)}")
-        return {
-            "model": model,
-            "k": params.integer("k", default_k, 1, max_k),
-            "threshold": params.number("threshold", None, -1e6, 1e6),
-            "alpha": params.number("alpha", ROCCHIO_ALPHA, 0.0, 10.0),
-            "beta": params.number("beta", ROCCHIO_BETA, 0.0, 10.0),
-            "positives": positives,
-            "compare": params.flag("compare"),
-        }
-
-    def run_model(model: str, query: dict[str, Any], settings: dict[str, Any], classes_params: _Params,
-                  upload: tuple[bytes, np.ndarray] | None) -> dict[str, Any]:
-        """Searches one model: embeds (or looks up) the query, applies feedback and filters, returns total + results."""
-        engine = engines[model]
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        classes = parse_classes(classes_params, engine)
-        exclude = set()
-        vector = None
-        if upload is not None:
-            vector = embed_upload(model, *upload)
-            timings["embed_ms"] = (time.perf_counter() - t0) * 1000
-        elif query.get("id") is not None:
-            position = position_of(model, query["id"])
-            vector = engine.vectors([position])[0]
-            exclude.add(position)
-        if settings["positives"]:
-            positive_positions = [position_of(model, p, "positives") for p in settings["positives"]]
-            try:
-                vector = rocchio(vector, engine.vectors(positive_positions), settings["alpha"], settings["beta"])
-            except ValueError as exc:
-                raise BadRequest(str(exc)) from None
-            exclude.update(positive_positions)
-        t1 = time.perf_counter()
-        results = engine.search(vector[None, :], settings["k"], threshold=settings["threshold"], classes=classes,
-                                exclude=sorted(exclude))[0]
-        timings["search_ms"] = (time.perf_counter() - t1) * 1000
-        return {"model": model, "total": len(results),
-                "results": [result_dict(model, r, rank) for rank, r in enumerate(results, start=1)],
-                "classes": None if classes is None else [engine.collection.class_names[c] for c in classes],
-                "timing_ms": {key: round(value, 2) for key, value in timings.items()}}
-
-    def answer(query: dict[str, Any], settings: dict[str, Any], params: _Params,
-               upload: tuple[bytes, np.ndarray] | None) -> Response:
-        t0 = time.perf_counter()
-        main = run_model(settings["model"], query, settings, params, upload)
-        body: dict[str, Any] = {"query": query, "settings": {**settings, "classes": main["classes"]},
-                                "total": main["total"], "results": main["results"]}
-        if settings["compare"]:
-            runs = []
-            for name in engines:
-                run = main if name == settings["model"] else run_model(name, query, settings, params, upload)
-                runs.append({key: run[key] for key in ("model", "total", "results", "timing_ms")})
-            body["side_by_side"] = runs
-        body["timing_ms"] = {**main["timing_ms"], "total_ms": round((time.perf_counter() - t0) * 1000, 2)}
-        return jsonify(body)
-
-    def id_query(model: str, image_id: str) -> dict[str, Any]:
-        engine = engines[model]
-        position = position_of(model, image_id)
-        label = int(engine.collection.labels[position])
-        return {"type": "id", "id": image_id, "position": position, "label": label,
-                "class_name": engine.collection.class_names[label], "thumbnail_url": thumbnail_url(model, image_id)}
-
-    @functools.lru_cache(maxsize=2048)
-    def thumbnail(model: str, position: int, size: int) -> bytes:
-        from PIL import Image
-
-        image = Image.fromarray(engines[model].collection.image(position))
-        scale = size / max(image.size)
-        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(new_size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=88)
-        return out.getvalue()
-
-    # ---------------------------------------------------------------- routes
-
-    @app.get("/")
-    def index() -> str:
-        return render_template("index.html", config=stats)
-
-    @app.post("/api/search")
-    def api_search() -> Response:
-        params = _Params(request)
-        settings = parse_settings(params)
-        upload = request.files.get("image")
-        if upload is not None:
-            data = upload.read()
-            name = (upload.filename or "upload")[:120]
-            try:
-                array = decode_image(data, name=f"uploaded file {name!r}")
-            except ImageDecodeError as exc:
-                raise BadRequest(str(exc)) from None
-            query = {"type": "upload", "filename": name, "bytes": len(data), "width": int(array.shape[1]),
-                     "height": int(array.shape[0])}
-            return answer(query, settings, params, (data, array))
-        image_id = params.raw("id")
-        if image_id is not None and image_id != "":
-            return answer(id_query(settings["model"], image_id), settings, params, None)
-        if settings["positives"]:
-            return answer({"type": "favourites", "count": len(settings["positives"])}, settings, params, None)
-        raise BadRequest("no query: send an image file in the multipart field 'image', a database image 'id', "
-                         "or favourites in 'positives'")
-
-    @app.get("/api/random")
-    def api_random() -> Response:
-        params = _Params(request)
-        settings = parse_settings(params)
-        engine = engines[settings["model"]]
-        seed = params.integer("seed", -1, 0, 2**63 - 1)
-        rng = system_random if seed < 0 else random.Random(seed)
-        image_id = engine.collection.ids[rng.randrange(len(engine.collection))]
-        query = {**id_query(settings["model"], image_id), "random": True}
-        return answer(query, settings, params, None)
-
-    @app.get("/api/images/<path:image_id>")
-    def api_image(image_id: str) -> Response:
-        params = _Params(request)
-        size = params.integer("size", DEFAULT_THUMBNAIL, MIN_THUMBNAIL, MAX_THUMBNAIL)
-        requested = params.raw("model")
-        candidates = [get_engine(requested)[0]] if requested else list(engines)
-        for model in candidates:
-            position = positions[model].get(image_id) if len(image_id) <= MAX_ID_LENGTH else None
-            if position is not None:
-                try:
-                    data = thumbnail(model, position, size)
-                except (ImageDecodeError, OSError):
-                    logger.exception("cannot read database image %r of model %s", image_id, model)
-                    raise InternalServerError(f"database image {image_id[:200]!r} could not be read") from None
-                return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
-        raise NotFound(f"unknown image id {image_id[:200]!r}")
-
-    @app.get("/api/health")
-    def api_health() -> Response:
-        batching_stats = {name: {"batches": b.batches, "images": b.images} for name, b in batchers.items() if b is not None}
-        return jsonify({"status": "ok", "models": list(engines), "index_sizes": {n: len(e) for n, e in engines.items()},
-                        "uptime_s": round(time.time() - started, 1), "embedding_batches": batching_stats})
-
-    @app.get("/api/stats")
-    def api_stats() -> Response:
-        return jsonify(stats)
-
-    @app.get("/api/openapi.json")
-    def api_openapi() -> Response:
-        return jsonify(openapi)
-
-    # ---------------------------------------------------------------- errors and headers
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if not request.path.startswith("/api/"):
-            return exc
-        message = exc.description
-        if exc.code == 413:
-            message = f"the upload is larger than the limit of {max_upload_mb:g} MB"
-        response = jsonify({"error": {"code": exc.code, "name": exc.name, "message": message}})
-        response.status_code = exc.code or 500
-        return response
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc: Exception):
-        if isinstance(exc, ImageDecodeError):  # raised by an engine's own decode check
-            return http_error(BadRequest(str(exc)))
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        response = jsonify({"error": {"code": 500, "name": "Internal Server Error",
-                                      "message": f"internal error ({type(exc).__name__}); see the server log"}})
-        response.status_code = 500
-        return response
-
-    @app.after_request
-    def add_headers(response: Response) -> Response:
-        for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        if request.path.startswith("/api/") and response.mimetype == "application/json":
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
-    app.extensions["tf_retrieval"] = {"engines": engines, "stats": stats, "batchers": batchers}
-    logger.info("web app over %d model(s): %s", len(engines),
-                ", ".join(f"{n} ({len(e)} images)" for n, e in engines.items()))
+    app.extensions["tf_retrieval"] = page
+    app.register_blueprint(routes)
+    app.wsgi_app = RequestLog(app.wsgi_app)
+    if warmup:
+        page.warm_up()
+    logger.info("web app over %d model(s): %s", len(page.searcher.engines),
+                ", ".join(f"{n} ({len(e)} images)" for n, e in page.searcher.engines.items()))
     return app
 
 
-def _union_class_names(engines: Sequence[RetrievalEngine] | Any) -> list[str]:
-    names: list[str] = []
-    for engine in engines:
-        for name in engine.collection.class_names:
-            if name not in names:
-                names.append(name)
-    return names
+# ------------------------------------------------------------------------------------------------ serving
+
+def reserve_port(host: str = "127.0.0.1", port: int = 8080) -> socket.socket:
+    """Binds and listens on host:port now, so that a taken port is reported before slow work (loading models).
+
+    Connections that arrive before the server runs wait in the socket's backlog. Give the socket to `serve` or
+    `create_server`.
+
+    Raises:
+      InvalidInputError: "port N is in use: choose another with --port", or another reason the address cannot be bound.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise InvalidInputError(f"cannot serve on host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress: restarts need not wait for TIME_WAIT
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidInputError(f"port {port} is in use: choose another with --port") from None
+        raise InvalidInputError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+    return sock
 
 
-def create_server(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 8):
-    """A waitress server for `app` (not yet running): call `.run()` (blocks) and `.close()`; port 0 picks a free port.
+class _JsonErrorTask(ErrorTask):
+    """Waitress' own error answers (a body over its limit, a malformed request) in the API's JSON error shape."""
 
-    The server's body limit is set a little above the app's MAX_CONTENT_LENGTH, so oversized uploads get the app's JSON 413.
+    def execute(self):
+        error = self.request.error
+        message = self.channel.upload_too_large if error.code == 413 else error.body
+        body = json.dumps(error_body(error.code, error.reason, message)).encode()
+        request_logger.info("%s %s %s refused by the server: %s", self.request.command or "-",
+                            quote(self.request.path or "", safe="/"), error.code, error.body)
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _JsonErrorChannel(HTTPChannel):
+    """A waitress connection whose own error answers are JSON (`upload_too_large`: the message of a 413)."""
+
+    error_task_class = _JsonErrorTask
+
+    def __init__(self, *args, upload_too_large: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.upload_too_large = upload_too_large
+
+
+def create_server(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
+                  sock: socket.socket | None = None):
+    """A waitress server for `app` (from `create_app`), not yet running: call `.run()` (blocks) and `.close()`.
+
+    Args:
+      app: from `create_app`.
+      host, port: where to listen when no `sock` is given (port 0 picks a free port: see `.effective_port`).
+      threads: worker threads (concurrent requests).
+      sock: a listening socket from `reserve_port`.
+
+    Waitress reads a whole body before the app sees it, up to its own limit (`SERVER_BODY_LIMIT`, far above the app's
+    upload limit): an oversized upload is read to its end and gets the app's JSON 413, which the client then reads
+    (a server that answered while the client still sends would reset the connection: the client would see no answer).
+    Bodies over the server's limit get the same JSON from waitress as soon as their headers arrive.
+
+    Raises:
+      InvalidInputError: the port is in use (see `reserve_port`).
     """
     from waitress import create_server as waitress_server
 
-    limit = int(app.config.get("MAX_CONTENT_LENGTH") or 10 * 1024 * 1024)
-    return waitress_server(app, host=host, port=port, threads=threads, max_request_body_size=2 * limit + (1 << 20),
-                           ident="tf_retrieval")
+    sock = sock if sock is not None else reserve_port(host, port)
+    server = waitress_server(app, sockets=[sock], threads=threads, ident="tf_retrieval",
+                             max_request_body_size=max(SERVER_BODY_LIMIT, 2 * app.config["MAX_CONTENT_LENGTH"]))
+    page: SearchPage = app.extensions["tf_retrieval"]
+    server.channel_class = functools.partial(_JsonErrorChannel, upload_too_large=page.settings.upload_too_large)
+    return server
 
 
-def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 8) -> None:
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
+          sock: socket.socket | None = None) -> None:
     """Serves `app` with waitress (production server, debug off) until interrupted.
 
     Args:
@@ -630,61 +651,13 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, threads: int = 
       host: interface to bind; the default serves this machine only (use "0.0.0.0" deliberately, behind a proxy).
       port: TCP port.
       threads: worker threads (concurrent requests).
+      sock: a listening socket from `reserve_port` (then `host` and `port` are not used).
     """
-    server = create_server(app, host, port, threads)
-    logger.info("serving on http://%s:%s/ with %d threads", host, server.effective_port, threads)
+    server = create_server(app, host, port, threads, sock)
+    logger.info("serving on http://%s:%s/ with %d threads", server.effective_host, server.effective_port, threads)
     try:
         server.run()
     except KeyboardInterrupt:
         logger.info("stopped")
     finally:
         server.close()
-
-
-def load_engines(bundles: Mapping[str, str] | Sequence[str], data_dir: str | None = None) -> dict[str, RetrievalEngine]:
-    """Loads index bundles (`RetrievalEngine.load`) into {name: engine}.
-
-    Args:
-      bundles: {name: bundle_dir}, or a list of "NAME=DIR" / "DIR" strings (a bare DIR is named after its model config).
-      data_dir: tfds data dir for bundles over tfds datasets.
-
-    Raises:
-      ValueError: two bundles with the same name.
-    """
-    from tf_retrieval.engine import RetrievalEngine
-
-    if isinstance(bundles, Mapping):
-        items = list(bundles.items())
-    else:
-        items = [(spec.split("=", 1)[0], spec.split("=", 1)[1]) if "=" in spec and not os.path.isdir(spec) else (None, spec)
-                 for spec in bundles]
-    engines: dict[str, RetrievalEngine] = {}
-    for name, path in items:
-        engine = RetrievalEngine.load(path, data_dir=data_dir)
-        name = name or engine.name
-        if name in engines:
-            raise ValueError(f"two bundles are named {name!r}; name them explicitly with NAME=DIR")
-        engines[name] = engine
-    return engines
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m web.app --bundle baseline=DIR --bundle finetuned=DIR [--port 8000]`: load bundles and serve the page."""
-    parser = argparse.ArgumentParser(description="Serve the tf_retrieval search page over index bundles.")
-    parser.add_argument("--bundle", action="append", required=True, metavar="[NAME=]DIR",
-                        help="an index bundle (repeat for several models; NAME defaults to the bundle's model name)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--max-upload-mb", type=float, default=10.0)
-    parser.add_argument("--default-k", type=int, default=20)
-    parser.add_argument("--data-dir", default=os.environ.get("TFDS_DATA_DIR"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engines = load_engines(args.bundle, args.data_dir)
-    app = create_app(engines, max_upload_mb=args.max_upload_mb, default_k=args.default_k, warmup=True)
-    serve(app, args.host, args.port, args.threads)
-
-
-if __name__ == "__main__":
-    main()

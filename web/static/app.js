@@ -537,6 +537,22 @@
     }
   }
 
+  /** Makes `element` take drops that `accepts(event)` allows, highlighted while dragged over, handled by `onDrop`. */
+  function dropTarget(element, accepts, onDrop) {
+    element.addEventListener("dragover", (event) => {
+      if (!accepts(event)) return;
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+      element.classList.add("over");
+    });
+    element.addEventListener("dragleave", () => element.classList.remove("over"));
+    element.addEventListener("drop", (event) => {
+      event.preventDefault();
+      element.classList.remove("over");
+      onDrop(event);
+    });
+  }
+
   // ------------------------------------------------------------------ clear
 
   function clearAll() {
@@ -572,15 +588,7 @@
     el.dropzone.addEventListener("keydown", (event) => {
       if (event.key === "Enter" || event.key === " ") { event.preventDefault(); el.fileInput.click(); }
     });
-    el.dropzone.addEventListener("dragover", (event) => {
-      event.preventDefault();
-      event.dataTransfer.dropEffect = "copy";
-      el.dropzone.classList.add("over");
-    });
-    el.dropzone.addEventListener("dragleave", () => el.dropzone.classList.remove("over"));
-    el.dropzone.addEventListener("drop", (event) => {
-      event.preventDefault();
-      el.dropzone.classList.remove("over");
+    dropTarget(el.dropzone, () => true, (event) => {
       const item = resultFromDrag(event);
       if (item) { setIdQuery(item); return; }
       if (event.dataTransfer.files && event.dataTransfer.files.length) setUploadQuery(event.dataTransfer.files[0]);
@@ -589,18 +597,8 @@
     window.addEventListener("dragover", (event) => event.preventDefault());
     window.addEventListener("drop", (event) => event.preventDefault());
 
-    el.favourites.addEventListener("dragover", (event) => {
-      if (![...event.dataTransfer.types].includes(RESULT_TYPE)) return;
-      event.preventDefault();
-      event.dataTransfer.dropEffect = "copy";
-      el.favourites.classList.add("over");
-    });
-    el.favourites.addEventListener("dragleave", () => el.favourites.classList.remove("over"));
-    el.favourites.addEventListener("drop", (event) => {
-      event.preventDefault();
-      el.favourites.classList.remove("over");
-      addFavourite(resultFromDrag(event));
-    });
+    dropTarget(el.favourites, (event) => [...event.dataTransfer.types].includes(RESULT_TYPE),
+      (event) => addFavourite(resultFromDrag(event)));
 
     el.searchBtn.addEventListener("click", () => runSearch());
     el.randomBtn.addEventListener("click", runRandom);

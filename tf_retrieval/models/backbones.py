@@ -15,6 +15,8 @@ from typing import Callable
 import keras
 from keras import ops
 
+from tf_retrieval.errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("avg", "gem", "max")
@@ -35,7 +37,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
         if mode not in self.MODES:
-            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {self.MODES}")
+            raise InvalidInputError(f"unknown preprocessing mode {mode!r}; expected one of {self.MODES}")
         self.mode = mode
 
     def call(self, images):
@@ -59,7 +61,7 @@ class GeneralizedMeanPooling(keras.layers.Layer):
     def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         if p <= 0:
-            raise ValueError(f"GeM power p must be positive, got {p}")
+            raise InvalidInputError(f"GeM power p must be positive, got {p}")
         self.p, self.eps = float(p), float(eps)
 
     def call(self, features):
@@ -83,7 +85,7 @@ def _applications(name: str) -> Callable[..., keras.Model]:
 
 
 def _efficientnet_lite0(**kwargs) -> keras.Model:
-    from tf_retrieval.efficientnet_lite import EfficientNetLite0
+    from tf_retrieval.models.efficientnet_lite import EfficientNetLite0
 
     return EfficientNetLite0(**kwargs)
 
@@ -123,11 +125,11 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
       ValueError: unknown name or pooling, or an image size below 32.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise InvalidInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        raise InvalidInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if int(image_size) < 32:
-        raise ValueError(f"image_size must be at least 32 px, got {image_size}")
+        raise InvalidInputError(f"image_size must be at least 32 px, got {image_size}")
     spec = BACKBONES[name]
     if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
         keras.utils.set_random_seed(0)

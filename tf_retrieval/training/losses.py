@@ -31,6 +31,8 @@ from typing import Any, Callable, Union
 import keras
 import tensorflow as tf
 
+from tf_retrieval.errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
 DistanceMetric = Union[str, Callable[[tf.Tensor], tf.Tensor]]
@@ -183,7 +185,7 @@ def triplet_batch_all_loss(y_true: tf.Tensor, y_pred: tf.Tensor, margin: float =
         ValueError: unknown `average`.
     """
     if average not in AVERAGES:
-        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        raise InvalidInputError(f"average must be one of {AVERAGES}, got {average!r}")
     labels, distances, dtype = _prepare(y_true, y_pred, distance_metric)
     same, negatives = _adjacency(labels)
     # valid[a, p, n]: p is a positive of a and n a negative of a.
@@ -203,10 +205,10 @@ def triplet_batch_all_loss(y_true: tf.Tensor, y_pred: tf.Tensor, margin: float =
 
 def _check_embeddings(embeddings: tf.Tensor) -> None:
     if embeddings.shape.rank is not None and embeddings.shape.rank != 2:
-        raise ValueError(f"embeddings must be a [batch, dim] matrix, got shape {embeddings.shape}; flatten or reshape "
+        raise InvalidInputError(f"embeddings must be a [batch, dim] matrix, got shape {embeddings.shape}; flatten or reshape "
                          f"them to rank 2 first")
     if not embeddings.dtype.is_floating:
-        raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype.name}; cast them to float32")
+        raise InvalidInputError(f"embeddings must be floating point, got dtype {embeddings.dtype.name}; cast them to float32")
 
 
 def _distance_matrix(embeddings: tf.Tensor, distance_metric: DistanceMetric) -> tf.Tensor:
@@ -218,7 +220,7 @@ def _distance_matrix(embeddings: tf.Tensor, distance_metric: DistanceMetric) -> 
         return pairwise_distance(embeddings, squared=True)
     if distance_metric == "angular":
         return angular_distance(embeddings)
-    raise ValueError(f"distance_metric must be one of {DISTANCE_METRICS} or a callable embeddings [n, d] -> distances "
+    raise InvalidInputError(f"distance_metric must be one of {DISTANCE_METRICS} or a callable embeddings [n, d] -> distances "
                      f"[n, n], got {distance_metric!r}")
 
 
@@ -230,11 +232,11 @@ def _prepare(y_true: tf.Tensor, y_pred: tf.Tensor,
     _check_embeddings(embeddings)
     if labels.shape.rank is not None and not (labels.shape.rank == 1 or (labels.shape.rank == 2
                                                                           and labels.shape[1] in (1, None))):
-        raise ValueError(f"labels must have shape [batch] or [batch, 1], got {labels.shape}; pass one integer class id "
+        raise InvalidInputError(f"labels must have shape [batch] or [batch, 1], got {labels.shape}; pass one integer class id "
                          f"per embedding (not one-hot)")
     labels = tf.reshape(labels, [-1])
     if labels.shape[0] is not None and embeddings.shape[0] is not None and labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"got {labels.shape[0]} labels for {embeddings.shape[0]} embeddings (shape "
+        raise InvalidInputError(f"got {labels.shape[0]} labels for {embeddings.shape[0]} embeddings (shape "
                          f"{embeddings.shape}); pass one label per embedding")
     dtype = embeddings.dtype
     if dtype in _HALF_DTYPES:
@@ -267,7 +269,7 @@ def _masked_min(data: tf.Tensor, mask: tf.Tensor, axis: int) -> tf.Tensor:
 
 def _check_distance_metric(distance_metric: DistanceMetric) -> None:
     if not callable(distance_metric) and distance_metric not in DISTANCE_METRICS:
-        raise ValueError(f"distance_metric must be one of {DISTANCE_METRICS} or a callable embeddings [n, d] -> "
+        raise InvalidInputError(f"distance_metric must be one of {DISTANCE_METRICS} or a callable embeddings [n, d] -> "
                          f"distances [n, n], got {distance_metric!r}")
 
 
@@ -380,7 +382,7 @@ class TripletBatchAllLoss(_TripletLoss):
                  name: str | None = "triplet_batch_all_loss", reduction: str | None = "sum_over_batch_size",
                  dtype: Any = None) -> None:
         if average not in AVERAGES:
-            raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+            raise InvalidInputError(f"average must be one of {AVERAGES}, got {average!r}")
         super().__init__(margin=margin, distance_metric=distance_metric, name=name, reduction=reduction, dtype=dtype)
         self.average = average
 
@@ -427,11 +429,11 @@ def get(identifier: str | dict[str, Any] | keras.losses.Loss) -> keras.losses.Lo
         return _lookup(identifier)()
     if isinstance(identifier, dict):
         if "class_name" not in identifier:
-            raise ValueError(f"a loss config dict needs a 'class_name' key (and optionally 'config'), got keys "
+            raise InvalidInputError(f"a loss config dict needs a 'class_name' key (and optionally 'config'), got keys "
                              f"{sorted(identifier)}")
         cls = _lookup(identifier["class_name"])
         return cls.from_config(dict(identifier.get("config") or {}))
-    raise ValueError(f"cannot build a triplet loss from {identifier!r} (type {type(identifier).__name__}); pass a name "
+    raise InvalidInputError(f"cannot build a triplet loss from {identifier!r} (type {type(identifier).__name__}); pass a name "
                      f"such as 'semi-hard', a config dict or a keras.losses.Loss instance")
 
 
@@ -444,6 +446,6 @@ def _lookup(name: str) -> type[_TripletLoss]:
     if key.endswith("-loss"):
         key = key[:-len("-loss")]
     if key not in _NAMES:
-        raise ValueError(f"unknown triplet loss {name!r}; use one of {sorted(_NAMES)} or a class name "
+        raise InvalidInputError(f"unknown triplet loss {name!r}; use one of {sorted(_NAMES)} or a class name "
                          f"{sorted(_CLASSES)}")
     return _NAMES[key]

@@ -6,15 +6,19 @@ query image and a database image go through exactly the same pixels -> resize pa
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
 import logging
 import os
+import threading
 import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from tf_retrieval.errors import InvalidInputError, MissingError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +29,7 @@ MAX_BYTES = 50 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InvalidInputError):
     """Raised when bytes are not a usable image (empty, not an image, truncated, too large)."""
 
 
@@ -84,7 +88,7 @@ def read_image(path: str | os.PathLike, **kwargs) -> np.ndarray:
     """Reads and decodes an image file (see `decode_image`); a missing file raises FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such image file: {path}")
+        raise MissingError(f"no such image file: {path}")
     with open(path, "rb") as f:
         return decode_image(f.read(), name=path, **kwargs)
 
@@ -109,6 +113,48 @@ def resize_and_crop(image, size: int):
     image = image[top:top + size, left:left + size, :]
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [size, size, 3])
+
+
+def make_thumbnail(image: np.ndarray, size: int, quality: int = 88) -> bytes:
+    """JPEG bytes of a decoded RGB image scaled (aspect ratio kept) so that its longer side is `size` pixels."""
+    from PIL import Image
+
+    if size < 1:
+        raise InvalidInputError(f"thumbnail size must be positive, got {size}")
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    scale = size / max(picture.size)
+    new_size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    picture = picture.resize(new_size, Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+class ThumbnailCache:
+    """Thumbnails of collection images (`make_thumbnail`); the `maxsize` most recently used stay in memory.
+
+    Entries are keyed by collection name, image id and size, so a reloaded collection (other positions) still hits them.
+    Safe to share between threads.
+    """
+
+    def __init__(self, maxsize: int = 2048):
+        self.maxsize = maxsize
+        self._entries: collections.OrderedDict[tuple[str, str, int], bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, collection: ImageCollection, position: int, size: int) -> bytes:
+        """The JPEG thumbnail of `collection`'s image at `position` (decode errors: `ImageDecodeError`, `OSError`)."""
+        key = (collection.name, collection.ids[position], size)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        data = make_thumbnail(collection.image(position), size)
+        with self._lock:
+            self._entries[key] = data
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return data
 
 
 @dataclasses.dataclass
@@ -140,11 +186,11 @@ class ImageCollection:
         self.splits = np.asarray(self.splits, dtype=str)
         n = len(self.ids)
         if (self.encoded is None) == (self.paths is None):
-            raise ValueError("ImageCollection needs exactly one of `encoded` and `paths`")
+            raise InvalidInputError("ImageCollection needs exactly one of `encoded` and `paths`")
         sizes = {"labels": len(self.labels), "splits": len(self.splits),
                  "images": len(self.encoded if self.encoded is not None else self.paths)}
         if any(size != n for size in sizes.values()):
-            raise ValueError(f"ImageCollection {self.name!r}: {n} ids but {sizes}")
+            raise InvalidInputError(f"ImageCollection {self.name!r}: {n} ids but {sizes}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -191,22 +237,35 @@ class ImageCollection:
                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
+def tfds_data_dir(data_dir: str | None = None) -> str:
+    """`data_dir`, else `$TFDS_DATA_DIR`, else tfds' default `~/tensorflow_datasets` (an empty value counts as unset)."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
 def load_tfds(name: str, data_dir: str | None = None, splits: Iterable[str] | None = None) -> ImageCollection:
     """Loads a tfds image-classification dataset (all splits, or `splits`) as one collection of encoded images.
 
-    Uses `tfds.load`, so `TFDS_DATA_DIR` (or `data_dir`) points it at prepared data; on a connected machine tfds downloads
-    and prepares the dataset as usual.
+    Uses `tfds.load` on `tfds_data_dir(data_dir)`; a dataset not prepared there is downloaded and prepared as usual.
+
+    Raises:
+      MissingError: the dataset is not prepared there and cannot be downloaded (offline).
     """
     import tensorflow_datasets as tfds
 
+    data_dir = tfds_data_dir(data_dir)
     builder = tfds.builder(name, data_dir=data_dir)
-    if splits is None and not builder.info.splits:  # not prepared yet: download and prepare as tfds.load would
-        builder.download_and_prepare()
+    if not builder.info.splits:  # not prepared yet: download and prepare as tfds.load would
+        try:
+            builder.download_and_prepare()
+        except (OSError, tfds.download.DownloadError) as exc:
+            raise MissingError(f"tfds dataset {name!r} is not prepared in {data_dir} and could not be downloaded "
+                               f"({type(exc).__name__}): set TFDS_DATA_DIR (or --data-dir) to a folder holding a "
+                               "prepared copy, or connect to the internet to download it") from exc
     class_names = list(builder.info.features["label"].names)
     # canonical (sorted) order: the same collection, and so the same feature cache, however the splits are listed
     split_names = sorted(splits) if splits is not None else sorted(builder.info.splits.keys())
     if not split_names:
-        raise ValueError(f"tfds dataset {name!r} has no splits in {builder.data_dir}")
+        raise InvalidInputError(f"tfds dataset {name!r} has no splits in {builder.data_dir}")
     ids, labels, split_of, encoded = [], [], [], []
     for split in split_names:
         ds = tfds.load(name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})
@@ -235,7 +294,7 @@ def image_folder(path: str | os.PathLike, *, validate: bool = True, progress: bo
     """
     root = os.path.abspath(os.fspath(path))
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingError(f"image folder not found: {root}")
     index_csv = os.path.join(root, "index.csv")
     if os.path.isfile(index_csv):
         files, labels, splits = _read_index_csv(root, index_csv)
@@ -251,7 +310,7 @@ def image_folder(path: str | os.PathLike, *, validate: bool = True, progress: bo
                         labels.append(label)
         splits = ["all"] * len(files)
     if not files:
-        raise ValueError(f"no images found in {root} (expected class sub-folders of {', '.join(IMAGE_EXTENSIONS)} files)")
+        raise InvalidInputError(f"no images found in {root} (expected class sub-folders of {', '.join(IMAGE_EXTENSIONS)} files)")
     keep, skipped = list(range(len(files))), []
     if validate:
         keep, skipped = _validate_files(root, files, progress=progress)
@@ -268,12 +327,12 @@ def _read_index_csv(root: str, index_csv: str) -> tuple[list[str], list[int], li
     with open(index_csv, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{index_csv}: expected a header with columns file,label[,official_split]; got {reader.fieldnames}")
+            raise InvalidInputError(f"{index_csv}: expected a header with columns file,label[,official_split]; got {reader.fieldnames}")
         for line, row in enumerate(reader, start=2):
             try:
                 labels.append(int(row["label"]))
             except ValueError:
-                raise ValueError(f"{index_csv}:{line}: label {row['label']!r} is not an integer") from None
+                raise InvalidInputError(f"{index_csv}:{line}: label {row['label']!r} is not an integer") from None
             files.append(row["file"])
             splits.append(row.get("official_split") or "all")
     return files, labels, splits
@@ -300,5 +359,40 @@ def load_dataset(source: str, data_dir: str | None = None) -> ImageCollection:
     if os.path.isdir(source):
         return image_folder(source)
     if os.sep in source or source.startswith("."):
-        raise FileNotFoundError(f"image folder not found: {source}")
+        raise MissingError(f"image folder not found: {source}")
     return load_tfds(source, data_dir=data_dir)
+
+
+def load_collection(source: str, *, data_dir: str | None = None, splits: Sequence[str] | None = None,
+                    limit: int | None = None) -> ImageCollection:
+    """`load_dataset`, restricted to some tfds `splits` and to the first `limit` images when given."""
+    if splits and not (os.path.isdir(source) or source.startswith("folder:")):
+        collection = load_tfds(source, data_dir=data_dir, splits=splits)
+    else:
+        collection = load_dataset(source, data_dir=data_dir)
+    if limit is not None:
+        if limit <= 0:
+            raise InvalidInputError(f"the limit must be positive, got {limit}")
+        collection = collection.subset(np.arange(min(limit, len(collection))))
+    return collection
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+    """The image files among `paths`: files as given, folders searched recursively for image extensions (sorted).
+
+    Raises:
+      MissingError: a path that does not exist. InvalidInputError: a folder without images.
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+                           if name.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise InvalidInputError(f"no images in folder {path}")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise MissingError(f"no such image or folder: {path}")
+    return files

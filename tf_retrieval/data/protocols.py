@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from tf_retrieval.data import ImageCollection, load_dataset, load_tfds
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.data.images import ImageCollection, load_dataset, load_tfds
 
 PROTOCOLS = {
     "cifar10-2": "queries = the 10,000 test images; database = training set = the 50,000 train images; mAP@all",
@@ -51,7 +52,7 @@ class Protocol:
 def dataset_family(protocol: str) -> str:
     """"cifar10" or "flowers": which collection a protocol runs on."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise InvalidInputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return protocol.split("-")[0]
 
 
@@ -83,7 +84,7 @@ def make_protocol(name: str, collection: ImageCollection, *, seed: int = 0) -> P
         return Protocol(name, collection, train=database, database=database, queries=np.flatnonzero(splits == "test"))
     seen = labels <= 50
     if not seen.any() or seen.all():
-        raise ValueError(f"{name}: needs images of classes 0-50 and 51-101; {collection.name} has labels "
+        raise InvalidInputError(f"{name}: needs images of classes 0-50 and 51-101; {collection.name} has labels "
                          f"{labels.min()}..{labels.max()}")
     return Protocol(name, collection, train=np.flatnonzero(seen), database=np.flatnonzero(~seen), queries=None)
 
@@ -109,5 +110,5 @@ def _sample(rng: np.random.Generator, positions: np.ndarray, count: int) -> np.n
 def _require_splits(collection: ImageCollection, name: str, needed: tuple[str, ...]) -> None:
     missing = [s for s in needed if s not in set(collection.splits.tolist())]
     if missing:
-        raise ValueError(f"{name}: collection {collection.name} has no {'/'.join(missing)} split "
+        raise InvalidInputError(f"{name}: collection {collection.name} has no {'/'.join(missing)} split "
                          f"(it has {sorted(set(collection.splits.tolist()))})")

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from tf_retrieval.errors import InvalidInputError
+
 
 def relevance_matrix(query_labels: np.ndarray, ranked_labels: np.ndarray) -> np.ndarray:
     """bool [q, k]: ranked_labels[i, j] == query_labels[i]."""
     query_labels, ranked_labels = np.asarray(query_labels), np.asarray(ranked_labels)
     if ranked_labels.ndim != 2 or query_labels.shape != ranked_labels.shape[:1]:
-        raise ValueError(f"expected query labels [q] and ranked labels [q, k], got {query_labels.shape} and "
+        raise InvalidInputError(f"expected query labels [q] and ranked labels [q, k], got {query_labels.shape} and "
                          f"{ranked_labels.shape}")
     return ranked_labels == query_labels[:, None]
 
@@ -22,14 +24,14 @@ def relevance_matrix(query_labels: np.ndarray, ranked_labels: np.ndarray) -> np.
 def _check(relevance: np.ndarray, num_relevant: np.ndarray | None = None, k: int | None = None):
     relevance = np.asarray(relevance, dtype=bool)
     if relevance.ndim != 2:
-        raise ValueError(f"relevance must be a [queries, ranked] matrix, got shape {relevance.shape}")
+        raise InvalidInputError(f"relevance must be a [queries, ranked] matrix, got shape {relevance.shape}")
     if k is not None and not 0 < k <= relevance.shape[1]:
-        raise ValueError(f"k must be in 1..{relevance.shape[1]} (the ranked columns given), got {k}")
+        raise InvalidInputError(f"k must be in 1..{relevance.shape[1]} (the ranked columns given), got {k}")
     if num_relevant is None:
         return relevance, None
     num_relevant = np.asarray(num_relevant, dtype=np.float64)
     if num_relevant.shape != relevance.shape[:1]:
-        raise ValueError(f"num_relevant must have one value per query ({relevance.shape[0]}), got shape {num_relevant.shape}")
+        raise InvalidInputError(f"num_relevant must have one value per query ({relevance.shape[0]}), got shape {num_relevant.shape}")
     return relevance, num_relevant
 
 
@@ -66,7 +68,7 @@ def average_precision(relevance: np.ndarray, num_relevant: np.ndarray, k: int | 
     """
     relevance, num_relevant = _check(relevance, num_relevant, k)
     if normalize not in ("relevant", "retrieved"):
-        raise ValueError(f"normalize must be 'relevant' or 'retrieved', got {normalize!r}")
+        raise InvalidInputError(f"normalize must be 'relevant' or 'retrieved', got {normalize!r}")
     top = relevance if k is None else relevance[:, :k]
     hits = np.cumsum(top, axis=1, dtype=np.float64)
     ranks = np.arange(1, top.shape[1] + 1, dtype=np.float64)
@@ -80,7 +82,7 @@ def map_at_r(relevance: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
     """MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020): (1/R) sum_{i<=R} P(i) rel(i), R = num_relevant."""
     relevance, num_relevant = _check(relevance, num_relevant)
     if num_relevant.size and num_relevant.max() > relevance.shape[1]:
-        raise ValueError(f"MAP@R needs at least R = {int(num_relevant.max())} ranked columns, got {relevance.shape[1]}")
+        raise InvalidInputError(f"MAP@R needs at least R = {int(num_relevant.max())} ranked columns, got {relevance.shape[1]}")
     ranks = np.arange(1, relevance.shape[1] + 1)
     within_r = ranks[None, :] <= num_relevant[:, None]
     top = relevance & within_r
@@ -92,7 +94,7 @@ def r_precision(relevance: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
     """Precision at R = num_relevant."""
     relevance, num_relevant = _check(relevance, num_relevant)
     if num_relevant.size and num_relevant.max() > relevance.shape[1]:
-        raise ValueError(f"R-precision needs at least R = {int(num_relevant.max())} ranked columns, got {relevance.shape[1]}")
+        raise InvalidInputError(f"R-precision needs at least R = {int(num_relevant.max())} ranked columns, got {relevance.shape[1]}")
     within_r = np.arange(1, relevance.shape[1] + 1)[None, :] <= num_relevant[:, None]
     return _safe_divide((relevance & within_r).sum(axis=1).astype(np.float64), num_relevant)
 

@@ -7,7 +7,6 @@ computed from cached features, so re-running `tfr compare` regenerates the repor
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,23 +15,21 @@ from typing import Sequence
 
 import numpy as np
 
-from tf_retrieval.evaluate import embed_collection, evaluate_protocol, make_record, records_markdown
-from tf_retrieval.protocols import Protocol, load_protocol
-from tf_retrieval.train import END_TO_END, cache_inputs, load_run, run_embedder
+from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_protocol, make_record, records_markdown
+from tf_retrieval.features.embedding import embed_collection
+from tf_retrieval.data.protocols import Protocol, load_protocol
+from tf_retrieval.storage import RecordStore, write_text
+from tf_retrieval.config import END_TO_END, load_run
 
 logger = logging.getLogger(__name__)
 
 QE_VARIANT = "alpha-qe"
 
 
-def protocol_vectors(protocol: Protocol, features: np.ndarray, embed=None) -> tuple[np.ndarray, np.ndarray]:
+def protocol_vectors(protocol: Protocol, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(database vectors, query vectors) of a protocol (queries = database for leave-one-out protocols)."""
-    database = np.asarray(features[protocol.database], np.float32)
-    queries = database if protocol.queries is None else np.asarray(features[protocol.queries], np.float32)
-    if embed is not None:
-        database = embed(database)
-        queries = database if protocol.queries is None else embed(queries)
-    return database, queries
+    database = vectors[protocol.database]
+    return database, database if protocol.queries is None else vectors[protocol.queries]
 
 
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
@@ -47,28 +44,23 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     train_config, model_config = load_run(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = train_config.base_model()
-    base_features = embed_collection(protocol.collection, base, workdir=workdir)
-    if train_config.train_from == END_TO_END:  # the trained backbone over the collection (cached), then the head
-        inputs = embed_collection(protocol.collection, dataclasses.replace(model_config, head=None), workdir=workdir)
-        embed = run_embedder(dataclasses.replace(train_config, train_from=None), model_config)
-    else:
-        inputs = base_features if not train_config.train_from else cache_inputs(train_config, protocol.collection,
-                                                                                 workdir=workdir)
-        embed = run_embedder(train_config, model_config)
-    metric = "dot" if train_config.hash_bits else "cosine"  # +-1 codes: dot product ranks as Hamming distance
+    # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
+    vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir),
+               label: embed_collection(protocol.collection, model_config, workdir=workdir)}
+    metrics_of = {"baseline": base.metric, label: model_config.metric}
     result = json.load(open(os.path.join(run_dir, "result.json")))
     extra = {"run": os.path.basename(os.path.normpath(run_dir)), "dataset": protocol.collection.name}
     records, curves, spaces = [], {}, {}
-    for model, features, fn, rank_metric in (("baseline", base_features, None, "cosine"),
-                                            (label, inputs, embed, metric)):
-        variants = [(None, 0)] + ([(QE_VARIANT, expand)] if expand and protocol.queries is not None else [])
+    for model, rank_metric in metrics_of.items():
+        can_expand = expand and protocol.queries is not None and rank_metric != "hamming"
+        variants = [(None, 0)] + ([(QE_VARIANT, expand)] if can_expand else [])
         for variant, k in variants:
             start = time.perf_counter()
             key = (protocol.name, base.model_id(), k, alpha)
             if model == "baseline" and key in baseline_cache:
                 metrics, curve, dim = baseline_cache[key]
             else:
-                metrics, curve, dim = evaluate_protocol(protocol, features, embed=fn, metric=rank_metric,
+                metrics, curve, dim = evaluate_protocol(protocol, vectors[model], metric=rank_metric,
                                                         expand=(k, alpha) if k else None)
             if model == "baseline":
                 baseline_cache[key] = metrics, curve, dim
@@ -77,21 +69,22 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
             if variant:
                 record.update(variant=variant, expand=k, alpha=alpha)
             if model == label:
-                record.update(train_from=train_config.train_from, train_seconds=result["seconds"],
+                record.update(train_from=model_config.train_from, train_seconds=result["seconds"],
                               train_epochs=result["epochs"], validation_map_at_r=round(result["best_map_at_r"], 4),
                               config=train_config.to_dict())
-                if train_config.hash_bits:
-                    record["hash_bits"] = train_config.hash_bits
+                if model_config.hash_bits:
+                    record.update(hash_bits=model_config.hash_bits, bytes_per_image=int(vectors[model].shape[1]),
+                                  index="exact Hamming index over packed codes (search.index.ExactIndex, metric hamming)")
             records.append(record)
             curves[(model, variant)] = curve
             logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model, f" ({variant})" if variant else "",
                         metrics["mAP"], metrics["MAP@R"])
-        spaces[model] = protocol_vectors(protocol, features, fn)
+        spaces[model] = protocol_vectors(protocol, vectors[model])
     stem = os.path.join(out_dir, extra["run"])
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
     plot_embedding_maps(spaces, protocol, f"{stem}-map.png", seed=seed)
     plot_query_grids(spaces, protocol, f"{stem}-grid.png", queries=grid_queries, seed=seed,
-                     metrics={"baseline": "cosine", label: metric})
+                     metrics=metrics_of)
     return records
 
 
@@ -99,25 +92,16 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
             alpha: float = 3.0, label: str = "finetuned") -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
-    Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records), so
-    runs can be added one at a time. Returns this call's records.
+    Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records key by
+    key), so runs can be added one at a time. Returns this call's records.
     """
     os.makedirs(out_dir, exist_ok=True)
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
                                baseline_cache=baseline_cache, label=label)
-    report_path = os.path.join(out_dir, "report.json")
-    earlier = []
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            earlier = [r for r in json.load(f) if r["run"] not in {r["run"] for r in records}]
-    merged = earlier + records
-    with open(report_path + ".tmp", "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(report_path + ".tmp", report_path)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(report_markdown(merged, out_dir))
+    merged = RecordStore(os.path.join(out_dir, "report.json"), key=("run", *RECORD_KEY)).merge(records)
+    write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
 
 
@@ -144,8 +128,9 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
               "train s | val MAP@R |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         c = r["config"]
-        trains = {None: "head", END_TO_END: "end to end"}.get(c["train_from"], f"top from `{c['train_from']}` + head")
-        dim = f"{c['hash_bits']} bits" if c.get("hash_bits") else c["embedding_dim"]
+        train_from = r.get("train_from")
+        trains = {None: "head", END_TO_END: "end to end"}.get(train_from, f"top from `{train_from}` + head")
+        dim = f"{r['hash_bits']} bits" if r.get("hash_bits") else c["embedding_dim"]
         lines.append(f"| {name} | {r['protocol']} | {trains} | {dim} | {c['mining']} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "
                      f"{r['validation_map_at_r']:.3f} |")
@@ -196,9 +181,13 @@ def plot_embedding_maps(spaces: dict, protocol: Protocol, path: str, *, sample: 
     chosen = np.sort(rng.choice(len(labels), size=min(sample, len(labels)), replace=False))
     fig, axes = plt.subplots(1, len(spaces), figsize=(5 * len(spaces), 4.5))
     for ax, (model, (database, _)) in zip(np.atleast_1d(axes), spaces.items()):
-        points = pca_2d(np.asarray(database[chosen], np.float64))
+        points, size = database[chosen], f"{database.shape[1]}-d"
+        if points.dtype == np.uint8:  # packed binary codes: their bits
+            points = np.unpackbits(points, axis=1)
+            size = f"{points.shape[1]}-bit"
+        points = pca_2d(np.asarray(points, np.float64))
         ax.scatter(points[:, 0], points[:, 1], c=labels[chosen], cmap="tab20", s=4, alpha=0.7)
-        ax.set(title=f"{model} ({database.shape[1]}-d), PCA", xticks=[], yticks=[])
+        ax.set(title=f"{model} ({size}), PCA", xticks=[], yticks=[])
     fig.suptitle(f"{protocol.name}: database embeddings, {len(chosen)} points coloured by class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -208,7 +197,7 @@ def plot_embedding_maps(spaces: dict, protocol: Protocol, path: str, *, sample: 
 def plot_query_grids(spaces: dict, protocol: Protocol, path: str, *, queries: int = 4, k: int = 10, seed: int = 0,
                      metrics: dict | None = None) -> None:
     """For a few random queries: the query, then each model's top-k (green frame = same class, red = other)."""
-    from tf_retrieval.index import ExactIndex
+    from tf_retrieval.search.index import build_index
 
     plt = _pyplot()
     collection = protocol.collection
@@ -223,8 +212,7 @@ def plot_query_grids(spaces: dict, protocol: Protocol, path: str, *, queries: in
         query_label = collection.labels[query_position]
         for mi, model in enumerate(models):
             database, query_vectors = spaces[model]
-            index = ExactIndex(database.shape[1], metric=(metrics or {}).get(model, "cosine"))
-            index.add(database, np.arange(len(database)))
+            index = build_index(database, metric=(metrics or {}).get(model, "cosine"), backend="exact")
             exclude = 1 if protocol.queries is None else 0  # leave-one-out: skip the query itself
             _, ids = index.search(query_vectors[row:row + 1], k + exclude)
             found = [protocol.database[i] for i in ids[0] if i >= 0 and not (exclude and i == row)][:k]

@@ -17,8 +17,6 @@ weights file and a head file) that the embedder, the index, the export and the e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,13 +26,15 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
-from tf_retrieval.config import ModelConfig, TrainConfig
-from tf_retrieval.protocols import Protocol
+from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig
+from tf_retrieval.data.protocols import Protocol
+from tf_retrieval.storage import save_with_digest, write_json
+from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
 
 VAL_METRIC = "val_map_at_r"
-END_TO_END = "images"
 
 
 class ImageInputs:
@@ -58,7 +58,7 @@ class ImageInputs:
         return ImageInputs(self.collection, self.image_size, self.positions[positions])
 
     def __getitem__(self, positions) -> np.ndarray:
-        from tf_retrieval.data import decode_image, resize_and_crop
+        from tf_retrieval.data.images import decode_image, resize_and_crop
 
         chosen = np.atleast_1d(self.positions[positions])
         return np.stack([resize_and_crop(decode_image(self.collection.read_bytes(int(i))), self.image_size).numpy()
@@ -94,7 +94,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int = 0,
     """
     labels = np.asarray(labels)
     if not 0 < fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+        raise InvalidInputError(f"validation_fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     if len(classes) >= min_classes_for_disjoint:
@@ -108,7 +108,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int = 0,
             if count >= 2 and len(members) - count >= 2:
                 validation[rng.choice(members, size=count, replace=False)] = True
     if validation.sum() < 2 or (~validation).sum() < 2:
-        raise ValueError(f"cannot hold out a validation set from {len(labels)} images of {len(classes)} classes")
+        raise InvalidInputError(f"cannot hold out a validation set from {len(labels)} images of {len(classes)} classes")
     return np.flatnonzero(~validation), np.flatnonzero(validation)
 
 
@@ -118,7 +118,7 @@ def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class:
     has fewer than K)."""
     classes, inverse = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError("triplet training needs at least 2 classes in the training set")
+        raise InvalidInputError("triplet training needs at least 2 classes in the training set")
     chosen = rng.choice(len(classes), size=min(classes_per_batch, len(classes)), replace=False)
     batch = []
     for c in chosen:
@@ -127,46 +127,37 @@ def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class:
     return np.concatenate(batch)
 
 
-def map_at_r(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Leave-one-out MAP@R of `embeddings` (cosine similarity)."""
-    from tf_retrieval.evaluate import rank_and_score
-
-    metrics, _ = rank_and_score(np.asarray(embeddings, np.float32), labels, metric="cosine")
-    return float(metrics["MAP@R"])
-
-
 def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
                  progress: bool = True) -> np.ndarray:
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
     activations at `config.train_from` (float16), cached under `<workdir>/features`; for end-to-end training, the
     images themselves (`ImageInputs`, decoded on demand)."""
-    from tf_retrieval.backbones import backbone_id, build_backbone
-    from tf_retrieval.evaluate import embed_collection
-    from tf_retrieval.features import extract_features
-    from tf_retrieval.heads import split_backbone
+    from tf_retrieval.features.cache import extract_features
+    from tf_retrieval.features.embedding import backbone_features
+    from tf_retrieval.models.backbones import backbone_id, build_backbone
+    from tf_retrieval.models.heads import split_backbone
 
-    base = config.base_model()
-    if config.train_from == END_TO_END:
+    base, train_from = config.base_model(), config.model.train_from
+    if train_from == END_TO_END:
         return ImageInputs(collection, base.image_size)
-    if not config.train_from:
-        return embed_collection(collection, base, workdir=workdir, batch_size=batch_size, progress=progress)
+    if not train_from:
+        return backbone_features(collection, base, workdir=workdir, batch_size=batch_size, progress=progress)
     backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
-    bottom, _ = split_backbone(backbone, config.train_from)
-    key = f"{backbone_id(base.backbone, base.image_size, base.pooling, base.weights)}@{config.train_from}"
+    bottom, _ = split_backbone(backbone, train_from)
+    key = f"{backbone_id(base.backbone, base.image_size, base.pooling, base.weights)}@{train_from}"
     return extract_features(collection, bottom, image_size=base.image_size, model_key=key, dtype="float16",
                             cache_dir=os.path.join(workdir, "features"), batch_size=batch_size, progress=progress)
 
 
 def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
     """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only."""
-    from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.export import L2Normalize
-    from tf_retrieval.heads import build_head, split_backbone, trunk_of
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.models.heads import L2Normalize, build_head, split_backbone, trunk_of
 
     keras.utils.set_random_seed(config.seed)
     inputs = keras.Input(input_shape, name="inputs")
-    x, backbone = inputs, None
-    if config.train_from == END_TO_END:
+    x, backbone, train_from = inputs, None, config.model.train_from
+    if train_from == END_TO_END:
         base = config.base_model()
         backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
         backbone.trainable = True  # recursive: then batch normalisation is frozen again (small batches)
@@ -176,14 +167,14 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
         x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="flip")(x)
         x = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=config.seed, name="shift")(x)
         x = backbone(x)
-    elif config.train_from:
+    elif train_from:
         base = config.base_model()
         backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
-        _, top = split_backbone(backbone, config.train_from)
+        _, top = split_backbone(backbone, train_from)
         x = top(keras.ops.cast(x, "float32"))
-    head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.hash_bits)
+    head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits)
     outputs = L2Normalize(name="unit")(head(x))  # hashing codes are compared by angle while training
-    return keras.Model(inputs, outputs, name=f"{config.name}_trainable"), backbone, head
+    return keras.Model(inputs, outputs, name=f"{config.model.name}_trainable"), backbone, head
 
 
 class BalancedBatches(keras.utils.PyDataset):
@@ -207,18 +198,22 @@ class BalancedBatches(keras.utils.PyDataset):
 
 class ValidationMapAtR(keras.callbacks.Callback):
     """Adds `val_map_at_r` (leave-one-out MAP@R of the validation set) to the epoch logs: what early stopping, the
-    best checkpoint and keras-tuner follow."""
+    best checkpoint and keras-tuner follow. The outputs get the finishing of served vectors (`vectors.finish`): a
+    hashing model is validated on its packed codes, by Hamming distance."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, hash_bits: int | None = None):
         super().__init__()
-        self.inputs, self.labels = np.asarray(inputs, np.float32), np.asarray(labels)
+        self.inputs, self.labels, self.hash_bits = np.asarray(inputs, np.float32), np.asarray(labels), hash_bits
 
     def on_epoch_end(self, epoch, logs=None):
-        embeddings = self.model.predict(self.inputs, batch_size=512, verbose=0)
-        if not np.isfinite(embeddings).all():
-            raise ValueError(f"training diverged at epoch {epoch + 1}: the model outputs NaN or infinite values "
+        from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r
+
+        outputs = self.model.predict(self.inputs, batch_size=512, verbose=0)
+        if not np.isfinite(outputs).all():
+            raise InvalidInputError(f"training diverged at epoch {epoch + 1}: the model outputs NaN or infinite values "
                              "(lower --learning-rate, or check the cached features)")
-        value = map_at_r(embeddings, self.labels)
+        value = leave_one_out_map_at_r(finish(outputs, self.hash_bits), self.labels,
+                                       metric="hamming" if self.hash_bits else "cosine")
         if logs is not None:
             logs[VAL_METRIC] = value
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
@@ -231,7 +226,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     The validation split is taken from `inputs`; the best epoch's weights (by validation MAP@R) are restored at the end.
     An interrupted run resumes from `<run_dir>/backup`.
     """
-    from tf_retrieval import losses
+    from tf_retrieval.training import losses
 
     labels = np.asarray(labels)
     train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed)
@@ -241,7 +236,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     os.makedirs(run_dir, exist_ok=True)
     best_path = os.path.join(run_dir, "best.weights.h5")
     callbacks = [
-        ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos]),
+        ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
@@ -271,9 +266,9 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     Returns:
       a `TrainResult`; `result.model_config` is also saved as `<run_dir>/model.json`.
     """
-    from tf_retrieval.features import default_workdir
-    from tf_retrieval.heads import trunk_of
-    from tf_retrieval.protocols import load_protocol
+    from tf_retrieval.features.cache import default_workdir
+    from tf_retrieval.models.heads import trunk_of
+    from tf_retrieval.data.protocols import load_protocol
 
     start = time.perf_counter()
     workdir = workdir or default_workdir()
@@ -286,70 +281,19 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     _, backbone, head, history = fit(config, _take(inputs, protocol.train), labels[protocol.train], run_dir,
                                      verbose=verbose)
 
-    head_path = _save_with_digest(head.save, run_dir, f"{config.name}-head", ".keras")
-    weights = config.weights
+    name = config.model.name
+    head_path = save_with_digest(head.save, run_dir, f"{name}-head", ".keras")
+    weights = config.model.weights
     if backbone is not None:
-        weights = _save_with_digest(trunk_of(backbone).save_weights, run_dir, f"{config.name}-backbone", ".weights.h5")
-    model_config = ModelConfig(name=config.name, backbone=config.backbone, image_size=config.image_size,
-                               pooling=config.pooling, weights=weights, head=head_path)
+        weights = save_with_digest(trunk_of(backbone).save_weights, run_dir, f"{name}-backbone", ".weights.h5")
+    model_config = dataclasses.replace(config.model, weights=weights, head=head_path)
     model_config.save(os.path.join(run_dir, "model.json"))
     scores = history.get(VAL_METRIC, [])
     result = TrainResult(model_config, run_dir, max(scores, default=float("nan")), len(scores),
                          time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
-    with open(os.path.join(run_dir, "result.json"), "w") as f:
-        json.dump({"best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
-                   "history": result.history}, f, indent=1)
+    write_json(os.path.join(run_dir, "result.json"), {
+        "best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
+        "history": result.history}, indent=1)
     shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
-    logger.info("trained %s in %.0f s: best validation MAP@R %.4f", config.name, result.seconds, result.best_map_at_r)
+    logger.info("trained %s in %.0f s: best validation MAP@R %.4f", name, result.seconds, result.best_map_at_r)
     return result
-
-
-def _save_with_digest(save: Callable[[str], Any], run_dir: str, stem: str, suffix: str) -> str:
-    """Saves through `save(path)`, then renames to `<stem>-<sha256[:10]><suffix>` so that the file name (part of the
-    model id and of feature cache keys) changes whenever the content does."""
-    tmp = os.path.join(run_dir, f"{stem}.tmp{suffix}")
-    save(tmp)
-    digest = hashlib.sha256()
-    with open(tmp, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    path = os.path.join(run_dir, f"{stem}-{digest.hexdigest()[:10]}{suffix}")
-    os.replace(tmp, path)
-    return path
-
-
-def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
-    """The training and model configs of a finished run."""
-    model_path = os.path.join(run_dir, "model.json")
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"{run_dir} holds no finished training run (no model.json); train with `tfr train`")
-    return TrainConfig.load(os.path.join(run_dir, "train_config.json")), ModelConfig.load(model_path)
-
-
-def run_embedder(config: TrainConfig, model_config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
-    """Maps the run's cached inputs (see `cache_inputs`) to its embeddings: (top blocks +) head, then binarised codes
-    for a hashing head."""
-    from tf_retrieval.backbones import build_backbone
-    from tf_retrieval.heads import binarize, load_head, split_backbone
-
-    head = load_head(model_config.head)
-    layers = [head]
-    if config.train_from == END_TO_END:
-        layers.insert(0, build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
-                                        model_config.weights))
-    elif config.train_from:
-        backbone = build_backbone(model_config.backbone, model_config.image_size, model_config.pooling,
-                                  model_config.weights)
-        layers.insert(0, split_backbone(backbone, config.train_from)[1])
-
-    def embed(inputs: np.ndarray) -> np.ndarray:
-        outputs = []
-        for start in range(0, len(inputs), 1024):
-            x = np.asarray(inputs[start:start + 1024], np.float32)
-            for layer in layers:
-                x = layer(x, training=False)
-            outputs.append(np.asarray(x))
-        vectors = np.concatenate(outputs)
-        return binarize(vectors) if config.hash_bits else vectors
-
-    return embed

@@ -2,7 +2,8 @@
 
 The Siamese head maps backbone features to the embedding: Dense -> BatchNorm -> ReLU -> Dropout -> Dense(d) ->
 L2-normalise. With `hash_bits`, the last layer is tanh(Dense(bits)) instead (Deep Supervised Hashing): training pulls the
-outputs towards +-1 with a quantisation penalty, and `binarize` turns them into bits, ranked by Hamming distance.
+outputs towards +-1 with a quantisation penalty, and `BinaryCodes` (or `vectors.pack_codes`) turns them into bits,
+ranked by Hamming distance.
 
 `split_backbone` cuts a frozen backbone's trunk at a named layer into a bottom (run once, its activations cached) and a
 top that shares the trunk's layers, so training the top on cached activations updates the trunk itself; the whole
@@ -15,7 +16,15 @@ import os
 import keras
 import numpy as np
 
-from tf_retrieval.export import L2Normalize
+from tf_retrieval.errors import InvalidInputError, MissingError
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class L2Normalize(keras.layers.Layer):
+    """Scales each row to unit L2 norm."""
+
+    def call(self, x):
+        return x / keras.ops.maximum(keras.ops.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @keras.saving.register_keras_serializable(package="tf_retrieval")
@@ -48,7 +57,7 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
       quantization_weight: weight of the penalty pulling codes towards +-1 (hashing only).
     """
     if embedding_dim < 1 or hidden_dim < 0 or not 0 <= dropout < 1 or (hash_bits is not None and hash_bits < 1):
-        raise ValueError(f"bad head sizes: embedding_dim={embedding_dim}, hidden_dim={hidden_dim}, dropout={dropout}, "
+        raise InvalidInputError(f"bad head sizes: embedding_dim={embedding_dim}, hidden_dim={hidden_dim}, dropout={dropout}, "
                          f"hash_bits={hash_bits}")
     shape = (input_shape,) if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)
     features = keras.Input(shape, name="features")
@@ -70,31 +79,23 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
 def load_head(path: str) -> keras.Model:
     """A head saved by training (`.keras`); importing this module registers its custom layers for deserialisation."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"head file not found: {path}")
+        raise MissingError(f"head file not found: {path}")
     return keras.models.load_model(path, compile=False)
 
 
-def binarize(codes: np.ndarray) -> np.ndarray:
-    """tanh codes [n, bits] -> +-1 float32 codes (0 counts as +1); their dot product is bits - 2 * Hamming distance."""
-    return np.where(np.asarray(codes) >= 0, 1.0, -1.0).astype(np.float32)
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class BinaryCodes(keras.layers.Layer):
+    """The sign of each output as +-1 floats (0 counts as +1): a hashing head's codes as served."""
 
-
-def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """+-1 (or tanh) codes [n, bits] -> packed uint8 [n, ceil(bits / 8)]: 48 bits take 6 bytes per image."""
-    return np.packbits(np.asarray(codes) >= 0, axis=1)
-
-
-def hamming_distances(query_codes: np.ndarray, database_codes: np.ndarray) -> np.ndarray:
-    """Packed codes [q, B] and [n, B] (from `pack_codes`) -> Hamming distances [q, n] (int)."""
-    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int32)
-    return popcount[np.bitwise_xor(query_codes[:, None, :], database_codes[None, :, :])].sum(-1)
+    def call(self, codes):
+        return keras.ops.where(codes >= 0, 1.0, -1.0)
 
 
 def trunk_of(backbone: keras.Model) -> keras.Model:
     """The nested trunk model (e.g. keras.applications' network) inside a `build_backbone` model."""
     trunks = [layer for layer in backbone.layers if isinstance(layer, keras.Model)]
     if len(trunks) != 1:
-        raise ValueError(f"{backbone.name}: expected one nested trunk model, found {len(trunks)}")
+        raise InvalidInputError(f"{backbone.name}: expected one nested trunk model, found {len(trunks)}")
     return trunks[0]
 
 
@@ -113,7 +114,7 @@ def split_backbone(backbone: keras.Model, layer_name: str) -> tuple[keras.Model,
     names = [layer.name for layer in trunk.layers]
     if layer_name not in names:
         blocks = [n for n in names if n.endswith(("_add", "_project_bn"))]
-        raise ValueError(f"layer {layer_name!r} is not in {trunk.name}; block outputs are e.g. {blocks[-6:]}")
+        raise InvalidInputError(f"layer {layer_name!r} is not in {trunk.name}; block outputs are e.g. {blocks[-6:]}")
     cut = trunk.get_layer(layer_name).output
     trunk_bottom = keras.Model(trunk.input, cut, name=f"{trunk.name}_bottom")
     trunk_top = keras.Model(cut, trunk.output, name=f"{trunk.name}_top")

@@ -7,6 +7,9 @@ metric returns similarities, so a higher score is always closer:
 - ``pearson``: each vector minus its own mean, then cosine (the Pearson correlation of the two vectors).
 - ``dot``: raw inner product.
 - ``euclidean``: minus the squared L2 distance.
+- ``hamming``: binary codes of `dim` bits, stored packed 8 to a byte (uint8 [n, ceil(dim / 8)]); minus the Hamming
+  distance, ties broken by id (ascending), so results are deterministic. Exact backend only. Real-valued codes
+  [n, dim] are packed on the way in (bit = value >= 0; `vectors.pack_codes`).
 
 A vector with no direction (all zeros for cosine, constant for Pearson) is kept as a zero vector and scores 0 against
 everything.
@@ -19,25 +22,25 @@ per file. ``Index.load`` checks those checksums and refuses an index built from 
 from __future__ import annotations
 
 import abc
-import ctypes
 import datetime
-import errno
-import hashlib
 import json
 import logging
 import math
 import operator
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any, Sequence
 
 import numpy as np
 
+from tf_retrieval.errors import InvalidInputError, MissingDependencyError, MissingError, ModelMismatchError, UnknownIdError
+from tf_retrieval.storage import atomic_directory, digest_tree, file_digest, write_json
+from tf_retrieval.vectors import code_bytes, hamming_distances, pack_codes
+
 logger = logging.getLogger(__name__)
 
-METRICS = ("cosine", "euclidean", "dot", "pearson")
+FLOAT_METRICS = ("cosine", "euclidean", "dot", "pearson")
+METRICS = FLOAT_METRICS + ("hamming",)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _CHUNK_BYTES = 256 * 1024 * 1024  # working memory of one ExactIndex search chunk
@@ -46,7 +49,7 @@ _SCANN_MODES = ("brute_force", "ah", "tree_ah")
 _PARALLEL_QUERIES = 512  # ScaNN batches at least this big are searched on all cores
 
 
-class IndexModelMismatchError(ValueError):
+class IndexModelMismatchError(ModelMismatchError):
     """The index holds another model's embeddings than the model that would query it."""
 
 
@@ -70,13 +73,13 @@ class Index(abc.ABC):
 
     def __init__(self, dim: int, metric: str = "cosine", **backend_options: Any):
         if backend_options:
-            raise ValueError(f"unknown option(s) for the {self.backend} index: {', '.join(sorted(backend_options))}")
+            raise InvalidInputError(f"unknown option(s) for the {self.backend} index: {', '.join(sorted(backend_options))}")
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+            raise InvalidInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+            raise InvalidInputError(f"dim must be a positive integer, got {dim!r}")
         self.dim, self.metric = int(dim), metric
-        self._vectors = np.zeros((0, self.dim), np.float32)  # as indexed (after `_prepare`)
+        self._vectors = np.zeros((0, self.stored_width), self.stored_dtype)  # as indexed (after `_prepare`)
         self._ids = np.zeros((0,), np.int64)
         self._row_of: dict[int, int] = {}
         self._lock = threading.RLock()
@@ -87,6 +90,16 @@ class Index(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, count={len(self)})"
+
+    @property
+    def stored_width(self) -> int:
+        """Columns of a stored vector: `dim`, or bytes per packed code for Hamming."""
+        return code_bytes(self.dim) if self.metric == "hamming" else self.dim
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """float32, or uint8 for packed Hamming codes."""
+        return np.dtype(np.uint8 if self.metric == "hamming" else np.float32)
 
     @property
     def ids(self) -> np.ndarray:
@@ -102,11 +115,11 @@ class Index(abc.ABC):
         """An empty index from `get_config()` output; on `Index` itself the "backend" key picks the class."""
         config = dict(config)
         backend = config.pop("backend", cls.backend)
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown index backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
-        target = _BACKENDS[backend]
+        if backend not in BACKENDS:
+            raise InvalidInputError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        target = BACKENDS[backend]
         if not issubclass(target, cls):
-            raise ValueError(f"the config describes a {backend} index, not a {cls.backend} one")
+            raise InvalidInputError(f"the config describes a {backend} index, not a {cls.backend} one")
         return target(**config)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | Sequence[int]) -> None:
@@ -123,16 +136,16 @@ class Index(abc.ABC):
         vectors = self._check_vectors(vectors, "vectors")
         ids = _check_ids(ids)
         if len(ids) != len(vectors):
-            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids: give one id per vector")
+            raise InvalidInputError(f"{len(vectors)} vectors but {len(ids)} ids: give one id per vector")
         if len(np.unique(ids)) != len(ids):
             values, counts = np.unique(ids, return_counts=True)
-            raise ValueError(f"ids must be unique; repeated: {values[counts > 1][:10].tolist()}")
+            raise InvalidInputError(f"ids must be unique; repeated: {values[counts > 1][:10].tolist()}")
         if len(ids) == 0:
             return
         with self._lock:
             present = [int(i) for i in ids if int(i) in self._row_of]
             if present:
-                raise ValueError(f"{len(present)} id(s) already in the index, e.g. {present[:10]}; "
+                raise InvalidInputError(f"{len(present)} id(s) already in the index, e.g. {present[:10]}; "
                                  "delete them first to replace their vectors")
             prepared = self._prepare(vectors)
             start = len(self._ids)
@@ -154,7 +167,7 @@ class Index(abc.ABC):
         with self._lock:
             unknown = [int(i) for i in ids if int(i) not in self._row_of]
             if unknown:
-                raise KeyError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}; nothing was deleted")
+                raise UnknownIdError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}; nothing was deleted")
             if len(ids) == 0:
                 return 0
             keep = ~np.isin(self._ids, ids)
@@ -182,12 +195,12 @@ class Index(abc.ABC):
         try:
             k = operator.index(k)
         except TypeError:
-            raise ValueError(f"k must be a positive integer, got {k!r}") from None
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}") from None
         if k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k}")
+            raise InvalidInputError(f"k must be a positive integer, got {k}")
         with self._lock:
             if len(self) == 0:
-                raise ValueError("the index is empty: add vectors before searching")
+                raise InvalidInputError("the index is empty: add vectors before searching")
             found = min(k, len(self))
             if len(queries) == 0:
                 scores, ids = np.zeros((0, found), np.float32), np.zeros((0, found), np.int64)
@@ -211,7 +224,7 @@ class Index(abc.ABC):
         with self._lock:
             unknown = [int(i) for i in ids if int(i) not in self._row_of]
             if unknown:
-                raise KeyError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}")
+                raise UnknownIdError(f"{len(unknown)} id(s) not in the index: {unknown[:10]}")
             return self._vectors[[self._row_of[int(i)] for i in ids]].copy()
 
     def save(self, directory: str | os.PathLike, *, model_id: str, extra: dict | None = None) -> None:
@@ -227,31 +240,21 @@ class Index(abc.ABC):
           OSError: writing failed; any index already at `directory` is left as it was.
         """
         if not isinstance(model_id, str) or not model_id:
-            raise ValueError(f"model_id must be a non-empty string naming the embedding model, got {model_id!r}")
+            raise InvalidInputError(f"model_id must be a non-empty string naming the embedding model, got {model_id!r}")
         directory = os.path.abspath(os.fspath(directory))
-        parent, name = os.path.split(directory)
         if os.path.exists(directory) and not (os.path.isdir(directory) and (
                 not os.listdir(directory) or os.path.isfile(os.path.join(directory, MANIFEST)))):
-            raise ValueError(f"{directory} exists and is not an index (no {MANIFEST}); refusing to replace it: "
+            raise InvalidInputError(f"{directory} exists and is not an index (no {MANIFEST}); refusing to replace it: "
                              "choose another directory")
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        try:
-            with self._lock:
-                _save_npy(os.path.join(tmp, "vectors.npy"), self._vectors)
-                _save_npy(os.path.join(tmp, "ids.npy"), self._ids)
-                self._save_backend(tmp)
-                manifest = {
-                    "format_version": FORMAT_VERSION, "backend": self.backend, "metric": self.metric, "dim": self.dim,
-                    "count": len(self), "model_id": model_id,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "files": _sync_and_hash_tree(tmp), "config": self.get_config(), "extra": extra or {}}
-            _write_json_synced(os.path.join(tmp, MANIFEST), manifest, indent=1)
-            _fsync_dir(tmp)
-            _replace_dir(tmp, directory)
-            _fsync_dir(parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # the new index on failure, the old one after a swap
+        with atomic_directory(directory) as tmp, self._lock:
+            _save_npy(os.path.join(tmp, "vectors.npy"), self._vectors)
+            _save_npy(os.path.join(tmp, "ids.npy"), self._ids)
+            self._save_backend(tmp)
+            write_json(os.path.join(tmp, MANIFEST), {
+                "format_version": FORMAT_VERSION, "backend": self.backend, "metric": self.metric, "dim": self.dim,
+                "count": len(self), "model_id": model_id,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "files": digest_tree(tmp), "config": self.get_config(), "extra": extra or {}}, indent=1)
         logger.info("saved %r to %s (model %s)", self, directory, model_id)
 
     @classmethod
@@ -270,15 +273,15 @@ class Index(abc.ABC):
         directory = os.fspath(directory)
         manifest_path = os.path.join(directory, MANIFEST)
         if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"no index at {directory} ({MANIFEST} missing): build one with `tfr index`")
+            raise MissingError(f"no index at {directory} ({MANIFEST} missing): build one with `tfr index`")
         try:
             with open(manifest_path, encoding="utf-8") as f:
                 manifest = json.load(f)
             version, files, config = manifest["format_version"], manifest["files"], manifest["config"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{manifest_path} is damaged ({exc!r}); rebuild the index with `tfr index`") from None
+            raise InvalidInputError(f"{manifest_path} is damaged ({exc!r}); rebuild the index with `tfr index`") from None
         if version != FORMAT_VERSION:
-            raise ValueError(f"{directory}: index format {version} is not supported (this version reads "
+            raise InvalidInputError(f"{directory}: index format {version} is not supported (this version reads "
                              f"{FORMAT_VERSION}); rebuild the index with `tfr index`")
         if expected_model_id is not None and manifest.get("model_id") != expected_model_id:
             raise IndexModelMismatchError(
@@ -287,21 +290,21 @@ class Index(abc.ABC):
                 "for this model")
         for required in ("vectors.npy", "ids.npy"):
             if required not in files:
-                raise ValueError(f"{directory}: the manifest lists no {required}; rebuild the index with `tfr index`")
+                raise InvalidInputError(f"{directory}: the manifest lists no {required}; rebuild the index with `tfr index`")
         for relative, digest in files.items():
             path = os.path.join(directory, relative)
             if not os.path.isfile(path):
-                raise ValueError(f"{directory}: file {relative} is missing; rebuild the index with `tfr index`")
-            if _sha256(path) != digest:
-                raise ValueError(f"{directory}: file {relative} is damaged (sha256 differs from the manifest); "
+                raise InvalidInputError(f"{directory}: file {relative} is missing; rebuild the index with `tfr index`")
+            if file_digest(path) != digest:
+                raise InvalidInputError(f"{directory}: file {relative} is damaged (sha256 differs from the manifest); "
                                  "rebuild the index with `tfr index`")
         index = cls.from_config(config)
         vectors = np.load(os.path.join(directory, "vectors.npy"), allow_pickle=False)
         ids = np.load(os.path.join(directory, "ids.npy"), allow_pickle=False)
         count = manifest.get("count")
-        if (vectors.dtype != np.float32 or vectors.shape != (count, index.dim) or ids.dtype != np.int64
+        if (vectors.dtype != index.stored_dtype or vectors.shape != (count, index.stored_width) or ids.dtype != np.int64
                 or ids.shape != (count,) or len(np.unique(ids)) != count):
-            raise ValueError(f"{directory}: vectors {vectors.dtype}{list(vectors.shape)} / ids {ids.dtype}"
+            raise InvalidInputError(f"{directory}: vectors {vectors.dtype}{list(vectors.shape)} / ids {ids.dtype}"
                              f"{list(ids.shape)} do not match the manifest ({count} unique ids of dim {index.dim})")
         index._vectors, index._ids = vectors, ids
         index._row_of = {int(i): row for row, i in enumerate(ids)}
@@ -329,19 +332,24 @@ class Index(abc.ABC):
     # -- helpers ----------------------------------------------------------------------------------------------------
     def _check_vectors(self, vectors: np.ndarray, what: str) -> np.ndarray:
         vectors = np.asarray(vectors)
+        if self.metric == "hamming" and vectors.ndim == 2 and vectors.dtype == np.uint8 \
+                and vectors.shape[1] == self.stored_width:
+            return np.ascontiguousarray(vectors)  # packed codes
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             hint = " (wrap a single vector as v[None, :])" if vectors.ndim == 1 else ""
-            raise ValueError(f"{what} must have shape [n, {self.dim}], got {list(vectors.shape)}{hint}")
+            raise InvalidInputError(f"{what} must have shape [n, {self.dim}], got {list(vectors.shape)}{hint}")
         if vectors.dtype.kind not in "fiu":
-            raise ValueError(f"{what} must be real numbers, got dtype {vectors.dtype}")
+            raise InvalidInputError(f"{what} must be real numbers, got dtype {vectors.dtype}")
         vectors = vectors.astype(np.float32, copy=False)
         if not np.isfinite(vectors).all():
             bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-            raise ValueError(f"{what} contain NaN or infinite values (rows {bad[:10].tolist()})")
-        return vectors
+            raise InvalidInputError(f"{what} contain NaN or infinite values (rows {bad[:10].tolist()})")
+        return pack_codes(vectors) if self.metric == "hamming" else vectors
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Maps vectors to the space where the metric is an inner product (cosine, Pearson) or stays as is."""
+        if self.metric == "hamming":
+            return vectors
         if self.metric == "pearson":
             vectors = vectors - vectors.mean(axis=1, keepdims=True)
         if self.metric in ("cosine", "pearson"):
@@ -351,14 +359,17 @@ class Index(abc.ABC):
 
 
 class ExactIndex(Index):
-    """Exhaustive search with numpy float32 matrix products, in query chunks of bounded memory. The ground truth.
+    """Exhaustive search with numpy float32 matrix products (byte popcounts for Hamming), in query chunks of bounded
+    memory. The ground truth.
 
-    Ties are broken by storage order (earlier added first).
+    Ties are broken by storage order (earlier added first); for Hamming, by id.
     """
 
     backend = "exact"
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.metric == "hamming":
+            return self._search_hamming(queries, k)
         vectors, n = self._vectors, len(self._vectors)
         # ~16 bytes per (query, vector) pair: float32 scores plus int64 positions plus one temporary
         chunk = max(1, _CHUNK_BYTES // (16 * n))
@@ -380,6 +391,21 @@ class ExactIndex(Index):
             else:
                 top = np.argsort(-scores, axis=1, kind="stable")
             all_scores.append(np.take_along_axis(scores, top, axis=1))
+            all_ids.append(self._ids[top])
+        return np.concatenate(all_scores), np.concatenate(all_ids)
+
+    def _search_hamming(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        codes, n = self._vectors, len(self._vectors)
+        id_rank = np.empty(n, np.int64)
+        id_rank[np.argsort(self._ids, kind="stable")] = np.arange(n)
+        chunk = max(1, _CHUNK_BYTES // (n * (5 * codes.shape[1] + 24)))  # xor bytes, popcounts, sort keys
+        all_scores, all_ids = [], []
+        for start in range(0, len(queries), chunk):
+            distances = hamming_distances(queries[start:start + chunk], codes)
+            keys = distances.astype(np.int64) * n + id_rank  # by distance, then by id
+            top = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), keys.shape)
+            top = np.take_along_axis(top, np.argsort(np.take_along_axis(keys, top, axis=1), axis=1), axis=1)
+            all_scores.append(-np.take_along_axis(distances, top, axis=1).astype(np.float32))
             all_ids.append(self._ids[top])
         return np.concatenate(all_scores), np.concatenate(all_ids)
 
@@ -437,14 +463,14 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
     if target_recall is not None:
         number = isinstance(target_recall, (int, float, np.floating)) and not isinstance(target_recall, bool)
         if not number or not 0 < target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+            raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if mode is None:
         if target_recall == 1:
             mode = "brute_force"
         else:
             mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 else "tree_ah"
     if mode not in _SCANN_MODES:
-        raise ValueError(f"unknown ScaNN mode {mode!r}; choose one of {', '.join(_SCANN_MODES)}")
+        raise InvalidInputError(f"unknown ScaNN mode {mode!r}; choose one of {', '.join(_SCANN_MODES)}")
     params: dict[str, Any] = {"mode": mode}
     if mode == "brute_force":
         return params
@@ -495,6 +521,9 @@ class ScannIndex(Index):
     def __init__(self, dim: int, metric: str = "cosine", *, params: dict[str, Any] | None = None,
                  rebuild_fraction: float = 0.25, target_recall: float | None = None, **backend_options: Any):
         super().__init__(dim, metric, **backend_options)
+        if metric == "hamming":
+            raise InvalidInputError("ScaNN does not search binary codes by Hamming distance: use the exact index "
+                             "(backend 'exact' or 'auto')")
         scann_params(1, self.dim, metric, target_recall=target_recall)  # validates the target
         self.target_recall = target_recall
         if params is not None:
@@ -502,10 +531,10 @@ class ScannIndex(Index):
             allowed = set(scann_params(10**6, self.dim, metric, mode=params.get("mode", "tree_ah")))
             unknown = sorted(set(params) - allowed)
             if "mode" not in params or unknown:
-                raise ValueError(f"ScaNN params need a 'mode' ({', '.join(_SCANN_MODES)}) and only that mode's keys "
+                raise InvalidInputError(f"ScaNN params need a 'mode' ({', '.join(_SCANN_MODES)}) and only that mode's keys "
                                  f"({', '.join(sorted(allowed))}); got unknown keys {unknown}")
         if not rebuild_fraction > 0:
-            raise ValueError(f"rebuild_fraction must be positive, got {rebuild_fraction}")
+            raise InvalidInputError(f"rebuild_fraction must be positive, got {rebuild_fraction}")
         self.params = params
         self.rebuild_fraction = float(rebuild_fraction)
         self._searcher: Any = None
@@ -575,16 +604,16 @@ class ScannIndex(Index):
         changes = {key: value for key, value in changes.items() if value is not None}
         for key, value in changes.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise InvalidInputError(f"{key} must be a positive integer, got {value!r}")
         with self._lock:
             if self._searcher is None:
                 if len(self) == 0:
-                    raise ValueError("the index is empty: add vectors before tuning the search")
+                    raise InvalidInputError("the index is empty: add vectors before tuning the search")
                 self.rebuild()
             params = self._built["params"]
             unknown = sorted(set(changes) - set(params))
             if unknown:
-                raise ValueError(f"the trained ScaNN searcher ({params['mode']}) has no {', '.join(unknown)} setting")
+                raise InvalidInputError(f"the trained ScaNN searcher ({params['mode']}) has no {', '.join(unknown)} setting")
             params.update({key: int(value) for key, value in changes.items()})
             return dict(params)
 
@@ -663,8 +692,7 @@ class ScannIndex(Index):
         self._searcher.serialize(scann_dir, relative_path=True)
         os.remove(os.path.join(scann_dir, "scann_docids.pkl"))  # replaced by the array below (no pickle on load)
         _save_npy(os.path.join(scann_dir, "docids.npy"), np.asarray(self._searcher.docids, dtype=np.int64))
-        with open(os.path.join(scann_dir, "state.json"), "w", encoding="utf-8") as f:
-            json.dump(self._built, f)
+        write_json(os.path.join(scann_dir, "state.json"), self._built)
 
     def _load_backend(self, directory: str) -> None:
         scann_dir = os.path.join(directory, "scann")
@@ -675,24 +703,26 @@ class ScannIndex(Index):
         with open(os.path.join(scann_dir, "state.json"), encoding="utf-8") as f:
             built = json.load(f)
         if len(docids) != len(self) or not np.isin(docids, self._ids).all():
-            raise ValueError(f"{directory}: the ScaNN searcher's ids do not match ids.npy; rebuild the index")
+            raise InvalidInputError(f"{directory}: the ScaNN searcher's ids do not match ids.npy; rebuild the index")
         loaded = scann.scann_ops_pybind.load_searcher(scann_dir)
         self._searcher = scann.scann_ops_pybind.ScannSearcher(loaded.searcher, docids=docids.tolist())
         self._built = built
 
 
-_BACKENDS: dict[str, type[Index]] = {"exact": ExactIndex, "scann": ScannIndex}
+#: Index classes by backend name.
+BACKENDS: dict[str, type[Index]] = {"exact": ExactIndex, "scann": ScannIndex}
 
 
 def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = None, *, metric: str = "cosine",
-                backend: str = "auto", **options: Any) -> Index:
+                backend: str = "auto", dim: int | None = None, **options: Any) -> Index:
     """An index over `vectors`.
 
     Args:
-      vectors: float array [n, dim].
+      vectors: float array [n, dim], or packed uint8 codes [n, ceil(bits / 8)] with `dim` for Hamming.
       ids: n unique non-negative integers; default 0..n-1.
       metric: one of `METRICS`.
-      backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact).
+      backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact; always exact for Hamming).
+      dim: the dimension (bits for Hamming), when the vectors are packed codes; default vectors.shape[1].
       **options: backend options (`ScannIndex`: params, rebuild_fraction, target_recall); with "auto" and no scann
         installed they are ignored (logged).
 
@@ -702,7 +732,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
     """
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
-        raise ValueError(f"build_index needs vectors of shape [n, dim], got {list(vectors.shape)}")
+        raise InvalidInputError(f"build_index needs vectors of shape [n, dim], got {list(vectors.shape)}")
+    if backend == "auto" and metric == "hamming":
+        backend = "exact"
     if backend == "auto":
         try:
             _import_scann()
@@ -713,9 +745,11 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
             if options:
                 logger.warning("the exact index ignores the ScaNN options %s", sorted(options))
                 options = {}
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(_BACKENDS)}")
-    index = _BACKENDS[backend](vectors.shape[1], metric=metric, **options)
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if dim is None:
+        dim = vectors.shape[1] * 8 if metric == "hamming" and vectors.dtype == np.uint8 else vectors.shape[1]
+    index = BACKENDS[backend](dim, metric=metric, **options)
     index.add(vectors, np.arange(len(vectors), dtype=np.int64) if ids is None else ids)
     return index
 
@@ -725,7 +759,7 @@ def _import_scann():
     try:
         import scann
     except ImportError as exc:
-        raise ImportError(f'the ScaNN index backend needs scann: pip install "tf_retrieval[scann]" ({exc})') from None
+        raise MissingDependencyError(f'the ScaNN index backend needs scann: pip install "tf_retrieval[scann]" ({exc})') from None
     return scann
 
 
@@ -734,104 +768,15 @@ def _check_ids(ids: np.ndarray | Sequence[int]) -> np.ndarray:
     if ids.size == 0:
         return np.zeros((0,), np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise ValueError(f"ids must be a 1-d array of integers, got {ids.dtype} of shape {list(ids.shape)}")
+        raise InvalidInputError(f"ids must be a 1-d array of integers, got {ids.dtype} of shape {list(ids.shape)}")
     if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"ids must fit in int64, got {ids.max()}")
+        raise InvalidInputError(f"ids must fit in int64, got {ids.max()}")
     ids = ids.astype(np.int64)
     if ids.min() < 0:
-        raise ValueError(f"ids must be non-negative (-1 marks a missing result), got {ids.min()}")
+        raise InvalidInputError(f"ids must be non-negative (-1 marks a missing result), got {ids.min()}")
     return ids
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-
-
-def _sha256(path: str, fsync: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if fsync:
-            os.fsync(f.fileno())
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sync_and_hash_tree(root: str) -> dict[str, str]:
-    """fsyncs every file (and folder) under root; returns {relative posix path: sha256}."""
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in sorted(names):
-            path = os.path.join(folder, name)
-            files[os.path.relpath(path, root).replace(os.sep, "/")] = _sha256(path, fsync=True)
-        _fsync_dir(folder)
-    return dict(sorted(files.items()))
-
-
-def _fsync_tree(root: str) -> None:
-    """fsyncs every file and folder under root (without reading them, unlike `_sync_and_hash_tree`)."""
-    for folder, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(folder)
-
-
-def _write_json_synced(path: str, value, **dump_options) -> None:
-    """Writes `value` as JSON to `path` and fsyncs it (the file is part of a folder about to be swapped in)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, **dump_options)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swaps two paths with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def _replace_dir(new: str, target: str) -> None:
-    """Moves the folder `new` to `target`, replacing a folder there; whatever is left at `new` is for the caller to delete.
-
-    With RENAME_EXCHANGE the swap is atomic and the old folder ends up at `new`. Without it the old folder is renamed
-    aside first and put back if the second rename fails; only a crash between the two renames leaves no folder at
-    `target` (the old one is then at `new + "-old"`).
-    """
-    if not os.path.exists(target):
-        os.rename(new, target)
-    elif not _exchange(new, target):
-        backup = new + "-old"
-        os.rename(target, backup)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)

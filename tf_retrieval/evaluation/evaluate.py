@@ -1,12 +1,13 @@
-"""Run an evaluation protocol for a model: extract (cached) features, rank the database exactly, score the rankings.
+"""Run an evaluation protocol for a model: embed the collection (`features.embedding`), rank the database exactly,
+score the rankings.
 
-The ranking here is exhaustive and exact (`index.ExactIndex`), so the metrics measure the embedding, not the ANN index.
-Records follow the schema of `benchmarks/results/retrieval.json` (see `make_record`).
+The ranking is exhaustive and exact (`search.index.ExactIndex`, the index that bundles of hashing models use too), so
+the metrics measure the embedding, not an ANN index. Records follow the schema of `benchmarks/results/retrieval.json`
+(see `make_record`) and are stored one per `RECORD_KEY` (`storage.RecordStore`).
 """
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -16,9 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.index import ExactIndex
-from tf_retrieval.metrics import RetrievalMetrics, relevance_matrix
-from tf_retrieval.protocols import Protocol
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.search.index import build_index
+from tf_retrieval.evaluation.metrics import RetrievalMetrics, relevance_matrix
+from tf_retrieval.data.protocols import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def fit_pca(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """PCA fitted on `vectors` [n, d]: returns (mean [d], components [d, dim]); project with `(x - mean) @ components`."""
     vectors = np.asarray(vectors, dtype=np.float64)
     if not 0 < dim <= min(vectors.shape):
-        raise ValueError(f"PCA dimension must be in 1..{min(vectors.shape)} for data of shape {vectors.shape}, got {dim}")
+        raise InvalidInputError(f"PCA dimension must be in 1..{min(vectors.shape)} for data of shape {vectors.shape}, got {dim}")
     mean = vectors.mean(axis=0)
     _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)
     return mean.astype(np.float32), vt[:dim].T.astype(np.float32)
@@ -56,10 +58,9 @@ def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: n
         queries, query_labels = database, database_labels
     query_labels = np.asarray(query_labels)
     if len(queries) != len(query_labels) or len(database) != len(database_labels):
-        raise ValueError(f"vectors and labels differ in length: queries {len(queries)} vs {len(query_labels)}, "
+        raise InvalidInputError(f"vectors and labels differ in length: queries {len(queries)} vs {len(query_labels)}, "
                          f"database {len(database)} vs {len(database_labels)}")
-    index = ExactIndex(database.shape[1], metric=metric)
-    index.add(database, np.arange(len(database)))
+    index = build_index(database, metric=metric, backend="exact")
     classes, counts = np.unique(database_labels, return_counts=True)
     count_of = dict(zip(classes.tolist(), counts.tolist()))
     num_relevant = np.array([count_of.get(int(label), 0) for label in query_labels]) - int(leave_one_out)
@@ -75,6 +76,12 @@ def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: n
     return accumulator.result(), accumulator.pr_curve()
 
 
+def leave_one_out_map_at_r(vectors: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> float:
+    """MAP@R of `vectors` when each one queries all the others (validation during training and tuning)."""
+    metrics, _ = rank_and_score(np.asarray(vectors), labels, metric=metric)
+    return float(metrics["MAP@R"])
+
+
 def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callable[[np.ndarray], np.ndarray] | None = None,
                       metric: str = "cosine", pca_dim: int | None = None, map_k: int | None = None,
                       expand: tuple[int, float] | None = None,
@@ -83,29 +90,32 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
 
     Args:
       protocol: positions of database and queries in the collection.
-      features: one row per image of `protocol.collection` (e.g. cached backbone features).
-      embed: maps features to embeddings (a trained head); None keeps the features (the baseline).
-      metric: ranking similarity.
+      features: one row per image of `protocol.collection`: finished vectors (`features.embedding.embed_collection`),
+        or backbone features with `embed`.
+      embed: maps features to vectors (e.g. `features.embedding.head_function`); None keeps them as they are.
+      metric: ranking similarity ("hamming" for packed codes).
       pca_dim: reduce to this many dimensions with PCA fitted on the database first.
       expand: (k, alpha): α query expansion of the queries over their top-k in the database (protocols with queries).
 
     Returns:
-      (metrics, pr_curve, embedding_dim).
+      (metrics, pr_curve, embedding_dim): the dimension in bits for Hamming codes.
     """
     if len(features) != len(protocol.collection):
-        raise ValueError(f"{len(features)} feature rows for a collection of {len(protocol.collection)} images")
+        raise InvalidInputError(f"{len(features)} feature rows for a collection of {len(protocol.collection)} images")
     positions = protocol.database if protocol.queries is None else np.concatenate([protocol.database, protocol.queries])
-    vectors = np.asarray(features[positions], dtype=np.float32)
+    vectors = np.asarray(features[positions])
     if embed is not None:
-        vectors = np.asarray(embed(vectors), dtype=np.float32)
+        vectors = np.asarray(embed(vectors))
     database, queries = vectors[:len(protocol.database)], vectors[len(protocol.database):]
+    if metric == "hamming" and (pca_dim or expand):
+        raise InvalidInputError("PCA and query expansion work on float vectors, not on binary codes")
     if pca_dim:
         mean, components = fit_pca(database, pca_dim)
         database, queries = (database - mean) @ components, (queries - mean) @ components
     if expand:
         if protocol.queries is None:
-            raise ValueError(f"{protocol.name} is leave-one-out: query expansion needs separate queries")
-        from tf_retrieval.expansion import expand_exact
+            raise InvalidInputError(f"{protocol.name} is leave-one-out: query expansion needs separate queries")
+        from tf_retrieval.search.query import expand_exact
 
         queries = expand_exact(queries, database, *expand)
     labels = protocol.collection.labels
@@ -113,7 +123,8 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
         database, labels[protocol.database],
         None if protocol.queries is None else queries, None if protocol.queries is None else labels[protocol.queries],
         metric=metric, map_k=map_k, progress=progress)
-    return metrics, curve, int(database.shape[1])
+    dim = database.shape[1] * 8 if metric == "hamming" and database.dtype == np.uint8 else database.shape[1]
+    return metrics, curve, int(dim)
 
 
 def make_record(protocol: str, config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float, command: str,
@@ -135,21 +146,6 @@ RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embeddi
               "train_from")
 
 
-def merge_records(path: str, records: Sequence[dict]) -> list[dict]:
-    """Adds `records` to the JSON list at `path`, replacing earlier records with the same key (`RECORD_KEY`)."""
-    existing = []
-    if os.path.exists(path):
-        with open(path) as f:
-            existing = json.load(f)
-    keys = {tuple(r.get(k) for k in RECORD_KEY) for r in records}
-    merged = [r for r in existing if tuple(r.get(k) for k in RECORD_KEY) not in keys] + list(records)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return merged
-
-
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
     """A Markdown table of records, one row each."""
     header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", *columns, "s"]
@@ -163,47 +159,27 @@ def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "
     return "\n".join(lines) + "\n"
 
 
-def embed_collection(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
-                     progress: bool = True) -> np.ndarray:
-    """Backbone features of every image of `collection` for `config` (cached under `<workdir>/features`)."""
-    from tf_retrieval.backbones import backbone_id, build_backbone
-    from tf_retrieval.features import default_workdir, extract_features
-
-    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
-    return extract_features(collection, backbone, image_size=config.image_size,
-                            model_key=backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
-                            cache_dir=os.path.join(workdir or default_workdir(), "features"), batch_size=batch_size,
-                            progress=progress)
-
-
-def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The trained head of `config` as a features -> embeddings function, or None for the baseline."""
-    if not config.head:
-        return None
-    from tf_retrieval.heads import load_head
-
-    head = load_head(config.head)
-    return lambda features: head.predict(features, batch_size=1024, verbose=0)
-
-
-def embed_with_model(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
-                     progress: bool = True) -> np.ndarray:
-    """The embeddings of `config` for every image of `collection`: cached backbone features, then its head if any."""
-    features = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
-    head = head_function(config)
-    return head(features) if head else features
-
-
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
-                   metric: str = "cosine", batch_size: int = 64, command: str = "", model: str | None = None,
+                   metric: str | None = None, batch_size: int = 64, command: str = "", model: str | None = None,
                    progress: bool = True) -> dict:
-    """Extracts (cached) features, applies the model's head, scores `protocol`; returns a retrieval.json record."""
+    """Embeds the protocol's collection with `config` (`features.embedding.embed_collection`: the vectors `tfr index`
+    builds bundles of) and scores `protocol`; returns a retrieval.json record.
+
+    Args:
+      metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
+    """
+    from tf_retrieval.features.embedding import embed_collection
+
     start = time.perf_counter()
-    features = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
-    metrics, curve, dim = evaluate_protocol(protocol, features, embed=head_function(config), metric=metric,
-                                            pca_dim=pca_dim, progress=progress)
+    metric = metric or config.metric
+    vectors = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    metrics, curve, dim = evaluate_protocol(protocol, vectors, metric=metric, pca_dim=pca_dim, progress=progress)
     logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
+    extra = {}
+    if config.hash_bits:
+        extra = {"hash_bits": config.hash_bits, "bytes_per_image": int(vectors.shape[1]),
+                 "index": "exact Hamming index over packed codes (search.index.ExactIndex, metric hamming)"}
     return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
                        command=command, model=model or ("baseline" if not config.head else "finetuned"),
                        dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,
-                       queries=int(metrics.get("queries", 0)))
+                       queries=int(metrics.get("queries", 0)), train_from=config.train_from, **extra)

@@ -1,4 +1,4 @@
-"""Compose backbone + head into one embedding model and export it as a SavedModel that TF Serving loads.
+"""Export an embedding model (`features.embedding.build_model`) as a SavedModel that TF Serving loads.
 
 Layout, as TF Serving expects: `<base_dir>/<name>/<version>/saved_model.pb` (+ `variables/`), integer versions; the
 model's config sits in `<version>/assets.extra/config.json` (TF Serving ignores `assets.extra`).
@@ -6,44 +6,29 @@ model's config sits in `<version>/assets.extra/config.json` (TF Serving ignores 
 Signatures:
   serving_default:  images tf.string [n] (JPEG / PNG / GIF / BMP bytes)   -> embedding float32 [n, d]
   embed_pixels:     images float32 [n, s, s, 3], RGB in 0..255            -> embedding float32 [n, d]
+The embedding is unit length, or +-1 codes [n, bits] for a hashing model (`tf_retrieval.vectors.finish` packs them).
 JPEGs are decoded with `dct_method="INTEGER_ACCURATE"`, which gives the same pixels as PIL (used at index time).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 
 import keras
 
+from tf_retrieval.config import ModelConfig
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.storage import atomic_directory, write_json, write_text
+
 logger = logging.getLogger(__name__)
-
-
-@keras.saving.register_keras_serializable(package="tf_retrieval")
-class L2Normalize(keras.layers.Layer):
-    """Scales each row to unit L2 norm."""
-
-    def call(self, x):
-        return x / keras.ops.maximum(keras.ops.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def build_embedding_model(backbone: keras.Model, head: keras.Model | None = None) -> keras.Model:
-    """pixels [n, s, s, 3] in 0..255 -> backbone -> head (identity when None) -> L2-normalised embedding [n, d]."""
-    images = keras.Input(backbone.input_shape[1:], dtype="float32", name="images")
-    features = backbone(images, training=False)
-    if head is not None:
-        features = head(features, training=False)
-    return keras.Model(images, L2Normalize(name="embedding")(features), name="embedder")
 
 
 def decode_for_model(data, image_size: int):
     """One encoded image (scalar tf.string) -> float32 [image_size, image_size, 3], decoded as PIL would."""
     import tensorflow as tf
 
-    from tf_retrieval.data import resize_and_crop
+    from tf_retrieval.data.images import resize_and_crop
 
     image = tf.cond(tf.io.is_jpeg(data),
                     lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
@@ -63,7 +48,7 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
     """Writes `model` as a SavedModel to `<base_dir>/<name>/<version>/` and returns that path.
 
     Args:
-      model: pixels [n, s, s, 3] -> embeddings [n, d] (see `build_embedding_model`).
+      model: pixels [n, s, s, 3] -> embeddings [n, d] (`features.embedding.build_model`).
       base_dir: the model base path TF Serving watches.
       name: the model name (a TF Serving model name: letters, digits, '_', '-', '.').
       image_size: s.
@@ -71,19 +56,19 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
       config: stored beside the model (with the embedding dimension and signatures added).
 
     Raises:
-      ValueError: a bad name, or a version that exists already.
+      InvalidInputError: a bad name, or a version that exists already.
     """
     import tensorflow as tf
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"model name {name!r} may only contain letters, digits, '_', '-' and '.'")
+        raise InvalidInputError(f"model name {name!r} may only contain letters, digits, '_', '-' and '.'")
     model_dir = os.path.join(base_dir, name)
     version = next_version(model_dir) if version is None else int(version)
     target = os.path.join(model_dir, str(version))
     if version <= 0:
-        raise ValueError(f"versions are positive integers, got {version}")
+        raise InvalidInputError(f"versions are positive integers, got {version}")
     if os.path.exists(target):
-        raise ValueError(f"{target} exists already: versions are immutable, export a new version instead")
+        raise InvalidInputError(f"{target} exists already: versions are immutable, export a new version instead")
     dim = int(model.output_shape[-1])
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
@@ -98,20 +83,13 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
 
     module = tf.Module()
     module.model = model
-    os.makedirs(model_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_dir)
-    try:
+    with atomic_directory(target) as tmp:  # TF Serving never sees a half-written version
         tf.saved_model.save(module, tmp, signatures={"serving_default": embed_bytes, "embed_pixels": embed_pixels})
-        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, "assets.extra", "config.json"), "w") as f:
-            json.dump({**(config or {}), "name": name, "version": version, "embedding_dim": dim, "image_size": image_size,
-                       "signatures": {"serving_default": "images: string [n] -> embedding: float32 [n, d]",
-                                      "embed_pixels": f"images: float32 [n, {image_size}, {image_size}, 3] -> "
-                                                      "embedding: float32 [n, d]"}}, f, indent=2)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, "assets.extra", "config.json"),
+                   {**(config or {}), "name": name, "version": version, "embedding_dim": dim, "image_size": image_size,
+                    "signatures": {"serving_default": "images: string [n] -> embedding: float32 [n, d]",
+                                   "embed_pixels": f"images: float32 [n, {image_size}, {image_size}, 3] -> "
+                                                   "embedding: float32 [n, d]"}}, indent=2)
     write_models_config(base_dir)
     logger.info("exported %s version %d (%d-d embeddings) to %s", name, version, dim, target)
     return target
@@ -128,21 +106,13 @@ def write_models_config(base_dir: str, serving_base_path: str = "/models") -> st
     entries = "".join(f'  config {{\n    name: "{name}"\n    base_path: "{serving_base_path}/{name}"\n'
                       f'    model_platform: "tensorflow"\n  }}\n' for name in names)
     path = os.path.join(base_dir, "models.config")
-    with open(path + ".tmp", "w") as f:
-        f.write(f"model_config_list {{\n{entries}}}\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, f"model_config_list {{\n{entries}}}\n")
     return path
 
 
-def load_exported(path: str):
-    """(loaded SavedModel, its config dict) for an exported version directory."""
-    import tensorflow as tf
+def export_config(config: ModelConfig, base_dir: str, *, name: str | None = None, version: int | None = None) -> str:
+    """Builds the model of `config` (`features.embedding.build_model`) and exports it (see `export_model`)."""
+    from tf_retrieval.features.embedding import build_model
 
-    config_path = os.path.join(path, "assets.extra", "config.json")
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise FileNotFoundError(f"no SavedModel at {path}")
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
-    return tf.saved_model.load(path), config
+    return export_model(build_model(config), base_dir, name or config.name, image_size=config.image_size,
+                        version=version, config=config.to_dict())

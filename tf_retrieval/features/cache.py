@@ -16,7 +16,9 @@ import shutil
 
 import numpy as np
 
-from tf_retrieval.data import ImageCollection
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.data.images import ImageCollection
+from tf_retrieval.storage import atomic_write, file_digest, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +34,6 @@ def collection_fingerprint(collection: ImageCollection) -> str:
     for image_id in collection.ids:
         digest.update(b"\0" + image_id.encode())
     return digest.hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_path(cache_dir: str, collection: ImageCollection, model_key: str) -> str:
@@ -72,7 +65,7 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
     if cache_dir is None:
         return _run(collection, model, image_size, batch_size, dtype, progress)
     if not model_key:
-        raise ValueError("extract_features: model_key is required when cache_dir is given (it keys the cache)")
+        raise InvalidInputError("extract_features: model_key is required when cache_dir is given (it keys the cache)")
     os.makedirs(cache_dir, exist_ok=True)
     path = cache_path(cache_dir, collection, model_key)
     key = {"collection": collection.name, "fingerprint": collection_fingerprint(collection), "count": len(collection),
@@ -98,8 +91,8 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
         shards.append(values)
     features = np.concatenate(shards) if shards else np.zeros((0,), dtype)
     _atomic_save(path, features)
-    with open(path[:-len(".npy")] + ".json", "w") as f:
-        json.dump({**key, "shape": list(features.shape), "sha256": file_sha256(path)}, f, indent=1)
+    write_json(path[:-len(".npy")] + ".json", {**key, "shape": list(features.shape), "sha256": file_digest(path)},
+               indent=1)
     shutil.rmtree(shards_dir, ignore_errors=True)
     logger.info("cached features %s at %s", features.shape, path)
     return features
@@ -111,7 +104,7 @@ def _run(collection: ImageCollection, model, image_size: int, batch_size: int, d
     from tqdm.auto import tqdm
 
     if len(collection) == 0:
-        raise ValueError(f"collection {collection.name!r} is empty: nothing to extract")
+        raise InvalidInputError(f"collection {collection.name!r} is empty: nothing to extract")
     forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     outputs = []
     with tqdm(total=len(collection), desc=desc, unit="img", disable=not progress, leave=False) as bar:
@@ -130,7 +123,7 @@ def _load_cache(path: str, key: dict) -> np.ndarray | None:
             meta = json.load(f)
         problem = next((f"{name} is {meta.get(name)!r}, expected {value!r}" for name, value in key.items()
                         if meta.get(name) != value), None)
-        if problem is None and file_sha256(path) != meta.get("sha256"):
+        if problem is None and file_digest(path) != meta.get("sha256"):
             problem = "checksum mismatch"
         if problem is None:
             features = np.load(path, allow_pickle=False)
@@ -159,8 +152,7 @@ def _check_shards_key(shards_dir: str, key: dict, shard_size: int) -> None:
         pass
     for name in os.listdir(shards_dir):
         os.remove(os.path.join(shards_dir, name))
-    with open(key_file, "w") as f:
-        json.dump(expected, f)
+    write_json(key_file, expected)
 
 
 def _load_shard(path: str, count: int) -> np.ndarray | None:
@@ -177,9 +169,5 @@ def _load_shard(path: str, count: int) -> np.ndarray | None:
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

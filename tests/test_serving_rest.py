@@ -1,0 +1,158 @@
+"""TF Serving's REST API on a real server on 127.0.0.1, called with a plain HTTP client (urllib), and the REST client."""
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs
+
+from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.serving.client import EmbeddingClient, RestEmbeddingClient, connect
+from tf_retrieval.serving.server import serve
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("models"))
+    model = export_tiny(base)
+    server = serve(base, port=0, rest_port=0, poll_seconds=0, max_batch_size=4)
+    yield model, server, f"http://127.0.0.1:{server.rest_port}"
+    server.stop(grace=1)
+
+
+def http(url, payload=None, method=None):
+    """(HTTP status, parsed JSON body) of one request."""
+    data = payload if isinstance(payload, bytes) or payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["Content-Type"] == "application/json"
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def b64(data):
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def test_model_status_is_tf_servings_json(served):
+    url = served[2]
+    available = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+                                           "status": {"error_code": "OK", "error_message": ""}}]}
+    assert http(f"{url}/v1/models/tiny") == (200, available)
+    assert http(f"{url}/v1/models/tiny/versions/1") == (200, available)
+    assert http(f"{url}/v1/models/tiny/versions/7") == (404, {"error": "Could not find version 7 of model tiny"})
+    assert http(f"{url}/v1/models/nope") == (404, {"error": "Could not find any versions of model nope"})
+    assert http(f"{url}/v1/models/tiny/labels/stable") == (400, {"error": "Unrecognized servable version label: stable"})
+
+
+def test_metadata_is_tf_servings_json(served):
+    status, metadata = http(f"{served[2]}/v1/models/tiny/metadata")
+    assert status == 200
+    assert metadata["model_spec"] == {"name": "tiny", "signature_name": "", "version": "1"}
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    assert signatures["serving_default"]["method_name"] == "tensorflow/serving/predict"
+    images = signatures["serving_default"]["inputs"]["images"]
+    assert images["dtype"] == "DT_STRING" and images["tensor_shape"]["dim"] == [{"size": "-1", "name": ""}]
+    embedding = signatures["embed_pixels"]["outputs"]["embedding"]
+    assert embedding["dtype"] == "DT_FLOAT" and [d["size"] for d in embedding["tensor_shape"]["dim"]] == ["-1", "8"]
+    assert http(f"{served[2]}/v1/models/tiny/versions/1/metadata")[1] == metadata
+
+
+def test_predict_row_and_columnar_formats(served, rng):
+    model, _, url = served
+    encoded = random_pngs(rng, 3)
+    expected = embed_in_process(model, encoded)
+    status, answer = http(f"{url}/v1/models/tiny:predict", {"instances": [b64(e) for e in encoded]})
+    assert status == 200 and list(answer) == ["predictions"]
+    np.testing.assert_allclose(answer["predictions"], expected, atol=1e-5)
+    for body in ({"inputs": [b64(e) for e in encoded]}, {"inputs": {"images": [b64(e) for e in encoded]}},
+                 {"signature_name": "serving_default", "inputs": [b64(e) for e in encoded]}):
+        status, answer = http(f"{url}/v1/models/tiny/versions/1:predict", body)
+        assert status == 200 and list(answer) == ["outputs"]
+        np.testing.assert_allclose(answer["outputs"], expected, atol=1e-5)
+    pixels = rng.uniform(0, 255, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    status, answer = http(f"{url}/v1/models/tiny:predict", {"signature_name": "embed_pixels",
+                                                            "instances": [{"images": p} for p in pixels.tolist()]})
+    assert status == 200
+    np.testing.assert_allclose(answer["predictions"], model.predict(pixels, verbose=0), atol=1e-5)
+
+
+def test_rest_floats_are_the_exact_float32_values_grpc_returns(served, rng):
+    _, server, url = served
+    encoded = random_pngs(rng, 2)
+    with EmbeddingClient(f"127.0.0.1:{server.port}", "tiny") as grpc_client:
+        over_grpc = grpc_client.embed_bytes(encoded)
+    body = json.dumps({"instances": [b64(e) for e in encoded]}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models/tiny:predict", data=body), timeout=30) as r:
+        text = r.read().decode()
+    np.testing.assert_array_equal(np.array(json.loads(text)["predictions"], np.float32), over_grpc)
+    assert max(len(number) for number in text.replace("[", " ").replace("]", " ").replace(",", " ").split()[2:]) <= 16
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("tiny:predict", b"{not json", 400, "JSON Parse error"),
+    ("tiny:predict", [1, 2], 400, "Is not object"),
+    ("tiny:predict", {"signature_name": 3, "instances": []}, 400, "'signature_name' key must be a string value."),
+    ("tiny:predict", {"nothing": []}, 400, "Missing 'inputs' or 'instances' key"),
+    ("tiny:predict", {"inputs": [], "instances": []}, 400, "expecting only one of 'inputs' or 'instances'"),
+    ("tiny:predict", {"instances": []}, 400, "No values in 'instances' array"),
+    ("tiny:predict", {"instances": [{"pixels": "x"}]}, 400, "keys must be equal to: images"),
+    ("tiny:predict", {"signature_name": "embed_pixels", "instances": ["x"]}, 400,
+     'JSON Value: "x" Type: String is not of expected type: float'),
+    ("tiny:predict", {"signature_name": "embed_pixels", "inputs": [[[[1.0, 2.0, 3.0]]], [[[1.0, 2.0]]]]}, 400,
+     "JSON Value: [1.0, 2.0] is not dense: expected a tensor of shape [2, 1, 1, 3]"),
+    ("tiny:predict", {"signature_name": "embed_pixels", "inputs": [[[[1.0, 2.0, 3.0]]], [1.0]]}, 400,
+     "JSON Value: 1.0 found at incorrect level: 3 in the JSON DOM. Expected at level: 4"),
+    ("tiny:predict", {"instances": [{"b64": "%%%"}]}, 400, "Unable to base64 decode"),
+    ("tiny:predict", {"instances": ["not an image"]}, 400,
+     "the model rejected the input: Unknown image file format. One of JPEG, PNG, GIF, BMP, WebP required."),
+    ("tiny:predict", {"instances": ["x"] * 5}, 400, "batch of 5 is over this server's limit of 4"),
+    ("tiny:predict", {"signature_name": "nope", "instances": ["x"]}, 400, 'Serving signature key "nope" not found.'),
+    ("nope:predict", {"instances": ["x"]}, 404, "Servable not found for request: Latest(nope)"),
+    ("tiny/versions/7:predict", {"instances": ["x"]}, 404, "Servable not found for request: Specific(tiny, 7)"),
+    ("tiny/labels/stable:predict", {"instances": ["x"]}, 400, "Unrecognized servable version label: stable"),
+    ("tiny:classify", {"examples": []}, 501, "classify is not served"),
+])
+def test_errors_are_tf_servings_error_json(served, path, body, status, message):
+    answer_status, answer = http(f"{served[2]}/v1/models/{path}", body)
+    assert answer_status == status and list(answer) == ["error"]
+    assert message in answer["error"]
+
+
+def test_paths_outside_the_api(served):
+    url = served[2]
+    assert http(f"{url}/v1/models") == (400, {"error": "Missing model name in request."})
+    assert http(f"{url}/v1/models/tiny:predict")[0] == 400  # GET on a POST path: malformed
+    assert http(f"{url}/index.html")[0] == 404
+
+
+def test_connect_picks_rest_or_grpc_and_both_embed_alike(served, rng):
+    model, server, url = served
+    rest, grpc_client = connect(url, "tiny", batch_size=3), connect(f"127.0.0.1:{server.port}", "tiny", batch_size=3)
+    assert isinstance(rest, RestEmbeddingClient) and isinstance(grpc_client, EmbeddingClient)
+    encoded = random_pngs(rng, 7)  # over the server's 4 per request: the clients split it
+    np.testing.assert_array_equal(rest.embed_bytes(encoded), grpc_client.embed_bytes(encoded))
+    np.testing.assert_allclose(rest.embed_bytes(encoded), embed_in_process(model, encoded), atol=1e-5)
+    pixels = rng.uniform(0, 255, (5, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    np.testing.assert_array_equal(rest.embed_pixels(pixels), grpc_client.embed_pixels(pixels))
+    assert rest.metadata() == grpc_client.metadata()
+    assert rest.status() == grpc_client.status() == [(1, "AVAILABLE")]
+    with pytest.raises(InvalidInputError, match="Unknown image file format"):
+        rest.embed_bytes([b"not an image"])
+    with pytest.raises(MissingError, match=r"Latest\(nope\)"):
+        connect(url, "nope").embed_bytes(encoded[:1])
+    with pytest.raises(MissingError, match="Could not find version 3 of model tiny"):
+        connect(url, "tiny", version=3).status()
+
+
+def test_rest_client_on_a_closed_port_is_a_connection_error(served):
+    server = serve(served[1].registry.base_path, port=0, rest_port=0, poll_seconds=0)
+    url = f"http://127.0.0.1:{server.rest_port}"
+    assert connect(url, "tiny").status() == [(1, "AVAILABLE")]
+    server.stop(grace=1)
+    with pytest.raises(ConnectionError, match="is not reachable"):
+        connect(url, "tiny", timeout=2).status()

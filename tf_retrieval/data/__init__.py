@@ -1,0 +1,1 @@
+"""Stage 1, data: decoding and resizing images (`images`), collections from tfds or folders, evaluation protocols."""

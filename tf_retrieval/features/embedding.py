@@ -1,0 +1,148 @@
+"""One path from a model config to vectors.
+
+Every consumer of vectors goes through this module: building and updating an index, a query (the page, `tfr search`,
+the engine), `tfr embed`, evaluation, validation during training, the SavedModel export and the server's model. So
+every vector gets the same finishing (`vectors.finish`): unit L2 norm for a float model, binary codes packed 8 to a
+byte for a hashing model (`ModelConfig.hash_bits`).
+
+    model = build_model(config)                         # keras: pixels [n, s, s, 3] in 0..255 -> model outputs
+    Embedder(config).embed_bytes([jpeg, png])           # in process: encoded images -> finished vectors
+    embed_collection(collection, config, workdir=...)   # a whole collection, backbone outputs cached on disk
+
+Model outputs are unit-length float embeddings, or +-1 float codes for a hashing model (what the SavedModel serves);
+`finish` turns either into the vectors an index holds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.config import ModelConfig
+from tf_retrieval.data.images import decode_image, resize_and_crop
+from tf_retrieval.vectors import finish
+
+logger = logging.getLogger(__name__)
+
+
+def build_embedding_model(backbone, head=None, *, hash_bits: int | None = None):
+    """pixels [n, s, s, 3] in 0..255 -> backbone -> head (identity when None) -> unit-length embedding [n, d], or
+    +-1 codes [n, hash_bits] for a hashing head."""
+    import keras
+
+    from tf_retrieval.models.heads import BinaryCodes, L2Normalize
+
+    images = keras.Input(backbone.input_shape[1:], dtype="float32", name="images")
+    outputs = backbone(images, training=False)
+    if head is not None:
+        outputs = head(outputs, training=False)
+    finishing = BinaryCodes(name="embedding") if hash_bits else L2Normalize(name="embedding")
+    return keras.Model(images, finishing(outputs), name="embedder")
+
+
+def build_model(config: ModelConfig):
+    """The keras model of `config`: pixels [n, s, s, 3] in 0..255 -> model outputs (see the module docstring)."""
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.models.heads import load_head
+
+    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
+    head = load_head(config.head) if config.head else None
+    return build_embedding_model(backbone, head, hash_bits=config.hash_bits)
+
+
+class Embedder:
+    """Embeds images in this process into finished vectors (float32 unit rows, or packed uint8 codes).
+
+    A remote embedder (`serving.client.EmbeddingClient`) has the same `embed_bytes` method; the engine finishes its
+    outputs with `vectors.finish`, so the engine and the page take either.
+
+    Args:
+      config: the model.
+      model: its keras model (default: `build_model(config)`).
+      batch_size: images per model call.
+    """
+
+    def __init__(self, config: ModelConfig, model=None, batch_size: int = 64):
+        import tensorflow as tf
+
+        self.config = config
+        self.model = model if model is not None else build_model(config)
+        self.batch_size = batch_size
+        self._forward = tf.function(lambda images: self.model(images, training=False), reduce_retracing=True)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 pixels [n, s, s, 3] in 0..255 -> finished vectors [n, ...]."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        size = self.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
+            raise InvalidInputError(f"expected pixels of shape [n, {size}, {size}, 3], got {list(pixels.shape)}")
+        outputs = [self._forward(pixels[i:i + self.batch_size]).numpy() for i in range(0, len(pixels), self.batch_size)]
+        return finish(np.concatenate(outputs), self.config.hash_bits)
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Decoded RGB uint8 images of any size -> finished vectors [n, ...]."""
+        if len(images) == 0:
+            raise InvalidInputError("embed_images: no images given")
+        pixels = np.stack([resize_and_crop(image, self.image_size).numpy() for image in images])
+        return self.embed_pixels(pixels)
+
+    def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Encoded images (JPEG/PNG/...) -> finished vectors [n, ...]; undecodable input raises `ImageDecodeError`."""
+        return self.embed_images([decode_image(data, name=f"image {i}") for i, data in enumerate(encoded)])
+
+
+def backbone_features(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
+                      progress: bool = True) -> np.ndarray:
+    """The pooled backbone outputs of `config` for every image of `collection`, cached under `<workdir>/features`
+    (a second call reads the cache; an interrupted one resumes)."""
+    from tf_retrieval.features.cache import default_workdir, extract_features
+    from tf_retrieval.models.backbones import backbone_id, build_backbone
+
+    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
+    return extract_features(collection, backbone, image_size=config.image_size,
+                            model_key=backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
+                            cache_dir=os.path.join(workdir or default_workdir(), "features"), batch_size=batch_size,
+                            progress=progress)
+
+
+def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Backbone features -> finished vectors: the model's head (if any), then `vectors.finish`."""
+    head = None
+    if config.head:
+        from tf_retrieval.models.heads import load_head
+
+        head = load_head(config.head)
+
+    def embed(features: np.ndarray) -> np.ndarray:
+        outputs = features if head is None else head.predict(np.asarray(features, np.float32), batch_size=1024,
+                                                              verbose=0)
+        return finish(outputs, config.hash_bits)
+
+    return embed
+
+
+def embed_collection(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
+                     progress: bool = True) -> np.ndarray:
+    """The finished vectors of `config` for every image of `collection` (backbone outputs cached, then the head)."""
+    features = backbone_features(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    return head_function(config)(features)
+
+
+def save_vectors(path: str, vectors: np.ndarray, ids: Sequence[str]) -> str:
+    """Saves vectors as `.npy` and their image ids, one per line, beside it (`<stem>.ids.txt`); returns the ids path."""
+    from tf_retrieval.storage import atomic_write, write_text
+
+    if len(vectors) != len(ids):
+        raise InvalidInputError(f"{len(vectors)} vectors for {len(ids)} ids")
+    with atomic_write(path, "wb") as f:
+        np.save(f, vectors, allow_pickle=False)
+    ids_path = os.path.splitext(path)[0] + ".ids.txt"
+    write_text(ids_path, "".join(f"{image_id}\n" for image_id in ids))
+    return ids_path

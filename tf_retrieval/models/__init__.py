@@ -1,0 +1,1 @@
+"""Stage 2, models: frozen ImageNet backbones (`backbones`, `efficientnet_lite`) and the trainable heads (`heads`)."""
