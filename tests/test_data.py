@@ -172,3 +172,17 @@ def test_load_tfds_with_mock_data():
     assert len(collection.class_names) == 10
     images = next(iter(collection.as_dataset(image_size=48, batch_size=10)))
     assert images.shape == (10, 48, 48, 3)
+
+
+def test_packed_images_round_trip_and_bounds(tmp_path):
+    from tf_retrieval.data.images import PackedImages
+    from tf_retrieval.errors import InvalidInputError
+
+    images = [b"first", b"", b"third image"]
+    PackedImages.pack(images).save(str(tmp_path))
+    packed = PackedImages.load(str(tmp_path))
+    assert len(packed) == 3 and list(packed) == images and packed[-1] == b"third image"
+    with pytest.raises(IndexError, match="image 3 of 3"):
+        packed[3]
+    with pytest.raises(InvalidInputError, match="offsets do not fit"):
+        PackedImages(packed.data[:-1], packed.offsets)

@@ -210,3 +210,42 @@ def test_scann_bundle_update_uses_the_mutation_api(tmp_path):
     assert engine.index._built["mutations"] == 6 and engine.index._built["size"] == 42  # 6 / 42 < 25%: no retraining
     grey = engine.collection.ids.index(os.path.join(os.path.realpath(more.name), "grey", "grey_002.png"))
     assert engine.search(engine.vectors([grey]), k=1)[0][0].position == grey
+
+
+def test_a_tfds_bundle_loads_its_images_from_its_store_until_the_catalog_changes(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from tf_retrieval.data.images import PackedImages, load_tfds
+    from tf_retrieval.search import engine as engine_module
+    from tf_retrieval.search.engine import delete_images
+
+    with tfds.testing.mock_data(num_examples=12):
+        collection = load_tfds("cifar10", splits=["train"])
+    vectors = ColourEmbedder().embed_bytes(list(collection.encoded))
+    config = ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None)
+    path = str(tmp_path / "bundle")
+    build_bundle(path, config, collection, vectors, source="cifar10", backend="exact")
+    reads = []
+
+    def counting_load_tfds(*args, **kwargs):
+        reads.append(kwargs.get("splits"))
+        with tfds.testing.mock_data(num_examples=12):
+            return load_tfds(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_tfds", counting_load_tfds)
+    first = RetrievalEngine.load(path)  # reads the source once, then packs its images into the bundle
+    assert reads == [["train"]] and os.path.isfile(os.path.join(path, "images", "data.npy"))
+    second = RetrievalEngine.load(path)
+    assert reads == [["train"]] and isinstance(second.collection.encoded, PackedImages)
+    assert [second.collection.read_bytes(i) for i in range(12)] == list(collection.encoded)
+    assert second.collection.ids == first.collection.ids and list(second.collection.splits) == ["train"] * 12
+    np.testing.assert_array_equal(second.collection.labels, collection.labels)
+
+    delete_images(path, [collection.ids[0]])  # a new catalog: the old store no longer describes it
+    assert not os.path.exists(os.path.join(path, "images"))
+    third = RetrievalEngine.load(path)
+    assert len(reads) == 2 and third.collection.ids == collection.ids[1:]
+    assert third.collection.read_bytes(0) == collection.encoded[1]
+    with open(os.path.join(path, "images", "manifest.json"), "w") as f:
+        f.write("{broken")
+    assert RetrievalEngine.load(path).collection.ids == collection.ids[1:] and len(reads) == 3  # rebuilt, not fatal

@@ -35,6 +35,11 @@ def file_digest(path: str | os.PathLike, *, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
+def value_digest(value: Any) -> str:
+    """The sha256 hex digest of a JSON-serialisable value (keys sorted: equal values, equal digests)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
     """Opens a temp file beside `path` for writing; on success it is fsynced and renamed over `path`.

@@ -167,7 +167,7 @@ class ImageCollection:
       labels: int64 [n] class labels; `class_names[label]` is the class name.
       class_names: names of all classes (also classes without images).
       splits: the split each image belongs to ("train", "test", ...), as given by the source.
-      encoded: the encoded images in memory (tfds), or None.
+      encoded: the encoded images in memory (tfds; a list, or `PackedImages` from a bundle's image store), or None.
       paths: the image files (folders), or None. Exactly one of `encoded` and `paths` is set.
       skipped: (path, reason) of files left out because they could not be decoded.
     """
@@ -177,7 +177,7 @@ class ImageCollection:
     labels: np.ndarray
     class_names: list[str]
     splits: np.ndarray
-    encoded: list[bytes] | None = None
+    encoded: Sequence[bytes] | None = None
     paths: list[str] | None = None
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
@@ -223,7 +223,7 @@ class ImageCollection:
         import tensorflow as tf
 
         if self.encoded is not None:
-            source = tf.data.Dataset.from_tensor_slices(tf.constant(self.encoded, dtype=tf.string))
+            source = tf.data.Dataset.from_tensor_slices(tf.constant(list(self.encoded), dtype=tf.string))
         else:
             source = tf.data.Dataset.from_tensor_slices(tf.constant(self.paths, dtype=tf.string)).map(
                 tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
@@ -235,6 +235,46 @@ class ImageCollection:
 
         return (source.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+class PackedImages(Sequence):
+    """Encoded images concatenated in one buffer, read by position: a sequence of bytes that memory-maps from disk.
+
+    The image store of an index bundle (`search.engine`): loading it costs two `np.load` calls with `mmap_mode="r"`,
+    however many images it holds, where re-reading a tfds source takes seconds.
+    """
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[-1]) != len(data):
+            raise InvalidInputError(f"packed images: {len(offsets)} offsets do not fit {len(data)} bytes of data")
+        self.data, self.offsets = data, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> bytes:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image {index} of {len(self)}")
+        index %= len(self)
+        return bytes(self.data[int(self.offsets[index]):int(self.offsets[index + 1])])
+
+    def save(self, folder: str) -> None:
+        """Writes `data.npy` and `offsets.npy` into `folder` (an existing, empty folder)."""
+        np.save(os.path.join(folder, "data.npy"), self.data)
+        np.save(os.path.join(folder, "offsets.npy"), self.offsets)
+
+    @classmethod
+    def pack(cls, images: Sequence[bytes]) -> PackedImages:
+        """The images of `images`, in order, in one buffer."""
+        offsets = np.zeros(len(images) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(image) for image in images])
+        return cls(np.frombuffer(b"".join(images), dtype=np.uint8), offsets)
+
+    @classmethod
+    def load(cls, folder: str) -> PackedImages:
+        """Memory-maps a folder written by `save`."""
+        return cls(np.load(os.path.join(folder, "data.npy"), mmap_mode="r"),
+                   np.load(os.path.join(folder, "offsets.npy"), mmap_mode="r"))
 
 
 def tfds_data_dir(data_dir: str | None = None) -> str:

@@ -5,6 +5,9 @@ An *index bundle* on disk (written by `build_bundle`, read by `RetrievalEngine.l
     <bundle>/model.json     the ModelConfig that embedded the collection
     <bundle>/catalog.json   source of the collection + ids, labels, class names (index ids are positions in this list)
     <bundle>/index/         the vector index (`index.Index.save`), its manifest naming the model id
+    <bundle>/images/        for sources held in memory (tfds): the catalog's images packed in one memory-mapped file
+                            (`data.images.PackedImages`), so loading a bundle does not re-read the dataset; a cache,
+                            written on first load and rewritten when the catalog changes
 
 The index knows only vectors; labels and images are resolved through the catalog and the collection.
 
@@ -31,10 +34,10 @@ from typing import Sequence
 import numpy as np
 
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data.images import ImageCollection, decode_image, load_dataset, load_tfds
+from tf_retrieval.data.images import ImageCollection, PackedImages, decode_image, load_dataset, load_tfds
 from tf_retrieval.errors import InvalidInputError, MissingError, UnknownIdError
 from tf_retrieval.search.index import Index, build_index
-from tf_retrieval.storage import atomic_directory, write_json
+from tf_retrieval.storage import atomic_directory, value_digest, write_json
 from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
@@ -206,7 +209,7 @@ class RetrievalEngine:
         except FileNotFoundError:
             raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
-        collection = _catalog_collection(catalog, data_dir or catalog.get("data_dir"))
+        collection = _stored_collection(bundle_dir, catalog, data_dir or catalog.get("data_dir"))
         engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"))
         engine.bundle_dir, engine.data_dir = os.path.abspath(bundle_dir), data_dir
         return engine
@@ -330,6 +333,36 @@ def _catalog_collection(catalog: dict, data_dir: str | None) -> ImageCollection:
                            class_names=list(catalog["class_names"]),
                            splits=np.array([part.splits[p] for part, p in picks], dtype=str),
                            encoded=images if in_memory else None, paths=None if in_memory else images)
+
+
+IMAGE_STORE = "images"
+
+
+def _stored_collection(bundle_dir: str, catalog: dict, data_dir: str | None) -> ImageCollection:
+    """The catalog's collection from the bundle's image store when it matches the catalog, else from its sources
+    (`_catalog_collection`), then stored for the next load when its images are held in memory (tfds sources)."""
+    store = os.path.join(bundle_dir, IMAGE_STORE)
+    key = value_digest([catalog["source"], catalog["ids"], catalog.get("origins"), catalog.get("added_sources")])
+    try:
+        with open(os.path.join(store, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest["catalog_digest"] == key:
+            return ImageCollection(name=manifest["name"], ids=list(catalog["ids"]), labels=np.asarray(catalog["labels"]),
+                                   class_names=list(catalog["class_names"]), splits=np.asarray(manifest["splits"]),
+                                   encoded=PackedImages.load(store))
+    except (OSError, ValueError, KeyError, InvalidInputError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            logger.warning("bundle %s: image store unusable (%s); re-reading the images from their source", bundle_dir, exc)
+    collection = _catalog_collection(catalog, data_dir)
+    if collection.encoded is not None:
+        try:
+            with atomic_directory(store) as tmp:
+                PackedImages.pack(collection.encoded).save(tmp)
+                write_json(os.path.join(tmp, "manifest.json"), {"catalog_digest": key, "name": collection.name,
+                                                                 "splits": collection.splits.tolist()})
+        except OSError as exc:  # a read-only bundle still loads, from its source
+            logger.warning("bundle %s: could not write its image store (%s)", bundle_dir, exc)
+    return collection
 
 
 def _read_catalog(bundle_dir: str) -> dict:
@@ -502,7 +535,7 @@ def _write_bundle(bundle_dir: str, index: Index, catalog: dict, config: ModelCon
     with atomic_directory(bundle_dir) as tmp:
         if os.path.isdir(bundle_dir):
             for entry in os.listdir(bundle_dir):
-                if entry in ("index", "catalog.json", "model.json"):
+                if entry in ("index", "catalog.json", "model.json", IMAGE_STORE):
                     continue
                 source = os.path.join(bundle_dir, entry)
                 if os.path.isdir(source):
