@@ -27,7 +27,7 @@ WORKDIR /app
 COPY setup.py constraints.txt README.md ./
 RUN mkdir -p tf_retrieval serving web tuning && touch tf_retrieval/__init__.py serving/__init__.py web/__init__.py \
         tuning/__init__.py \
-    && pip install -c constraints.txt ".[scann,serving,web,plots,tuning]" \
+    && pip install -c constraints.txt ".[scann,serving,web,plots,tuning,litert]" \
     && pip uninstall -y tf_retrieval && rm -rf /app/*
 # Then exactly the wheel built above.
 COPY --from=wheel /dist /dist

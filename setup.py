@@ -22,6 +22,8 @@ EXTRAS = {
     "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
     "tuning": ["keras-tuner==1.4.8"],
     "plots": ["matplotlib>=3.9,<4"],
+    # LiteRT's own interpreter (the maintained successor of tf.lite.Interpreter) for the fast CPU runtime.
+    "litert": ["ai-edge-litert==2.3.0"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "playwright>=1.50,<2"]

@@ -1,7 +1,13 @@
-"""Embedding throughput: the full pipeline (encoded images -> tf.data decode/resize -> backbone) against raw `model.predict`
-on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
+"""Embedding throughput, two parts:
 
-Writes benchmarks/results/throughput.json and throughput.md.
+1. Feature caching: the full pipeline (encoded images -> tf.data decode/resize -> backbone) against raw `model.predict`
+   on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
+2. Runtimes of in-process embedding (`features.embedding.Embedder`, the page's and `tfr search`'s path): TensorFlow
+   (`tf.function`) and LiteRT fp32, pixels in and JPEG bytes in, at batch 1 and 32; and the machine's limit: a float32
+   matmul's GFLOP/s on all cores divided by the model's FLOPs per image. Goals (issue 15): LiteRT's JPEG pipeline
+   >= 2.5x TensorFlow's at batch 32, >= 5x at batch 1, and >= 50% of the limit.
+
+Writes benchmarks/results/throughput.json and throughput.md. Run it on an idle machine (the load average is recorded).
 
     python benchmarks/throughput.py --images 4096 --sizes 96 160
 """
@@ -31,10 +37,15 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
+    parser.add_argument("--runtime-images", type=int, default=512, help="images per timed runtime run (batch 32; "
+                                                                        "a quarter of them at batch 1)")
+    parser.add_argument("--workdir", default="artifacts", help="where converted LiteRT models are cached")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
 
     import tensorflow as tf
 
+    from tf_retrieval.config import ModelConfig
     from tf_retrieval.models.backbones import build_backbone
     from tf_retrieval.data.images import load_dataset, load_tfds
     from tf_retrieval.evaluation.evaluate import machine_description
@@ -67,22 +78,131 @@ def main(argv=None) -> int:
                      "pipeline_over_raw": round(raw / pipeline, 3)})
         print(runs[-1], flush=True)
         tf.keras.backend.clear_session()
+    runtimes, limits = [], []
+    for size in args.sizes:
+        config = ModelConfig(name="baseline", backbone=args.backbone, image_size=size, weights=weights)
+        rows, limit = runtime_rows(config, collection, args)
+        runtimes += rows
+        limits.append(limit)
     result = {"backbone": args.backbone, "weights": args.weights, "dataset": f"{args.dataset} (test split, encoded)",
-              "runs": runs, "machine": machine_description(), "tensorflow": tf.__version__,
+              "runs": runs, "runtimes": runtimes, "machine_limit": limits, "goals": runtime_goals(runtimes, limits),
+              "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+              "machine": machine_description(), "tensorflow": tf.__version__,
               "date": datetime.date.today().isoformat(),
               "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
               "notes": "raw = keras model.predict on pre-decoded, pre-resized float32 pixels in memory; pipeline = "
                        "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + resize in tf.data), "
-                       "best of --repeats runs each"}
+                       "best of --repeats runs each. runtimes: features.embedding.Embedder, one call per batch, "
+                       "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: PIL decode + numpy resize + model), "
+                       "best of --repeats runs; LiteRT fp32 with XNNPACK, one interpreter, threads = cores"}
     write_json(os.path.join(RESULTS, "throughput.json"), result, indent=1)
     lines = ["# Embedding throughput", "", f"{args.backbone} ({args.weights}), {result['dataset']}, {result['machine']}, "
              f"TF {tf.__version__}, {result['date']}", "", "| px | images | batch | raw predict img/s | pipeline img/s | "
              "pipeline / raw |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['image_size']} | {r['images']} | {r['batch']} | {r['raw_predict_img_s']} | {r['pipeline_img_s']} | "
               f"{r['pipeline_over_raw']:.2f} |" for r in runs]
-    lines += ["", result["notes"], "", f"    {result['command']}", ""]
+    lines += ["", result["notes"], "", "## In-process embedding by runtime", "",
+              "| px | runtime | batch | pixels in, img/s | JPEG bytes in, img/s | ms per batch (JPEG) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['image_size']} | {r['runtime']} | {r['batch']} | {r['model_img_s']} | {r['pipeline_img_s']} | "
+              f"{r['pipeline_ms_per_batch']} |" for r in runtimes]
+    lines += ["", "Machine limit: float32 matmul on all cores / the model's FLOPs per image:", ""]
+    lines += [f"- {m['image_size']} px: {m['matmul_gflop_s']} GFLOP/s / {m['model_gflop_per_image']} GFLOP = "
+              f"{m['limit_img_s']} img/s" for m in limits]
+    lines += ["", "Goals (LiteRT vs TensorFlow, JPEG bytes in; share of the limit at batch 32):", ""]
+    lines += [f"- {g['image_size']} px batch {g['batch']}: {g['litert_over_tf']}x TensorFlow (goal {g['goal_over_tf']}x, "
+              f"{'met' if g['met_over_tf'] else 'missed'})"
+              + (f"; {g['share_of_limit']:.0%} of the limit (goal 50%, {'met' if g['met_limit'] else 'missed'})"
+                 if 'share_of_limit' in g else "") for g in result["goals"]]
+    lines += ["", f"Load average {result['load_average']['before']} before, {result['load_average']['after']} after.",
+              "", f"    {result['command']}", ""]
     write_text(os.path.join(RESULTS, "throughput.md"), "\n".join(lines))
     return 0
+
+
+def model_flops(model) -> float:
+    """Multiply-adds x 2 of a keras model's convolutions and dense layers per image (nested models included)."""
+    import keras
+
+    flops = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            flops += model_flops(layer)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, height, width, channels = layer.output.shape
+            flops += 2.0 * height * width * channels * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            flops += 2.0 * height * width * filters * layer.kernel_size[0] * layer.kernel_size[1] * layer.input.shape[-1]
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2.0 * layer.input.shape[-1] * layer.units
+    return flops
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul GFLOP/s on all cores (numpy's BLAS), best of `repeats`."""
+    a, b = (np.random.default_rng(i).standard_normal((size, size)).astype(np.float32) for i in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+def runtime_rows(config, collection, args) -> tuple[list[dict], dict]:
+    """Rows per runtime at batch 1 and 32 (pixels in, JPEG bytes in), and the machine's limit for `config`."""
+    from tf_retrieval.data.images import decode_image, resize_and_crop_array
+    from tf_retrieval.features.embedding import Embedder
+
+    count = min(args.runtime_images, len(collection))
+    encoded = [collection.read_bytes(i) for i in range(count)]
+    pixels = np.stack([resize_and_crop_array(decode_image(data), config.image_size) for data in encoded])
+    rows = []
+    for runtime in ("tf", "litert"):
+        embedder = Embedder(config, runtime=runtime, workdir=args.workdir)
+        assert embedder.runtime == runtime, f"{runtime} did not load"
+        for batch in (1, 32):
+            n = count // 4 if batch == 1 else count
+            embedder.batch_size = batch
+            embedder.embed_bytes(encoded[:batch])  # warm-up (and the interpreter's resize to this batch)
+            timings = {}
+            for name, work in (("model", lambda: [embedder.embed_pixels(pixels[i:i + batch]) for i in range(0, n, batch)]),
+                               ("pipeline", lambda: [embedder.embed_bytes(encoded[i:i + batch]) for i in range(0, n, batch)])):
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    work()
+                    best = min(best, time.perf_counter() - start)
+                timings[name] = best
+            rows.append({"image_size": config.image_size, "runtime": embedder.runtime, "batch": batch, "images": n,
+                         "model_img_s": round(n / timings["model"], 1),
+                         "pipeline_img_s": round(n / timings["pipeline"], 1),
+                         "pipeline_ms_per_batch": round(1000 * timings["pipeline"] / (n / batch), 2)})
+            print(rows[-1], flush=True)
+    gflop = model_flops(Embedder(config, runtime="tf").model) / 1e9
+    matmul = matmul_gflops()
+    limit = {"image_size": config.image_size, "matmul_gflop_s": round(matmul, 1),
+             "model_gflop_per_image": round(gflop, 4), "limit_img_s": round(matmul / gflop, 1)}
+    print(limit, flush=True)
+    return rows, limit
+
+
+def runtime_goals(rows: list[dict], limits: list[dict]) -> list[dict]:
+    """LiteRT over TensorFlow (JPEG bytes in) per size and batch, and LiteRT's share of the limit at batch 32."""
+    goals = []
+    for limit in limits:
+        for batch, wanted in ((1, 5.0), (32, 2.5)):
+            pick = {r["runtime"]: r for r in rows if r["image_size"] == limit["image_size"] and r["batch"] == batch}
+            ratio = pick["litert"]["pipeline_img_s"] / pick["tf"]["pipeline_img_s"]
+            goal = {"image_size": limit["image_size"], "batch": batch, "litert_over_tf": round(ratio, 2),
+                    "goal_over_tf": wanted, "met_over_tf": ratio >= wanted}
+            if batch == 32:
+                share = pick["litert"]["pipeline_img_s"] / limit["limit_img_s"]
+                goal.update(share_of_limit=round(share, 3), met_limit=share >= 0.5)
+            goals.append(goal)
+    return goals
 
 
 if __name__ == "__main__":

@@ -9,6 +9,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def default_workdir(tmp_path_factory):
+    """Artefacts written to the default work directory (e.g. cached LiteRT models) go to a temp folder, not the checkout."""
+    previous = os.environ.get("TFR_WORKDIR")
+    os.environ["TFR_WORKDIR"] = str(tmp_path_factory.mktemp("workdir"))
+    yield os.environ["TFR_WORKDIR"]
+    if previous is None:
+        os.environ.pop("TFR_WORKDIR", None)
+    else:
+        os.environ["TFR_WORKDIR"] = previous
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -186,3 +186,15 @@ def test_packed_images_round_trip_and_bounds(tmp_path):
         packed[3]
     with pytest.raises(InvalidInputError, match="offsets do not fit"):
         PackedImages(packed.data[:-1], packed.offsets)
+
+
+@pytest.mark.parametrize("height, width, size", [(32, 32, 96), (32, 32, 160), (480, 640, 96), (333, 500, 160),
+                                                 (100, 37, 64), (96, 96, 96), (40, 48, 32), (7, 300, 32)])
+def test_the_numpy_resize_gives_tensorflows_pixels(height, width, size):
+    from tf_retrieval.data.images import resize_and_crop, resize_and_crop_array
+
+    image = np.random.default_rng(height + width).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    expected = resize_and_crop(image, size).numpy()
+    actual = resize_and_crop_array(image, size)
+    assert actual.shape == (size, size, 3) and actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, atol=0.01)  # float rounding only: pixels are 0..255

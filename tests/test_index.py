@@ -8,7 +8,7 @@ import pytest
 
 from tf_retrieval import storage
 from tf_retrieval.search import index as index_module
-from tf_retrieval.search.index import (FLOAT_METRICS, METRICS, ExactIndex, Index, IndexModelMismatchError, ScannIndex, build_index,
+from tf_retrieval.search.index import (FLOAT_METRICS, ExactIndex, Index, IndexModelMismatchError, ScannIndex, build_index,
                                 scann_params)
 
 # Query q = [1, 0, 0]; database (ids 10..13), worked out by hand:

@@ -128,6 +128,17 @@ def test_hashing_head_gives_binary_codes(rng, tmp_path):
     assert map_at_r(codes, labels, metric="hamming") > map_at_r(features, labels) + 0.2
     # validation during training ranked the same packed codes by Hamming distance
     assert result.best_map_at_r == max(result.history["val_map_at_r"]) > 0
+    # what an evaluation record says of this run and its codes
+    from tf_retrieval.evaluation.evaluate import code_details, make_record, run_details
+
+    details = run_details(str(tmp_path / "run"))
+    assert details["run"] == "run" and details["train_epochs"] == len(result.history["val_map_at_r"])
+    assert details["validation_map_at_r"] == round(result.best_map_at_r, 4) and details["config"]["model"]["hash_bits"] == 16
+    assert code_details(result.model_config, codes)["bytes_per_image"] == 2
+    record = make_record("cifar10-2", result.model_config, {"mAP": 0.5}, embedding_dim=16, seconds=1.0, command="tfr",
+                         model="finetuned", **details, **code_details(result.model_config, codes))
+    assert record["run"] == "run" and record["config"] == details["config"] and record["hash_bits"] == 16
+    assert code_details(TrainConfig().model, features) == {}
 
 
 def test_top_block_training_round_trips_through_the_full_model(image_dir, tmp_path):

@@ -27,27 +27,33 @@ import shlex
 import sys
 from typing import Sequence
 
-from tf_retrieval.config import ModelConfig, TrainConfig
-from tf_retrieval.errors import InvalidInputError, MissingDependencyError, MissingError, RetrievalError
+from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, ModelConfig, TrainConfig
+from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
 
 logger = logging.getLogger("tf_retrieval")
 
 
 # -- shared arguments ---------------------------------------------------------------------------------------------------
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    from tf_retrieval.models.backbones import BACKBONES, POOLINGS
-
     defaults = ModelConfig()
     group = parser.add_argument_group("model")
     group.add_argument("--model-config", help="a ModelConfig JSON file, e.g. a training run's model.json (the flags "
                                               "below override it)")
     group.add_argument("--model-name", help=f"model name (default {defaults.name})")
-    group.add_argument("--backbone", help=f"backbone: {', '.join(BACKBONES)} (default {defaults.backbone})")
+    group.add_argument("--backbone", help=f"backbone: {', '.join(BACKBONE_NAMES)} (default {defaults.backbone})")
     group.add_argument("--image-size", type=int, help=f"input size in px (default {defaults.image_size})")
     group.add_argument("--pooling", choices=POOLINGS, help=f"pooling (default {defaults.pooling})")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")
+
+
+def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    from tf_retrieval.features.litert import RUNTIMES
+
+    parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
+                        help="in-process embedding: litert (default; the model converted to LiteRT, fast on CPUs) or "
+                             "tf (TensorFlow)")
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -57,10 +63,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
-    from tf_retrieval.models.backbones import BACKBONES
-
-    if config.backbone not in BACKBONES:  # early, before anything loads
-        raise InvalidInputError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if config.backbone not in BACKBONE_NAMES:  # early, before anything loads
+        raise InvalidInputError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if config.image_size < 32:
         raise InvalidInputError(f"--image-size must be at least 32, got {config.image_size}")
     return config
@@ -207,7 +211,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     bundle = _bundle(args, args.index)
     config = ModelConfig.load(os.path.join(bundle, "model.json"))
     engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, args.server_model or config.name),
-                                  data_dir=args.data_dir)
+                                  data_dir=args.data_dir, runtime=args.runtime)
     failures = 0
     for path in files:
         with open(path, "rb") as f:
@@ -220,7 +224,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             continue
         print(f"{path}: top {len(results)} of {len(engine)} ({engine.config.name}, {engine.index.metric})")
         for rank, result in enumerate(results, 1):
-            print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<16s} {result.id}")
+            print(f"  {rank:3d}. {result.score + 0.0:7.4f}  {result.class_name:<16s} {result.id}")
     if failures == len(files):
         raise InvalidInputError("no query image could be read")
 
@@ -234,9 +238,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     config = _model_config(args)
     protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(protocol.summary())
+    run_dir = os.path.dirname(os.path.abspath(args.model_config)) if args.model_config else None
+    if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
+        run_dir = None  # a model config that is not a training run's
     record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
                             batch_size=args.batch_size, command=_command_line(),
-                            model=args.record_model)
+                            model=args.record_model, run_dir=run_dir)
     print(records_markdown([record]), end="")
     if args.records:
         RecordStore(args.records, RECORD_KEY).merge([record])
@@ -299,7 +306,7 @@ def cmd_web(args: argparse.Namespace) -> None:
         bundle = _bundle(args, name)
         config = ModelConfig.load(os.path.join(bundle, "model.json"))
         engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, config.name),
-                                      data_dir=args.data_dir)
+                                      data_dir=args.data_dir, runtime=args.runtime)
         if engine.name in engines:
             raise InvalidInputError(f"two bundles hold the model {engine.name!r}; each model may appear once")
         engines[engine.name] = engine
@@ -449,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--data-dir", help="tfds data directory of the indexed collection")
     search.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT")
     search.add_argument("--server-model", help="model name on the server (default: the bundle's model name)")
+    _add_runtime_arg(search)
 
     evaluate = command("evaluate", cmd_evaluate, "score an evaluation protocol")
     evaluate.add_argument("--protocol", required=True, choices=list(PROTOCOLS))
@@ -501,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT "
                                       "(default: in process)")
     web.add_argument("--data-dir", help="tfds data directory of the indexed collections")
+    _add_runtime_arg(web)
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8080)
     web.add_argument("--threads", type=int, default=8)

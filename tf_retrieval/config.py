@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from typing import Any, TypeVar
 
 from tf_retrieval.errors import InvalidInputError, MissingError
@@ -42,13 +43,30 @@ class JsonConfig:
         return cls.from_dict(values)
 
 
+#: The backbones `models.backbones` builds (their constructors live there: importing this module loads no Keras).
+BACKBONE_NAMES = ("efficientnet_lite0", "densenet121", "resnet50", "mobilenet_v2", "efficientnet_b0")
+#: Global poolings of the backbone's feature map.
+POOLINGS = ("avg", "gem", "max")
+
+
+def backbone_id(name: str, image_size: int, pooling: str, weights: str | None) -> str:
+    """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
+    if weights is None:
+        weights_tag = "random"
+    elif weights == "imagenet":
+        weights_tag = "imagenet"
+    else:  # a weights file: its base name, made safe for file and model names
+        weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(os.fspath(weights)))
+    return f"{name}-{image_size}px-{pooling}-{weights_tag}"
+
+
 @dataclasses.dataclass
 class ModelConfig(JsonConfig):
     """Everything an embedding model is: a backbone, optionally a trained head, and how its outputs are finished.
 
     Attributes:
       name: the model's name ("baseline", "finetuned", ...), also its TF Serving model name.
-      backbone: a name from `models.backbones.BACKBONES`.
+      backbone: a name from `BACKBONE_NAMES` (built by `models.backbones`).
       image_size: square input size in pixels.
       pooling: "avg", "gem" or "max".
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
@@ -81,8 +99,6 @@ class ModelConfig(JsonConfig):
 
     def model_id(self) -> str:
         """Identifies the embedding space: two models with the same id give comparable vectors."""
-        from tf_retrieval.models.backbones import backbone_id
-
         head = "identity" if self.head is None else os.path.basename(self.head)
         codes = f":hash{self.hash_bits}" if self.hash_bits else ""
         return (f"{self.name}:v{self.version}:{backbone_id(self.backbone, self.image_size, self.pooling, self.weights)}"

@@ -302,7 +302,8 @@ def _trial_records(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
             continue
         values = trial.hyperparameters.values
         start = int(values.get("tuner/initial_epoch", 0))  # Hyperband continues earlier trials' training
-        record: dict[str, Any] = {"trial_id": trial_id, **{k: values[k] for k in _SEARCHED},
+        config = tuner.hypermodel.trial_config(trial.hyperparameters)  # the values as trained (e.g. rounded margin)
+        record: dict[str, Any] = {"trial_id": trial_id, **{k: getattr(config, k) for k in _SEARCHED},
                                   "MAP@R": float(trial.score), "best_epoch": start + trial.best_step + 1}
         history_path = os.path.join(tuner.get_trial_dir(trial_id), HISTORY_FILE)
         if os.path.exists(history_path):

@@ -115,6 +115,37 @@ def resize_and_crop(image, size: int):
     return tf.ensure_shape(image, [size, size, 3])
 
 
+def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of TensorFlow's antialiased bilinear resize along one axis (a triangle kernel
+    widened by the downscaling factor, half-pixel centres: `tf.image.resize(..., antialias=True)`'s scale_and_translate)."""
+    inv_scale = in_size / out_size
+    kernel_scale = max(inv_scale, 1.0)
+    samples = (np.arange(out_size, dtype=np.float32) + 0.5) * np.float32(inv_scale)
+    sources = np.arange(in_size, dtype=np.float32) + 0.5
+    starts = np.clip(np.ceil(samples - kernel_scale - 0.5), 0, in_size - 1).astype(np.int64)
+    ends = np.clip(np.floor(samples + kernel_scale - 0.5), 0, in_size - 1).astype(np.int64) + 1
+    weights = np.maximum(0.0, 1.0 - np.abs((sources[None, :] - samples[:, None]) / np.float32(kernel_scale)))
+    columns = np.arange(in_size)[None, :]
+    weights = np.where((columns >= starts[:, None]) & (columns < ends[:, None]), weights, 0.0).astype(np.float32)
+    totals = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, totals, out=np.zeros_like(weights), where=np.abs(totals) >= 1000 * np.finfo(np.float32).tiny)
+
+
+def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
+    """`resize_and_crop` in numpy, for one decoded image in process (no TensorFlow op per image): the same pixels, up
+    to float rounding. Returns float32 [size, size, 3] in 0..255."""
+    image = np.asarray(image, dtype=np.float32)
+    height, width = image.shape[:2]
+    scale = np.float32(size) / np.float32(min(height, width))
+    new_height = max(size, int(np.round(np.float32(height) * scale)))
+    new_width = max(size, int(np.round(np.float32(width) * scale)))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    rows = _resize_weights(height, new_height)[top:top + size]  # only the rows and columns the crop keeps
+    columns = _resize_weights(width, new_width)[left:left + size]
+    resized = np.tensordot(columns, np.tensordot(rows, image, axes=1), axes=(1, 1)).transpose(1, 0, 2)
+    return np.clip(resized, 0.0, 255.0).astype(np.float32)
+
+
 def make_thumbnail(image: np.ndarray, size: int, quality: int = 88) -> bytes:
     """JPEG bytes of a decoded RGB image scaled (aspect ratio kept) so that its longer side is `size` pixels."""
     from PIL import Image

@@ -7,7 +7,6 @@ computed from cached features, so re-running `tfr compare` regenerates the repor
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_protocol, make_record, records_markdown
+from tf_retrieval.evaluation.evaluate import (RECORD_KEY, code_details, evaluate_protocol, make_record, records_markdown,
+                                              run_details)
 from tf_retrieval.features.embedding import embed_collection
 from tf_retrieval.data.protocols import Protocol, load_protocol
 from tf_retrieval.storage import RecordStore, write_text
@@ -48,8 +48,8 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir),
                label: embed_collection(protocol.collection, model_config, workdir=workdir)}
     metrics_of = {"baseline": base.metric, label: model_config.metric}
-    result = json.load(open(os.path.join(run_dir, "result.json")))
-    extra = {"run": os.path.basename(os.path.normpath(run_dir)), "dataset": protocol.collection.name}
+    details = run_details(run_dir)
+    extra = {"run": details["run"], "dataset": protocol.collection.name}
     records, curves, spaces = [], {}, {}
     for model, rank_metric in metrics_of.items():
         can_expand = expand and protocol.queries is not None and rank_metric != "hamming"
@@ -69,12 +69,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
             if variant:
                 record.update(variant=variant, expand=k, alpha=alpha)
             if model == label:
-                record.update(train_from=model_config.train_from, train_seconds=result["seconds"],
-                              train_epochs=result["epochs"], validation_map_at_r=round(result["best_map_at_r"], 4),
-                              config=train_config.to_dict())
-                if model_config.hash_bits:
-                    record.update(hash_bits=model_config.hash_bits, bytes_per_image=int(vectors[model].shape[1]),
-                                  index="exact Hamming index over packed codes (search.index.ExactIndex, metric hamming)")
+                record.update(details, **code_details(model_config, vectors[model]))
             records.append(record)
             curves[(model, variant)] = curve
             logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model, f" ({variant})" if variant else "",

@@ -8,6 +8,7 @@ the metrics measure the embedding, not an ANN index. Records follow the schema o
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import platform
@@ -127,14 +128,35 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
     return metrics, curve, int(dim)
 
 
-def make_record(protocol: str, config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float, command: str,
-                model: str = "baseline", **extra) -> dict:
-    """One record of `benchmarks/results/retrieval.json`."""
+def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float,
+                command: str, model: str = "baseline", **extra) -> dict:
+    """One record of `benchmarks/results/retrieval.json` (`extra`: e.g. `run_details`, `code_details`)."""
+    config = model_config
     return {"protocol": protocol, "model": model, "backbone": config.backbone, "image_size": int(config.image_size),
             "pooling": config.pooling, "embedding_dim": int(embedding_dim), "weights": str(config.weights or "none"),
             "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
             "seconds": round(float(seconds), 1), "command": command,
             "date": datetime.date.today().isoformat(), "machine": machine_description(), **extra}
+
+
+def run_details(run_dir: str) -> dict:
+    """What a record says of the training run a model comes from: its name, recipe and training figures."""
+    from tf_retrieval.config import load_run
+
+    train_config, model_config = load_run(run_dir)
+    with open(os.path.join(run_dir, "result.json")) as f:
+        result = json.load(f)
+    return {"run": os.path.basename(os.path.normpath(run_dir)), "train_from": model_config.train_from,
+            "train_seconds": result["seconds"], "train_epochs": result["epochs"],
+            "validation_map_at_r": round(result["best_map_at_r"], 4), "config": train_config.to_dict()}
+
+
+def code_details(config: ModelConfig, vectors: np.ndarray) -> dict:
+    """What a record says of a hashing model's codes (nothing for a float model)."""
+    if not config.hash_bits:
+        return {}
+    return {"hash_bits": config.hash_bits, "bytes_per_image": int(vectors.shape[1]),
+            "index": "exact Hamming index over packed codes (search.index.ExactIndex, metric hamming)"}
 
 
 def machine_description() -> str:
@@ -161,12 +183,13 @@ def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "
 
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
                    metric: str | None = None, batch_size: int = 64, command: str = "", model: str | None = None,
-                   progress: bool = True) -> dict:
+                   run_dir: str | None = None, progress: bool = True) -> dict:
     """Embeds the protocol's collection with `config` (`features.embedding.embed_collection`: the vectors `tfr index`
     builds bundles of) and scores `protocol`; returns a retrieval.json record.
 
     Args:
       metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
+      run_dir: the training run `config` comes from: the record gives its recipe and training figures (`run_details`).
     """
     from tf_retrieval.features.embedding import embed_collection
 
@@ -175,11 +198,8 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
     vectors = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
     metrics, curve, dim = evaluate_protocol(protocol, vectors, metric=metric, pca_dim=pca_dim, progress=progress)
     logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
-    extra = {}
-    if config.hash_bits:
-        extra = {"hash_bits": config.hash_bits, "bytes_per_image": int(vectors.shape[1]),
-                 "index": "exact Hamming index over packed codes (search.index.ExactIndex, metric hamming)"}
+    extra = {"train_from": config.train_from, **(run_details(run_dir) if run_dir else {}), **code_details(config, vectors)}
     return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
                        command=command, model=model or ("baseline" if not config.head else "finetuned"),
                        dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,
-                       queries=int(metrics.get("queries", 0)), train_from=config.train_from, **extra)
+                       queries=int(metrics.get("queries", 0)), **extra)

@@ -7,16 +7,17 @@ import time
 
 import numpy as np
 
-from tf_retrieval.data.images import resize_and_crop
+from tf_retrieval.data.images import resize_and_crop_array
 
 
 class EmbeddingBatcher:
     """Embeds images handed over by many threads in shared model calls.
 
-    Request threads resize their decoded image (the same `data.images.resize_and_crop` as indexing, compiled once with
-    tf.function) and queue it; a worker thread takes everything queued (up to `max_batch`, waiting at most
-    `max_wait_ms` for more) and embeds it in one model call. Under load the model then runs on batches instead of one
-    image at a time, which costs far less per image; a lone request waits for nothing.
+    Request threads resize their decoded image (`data.images.resize_and_crop_array`: the pixels of indexing's
+    `resize_and_crop`, in numpy, no TensorFlow op per request) and queue it; a worker thread takes everything queued
+    (up to `max_batch`, waiting at most `max_wait_ms` for more) and embeds it in one model call. Under load the model
+    then runs on batches instead of one image at a time, which costs far less per image; a lone request waits for
+    nothing.
 
     Args:
       embedder: an in-process embedder with `image_size` and `embed_pixels` (`features.embedding.Embedder`).
@@ -26,17 +27,13 @@ class EmbeddingBatcher:
     """
 
     def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 0.0, workers: int = 1):
-        import tensorflow as tf
-
         if max_batch < 1 or max_wait_ms < 0 or workers < 1:
             raise ValueError(f"max_batch and workers must be >= 1 and max_wait_ms >= 0, got {max_batch}, {workers} and "
                              f"{max_wait_ms}")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        size = int(embedder.image_size)
-        self._resize = tf.function(lambda image: resize_and_crop(image, size),
-                                   input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+        self.image_size = int(embedder.image_size)
         self._queue: queue.Queue = queue.Queue()
         self.batches = 0  # model calls made, and images embedded (for stats)
         self.images = 0
@@ -52,7 +49,7 @@ class EmbeddingBatcher:
 
     def embed(self, image: np.ndarray) -> np.ndarray:
         """One decoded RGB uint8 image [h, w, 3] -> its embedding [d] (blocks until its batch is done)."""
-        job = {"pixels": self._resize(image).numpy(), "done": threading.Event()}
+        job = {"pixels": resize_and_crop_array(image, self.image_size), "done": threading.Event()}
         self._queue.put(job)
         job["done"].wait()
         if "error" in job:

@@ -22,7 +22,7 @@ import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data.images import decode_image, resize_and_crop
+from tf_retrieval.data.images import decode_image, resize_and_crop_array
 from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
@@ -63,15 +63,65 @@ class Embedder:
       config: the model.
       model: its keras model (default: `build_model(config)`).
       batch_size: images per model call.
+      runtime: "litert" (default: the model converted to LiteRT, `features.litert`, several times faster on a CPU) or
+        "tf" (the keras model in a `tf.function`). A model LiteRT cannot convert runs on TensorFlow, with a warning.
+      workdir: where converted LiteRT models are cached (`<workdir>/litert`; default `features.cache.default_workdir`).
     """
 
-    def __init__(self, config: ModelConfig, model=None, batch_size: int = 64):
-        import tensorflow as tf
+    def __init__(self, config: ModelConfig, model=None, batch_size: int = 64, runtime: str = "litert",
+                 workdir: str | None = None):
+        from tf_retrieval.features.litert import RUNTIMES
 
+        if runtime not in RUNTIMES:
+            raise InvalidInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.config = config
-        self.model = model if model is not None else build_model(config)
+        self._model = model
         self.batch_size = batch_size
-        self._forward = tf.function(lambda images: self.model(images, training=False), reduce_retracing=True)
+        self.runtime = runtime
+        # a given keras model may differ from the config's (it is converted, not cached); random weights are seeded
+        self._forward = self._litert_forward(model is None, workdir) if runtime == "litert" else None
+        if self._forward is None:
+            import tensorflow as tf
+
+            self.runtime = "tf"
+            keras_model = self.model  # built here, eagerly: weights loaded inside a tf.function trace are lost
+            tf_forward = tf.function(lambda images: keras_model(images, training=False), reduce_retracing=True)
+            self._forward = lambda images: tf_forward(images).numpy()
+
+    @property
+    def model(self):
+        """The keras model (built on first use: a cached LiteRT model runs without it, and without TensorFlow)."""
+        if self._model is None:
+            self._model = build_model(self.config)
+        return self._model
+
+    def _litert_forward(self, cacheable: bool, workdir: str | None):
+        """The model as a `LiteRTModel`, converted (and cached, for a model built from the config) on first use."""
+        from tf_retrieval.features.cache import default_workdir
+        from tf_retrieval.features.litert import LiteRTModel, cached_flatbuffer, convert
+
+        try:
+            if cacheable:
+                flatbuffer = cached_flatbuffer(self._cache_key(), lambda: self.model,
+                                               os.path.join(workdir or default_workdir(), "litert"))
+            else:
+                flatbuffer = convert(self.model)
+            return LiteRTModel(flatbuffer)
+        except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
+            logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", self.config.model_id(),
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+
+    def _cache_key(self) -> str:
+        """The model id and a digest of the files it loads (a head or weights file rewritten in place is a new model)
+        and of the Keras version (which draws a model's seeded random weights)."""
+        from importlib.metadata import version
+
+        from tf_retrieval.storage import file_digest, value_digest
+
+        files = [path for path in (self.config.head, self.config.weights) if path and os.path.isfile(path)]
+        digest = value_digest([version("keras"), *(file_digest(path) for path in files)])
+        return f"{self.config.model_id()}-{digest[:12]}"
 
     @property
     def image_size(self) -> int:
@@ -83,14 +133,14 @@ class Embedder:
         size = self.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
             raise InvalidInputError(f"expected pixels of shape [n, {size}, {size}, 3], got {list(pixels.shape)}")
-        outputs = [self._forward(pixels[i:i + self.batch_size]).numpy() for i in range(0, len(pixels), self.batch_size)]
+        outputs = [self._forward(pixels[i:i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
         return finish(np.concatenate(outputs), self.config.hash_bits)
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded RGB uint8 images of any size -> finished vectors [n, ...]."""
         if len(images) == 0:
             raise InvalidInputError("embed_images: no images given")
-        pixels = np.stack([resize_and_crop(image, self.image_size).numpy() for image in images])
+        pixels = np.stack([resize_and_crop_array(image, self.image_size) for image in images])
         return self.embed_pixels(pixels)
 
     def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import re
 from typing import Callable
 
 import keras
 from keras import ops
 
+from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, backbone_id
 from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("avg", "gem", "max")
 
 # Per-mode constants of keras.applications' `preprocess_input` (imagenet_utils): caffe = BGR minus mean; torch = [0,1] then
 # mean/std; tf = [-1, 1]; none = the model rescales itself (keras EfficientNet).
@@ -97,17 +95,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v2": BackboneSpec(_applications("MobileNetV2"), "tf"),
     "efficientnet_b0": BackboneSpec(_applications("EfficientNetB0"), "none"),
 }
-
-
-def backbone_id(name: str, image_size: int, pooling: str, weights: str | None) -> str:
-    """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
-    if weights is None:
-        weights_tag = "random"
-    elif weights == "imagenet":
-        weights_tag = "imagenet"
-    else:  # a weights file: its base name, made safe for file and model names
-        weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(os.fspath(weights)))
-    return f"{name}-{image_size}px-{pooling}-{weights_tag}"
+assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the backbones built here"
 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",

@@ -68,16 +68,18 @@ class RetrievalEngine:
         None builds the in-process embedder on first use.
       index_ids: the index id of each collection image (a bundle changed by `add_images` / `delete_images`); None when
         index ids are positions in the collection. Results and `vectors` always speak of positions.
+      runtime: of the in-process embedder (`features.embedding.Embedder`): "litert" or "tf".
     """
 
     def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None,
-                 index_ids: Sequence[int] | np.ndarray | None = None):
+                 index_ids: Sequence[int] | np.ndarray | None = None, runtime: str = "litert"):
         if len(index) > len(collection):
             raise InvalidInputError(f"index holds {len(index)} vectors but the collection only {len(collection)} images")
         self.config = config
         self.collection = collection
         self.index = index
         self._embedder = embedder
+        self.runtime = runtime
         self.bundle_dir: str | None = None  # set by `load`, with its data_dir: where to reload the bundle from
         self.data_dir: str | None = None
         self._index_ids: np.ndarray | None = None
@@ -94,7 +96,7 @@ class RetrievalEngine:
         if self._embedder is None:
             from tf_retrieval.features.embedding import Embedder
 
-            self._embedder = Embedder(self.config)
+            self._embedder = Embedder(self.config, runtime=self.runtime)
         return self._embedder
 
     @property
@@ -199,7 +201,7 @@ class RetrievalEngine:
         return self.search(self.embed(encoded), k, **filters)
 
     @classmethod
-    def load(cls, bundle_dir: str, embedder=None, data_dir: str | None = None) -> RetrievalEngine:
+    def load(cls, bundle_dir: str, embedder=None, data_dir: str | None = None, runtime: str = "litert") -> RetrievalEngine:
         """Loads a bundle written by `build_bundle`; the collection is re-read from its source and checked against the catalog."""
         config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
         catalog_path = os.path.join(bundle_dir, "catalog.json")
@@ -210,7 +212,7 @@ class RetrievalEngine:
             raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
         collection = _stored_collection(bundle_dir, catalog, data_dir or catalog.get("data_dir"))
-        engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"))
+        engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"), runtime=runtime)
         engine.bundle_dir, engine.data_dir = os.path.abspath(bundle_dir), data_dir
         return engine
 

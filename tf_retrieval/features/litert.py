@@ -1,0 +1,113 @@
+"""The fast CPU runtime: the embedding model converted to a LiteRT (TFLite) flatbuffer, run by LiteRT's interpreter.
+
+On a CPU, LiteRT with its default XNNPACK kernels runs EfficientNet-Lite0 several times faster than TensorFlow
+(`benchmarks/throughput.py`). The flatbuffer is the keras model of `features.embedding.build_model` (pixels in,
+unit-length embeddings or +-1 codes out), converted with `TFLiteConverter.from_keras_model` (a concrete function of
+the model converts too, but gives NaNs: its variables are resource variables) and cached on disk per model id.
+
+The interpreter comes from `ai-edge-litert`, LiteRT's own package, when it is installed (the `litert` extra), else from
+TensorFlow (`tf.lite.Interpreter`, deprecated in favour of LiteRT but the same kernels).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+
+import numpy as np
+
+from tf_retrieval.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+#: The in-process runtimes: LiteRT (fast on CPUs) and TensorFlow (`tf.function`).
+RUNTIMES = ("litert", "tf")
+
+
+def convert(model) -> bytes:
+    """The LiteRT flatbuffer of a keras model (float32 weights and arithmetic: outputs equal the keras model's)."""
+    import contextlib
+    import io
+
+    import tensorflow as tf
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the converter prints the SavedModel it exports on the way
+        flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    logger.debug("LiteRT conversion of %s: %s", model.name, printed.getvalue())
+    return flatbuffer
+
+
+def cached_flatbuffer(model_id: str, build_model, cache_dir: str) -> bytes:
+    """The flatbuffer of the model `model_id` from `<cache_dir>/<model_id>.tflite`, converted from `build_model()`
+    and written there on first use."""
+    from tf_retrieval.storage import atomic_write
+
+    path = os.path.join(cache_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id) + ".tflite")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        pass
+    flatbuffer = convert(build_model())
+    try:
+        with atomic_write(path, "wb", encoding=None) as f:
+            f.write(flatbuffer)
+        logger.info("LiteRT model %s: %.1f MB at %s", model_id, len(flatbuffer) / 1e6, path)
+    except OSError as exc:  # a read-only work directory: convert again next time
+        logger.warning("could not cache the LiteRT model at %s: %s", path, exc)
+    return flatbuffer
+
+
+def interpreter_class():
+    """LiteRT's `Interpreter` (package `ai-edge-litert`), else TensorFlow's `tf.lite.Interpreter`."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    return Interpreter
+
+
+class LiteRTModel:
+    """Calls a one-input, one-output flatbuffer like a model: `model(pixels) -> outputs`.
+
+    An interpreter must only be used by one thread at a time, so each calling thread gets its own (created on its
+    first call); its input is resized to the batch it is given, without converting again.
+
+    Args:
+      flatbuffer: the model (`convert`).
+      num_threads: kernel threads per interpreter; default: the machine's cores.
+    """
+
+    def __init__(self, flatbuffer: bytes, num_threads: int | None = None):
+        self.flatbuffer = flatbuffer
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self._local = threading.local()
+        first = self._interpreter()  # fail here, not on the first request, when the flatbuffer is unusable
+        self.input_shape = tuple(int(d) for d in first.get_input_details()[0]["shape_signature"])
+
+    def _interpreter(self):
+        interpreter = getattr(self._local, "interpreter", None)
+        if interpreter is None:
+            interpreter = interpreter_class()(model_content=self.flatbuffer, num_threads=self.num_threads)
+            interpreter.allocate_tensors()
+            self._local.interpreter, self._local.batch = interpreter, None
+        return interpreter
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        interpreter = self._interpreter()
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
+        if tuple(pixels.shape[1:]) != tuple(self.input_shape[1:]):
+            raise InvalidInputError(f"expected pixels of shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
+                                    f"got {list(pixels.shape)}")
+        if self._local.batch != len(pixels):
+            interpreter.resize_tensor_input(source["index"], list(pixels.shape), strict=False)
+            interpreter.allocate_tensors()
+            self._local.batch = len(pixels)
+        interpreter.set_tensor(source["index"], pixels)
+        interpreter.invoke()
+        return interpreter.get_tensor(target["index"]).copy()
