@@ -458,6 +458,7 @@ def test_hamming_ranks_packed_codes_by_distance_then_id():
     scores, found = index.search(np.array([[0b11110000]], np.uint8), 5)
     assert found[0].tolist() == [5, 30, 10, 40, 20]  # distance 0 (ids 5 < 30), 1 (10 < 40), 8
     assert scores[0].tolist() == [0.0, 0.0, -1.0, -1.0, -8.0]  # minus the Hamming distance
+    assert not np.signbit(scores[0][:2]).any()  # a distance of 0 scores 0.0, not -0.0 (printed "-0.0000" before)
     top2 = index.search(np.array([[0b11110000]], np.uint8), 2)
     assert top2[1][0].tolist() == [5, 30]  # partial selection keeps the tie order
 

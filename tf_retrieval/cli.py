@@ -224,7 +224,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             continue
         print(f"{path}: top {len(results)} of {len(engine)} ({engine.config.name}, {engine.index.metric})")
         for rank, result in enumerate(results, 1):
-            print(f"  {rank:3d}. {result.score + 0.0:7.4f}  {result.class_name:<16s} {result.id}")
+            print(f"  {rank:3d}. {result.score:7.4f}  {result.class_name:<16s} {result.id}")
     if failures == len(files):
         raise InvalidInputError("no query image could be read")
 

@@ -405,7 +405,7 @@ class ExactIndex(Index):
             keys = distances.astype(np.int64) * n + id_rank  # by distance, then by id
             top = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), keys.shape)
             top = np.take_along_axis(top, np.argsort(np.take_along_axis(keys, top, axis=1), axis=1), axis=1)
-            all_scores.append(-np.take_along_axis(distances, top, axis=1).astype(np.float32))
+            all_scores.append((-np.take_along_axis(distances, top, axis=1)).astype(np.float32))  # negated as ints: no -0.0
             all_ids.append(self._ids[top])
         return np.concatenate(all_scores), np.concatenate(all_ids)
 
