@@ -43,9 +43,14 @@ def next_version(model_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
+#: The LiteRT flatbuffer of the same model, beside the SavedModel (TF Serving ignores `assets.extra`).
+LITERT_FILE = os.path.join("assets.extra", "model.tflite")
+
+
 def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: int, version: int | None = None,
-                 config: dict | None = None) -> str:
-    """Writes `model` as a SavedModel to `<base_dir>/<name>/<version>/` and returns that path.
+                 config: dict | None = None, litert: bool = True) -> str:
+    """Writes `model` as a SavedModel to `<base_dir>/<name>/<version>/` and returns that path; with `litert`, also its
+    LiteRT flatbuffer (`features.litert.convert`: pixels in, the same outputs) to `<version>/assets.extra/model.tflite`.
 
     Args:
       model: pixels [n, s, s, 3] -> embeddings [n, d] (`features.embedding.build_model`).
@@ -85,8 +90,17 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
     module.model = model
     with atomic_directory(target) as tmp:  # TF Serving never sees a half-written version
         tf.saved_model.save(module, tmp, signatures={"serving_default": embed_bytes, "embed_pixels": embed_pixels})
+        extra = {}
+        if litert:
+            from tf_retrieval.features.litert import convert
+
+            os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+            with open(os.path.join(tmp, LITERT_FILE), "wb") as f:
+                f.write(convert(model))
+            extra = {"litert": LITERT_FILE.replace(os.sep, "/")}
         write_json(os.path.join(tmp, "assets.extra", "config.json"),
-                   {**(config or {}), "name": name, "version": version, "embedding_dim": dim, "image_size": image_size,
+                   {**(config or {}), **extra, "name": name, "version": version, "embedding_dim": dim,
+                    "image_size": image_size,
                     "signatures": {"serving_default": "images: string [n] -> embedding: float32 [n, d]",
                                    "embed_pixels": f"images: float32 [n, {image_size}, {image_size}, 3] -> "
                                                    "embedding: float32 [n, d]"}}, indent=2)

@@ -24,7 +24,7 @@ def export_tiny(base_dir: str, name: str = "tiny", seed: int = 0):
     from tf_retrieval.serving.export import export_model
 
     model = tiny_model(seed)
-    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE)
+    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE, litert=False)  # the servers read the SavedModel
     return model
 
 

@@ -57,6 +57,20 @@ def test_both_signatures_match_the_in_process_model(exported, rng):
     assert np.abs(served - reference).max() <= 1e-5
 
 
+def test_the_litert_file_beside_the_saved_model_gives_the_same_embeddings(exported, rng):
+    from tf_retrieval.features.litert import LiteRTModel
+    from tf_retrieval.serving.export import LITERT_FILE
+
+    model, _, path = exported
+    assert json.load(open(os.path.join(path, "assets.extra", "config.json")))["litert"] == "assets.extra/model.tflite"
+    with open(os.path.join(path, LITERT_FILE), "rb") as f:
+        interpreter = LiteRTModel(f.read())
+    pixels = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    expected = model.predict(pixels, verbose=0)
+    got = interpreter(pixels)
+    assert got.shape == expected.shape and np.sum(got * expected, axis=1).min() >= 0.9999
+
+
 def test_bad_bytes_fail_clearly(exported):
     _, _, path = exported
     loaded = tf.saved_model.load(path)

@@ -267,7 +267,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Exports the embedding model as a SavedModel for TF Serving: <base-dir>/<name>/<version>/."""
+    """Exports the embedding model as a SavedModel for TF Serving: <base-dir>/<name>/<version>/ (with its LiteRT
+    flatbuffer in assets.extra/model.tflite)."""
     from tf_retrieval.serving.export import export_config
 
     config = _model_config(args)
