@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -115,6 +116,7 @@ def resize_and_crop(image, size: int):
     return tf.ensure_shape(image, [size, size, 3])
 
 
+@functools.lru_cache(maxsize=128)
 def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     """[out_size, in_size] weights of TensorFlow's antialiased bilinear resize along one axis (a triangle kernel
     widened by the downscaling factor, half-pixel centres: `tf.image.resize(..., antialias=True)`'s scale_and_translate)."""
@@ -128,7 +130,9 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     columns = np.arange(in_size)[None, :]
     weights = np.where((columns >= starts[:, None]) & (columns < ends[:, None]), weights, 0.0).astype(np.float32)
     totals = weights.sum(axis=1, keepdims=True)
-    return np.divide(weights, totals, out=np.zeros_like(weights), where=np.abs(totals) >= 1000 * np.finfo(np.float32).tiny)
+    weights = np.divide(weights, totals, out=np.zeros_like(weights), where=np.abs(totals) >= 1000 * np.finfo(np.float32).tiny)
+    weights.flags.writeable = False  # cached and shared between calls
+    return weights
 
 
 def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
