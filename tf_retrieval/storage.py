@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import IO, Any, Iterator, Sequence
@@ -33,6 +34,11 @@ def file_digest(path: str | os.PathLike, *, fsync: bool = False) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """`text` as a file name: runs of characters other than letters, digits, '_', '.' and '-' become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def value_digest(value: Any) -> str:

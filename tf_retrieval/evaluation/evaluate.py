@@ -131,9 +131,9 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
 def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float,
                 command: str, model: str = "baseline", **extra) -> dict:
     """One record of `benchmarks/results/retrieval.json` (`extra`: e.g. `run_details`, `code_details`)."""
-    config = model_config
-    return {"protocol": protocol, "model": model, "backbone": config.backbone, "image_size": int(config.image_size),
-            "pooling": config.pooling, "embedding_dim": int(embedding_dim), "weights": str(config.weights or "none"),
+    return {"protocol": protocol, "model": model, "backbone": model_config.backbone,
+            "image_size": int(model_config.image_size), "pooling": model_config.pooling,
+            "embedding_dim": int(embedding_dim), "weights": str(model_config.weights or "none"),
             "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
             "seconds": round(float(seconds), 1), "command": command,
             "date": datetime.date.today().isoformat(), "machine": machine_description(), **extra}

@@ -11,14 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 
 import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.data.images import ImageCollection
-from tf_retrieval.storage import atomic_write, file_digest, write_json
+from tf_retrieval.storage import atomic_write, file_digest, safe_name, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +37,8 @@ def collection_fingerprint(collection: ImageCollection) -> str:
 
 def cache_path(cache_dir: str, collection: ImageCollection, model_key: str) -> str:
     """The `.npy` file holding the features of `collection` under `model_key` (the `.json` beside it describes it)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(collection.name.rstrip("/")) or "collection")
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_key)
+    name = safe_name(os.path.basename(collection.name.rstrip("/")) or "collection")
+    model = safe_name(model_key)
     return os.path.join(cache_dir, f"{name}-{collection_fingerprint(collection)}-{model}.npy")
 
 

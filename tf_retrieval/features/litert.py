@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 
 import numpy as np
@@ -42,9 +41,9 @@ def convert(model) -> bytes:
 def cached_flatbuffer(model_id: str, build_model, cache_dir: str) -> bytes:
     """The flatbuffer of the model `model_id` from `<cache_dir>/<model_id>.tflite`, converted from `build_model()`
     and written there on first use."""
-    from tf_retrieval.storage import atomic_write
+    from tf_retrieval.storage import atomic_write, safe_name
 
-    path = os.path.join(cache_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id) + ".tflite")
+    path = os.path.join(cache_dir, safe_name(model_id) + ".tflite")
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -87,7 +86,9 @@ class LiteRTModel:
         self.num_threads = num_threads or os.cpu_count() or 1
         self._local = threading.local()
         first = self._interpreter()  # fail here, not on the first request, when the flatbuffer is unusable
-        self.input_shape = tuple(int(d) for d in first.get_input_details()[0]["shape_signature"])
+        (source,), (target,) = first.get_input_details(), first.get_output_details()
+        self.input_shape = tuple(int(d) for d in source["shape_signature"])
+        self._input_index, self._output_index = source["index"], target["index"]  # the same in every interpreter
 
     def _interpreter(self):
         interpreter = getattr(self._local, "interpreter", None)
@@ -100,14 +101,13 @@ class LiteRTModel:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         interpreter = self._interpreter()
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
         if tuple(pixels.shape[1:]) != tuple(self.input_shape[1:]):
             raise InvalidInputError(f"expected pixels of shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
                                     f"got {list(pixels.shape)}")
         if self._local.batch != len(pixels):
-            interpreter.resize_tensor_input(source["index"], list(pixels.shape), strict=False)
+            interpreter.resize_tensor_input(self._input_index, list(pixels.shape), strict=False)
             interpreter.allocate_tensors()
             self._local.batch = len(pixels)
-        interpreter.set_tensor(source["index"], pixels)
+        interpreter.set_tensor(self._input_index, pixels)
         interpreter.invoke()
-        return interpreter.get_tensor(target["index"]).copy()
+        return interpreter.get_tensor(self._output_index).copy()
