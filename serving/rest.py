@@ -108,7 +108,7 @@ class RestApi:
         spec.signature_name = signature_name
         servable = self.core.resolve(spec)
         spec.version.value = servable.version  # the version whose signature typed the JSON answers it
-        _, signature_def, _ = servable.signature(signature_name)
+        _, signature_def, _, _ = servable.signature(signature_name)
         dtypes = {name: tf.dtypes.as_dtype(info.dtype) for name, info in signature_def.inputs.items()}
         if ("instances" in document) == ("inputs" in document):
             raise _invalid("Missing 'inputs' or 'instances' key" if "inputs" not in document else

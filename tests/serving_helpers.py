@@ -19,12 +19,13 @@ def tiny_model(seed: int = 0):
     return build_embedding_model(backbone)
 
 
-def export_tiny(base_dir: str, name: str = "tiny", seed: int = 0):
-    """Exports a `tiny_model(seed)` as the next version of `name`; returns the keras model."""
+def export_tiny(base_dir: str, name: str = "tiny", seed: int = 0, litert: bool = False):
+    """Exports a `tiny_model(seed)` as the next version of `name` (with its LiteRT flatbuffer when `litert`: without
+    it, servers run the SavedModel whatever their runtime); returns the keras model."""
     from tf_retrieval.serving.export import export_model
 
     model = tiny_model(seed)
-    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE, litert=False)  # the servers read the SavedModel
+    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE, litert=litert)
     return model
 
 

@@ -89,6 +89,28 @@ def test_every_consumer_gets_the_same_vectors(folder, hash_model, tmp_path):
     assert head_function(hash_model)(features).shape == (4, 8)
 
 
+def test_feature_caches_are_computed_in_either_runtime_and_kept_apart(folder, tmp_path, monkeypatch):
+    from tf_retrieval.features import embedding, litert
+
+    collection = image_folder(folder, progress=False)
+    config = ModelConfig(name="lite", backbone="efficientnet_lite0", image_size=32, weights="imagenet")
+    work = str(tmp_path)
+    fast = embedding.backbone_features(collection, config, workdir=work, progress=False)  # LiteRT by default
+    slow = embedding.backbone_features(collection, config, workdir=work, progress=False, runtime="tf")
+    assert fast.shape == slow.shape == (len(collection), 1280)
+    np.testing.assert_allclose(fast, slow, atol=1e-4 * np.abs(slow).max())
+    caches = sorted(name for name in os.listdir(os.path.join(work, "features")) if name.endswith(".npy"))
+    assert len(caches) == 2 and caches[0].endswith("imagenet-litert.npy") != caches[1].endswith("imagenet-litert.npy")
+    assert len(os.listdir(os.path.join(work, "litert"))) == 1  # the converted backbone, cached
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cached features should have been read")
+
+    monkeypatch.setattr(litert, "LiteRTModel", lambda flatbuffer: no_model)
+    again = embedding.backbone_features(collection, config, workdir=work, progress=False)
+    np.testing.assert_array_equal(again, fast)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "pearson", "hamming"])
 def test_engine_ranks_the_query_image_first_for_every_metric(metric, folder, hash_model, tmp_path):
     config = model_for(metric, hash_model)

@@ -116,6 +116,29 @@ def test_an_undecodable_image_says_what_is_wrong(served, client):
         client.embed_bytes([b"definitely not an image"])
 
 
+def test_the_litert_runtime_answers_like_tensorflow_and_survives_bad_images(tmp_path, rng):
+    base = str(tmp_path)
+    model = export_tiny(base, litert=True)
+    encoded = random_pngs(rng, 3)
+    pixels = rng.uniform(0, 255, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    answers = {}
+    for runtime in ("litert", "tf"):
+        server = serve(base, port=0, poll_seconds=0, runtime=runtime)
+        try:
+            assert bool(server.registry.get("tiny").fast) == (runtime == "litert")
+            with EmbeddingClient(f"127.0.0.1:{server.port}", "tiny") as client:
+                with pytest.raises(InvalidInputError, match="image 1: not an image|Unknown image file format"):
+                    client.embed_bytes([encoded[0], b"not an image"])
+                answers[runtime] = client.embed_bytes(encoded), client.embed_pixels(pixels)  # still serving
+        finally:
+            server.stop(grace=1)
+    np.testing.assert_allclose(answers["litert"][0], embed_in_process(model, encoded), atol=1e-5)
+    np.testing.assert_allclose(answers["litert"][1], model.predict(pixels, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(answers["litert"][0], answers["tf"][0], atol=1e-5)
+    with pytest.raises(InvalidInputError, match="unknown runtime 'onnx'"):
+        ModelRegistry(base, runtime="onnx")
+
+
 def test_op_error_message_drops_the_graph_trace():
     traced = ("Graph execution error:\n\nDetected at node 'DecodeImage' defined at (most recent call last):\n"
               '  File "x.py", line 3, in f\n    decode(x)\nNode: \'DecodeImage\'\nbad image data\n'

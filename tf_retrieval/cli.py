@@ -52,8 +52,8 @@ def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
     from tf_retrieval.features.litert import RUNTIMES
 
     parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
-                        help="in-process embedding: litert (default; the model converted to LiteRT, fast on CPUs) or "
-                             "tf (TensorFlow)")
+                        help="where models run in this process: litert (default; the model converted to LiteRT, "
+                             "several times faster on CPUs) or tf (TensorFlow)")
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -138,7 +138,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
         vectors = finish(client.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
                          config.hash_bits)
     else:
-        vectors = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size)
+        vectors = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size,
+                                   runtime=args.runtime)
     ids_path = save_vectors(args.out, vectors, collection.ids)
     print(f"{vectors.shape[0]} vectors of {vectors.shape[1]} {'bytes' if config.hash_bits else 'dimensions'} -> "
           f"{args.out} (ids: {ids_path})")
@@ -160,7 +161,7 @@ def cmd_index(args: argparse.Namespace) -> None:
                                     "or the other")
         bundle = _bundle(args, args.name or _model_config(args).name)
         result = update_from_folder(bundle, add_folder=args.add, delete=args.delete or (), workdir=_workdir(args),
-                                    batch_size=args.batch_size)
+                                    batch_size=args.batch_size, runtime=args.runtime)
         for path, reason in result["unreadable"]:
             print(f"skipped unreadable file {path}: {reason}", file=sys.stderr)
         note = f" ({result['already']} already indexed)" if result["already"] else ""
@@ -175,7 +176,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     options = {} if args.target_recall is None else {"target_recall": args.target_recall}
     engine = index_collection(collection, config, bundle, source=args.dataset, data_dir=args.data_dir,
                               metric=args.metric, backend=args.backend, index_options=options, workdir=_workdir(args),
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, runtime=args.runtime)
     print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} ({engine.index.metric}) -> {bundle}")
 
 
@@ -243,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         run_dir = None  # a model config that is not a training run's
     record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
                             batch_size=args.batch_size, command=_command_line(),
-                            model=args.record_model, run_dir=run_dir)
+                            model=args.record_model, run_dir=run_dir, runtime=args.runtime)
     print(records_markdown([record]), end="")
     if args.records:
         RecordStore(args.records, RECORD_KEY).merge([record])
@@ -259,7 +260,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     web = None if args.no_web else _web()
     sock = None if web is None else web.reserve_port(args.host, args.port)  # a busy port fails before slow work
     engines = prepare_demo(_model_config(args), workdir=_workdir(args), limit=args.limit, data_dir=args.data_dir,
-                           run_dir=args.finetuned, finetuned=not args.baseline_only, batch_size=args.batch_size)
+                           run_dir=args.finetuned, finetuned=not args.baseline_only, batch_size=args.batch_size,
+                           runtime=args.runtime)
     demo_query(engines, k=args.k, seed=args.seed, data_dir=args.data_dir)
     if web is not None:
         print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
@@ -289,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = serve(args.model_base_path or os.path.join(_workdir(args), "models"), args.model_name, host=args.host,
                    port=args.port, rest_port=args.rest_port or None, poll_seconds=args.poll_seconds,
                    max_workers=args.max_workers, max_batch_size=args.max_batch_size,
-                   version_policy=args.version_policy)
+                   version_policy=args.version_policy, runtime=args.runtime)
     rest = f", REST on http://{args.host}:{server.rest_port}" if server.rest_port else ""
     print(f"serving gRPC on {args.host}:{server.port}{rest}  (Ctrl-C to stop)", flush=True)
     server.wait_for_signal()
@@ -322,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = _train_config(args)
     run_dir = args.run_dir or os.path.join(_workdir(args), "runs", f"{config.model.name}-{config.protocol}")
-    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0)
+    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0, runtime=args.runtime)
     print(f"trained {config.model.name} on {config.protocol} in {result.seconds:.0f} s ({result.epochs} epochs): "
           f"best validation MAP@R {result.best_map_at_r:.4f}")
     print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")
@@ -421,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--server", help="embed through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT")
     embed.add_argument("--server-model", help="model name on the server (default: the model name)")
     embed.add_argument("--batch-size", type=int, default=64)
+    _add_runtime_arg(embed)
 
     index = command("index", cmd_index, "build an index bundle of a collection, or add / remove images")
     _add_data_args(index, required=False)
@@ -440,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
                             "rebuilding it")
     index.add_argument("--batch-size", type=int, default=64)
+    _add_runtime_arg(index)
 
     dedup = command("dedup", cmd_dedup, "near-duplicate groups of an indexed collection")
     dedup.add_argument("--index", required=True, help="bundle name under <workdir>/indexes, or a bundle directory")
@@ -471,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "head)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
+    _add_runtime_arg(evaluate)
 
     demo = command("demo", cmd_demo, "CIFAR-10: baseline and fine-tuned side by side on the page")
     _add_model_args(demo)
@@ -479,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-k", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0, help="picks the query test image")
     demo.add_argument("--batch-size", type=int, default=64)
+    _add_runtime_arg(demo)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
@@ -503,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-seconds", type=float, default=2.0, help="how often new versions are looked for")
     serve.add_argument("--max-workers", type=int, default=8)
     serve.add_argument("--max-batch-size", type=int, default=1024)
+    _add_runtime_arg(serve)
 
     web = command("web", cmd_web, "serve the search page")
     web.add_argument("--index", action="append", required=True,
@@ -520,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote)")
     train.add_argument("--run-dir", help="output directory (default <workdir>/runs/<name>-<protocol>)")
     train.add_argument("--progress", action="store_true", help="print one line per epoch")
+    _add_runtime_arg(train)
     _add_train_args(train)
 
     tune = command("tune", cmd_tune, "search the head's hyperparameters with keras-tuner")

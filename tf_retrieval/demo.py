@@ -36,13 +36,13 @@ def demo_database(limit: int, data_dir: str | None = None) -> ImageCollection:
 
 
 def demo_engine(config: ModelConfig, database: ImageCollection, *, workdir: str, data_dir: str | None = None,
-                batch_size: int = 64, say: Callable[[str], None] = print) -> RetrievalEngine:
+                batch_size: int = 64, runtime: str = "litert", say: Callable[[str], None] = print) -> RetrievalEngine:
     """The engine of `config` over `database`: the bundle `<workdir>/indexes/demo-<name>` if it holds exactly these
-    images with this model, else a new one (embedding the images, backbone outputs cached)."""
+    images with this model, else a new one (embedding the images in `runtime`, backbone outputs cached)."""
     bundle = os.path.join(workdir, "indexes", f"demo-{config.name}")
     if os.path.exists(os.path.join(bundle, "catalog.json")):
         try:
-            engine = RetrievalEngine.load(bundle, data_dir=data_dir)
+            engine = RetrievalEngine.load(bundle, data_dir=data_dir, runtime=runtime)
             if engine.config.model_id() == config.model_id() and engine.collection.ids == database.ids:
                 say(f"using the index at {bundle}")
                 return engine
@@ -51,10 +51,11 @@ def demo_engine(config: ModelConfig, database: ImageCollection, *, workdir: str,
             say(f"rebuilding {bundle}: {exc}")
     say(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
     return index_collection(database, config, bundle, source="cifar10", data_dir=data_dir, workdir=workdir,
-                            batch_size=batch_size)
+                            batch_size=batch_size, runtime=runtime)
 
 
-def train_demo_head(base: ModelConfig, database: ImageCollection, *, workdir: str, verbose: int = 1) -> ModelConfig:
+def train_demo_head(base: ModelConfig, database: ImageCollection, *, workdir: str, verbose: int = 1,
+                    runtime: str = "litert") -> ModelConfig:
     """Trains a triplet-loss head (`DEMO_TRAINING`) on the cached backbone features of `database` and returns the
     fine-tuned model; the run is `<workdir>/runs/demo-finetuned`, found again by the next demo."""
     from tf_retrieval.training.train import train
@@ -64,12 +65,13 @@ def train_demo_head(base: ModelConfig, database: ImageCollection, *, workdir: st
     everything = np.arange(len(database))
     protocol = Protocol("cifar10-2", database, train=everything, database=everything, queries=None)
     result = train(config, os.path.join(workdir, "runs", "demo-finetuned"), workdir=workdir, protocol=protocol,
-                   verbose=verbose)
+                   verbose=verbose, runtime=runtime)
     return result.model_config
 
 
 def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: str, run_dir: str | None = None,
-                    train_if_missing: bool = True, say: Callable[[str], None] = print) -> ModelConfig | None:
+                    train_if_missing: bool = True, runtime: str = "litert",
+                    say: Callable[[str], None] = print) -> ModelConfig | None:
     """The demo's fine-tuned model: of `run_dir`, else of the newest finished CIFAR-10 float-embedding run under
     `<workdir>/runs`, else (with `train_if_missing`) a head trained now on the baseline's features."""
     from tf_retrieval.config import latest_run, load_run
@@ -82,23 +84,23 @@ def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: st
     if not train_if_missing:
         return None
     say(f"no fine-tuned CIFAR-10 model yet: training a triplet-loss head on the {len(database):,} demo images ...")
-    return train_demo_head(base, database, workdir=workdir)
+    return train_demo_head(base, database, workdir=workdir, runtime=runtime)
 
 
 def prepare_demo(base: ModelConfig, *, workdir: str, limit: int = 10000, data_dir: str | None = None,
-                 run_dir: str | None = None, finetuned: bool = True, batch_size: int = 64,
+                 run_dir: str | None = None, finetuned: bool = True, batch_size: int = 64, runtime: str = "litert",
                  say: Callable[[str], None] = print) -> dict[str, RetrievalEngine]:
     """{model name: engine} over the first `limit` CIFAR-10 train images: the baseline `base`, then (unless
     `finetuned` is False) the fine-tuned model of `finetuned_model`."""
     database = demo_database(limit, data_dir)
     engines = {base.name: demo_engine(base, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
-                                      say=say)}
+                                      runtime=runtime, say=say)}
     if finetuned:
-        model = finetuned_model(base, database, workdir=workdir, run_dir=run_dir, say=say)
+        model = finetuned_model(base, database, workdir=workdir, run_dir=run_dir, runtime=runtime, say=say)
         if model.name in engines:
             raise InvalidInputError(f"the fine-tuned model is named {model.name!r} like the baseline: rename one")
         engines[model.name] = demo_engine(model, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
-                                          say=say)
+                                          runtime=runtime, say=say)
     return engines
 
 

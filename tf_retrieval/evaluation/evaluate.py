@@ -165,40 +165,44 @@ def machine_description() -> str:
 
 
 RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embedding_dim", "weights", "hash_bits", "variant",
-              "train_from")
+              "train_from", "runtime")
 
 
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
     """A Markdown table of records, one row each."""
-    header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", *columns, "s"]
+    header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", "runtime", *columns, "s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         values = [f"{r['metrics'][c]:.3f}" if isinstance(r["metrics"].get(c), (int, float)) else "–" for c in columns]
         lines.append("| " + " | ".join([r["protocol"], r["model"] + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else "")
                                         + (" + top blocks" if r.get("train_from") else ""),
                                         r["backbone"], str(r["image_size"]), r.get("pooling", ""), str(r["embedding_dim"]),
-                                        r["weights"], *values, str(r.get("seconds", ""))]) + " |")
+                                        r["weights"], r.get("runtime", "tf"), *values,
+                                        str(r.get("seconds", ""))]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
                    metric: str | None = None, batch_size: int = 64, command: str = "", model: str | None = None,
-                   run_dir: str | None = None, progress: bool = True) -> dict:
+                   run_dir: str | None = None, progress: bool = True, runtime: str = "litert") -> dict:
     """Embeds the protocol's collection with `config` (`features.embedding.embed_collection`: the vectors `tfr index`
     builds bundles of) and scores `protocol`; returns a retrieval.json record.
 
     Args:
       metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
       run_dir: the training run `config` comes from: the record gives its recipe and training figures (`run_details`).
+      runtime: where the backbone runs ("litert" or "tf"); the record names it.
     """
     from tf_retrieval.features.embedding import embed_collection
 
     start = time.perf_counter()
     metric = metric or config.metric
-    vectors = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+    vectors = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress,
+                               runtime=runtime)
     metrics, curve, dim = evaluate_protocol(protocol, vectors, metric=metric, pca_dim=pca_dim, progress=progress)
     logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
-    extra = {"train_from": config.train_from, **(run_details(run_dir) if run_dir else {}), **code_details(config, vectors)}
+    extra = {"train_from": config.train_from, "runtime": runtime, **(run_details(run_dir) if run_dir else {}),
+             **code_details(config, vectors)}
     return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
                        command=command, model=model or ("baseline" if not config.head else "finetuned"),
                        dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,

@@ -49,7 +49,8 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
 
     Args:
       collection: the images.
-      model: a callable keras model: float32 pixels [b, image_size, image_size, 3] in 0..255 -> [b, ...].
+      model: float32 pixels [b, image_size, image_size, 3] in 0..255 -> [b, ...]: a keras model (run in a
+        `tf.function`), or any callable on numpy arrays (e.g. `features.litert.compile_model`'s).
       image_size: input size the images are resized to (`data.resize_and_crop`).
       model_key: a string naming the model's configuration; required with `cache_dir`.
       cache_dir: where to cache (None: no cache).
@@ -104,11 +105,15 @@ def _run(collection: ImageCollection, model, image_size: int, batch_size: int, d
 
     if len(collection) == 0:
         raise InvalidInputError(f"collection {collection.name!r} is empty: nothing to extract")
-    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    if isinstance(model, tf.keras.Model):
+        keras_forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        forward = lambda images: keras_forward(images).numpy()  # noqa: E731
+    else:
+        forward = lambda images: np.asarray(model(images.numpy()))  # noqa: E731
     outputs = []
     with tqdm(total=len(collection), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for images in collection.as_dataset(image_size, batch_size):
-            outputs.append(forward(images).numpy().astype(dtype, copy=False))
+            outputs.append(forward(images).astype(dtype, copy=False))
             bar.update(len(outputs[-1]))
     return np.concatenate(outputs)
 

@@ -70,23 +70,16 @@ class Embedder:
 
     def __init__(self, config: ModelConfig, model=None, batch_size: int = 64, runtime: str = "litert",
                  workdir: str | None = None):
-        from tf_retrieval.features.litert import RUNTIMES
+        from tf_retrieval.features.cache import default_workdir
+        from tf_retrieval.features.litert import compile_model
 
-        if runtime not in RUNTIMES:
-            raise InvalidInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.config = config
         self._model = model
         self.batch_size = batch_size
-        self.runtime = runtime
-        # a given keras model may differ from the config's (it is converted, not cached); random weights are seeded
-        self._forward = self._litert_forward(model is None, workdir) if runtime == "litert" else None
-        if self._forward is None:
-            import tensorflow as tf
-
-            self.runtime = "tf"
-            keras_model = self.model  # built here, eagerly: weights loaded inside a tf.function trace are lost
-            tf_forward = tf.function(lambda images: keras_model(images, training=False), reduce_retracing=True)
-            self._forward = lambda images: tf_forward(images).numpy()
+        # a given keras model may differ from the config's: it is converted, not cached
+        self._forward, self.runtime = compile_model(
+            lambda: self.model, runtime=runtime, cache_key=None if model is not None else self._cache_key(),
+            cache_dir=os.path.join(workdir or default_workdir(), "litert"))
 
     @property
     def model(self):
@@ -95,33 +88,10 @@ class Embedder:
             self._model = build_model(self.config)
         return self._model
 
-    def _litert_forward(self, cacheable: bool, workdir: str | None):
-        """The model as a `LiteRTModel`, converted (and cached, for a model built from the config) on first use."""
-        from tf_retrieval.features.cache import default_workdir
-        from tf_retrieval.features.litert import LiteRTModel, cached_flatbuffer, convert
-
-        try:
-            if cacheable:
-                flatbuffer = cached_flatbuffer(self._cache_key(), lambda: self.model,
-                                               os.path.join(workdir or default_workdir(), "litert"))
-            else:
-                flatbuffer = convert(self.model)
-            return LiteRTModel(flatbuffer)
-        except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
-            logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", self.config.model_id(),
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return None
-
     def _cache_key(self) -> str:
         """The model id and a digest of the files it loads (a head or weights file rewritten in place is a new model)
         and of the Keras version (which draws a model's seeded random weights)."""
-        from importlib.metadata import version
-
-        from tf_retrieval.storage import file_digest, value_digest
-
-        files = [path for path in (self.config.head, self.config.weights) if path and os.path.isfile(path)]
-        digest = value_digest([version("keras"), *(file_digest(path) for path in files)])
-        return f"{self.config.model_id()}-{digest[:12]}"
+        return f"{self.config.model_id()}-{_files_digest(self.config.head, self.config.weights)}"
 
     @property
     def image_size(self) -> int:
@@ -149,17 +119,43 @@ class Embedder:
 
 
 def backbone_features(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
-                      progress: bool = True) -> np.ndarray:
-    """The pooled backbone outputs of `config` for every image of `collection`, cached under `<workdir>/features`
-    (a second call reads the cache; an interrupted one resumes)."""
-    from tf_retrieval.features.cache import default_workdir, extract_features
+                      progress: bool = True, runtime: str = "litert") -> np.ndarray:
+    """The pooled backbone outputs of `config` for every image of `collection`, computed in `runtime` and cached under
+    `<workdir>/features` (a second call reads the cache; an interrupted one resumes)."""
     from tf_retrieval.models.backbones import backbone_id, build_backbone
 
-    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
-    return extract_features(collection, backbone, image_size=config.image_size,
-                            model_key=backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
-                            cache_dir=os.path.join(workdir or default_workdir(), "features"), batch_size=batch_size,
+    return cached_outputs(collection, lambda: build_backbone(config.backbone, config.image_size, config.pooling,
+                                                             config.weights),
+                          backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
+                          image_size=config.image_size, workdir=workdir, batch_size=batch_size, progress=progress,
+                          runtime=runtime, weights_file=config.weights)
+
+
+def cached_outputs(collection, build_model: Callable, model_key: str, *, image_size: int, workdir: str | None = None,
+                   batch_size: int = 64, progress: bool = True, runtime: str = "litert", dtype: str = "float32",
+                   weights_file: str | None = None) -> np.ndarray:
+    """The outputs of a keras model (`build_model()`, named `model_key`) for every image of `collection`, computed in
+    `runtime` (`features.litert.compile_model`) and cached under `<workdir>/features` by model key and runtime."""
+    from tf_retrieval.features.cache import default_workdir, extract_features
+    from tf_retrieval.features.litert import compile_model
+
+    workdir = workdir or default_workdir()
+    forward, used = compile_model(build_model, runtime=runtime, cache_key=f"{model_key}-{_files_digest(weights_file)}",
+                                  cache_dir=os.path.join(workdir, "litert"))
+    return extract_features(collection, forward, image_size=image_size,
+                            model_key=model_key if used == "tf" else f"{model_key}-{used}",
+                            cache_dir=os.path.join(workdir, "features"), batch_size=batch_size, dtype=dtype,
                             progress=progress)
+
+
+def _files_digest(*paths: str | None) -> str:
+    """A short digest of the Keras version (which draws seeded random weights) and of the files a model loads."""
+    from importlib.metadata import version
+
+    from tf_retrieval.storage import file_digest, value_digest
+
+    files = [path for path in paths if path and os.path.isfile(path)]
+    return value_digest([version("keras"), *(file_digest(path) for path in files)])[:12]
 
 
 def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
@@ -179,9 +175,11 @@ def head_function(config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def embed_collection(collection, config: ModelConfig, *, workdir: str | None = None, batch_size: int = 64,
-                     progress: bool = True) -> np.ndarray:
-    """The finished vectors of `config` for every image of `collection` (backbone outputs cached, then the head)."""
-    features = backbone_features(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
+                     progress: bool = True, runtime: str = "litert") -> np.ndarray:
+    """The finished vectors of `config` for every image of `collection` (backbone outputs computed in `runtime` and
+    cached, then the head)."""
+    features = backbone_features(collection, config, workdir=workdir, batch_size=batch_size, progress=progress,
+                                 runtime=runtime)
     return head_function(config)(features)
 
 

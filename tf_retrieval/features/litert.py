@@ -59,6 +59,39 @@ def cached_flatbuffer(model_id: str, build_model, cache_dir: str) -> bytes:
     return flatbuffer
 
 
+def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None = None,
+                  cache_dir: str | None = None):
+    """A keras model as a callable on numpy pixels, in the chosen runtime: `(forward, runtime actually used)`.
+
+    With "litert" the model is converted (and cached as `<cache_dir>/<cache_key>.tflite` when both are given, so a
+    second call needs neither the conversion nor, once cached, the keras model); a model LiteRT cannot convert or run
+    falls back to TensorFlow with a warning. With "tf" it runs in a `tf.function`.
+
+    Args:
+      build_model: returns the keras model (called only when it is needed).
+      runtime: one of `RUNTIMES`.
+      cache_key: names the model and everything that changes its weights (a cache file name).
+      cache_dir: where converted models are cached.
+    """
+    if runtime not in RUNTIMES:
+        raise InvalidInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "litert":
+        try:
+            if cache_key and cache_dir:
+                flatbuffer = cached_flatbuffer(cache_key, build_model, cache_dir)
+            else:
+                flatbuffer = convert(build_model())
+            return LiteRTModel(flatbuffer), "litert"
+        except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
+            logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", cache_key or "(uncached)",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    import tensorflow as tf
+
+    keras_model = build_model()  # built here, eagerly: weights loaded inside a tf.function trace are lost
+    tf_forward = tf.function(lambda images: keras_model(images, training=False), reduce_retracing=True)
+    return (lambda pixels: tf_forward(pixels).numpy()), "tf"
+
+
 def interpreter_class():
     """LiteRT's `Interpreter` (package `ai-edge-litert`), else TensorFlow's `tf.lite.Interpreter`."""
     try:

@@ -258,15 +258,18 @@ def resolve_bundle(name: str, workdir: str) -> str:
 def index_collection(collection: ImageCollection, config: ModelConfig, bundle_dir: str, *, source: str,
                      data_dir: str | None = None, metric: str | None = None, backend: str = "auto",
                      index_options: dict | None = None, workdir: str | None = None, batch_size: int = 64,
-                     progress: bool = True) -> RetrievalEngine:
-    """Embeds `collection` with `config` (`features.embedding.embed_collection`, backbone outputs cached under
-    `workdir`) and saves an index bundle of it (`build_bundle`); returns the engine over it."""
+                     progress: bool = True, runtime: str = "litert") -> RetrievalEngine:
+    """Embeds `collection` with `config` (`features.embedding.embed_collection` in `runtime`, backbone outputs cached
+    under `workdir`) and saves an index bundle of it (`build_bundle`); returns the engine over it."""
     from tf_retrieval.features.embedding import embed_collection
 
     metric = check_metric(config, metric)  # before the costly part
-    vectors = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress)
-    return build_bundle(bundle_dir, config, collection, vectors, source=source, data_dir=data_dir, metric=metric,
-                        backend=backend, index_options=index_options)
+    vectors = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress,
+                               runtime=runtime)
+    engine = build_bundle(bundle_dir, config, collection, vectors, source=source, data_dir=data_dir, metric=metric,
+                          backend=backend, index_options=index_options)
+    engine.runtime = runtime
+    return engine
 
 
 def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollection, embeddings: np.ndarray, *,
@@ -503,7 +506,7 @@ def delete_images(bundle_dir: str, ids: Sequence[str]) -> dict:
 
 
 def update_from_folder(bundle_dir: str, *, add_folder: str | None = None, delete: Sequence[str] = (),
-                       workdir: str | None = None, batch_size: int = 64) -> dict:
+                       workdir: str | None = None, batch_size: int = 64, runtime: str = "litert") -> dict:
     """`tfr index --add/--delete`: embeds the images of `add_folder` that the bundle does not hold yet with the
     bundle's own model (its model.json), then adds them and removes the `delete` ids (`update_bundle`).
 
@@ -524,8 +527,8 @@ def update_from_folder(bundle_dir: str, *, add_folder: str | None = None, delete
         add = pending_images(bundle_dir, collection, deleted=delete)
         already = len(collection) - len(add)
         config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
-        vectors = embed_collection(add, config, workdir=workdir, batch_size=batch_size) if len(add) else \
-            np.zeros((0, 1), np.float32)
+        vectors = (embed_collection(add, config, workdir=workdir, batch_size=batch_size, runtime=runtime) if len(add)
+                   else np.zeros((0, 1), np.float32))
     result = update_bundle(bundle_dir, add=add, embeddings=vectors, delete=delete)
     return {**result, "already": already, "unreadable": unreadable}
 

@@ -127,12 +127,11 @@ def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class:
 
 
 def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, runtime: str = "litert") -> np.ndarray:
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
     activations at `config.train_from` (float16), cached under `<workdir>/features`; for end-to-end training, the
-    images themselves (`ImageInputs`, decoded on demand)."""
-    from tf_retrieval.features.cache import extract_features
-    from tf_retrieval.features.embedding import backbone_features
+    images themselves (`ImageInputs`, decoded on demand). The frozen part runs in `runtime` ("litert" or "tf")."""
+    from tf_retrieval.features.embedding import backbone_features, cached_outputs
     from tf_retrieval.models.backbones import backbone_id, build_backbone
     from tf_retrieval.models.heads import split_backbone
 
@@ -140,12 +139,15 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
     if train_from == END_TO_END:
         return ImageInputs(collection, base.image_size)
     if not train_from:
-        return backbone_features(collection, base, workdir=workdir, batch_size=batch_size, progress=progress)
-    backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
-    bottom, _ = split_backbone(backbone, train_from)
+        return backbone_features(collection, base, workdir=workdir, batch_size=batch_size, progress=progress,
+                                 runtime=runtime)
+
+    def bottom():
+        return split_backbone(build_backbone(base.backbone, base.image_size, base.pooling, base.weights), train_from)[0]
+
     key = f"{backbone_id(base.backbone, base.image_size, base.pooling, base.weights)}@{train_from}"
-    return extract_features(collection, bottom, image_size=base.image_size, model_key=key, dtype="float16",
-                            cache_dir=os.path.join(workdir, "features"), batch_size=batch_size, progress=progress)
+    return cached_outputs(collection, bottom, key, image_size=base.image_size, workdir=workdir, batch_size=batch_size,
+                          progress=progress, runtime=runtime, dtype="float16", weights_file=base.weights)
 
 
 def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
@@ -252,7 +254,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
 
 
 def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
-          inputs: np.ndarray | None = None, verbose: int = 2) -> TrainResult:
+          inputs: np.ndarray | None = None, verbose: int = 2, runtime: str = "litert") -> TrainResult:
     """Trains on the protocol's training set and writes the run directory.
 
     Args:
@@ -260,7 +262,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
       run_dir: output directory: train_config.json, model.json, the head (and backbone weights), history, logs.
       workdir: artefacts directory holding the feature caches (default `features.default_workdir()`).
       protocol: the protocol (default: loaded from `config.protocol` / `config.source`).
-      inputs: cached inputs for the whole collection (default: `cache_inputs`).
+      inputs: cached inputs for the whole collection (default: `cache_inputs`, the frozen part run in `runtime`).
 
     Returns:
       a `TrainResult`; `result.model_config` is also saved as `<run_dir>/model.json`.
@@ -273,7 +275,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     workdir = workdir or default_workdir()
     protocol = protocol or load_protocol(config.protocol, config.source)
     if inputs is None:
-        inputs = cache_inputs(config, protocol.collection, workdir=workdir)
+        inputs = cache_inputs(config, protocol.collection, workdir=workdir, runtime=runtime)
     os.makedirs(run_dir, exist_ok=True)
     config.save(os.path.join(run_dir, "train_config.json"))
     labels = protocol.collection.labels
