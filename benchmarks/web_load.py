@@ -1,21 +1,20 @@
-"""Load test of the search page's API: N upload-searches at concurrency C against the production (waitress) server.
+"""Load test of the search page: N upload-searches at concurrency C against `tfr web`, the production server.
 
-The server runs in a child process (the real `web.app.create_app` + `create_server`, bound to 127.0.0.1 only) over one
-engine taken from, in order of preference:
+Each run starts `tfr web --index BUNDLE --runtime R --workers W` in its own process group (waitress, bound to
+127.0.0.1), waits for it, sends a few warm-up requests, then C client threads with keep-alive connections POST
+multipart uploads to /api/search until N requests are done. It records client latency percentiles, throughput,
+errors, the server's own embed/search times, the CPU time of the server's processes and of this client per request,
+and the servers' memory (RSS summed over the worker processes) before, during and after the run.
 
-  --bundle DIR          an index bundle (`RetrievalEngine.load`; tfds data from $TFDS_DATA_DIR);
-  --dataset cifar10     CIFAR-10 from $TFDS_DATA_DIR: the 50,000 train images indexed, test images as queries
-                        (embeddings cached under $TFR_WORKDIR/cache/features);
-  --dataset synthetic   generated shape images (default), so the script runs anywhere.
+A run is `BUNDLE` or `BUNDLE@RUNTIME` (litert by default); the first run is the headline, and a run of the same
+bundle on `tf` gives the LiteRT / TensorFlow ratio. Query images come from `--query-dataset` (e.g. the CIFAR-10 test
+split, never indexed), else from the bundle's own collection.
 
-This process is only the client: C threads with keep-alive connections POST multipart uploads (query images sent by the
-server process, never seen by the index when the source has a test split) to /api/search until N requests are done
-(a bounded loop; a few warm-up requests first are not counted). It records client latency percentiles, throughput,
-errors, the server's own embed/search times, and the server's RSS before, during and after the run.
-
-    python benchmarks/web_load.py --dataset cifar10 --backbone efficientnet_lite0 --image-size 96 --requests 2000
-    python benchmarks/web_load.py --bundle artifacts/bundles/cifar10-baseline
-    python benchmarks/web_load.py --dataset synthetic --synthetic-size 2000      # no data needed
+    tfr index --dataset cifar10 --split train --image-size 96 --name cifar10-train-96     # then:
+    python benchmarks/web_load.py --run artifacts/indexes/cifar10-train-96 \\
+        --run artifacts/indexes/cifar10-train-96@tf --run artifacts/indexes/cifar10-train-160 \\
+        --run artifacts/indexes/cifar10-train-96-ft128 --query-dataset cifar10 --query-split test
+    python benchmarks/web_load.py --synthetic 2000        # no data needed: a generated collection, random weights
 
 Writes benchmarks/results/web_load.json and web_load.md (or --out).
 """
@@ -27,11 +26,14 @@ import http.client
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import shlex
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -41,16 +43,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from anywhere: import tf_retrieval from this checkout
     sys.path.insert(0, REPO)
-from tf_retrieval.storage import write_text  # noqa: E402 -- after the path
+from tf_retrieval.storage import write_json, write_text  # noqa: E402 -- after the path
 
 logger = logging.getLogger("web_load")
 
-GOAL = {"requests": 2000, "errors": 0, "p50_ms": 60.0, "p99_ms": 150.0}
-#: RSS growth (MB) between the first sample after warm-up and the end that still counts as "no memory growth".
-RSS_TOLERANCE_MB = 50.0
+#: Issue 15's goals, for CIFAR-10 (50k indexed), EfficientNet-Lite0 at 96 px, 2,000 requests at concurrency 8.
+GOAL = {"requests": 2000, "concurrency": 8, "errors": 0, "rps": 300.0, "p50_ms": 30.0, "p99_ms": 60.0,
+        "rss_growth_mb": 50.0, "litert_over_tf": 3.0}
 
 
-# ------------------------------------------------------------------------------------------------ server side (child)
+# ------------------------------------------------------------------------------------------------ queries and data
 
 def synthetic_collection(count: int, size: int = 64, seed: int = 0):
     """`count` generated PNG images of 8 shape classes, encoded in memory, with a 90/10 index/query split."""
@@ -99,73 +101,91 @@ def synthetic_collection(count: int, size: int = 64, seed: int = 0):
                            labels=np.array(labels), class_names=shapes, splits=splits, encoded=encoded)
 
 
-def build_engine(args):
-    """The engine to serve and the query images (encoded bytes) to send, per the source chosen on the command line."""
+def synthetic_bundle(count: int, directory: str) -> tuple[str, list[bytes]]:
+    """An index bundle of the train part of `synthetic_collection(count)` (random-weight Lite0, 64 px), and the
+    encoded test images as queries."""
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.search.engine import index_collection
+
+    collection = synthetic_collection(count)
+    bundle = os.path.join(directory, "synthetic")
+    config = ModelConfig(name="baseline", backbone="efficientnet_lite0", image_size=64, weights=None)
+    index_collection(collection.subset(np.flatnonzero(collection.splits == "train")), config, bundle,
+                     source="synthetic", workdir=directory, progress=False)
+    test = np.flatnonzero(collection.splits == "test")
+    return bundle, [collection.read_bytes(int(i)) for i in test]
+
+
+def query_images(args, bundle: str) -> list[bytes]:
+    """`--queries` encoded images: of `--query-dataset` (split `--query-split`), else of the bundle's collection."""
+    from tf_retrieval.data.images import load_collection
     from tf_retrieval.search.engine import RetrievalEngine
-    from tf_retrieval.features.cache import default_workdir, extract_features
-    from tf_retrieval.search.index import build_index
 
-    if args.bundle:
-        engine = RetrievalEngine.load(args.bundle, data_dir=os.environ.get("TFDS_DATA_DIR"))
-        positions = np.random.default_rng(0).choice(len(engine.collection), min(args.queries, len(engine.collection)),
-                                                    replace=False)
-        queries = [engine.collection.read_bytes(int(p)) for p in positions]
-        return engine, queries, f"bundle {os.path.abspath(args.bundle)} ({engine.collection.name})"
-
-    if args.dataset == "cifar10":
-        if not os.environ.get("TFDS_DATA_DIR"):
-            raise SystemExit("--dataset cifar10 needs TFDS_DATA_DIR pointing at prepared tensorflow_datasets")
-        from tf_retrieval.data.images import load_tfds
-
-        collection = load_tfds("cifar10", data_dir=os.environ["TFDS_DATA_DIR"])
-        source = "cifar10 (train split indexed, test split queries)"
+    if args.query_dataset:
+        collection = load_collection(args.query_dataset, splits=[args.query_split] if args.query_split else None)
     else:
-        collection = synthetic_collection(args.synthetic_size)
-        source = f"synthetic ({collection.name}; 90% indexed, 10% queries)"
-    database = collection.subset(np.flatnonzero(collection.splits == "train")[:args.max_index])
-    if args.max_index:
-        source += f", first {len(database)} train images only (--max-index)"
-    query_pool = np.flatnonzero(collection.splits == "test")
-    picks = np.random.default_rng(0).choice(query_pool, min(args.queries, len(query_pool)), replace=False)
-    queries = [collection.read_bytes(int(p)) for p in picks]
-
-    config = ModelConfig(name="baseline", backbone=args.backbone, image_size=args.image_size, pooling="avg",
-                         weights=None if args.weights == "none" else args.weights)
-    embedder = Embedder(config)
-    cache_dir = os.path.join(default_workdir(), "cache", "features") if args.dataset == "cifar10" else None
-    t0 = time.perf_counter()
-    vectors = extract_features(database, embedder.model, image_size=config.image_size, model_key=config.model_id(),
-                               cache_dir=cache_dir, progress=False)
-    logger.info("embedded %d database images in %.1f s", len(database), time.perf_counter() - t0)
-    index = build_index(vectors, np.arange(len(database)), metric="cosine", backend=args.backend)
-    return RetrievalEngine(config, database, index, embedder), queries, source
+        collection = RetrievalEngine.load(bundle).collection
+    picks = np.random.default_rng(0).choice(len(collection), min(args.queries, len(collection)), replace=False)
+    return [collection.read_bytes(int(p)) for p in picks]
 
 
-def serve_child(args, channel) -> None:
-    """Child process: build the engine, start waitress on a free 127.0.0.1 port, report, serve until told to stop."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
+# ------------------------------------------------------------------------------------------------ the server
+
+class WebServer:
+    """`tfr web` over one bundle in a child process group, on a free localhost port; `.processes()` are its workers."""
+
+    def __init__(self, bundle: str, runtime: str, workers: int, threads: int, log_path: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "tf_retrieval", "web", "--index", os.path.abspath(bundle), "--runtime",
+                   runtime, "--workers", str(workers), "--threads", str(threads), "--port", str(self.port)]
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        self.workers = workers
+
+    def wait_ready(self, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"tfr web exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                body = health(self.port)
+                if len(self.processes()) >= self.workers:
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"tfr web did not answer within {timeout:.0f} s; see {self.log.name}")
+
+    def processes(self):
+        import psutil
+
+        parent = psutil.Process(self.process.pid)
+        children = parent.children()
+        return children if self.workers > 1 else [parent]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def health(port: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        from tf_retrieval.web.app import create_app, create_server
-
-        engine, queries, source = build_engine(args)
-        app = create_app({engine.name: engine}, default_k=args.k, warmup=True, batching=not args.no_batching,
-                         batch_wait_ms=args.batch_wait_ms, batch_workers=args.batch_workers)
-        server = create_server(app, host="127.0.0.1", port=0, threads=args.threads)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        channel.send({"port": int(server.effective_port), "queries": queries, "source": source, "index_size": len(engine),
-                      "backbone": engine.config.backbone, "image_size": engine.config.image_size,
-                      "weights": engine.config.weights, "index": type(engine.index).__name__, "model": engine.name})
-        channel.recv()  # block until the parent is done
-        server.close()
-    except BaseException as exc:  # report any failure to the parent instead of leaving it waiting
-        channel.send({"error": f"{type(exc).__name__}: {exc}"})
-        raise
+        connection.request("GET", "/api/health")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
 
 
-# ------------------------------------------------------------------------------------------------ client side
+# ------------------------------------------------------------------------------------------------ the client
 
 def multipart(image: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
@@ -237,21 +257,83 @@ class LoadClient:
                 "errors": errors, "wall_s": wall}
 
 
-def health(port: int) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("GET", "/api/health")
-    body = json.loads(connection.getresponse().read())
-    connection.close()
-    return body
+# ------------------------------------------------------------------------------------------------ one run
+
+def percentile(values: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if len(values) else float("nan")
 
 
-def mean_batch(before: dict, after: dict, model: str) -> float | None:
-    """Average number of uploads per model call during the run (the server's dynamic batching)."""
-    a, b = after.get("embedding_batches", {}).get(model), before.get("embedding_batches", {}).get(model)
-    if not a or not b or a["batches"] == b["batches"]:
-        return None
-    return round((a["images"] - b["images"]) / (a["batches"] - b["batches"]), 2)
+def load_run(spec: str, args, queries: list[bytes] | None, log_path: str) -> dict:
+    """Starts `tfr web` for `spec` (BUNDLE or BUNDLE@RUNTIME), loads it, stops it; returns the run's figures."""
+    import psutil
 
+    from tf_retrieval.config import ModelConfig
+
+    bundle, _, runtime = spec.partition("@")
+    runtime = runtime or "litert"
+    config = ModelConfig.load(os.path.join(bundle, "model.json"))
+    with open(os.path.join(bundle, "index", "manifest.json")) as f:
+        manifest = json.load(f)
+    state = os.path.join(bundle, "index", "scann", "state.json")  # a ScaNN searcher's trained settings
+    if os.path.isfile(state):
+        with open(state) as f:
+            manifest["config"]["params"] = json.load(f)["params"]
+    queries = queries or query_images(args, bundle)
+    logger.info("run %s: %s at %d px, %s index of %d, runtime %s, %d workers", spec, config.name, config.image_size,
+                manifest["backend"], manifest["count"], runtime, args.workers)
+    server = WebServer(bundle, runtime, args.workers, args.threads, log_path)
+    try:
+        server.wait_ready()
+        client = LoadClient(server.port, queries, args.k)
+        warm = client.run(args.warmup, args.concurrency)
+        if warm["errors"]:
+            raise SystemExit(f"warm-up requests failed: {warm['errors'][:3]}")
+        processes = server.processes()
+
+        def rss_mb() -> float:
+            return sum(p.memory_info().rss for p in processes) / 2**20
+
+        every = max(1, args.requests // 10)
+        samples, marks = [rss_mb()], set(range(every, args.requests + 1, every))
+
+        def progress(done: int):
+            if done in marks:
+                samples.append(rss_mb())
+
+        cpu_before = sum(sum(p.cpu_times()[:2]) for p in processes)
+        client_before = time.process_time()
+        psutil.cpu_percent()
+        load_before = os.getloadavg()
+        run = client.run(args.requests, args.concurrency, on_progress=progress)
+        machine_busy = psutil.cpu_percent()
+        client_cpu = time.process_time() - client_before
+        cpu_after = sum(sum(p.cpu_times()[:2]) for p in processes)
+        samples.append(rss_mb())
+    finally:
+        server.stop()
+    latencies, served = run["latencies"], max(1, len(run["latencies"]))
+    row = {"run": spec, "bundle": os.path.relpath(bundle, REPO), "runtime": runtime, "model": config.name,
+           "backbone": config.backbone, "image_size": config.image_size, "weights": str(config.weights),
+           "embedding_dim": int(manifest["dim"]), "index": manifest["backend"], "index_size": int(manifest["count"]),
+           "index_params": manifest["config"].get("params"),
+           "requests": args.requests, "concurrency": args.concurrency, "workers": args.workers,
+           "threads_per_worker": args.threads, "errors": len(run["errors"]),
+           "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90), "p99_ms": percentile(latencies, 99),
+           "max_ms": round(float(latencies.max()), 2) if len(latencies) else float("nan"),
+           "rps": round(len(latencies) / run["wall_s"], 2), "wall_s": round(run["wall_s"], 2),
+           "server_embed_p50_ms": percentile(run["embed"], 50), "server_search_p50_ms": percentile(run["search"], 50),
+           "server_cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / served, 2),
+           "client_cpu_ms_per_request": round(client_cpu * 1000 / served, 2),
+           "machine_cpu_busy_percent": machine_busy, "load_average_before": [round(x, 2) for x in load_before],
+           "rss_mb_start": round(samples[0], 1), "rss_mb_end": round(samples[-1], 1),
+           "rss_mb_peak": round(max(samples), 1), "rss_mb_samples": [round(x, 1) for x in samples],
+           "error_examples": run["errors"][:5]}
+    logger.info("%s: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors, server CPU %.1f ms/request", spec, row["rps"],
+                row["p50_ms"], row["p99_ms"], row["errors"], row["server_cpu_ms_per_request"])
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ report
 
 def machine() -> dict:
     import psutil
@@ -267,188 +349,104 @@ def machine() -> dict:
     return info
 
 
-def percentile(values: np.ndarray, q: float) -> float:
-    return round(float(np.percentile(values, q)), 2) if len(values) else float("nan")
+def goals(rows: list[dict]) -> dict:
+    """The headline run (the first) against `GOAL`, and LiteRT over TensorFlow on the same bundle when both ran."""
+    head = rows[0]
+    checks = {"errors": head["errors"] == GOAL["errors"], "rps": head["rps"] >= GOAL["rps"],
+              "p50": head["p50_ms"] <= GOAL["p50_ms"], "p99": head["p99_ms"] <= GOAL["p99_ms"],
+              "memory": head["rss_mb_end"] - head["rss_mb_start"] <= GOAL["rss_growth_mb"]}
+    tf_rows = [r for r in rows if r["bundle"] == head["bundle"] and r["runtime"] == "tf"]
+    ratio = round(head["rps"] / tf_rows[0]["rps"], 2) if tf_rows and head["runtime"] == "litert" else None
+    if ratio is not None:
+        checks["litert_over_tf"] = ratio >= GOAL["litert_over_tf"]
+    in_setting = (head["bundle"].find("cifar10") >= 0 and head["backbone"] == "efficientnet_lite0"
+                  and head["image_size"] == 96 and head["requests"] >= GOAL["requests"]
+                  and head["concurrency"] == GOAL["concurrency"])
+    return {"targets": GOAL, "checks": checks, "litert_over_tf": ratio, "in_setting": in_setting,
+            "met": bool(in_setting and all(checks.values()))}
 
 
 def write_markdown(path: str, result: dict) -> None:
-    goal = result["goal"]
-    rows = [
-        ("requests (errors)", f"{result['requests']} ({result['errors']})", f"{goal['requests']} (0)"),
-        ("concurrency / server threads", f"{result['concurrency']} / {result['server_threads']}", "8"),
-        ("p50 latency", f"{result['p50_ms']:.1f} ms", f"≤ {goal['p50_ms']:.0f} ms"),
-        ("p90 latency", f"{result['p90_ms']:.1f} ms", ""),
-        ("p99 latency", f"{result['p99_ms']:.1f} ms", f"≤ {goal['p99_ms']:.0f} ms"),
-        ("max latency", f"{result['max_ms']:.1f} ms", ""),
-        ("throughput", f"{result['rps']:.1f} req/s", ""),
-        ("server embed p50 / search p50", f"{result['server_embed_p50_ms']:.1f} / {result['server_search_p50_ms']:.2f} ms", ""),
-        ("mean uploads per model call (dynamic batching)", f"{result['mean_embedding_batch']}", ""),
-        ("server / load-client CPU time per request",
-         f"{result['server_cpu_ms_per_request']:.1f} / {result['client_cpu_ms_per_request']:.1f} ms", ""),
-        ("machine CPU busy during the run (all cores)", f"{result['machine_cpu_busy_percent']:.0f}%", ""),
-        ("server RSS start → end (peak)",
-         f"{result['rss_mb_start']:.0f} → {result['rss_mb_end']:.0f} MB ({result['rss_mb_peak']:.0f})",
-         f"growth ≤ {RSS_TOLERANCE_MB:.0f} MB"),
-    ]
-    lines = [
-        "# Web API load test",
-        "",
-        f"Upload-searches (`POST /api/search`, multipart image, k={result['k']}) against the production waitress server on "
-        f"127.0.0.1, run {result['date']}.",
-        "",
-        f"- Collection: {result['source']}; index size {result['index_size']:,} ({result['index']})",
-        f"- Model: {result['backbone']} at {result['image_size']} px, weights {result['weights']}",
-        f"- Machine: {result['machine'].get('cpu_model', result['machine']['processor'])}, "
-        f"{result['machine']['usable_cores']} usable cores, {result['machine']['memory_gb']} GB; "
-        f"load average at start {result['machine']['load_avg_at_start']}",
-        f"- Command: `{result['command']}`",
-        "",
-        "| metric | measured | goal |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
-        "",
-        f"Goal met: **{'yes' if result['goal_met'] else 'no'}** ({result['goal_note']}).",
-        "",
-        f"RSS samples during the run (MB, every ~{result['rss_sample_every']} requests): "
-        f"{', '.join(f'{x:.0f}' for x in result['rss_mb_samples'])}.",
-    ]
-    if result["error_examples"]:
-        lines += ["", "First errors:", "", *[f"- `{e}`" for e in result["error_examples"]]]
+    head, goal = result, result["goals"]
+    lines = ["# Web API load test", "",
+             f"Upload-searches (`POST /api/search`, multipart image, k={result['k']}) against `tfr web` (waitress, "
+             f"{result['workers']} worker processes x {result['threads_per_worker']} threads) on 127.0.0.1, "
+             f"{result['requests']} requests at concurrency {result['concurrency']} per run, run {result['date']}.",
+             "", f"- Queries: {result['queries']}",
+             f"- Machine: {result['machine'].get('cpu_model', result['machine']['processor'])}, "
+             f"{result['machine']['usable_cores']} usable cores, {result['machine']['memory_gb']} GB; load average at "
+             f"start {result['machine']['load_avg_at_start']}",
+             f"- Command: `{result['command']}`", "",
+             "| run | model | px | dim | index | runtime | req/s | p50 ms | p99 ms | errors | server embed / search p50 ms "
+             "| server / client CPU ms per request | RSS start → end MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['bundle']} | {r['model']} | {r['image_size']} | {r['embedding_dim']} | {r['index']} "
+                     f"{r['index_size']:,} | {r['runtime']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['errors']} | {r['server_embed_p50_ms']:.1f} / {r['server_search_p50_ms']:.2f} | "
+                     f"{r['server_cpu_ms_per_request']:.1f} / {r['client_cpu_ms_per_request']:.1f} | "
+                     f"{r['rss_mb_start']:.0f} → {r['rss_mb_end']:.0f} |")
+    checks = goal["checks"]
+    target = goal["targets"]
+    lines += ["", f"Goals (issue 15, headline run = the first row): >= {target['rps']:.0f} req/s "
+              f"({'met' if checks['rps'] else 'missed'}), p50 <= {target['p50_ms']:.0f} ms "
+              f"({'met' if checks['p50'] else 'missed'}), p99 <= {target['p99_ms']:.0f} ms "
+              f"({'met' if checks['p99'] else 'missed'}), 0 errors ({'met' if checks['errors'] else 'missed'}), "
+              f"RSS growth <= {target['rss_growth_mb']:.0f} MB ({'met' if checks['memory'] else 'missed'})"
+              + (f", LiteRT >= {target['litert_over_tf']:.0f}x TensorFlow: {goal['litert_over_tf']}x "
+                 f"({'met' if checks['litert_over_tf'] else 'missed'})" if goal["litert_over_tf"] is not None else "")
+              + ("" if goal["in_setting"] else "; this run is not the goal's setting (CIFAR-10 50k, Lite0 at 96 px, "
+                                               "2,000 requests at concurrency 8) and does not count") + ".",
+              "", "Server CPU is the user + system time of the server's processes during the run; RSS is summed over "
+              "its worker processes. Server embed / search are the page's own timings (`timing_ms`), wall time "
+              "inside a request, so they include waiting for a core."]
     write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", help="serve this index bundle")
-    parser.add_argument("--dataset", choices=["synthetic", "cifar10"], default="synthetic")
-    parser.add_argument("--synthetic-size", type=int, default=2000, help="images in the synthetic collection")
-    parser.add_argument("--max-index", type=int, default=None, help="index only the first N database images (quick checks)")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--weights", default="imagenet", help="backbone weights: imagenet, none, or a file")
-    parser.add_argument("--backend", default="auto", help="index backend (auto, exact, scann)")
+    parser.add_argument("--run", action="append", default=[], metavar="BUNDLE[@RUNTIME]",
+                        help="serve this index bundle (runtime litert by default, or @tf); repeat for more rows")
+    parser.add_argument("--synthetic", type=int, metavar="N", help="no data: index N generated images (90%%) and "
+                                                                   "query with the rest, on litert and tf")
+    parser.add_argument("--query-dataset", help="query images from this tfds name or folder (default: the bundle's)")
+    parser.add_argument("--query-split", help="its split, e.g. test")
+    parser.add_argument("--queries", type=int, default=500, help="distinct query images cycled through")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=8, help="waitress worker threads")
+    parser.add_argument("--workers", type=int, default=2, help="`tfr web --workers` (default: 2, the cores here)")
+    parser.add_argument("--threads", type=int, default=4, help="`tfr web --threads` per worker")
     parser.add_argument("--warmup", type=int, default=40, help="requests sent first and not counted")
-    parser.add_argument("--queries", type=int, default=500, help="distinct query images cycled through")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="the app's dynamic batching wait")
-    parser.add_argument("--batch-workers", type=int, default=2, help="the app's concurrent model calls")
-    parser.add_argument("--no-batching", action="store_true", help="embed every upload on its own")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "web_load.json"))
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be positive")
+    if not args.run and not args.synthetic:
+        parser.error("give --run BUNDLE[@RUNTIME] (repeatable) or --synthetic N")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    import psutil
-
-    context = mp.get_context("spawn")  # a fresh interpreter: TensorFlow lives only in the server
-    parent_end, child_end = context.Pipe()
-    child = context.Process(target=serve_child, args=(args, child_end), daemon=True)
-    child.start()
-    try:
-        if not parent_end.poll(3600):
-            raise SystemExit("the server did not start within an hour")
-        info = parent_end.recv()
-        if "error" in info:
-            raise SystemExit(f"the server failed to start: {info['error']}")
-        server = psutil.Process(child.pid)
-        logger.info("server pid %d on port %d: %s, %d indexed, %d query images", child.pid, info["port"], info["source"],
-                    info["index_size"], len(info["queries"]))
-        client = LoadClient(info["port"], info["queries"], args.k)
-        warm = client.run(args.warmup, args.concurrency)
-        if warm["errors"]:
-            raise SystemExit(f"warm-up requests failed: {warm['errors'][:3]}")
-
-        def rss_mb() -> float:
-            return server.memory_info().rss / 2**20
-
-        every = max(1, args.requests // 10)
-        samples = [rss_mb()]
-        marks = set(range(every, args.requests + 1, every))
-
-        def progress(done: int):
-            if done in marks:
-                samples.append(rss_mb())
-                logger.info("%d/%d requests", done, args.requests)
-
-        health_before = health(info["port"])
-        cpu_before = sum(server.cpu_times()[:2])
-        client_before = time.process_time()
-        psutil.cpu_percent()  # starts the machine-wide measurement
-        run = client.run(args.requests, args.concurrency, on_progress=progress)
-        machine_busy = psutil.cpu_percent()
-        client_cpu = time.process_time() - client_before
-        cpu_after = sum(server.cpu_times()[:2])
-        samples.append(rss_mb())
-        health_after = health(info["port"])
-    finally:
-        if child.is_alive():
-            parent_end.send("stop")
-            child.join(timeout=30)
-        if child.is_alive():
-            child.terminate()
-
-    latencies = run["latencies"]
-    result = {
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "server_threads": args.threads,
-        "errors": len(run["errors"]),
-        "p50_ms": percentile(latencies, 50),
-        "p90_ms": percentile(latencies, 90),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": round(float(latencies.max()), 2) if len(latencies) else float("nan"),
-        "mean_ms": round(float(latencies.mean()), 2) if len(latencies) else float("nan"),
-        "rps": round(len(latencies) / run["wall_s"], 2),
-        "wall_s": round(run["wall_s"], 2),
-        "server_embed_p50_ms": percentile(run["embed"], 50),
-        "server_search_p50_ms": percentile(run["search"], 50),
-        "mean_embedding_batch": mean_batch(health_before, health_after, info["model"]),
-        "server_cpu_ms_per_request": round((cpu_after - cpu_before) * 1000 / max(1, len(latencies)), 2),
-        "client_cpu_ms_per_request": round(client_cpu * 1000 / max(1, len(latencies)), 2),
-        "machine_cpu_busy_percent": machine_busy,
-        "batching": {"enabled": not args.no_batching, "wait_ms": args.batch_wait_ms, "workers": args.batch_workers},
-        "index_size": info["index_size"],
-        "index": info["index"],
-        "backbone": info["backbone"],
-        "image_size": info["image_size"],
-        "weights": info["weights"],
-        "source": info["source"],
-        "dataset": "bundle" if args.bundle else args.dataset,
-        "k": args.k,
-        "warmup_requests": args.warmup,
-        "distinct_queries": len(info["queries"]),
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]),
-        "machine": machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rss_mb_start": round(samples[0], 1),
-        "rss_mb_end": round(samples[-1], 1),
-        "rss_mb_peak": round(max(samples), 1),
-        "rss_mb_samples": [round(x, 1) for x in samples],
-        "rss_sample_every": every,
-        "error_examples": run["errors"][:5],
-        "goal": {**GOAL, "rss_growth_mb": RSS_TOLERANCE_MB,
-                 "setting": "CIFAR-10 index, efficientnet_lite0 at 96 px, 2,000 requests at concurrency 8"},
-    }
-    checks = {"errors": result["errors"] == 0, "p50": result["p50_ms"] <= GOAL["p50_ms"],
-              "p99": result["p99_ms"] <= GOAL["p99_ms"],
-              "memory": result["rss_mb_end"] - result["rss_mb_start"] <= RSS_TOLERANCE_MB}
-    met = all(checks.values())
-    in_setting = (result["dataset"] in ("cifar10", "bundle") and result["backbone"] == "efficientnet_lite0"
-                  and result["image_size"] == 96 and result["requests"] >= GOAL["requests"] and result["concurrency"] == 8)
-    result["goal_met"] = bool(met and in_setting)
-    missed = [name for name, ok in checks.items() if not ok]
-    result["goal_note"] = (("all targets met" if met else f"missed: {', '.join(missed)}; met: "
-                            + ", ".join(name for name, ok in checks.items() if ok))
-                           + ("" if in_setting else "; not the goal's setting (CIFAR-10, efficientnet_lite0 @ 96 px, "
-                                                    "2,000 requests at concurrency 8), so this run does not count"))
-    write_text(args.out, json.dumps(result, indent=2) + "\n")
+    start_machine = machine()
+    with tempfile.TemporaryDirectory() as scratch:
+        queries, specs = None, list(args.run)
+        if args.synthetic:
+            bundle, queries = synthetic_bundle(args.synthetic, scratch)
+            specs = [bundle, f"{bundle}@tf"]
+        log_path = os.path.splitext(args.out)[0] + ".server.log"
+        rows = [load_run(spec, args, queries, log_path) for spec in specs]
+    head = rows[0]
+    result = {**{key: head[key] for key in ("requests", "concurrency", "errors", "p50_ms", "p90_ms", "p99_ms", "rps",
+                                            "index_size", "backbone", "image_size", "runtime", "workers",
+                                            "threads_per_worker", "rss_mb_start", "rss_mb_end")},
+              "k": args.k, "runs": rows, "goals": goals(rows),
+              "queries": (f"{len(queries)} generated test images" if queries else
+                          f"{args.queries} images of {args.query_dataset or 'each bundle'}"
+                          + (f" ({args.query_split} split)" if args.query_split else "")),
+              "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO),
+                                                                      *(argv or sys.argv[1:])]),
+              "machine": start_machine, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_json(args.out, result, indent=2)
     write_markdown(os.path.splitext(args.out)[0] + ".md", result)
-    logger.info("p50 %.1f ms, p99 %.1f ms, %.1f req/s, %d errors, RSS %.0f -> %.0f MB; wrote %s", result["p50_ms"],
-                result["p99_ms"], result["rps"], result["errors"], result["rss_mb_start"], result["rss_mb_end"], args.out)
+    logger.info("wrote %s: %s", args.out, result["goals"])
     return result
 
 

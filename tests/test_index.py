@@ -486,3 +486,23 @@ def test_hamming_needs_the_exact_backend_and_the_right_width():
     index = build_index(np.zeros((3, 2), np.uint8), metric="hamming")
     with pytest.raises(ValueError, match=r"shape \[n, 16\]"):
         index.search(np.zeros((1, 3), np.uint8), 1)
+
+
+def test_scann_calibrates_its_rescoring_on_high_dimensional_data(rng, caplog):
+    """At high dimensions re-scoring is the costly part: ScaNN's `reorder` is the fewest candidates that reach the
+    target recall on probes of the data, and the searches keep that recall."""
+    import logging
+
+    both = clustered(rng, 3100, dim=256)  # queries from the data's own clusters, as a user's images would be
+    db, queries = both[:3000], both[3000:]
+    exact = build_index(db, backend="exact")
+    with caplog.at_level(logging.INFO, logger="tf_retrieval.search.index"):
+        scann = build_index(db, backend="scann", params={"mode": "ah"})
+        recall = recall_at_10(scann, exact, queries)
+    params = scann.built_params
+    assert params["reorder"] in (20, 40, 100, 200, 500) and params["calibrated_recall"] >= 0.99
+    assert f"ScaNN re-scores {params['reorder']} candidates per query" in caplog.text
+    assert recall >= 0.95
+    fixed = build_index(db, backend="scann", params={"mode": "ah", "reorder": 300})  # a given reorder is kept
+    fixed.search(queries[:1], 10)  # trains the searcher
+    assert fixed.built_params["reorder"] == 300 and "calibrated_recall" not in fixed.built_params

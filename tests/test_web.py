@@ -596,3 +596,81 @@ def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
             f.write("{broken")
         assert index_size() == 60
     assert "could not reload the bundle of baseline" in caplog.text
+
+
+class MeanColour:
+    """A numpy embedder (no TensorFlow in the forked workers): the image's mean colour, L2-normalised."""
+
+    def embed_bytes(self, encoded):
+        from tf_retrieval.data.images import decode_image
+
+        vectors = np.stack([decode_image(b).reshape(-1, 3).mean(axis=0) for b in encoded]).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(tmp_path):
+    """`tfr web --workers 2`: two processes answer on one port; one killed is started again, the port keeps answering."""
+    import multiprocessing
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    from tf_retrieval.config import ModelConfig
+    from tf_retrieval.data.images import image_folder
+    from tf_retrieval.search.engine import build_bundle
+    from tf_retrieval.web.app import create_app, reserve_port, serve_workers
+
+    folder = make_image_folder(str(tmp_path / "images"), per_class=3)
+    collection = image_folder(folder, progress=False)
+    embedder = MeanColour()
+    engine = build_bundle(str(tmp_path / "bundle"), ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32,
+                                                                weights=None), collection,
+                          embedder.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
+                          source=folder, backend="exact")
+    engine._embedder = embedder
+    sock = reserve_port("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    parent = multiprocessing.get_context("fork").Process(
+        target=serve_workers, args=(lambda: create_app({"colour": engine}, batching=False), sock),
+        kwargs={"workers": 2, "threads": 2})
+    parent.start()
+    sock.close()
+
+    def search_ok() -> bool:
+        body = json.dumps({"id": collection.ids[0], "k": 3}).encode()
+        request = urllib.request.Request(f"{base}/api/search", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            results = json.load(response)["results"]
+        return len(results) == 3 and collection.ids[0] not in [r["id"] for r in results]  # the query is left out
+
+    def workers(count: int) -> list[int]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pids = [child.pid for child in psutil.Process(parent.pid).children()]
+            if len(pids) == count:
+                return pids
+            time.sleep(0.2)
+        raise AssertionError(f"expected {count} workers, found {pids}")
+
+    try:
+        first = workers(2)
+        assert all(search_ok() for _ in range(10))
+        os.kill(first[0], signal.SIGKILL)
+        second = workers(2)
+        while first[0] in second:
+            second = workers(2)
+        assert first[1] in second and all(search_ok() for _ in range(10))
+    finally:
+        parent.terminate()
+        parent.join(timeout=20)
+    assert parent.exitcode == 0 and not psutil.pid_exists(first[1])
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
+    from tf_retrieval.errors import RetrievalError
+    from tf_retrieval.web.app import reserve_port, serve_workers
+
+    def broken():
+        raise OSError("bundle unreadable")
+
+    with pytest.raises(RetrievalError, match="web worker 0 exited with code 1 while starting"):
+        serve_workers(broken, reserve_port("127.0.0.1", 0), workers=2)

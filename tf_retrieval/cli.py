@@ -304,18 +304,23 @@ def cmd_web(args: argparse.Namespace) -> None:
 
     web = _web()
     sock = web.reserve_port(args.host, args.port)  # a busy port fails before the models load
-    engines = {}
-    for name in args.index:
-        bundle = _bundle(args, name)
-        config = ModelConfig.load(os.path.join(bundle, "model.json"))
-        engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, config.name),
-                                      data_dir=args.data_dir, runtime=args.runtime)
-        if engine.name in engines:
-            raise InvalidInputError(f"two bundles hold the model {engine.name!r}; each model may appear once")
-        engines[engine.name] = engine
-        print(f"{engine.name}: {len(engine):,} images from {bundle}")
-    print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    web.serve(web.create_app(engines, max_upload_mb=args.max_upload_mb, warmup=True), threads=args.threads, sock=sock)
+    bundles = [_bundle(args, name) for name in args.index]
+    names = [ModelConfig.load(os.path.join(bundle, "model.json")).name for bundle in bundles]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(f"two bundles hold the model {repeated[0]!r}; each model may appear once")
+
+    def build_app():  # in each worker process
+        engines = {}
+        for bundle, name in zip(bundles, names):
+            engines[name] = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, name),
+                                                 data_dir=args.data_dir, runtime=args.runtime)
+            print(f"{name}: {len(engines[name]):,} images from {bundle}", flush=True)
+        return web.create_app(engines, max_upload_mb=args.max_upload_mb, warmup=True)
+
+    workers = f" with {args.workers} worker processes" if args.workers > 1 else ""
+    print(f"search page: http://{args.host}:{args.port}/{workers}  (Ctrl-C to stop)", flush=True)
+    web.serve_workers(build_app, sock, workers=args.workers, threads=args.threads)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -520,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arg(web)
     web.add_argument("--host", default="127.0.0.1")
     web.add_argument("--port", type=int, default=8080)
-    web.add_argument("--threads", type=int, default=8)
+    web.add_argument("--threads", type=int, default=8, help="request threads per worker process")
+    web.add_argument("--workers", type=int, default=1,
+                     help="server processes (each loads the models and the index; more than one keeps several cores "
+                          "busy under load: e.g. the number of cores)")
     web.add_argument("--max-upload-mb", type=float, default=10.0)
 
     train = command("train", cmd_train, "fine-tune with a triplet loss on cached features")

@@ -38,7 +38,7 @@ import os
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import quote
 
 import numpy as np
@@ -661,3 +661,64 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 
         logger.info("stopped")
     finally:
         server.close()
+
+
+def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, workers: int, threads: int = 8) -> None:
+    """Serves the apps of `workers` processes on one listening socket (from `reserve_port`), until interrupted.
+
+    Python runs one thread at a time per process, and the page's request handling (HTTP, multipart, JSON) is Python:
+    one process cannot keep several cores busy. Each worker is forked before anything heavy is loaded, builds its own
+    app (`build_app()`: engines, models, index) and serves with `threads` threads; the kernel spreads connections over
+    the processes, as with gunicorn's pre-fork workers. A worker that dies is started again (one that dies before its
+    app is built stops them all: it would fail again); SIGINT / SIGTERM stop all. With `workers` == 1 the app is
+    served in this process.
+    """
+    import multiprocessing
+    import signal
+
+    if workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    if workers == 1:
+        return serve(build_app(), threads=threads, sock=sock)
+    context = multiprocessing.get_context("fork")  # the socket is inherited; nothing heavy is loaded yet
+
+    def start(number: int):
+        ready = context.Event()
+        process = context.Process(target=_worker, args=(build_app, sock, threads, ready), name=f"web-worker-{number}",
+                                  daemon=True)
+        process.start()
+        return process, ready
+
+    processes, ready = map(list, zip(*(start(number) for number in range(workers))))
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        while not stopping.wait(1.0):
+            for number, process in enumerate(processes):
+                if process.is_alive():
+                    continue
+                if not ready[number].is_set():  # it cannot start: do not loop on it
+                    raise RetrievalError(f"web worker {number} exited with code {process.exitcode} while starting "
+                                         "(its error is above)")
+                logger.warning("web worker %d (pid %s) exited with %s: starting it again", number, process.pid,
+                               process.exitcode)
+                processes[number], ready[number] = start(number)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+        logger.info("stopped %d web workers", workers)
+
+
+def _worker(build_app: Callable[[], Flask], sock: socket.socket, threads: int, ready) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    app = build_app()
+    ready.set()  # from now on an exit is a crash, and the worker is started again
+    serve(app, threads=threads, sock=sock)

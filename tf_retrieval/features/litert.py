@@ -111,12 +111,12 @@ class LiteRTModel:
 
     Args:
       flatbuffer: the model (`convert`).
-      num_threads: kernel threads per interpreter; default: the machine's cores.
+      num_threads: kernel threads per interpreter; default: `$TFR_LITERT_THREADS`, else the machine's cores.
     """
 
     def __init__(self, flatbuffer: bytes, num_threads: int | None = None):
         self.flatbuffer = flatbuffer
-        self.num_threads = num_threads or os.cpu_count() or 1
+        self.num_threads = num_threads or int(os.environ.get("TFR_LITERT_THREADS") or 0) or os.cpu_count() or 1
         self._local = threading.local()
         first = self._interpreter()  # fail here, not on the first request, when the flatbuffer is unusable
         (source,), (target,) = first.get_input_details(), first.get_output_details()

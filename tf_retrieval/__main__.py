@@ -1,0 +1,3 @@
+from tf_retrieval.cli import main
+import sys
+sys.exit(main())
