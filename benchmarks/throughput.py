@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime-images", type=int, default=512, help="images per timed runtime run (batch 32; "
                                                                         "a quarter of them at batch 1)")
     parser.add_argument("--workdir", default="artifacts", help="where converted LiteRT models are cached")
+    parser.add_argument("--int8-size", type=int, default=96, help="image size of the int8 comparison (0: skip it)")
+    parser.add_argument("--cold-index", type=int, default=96, metavar="PX",
+                        help="time `tfr index` of the whole dataset from nothing at this size (0: skip it)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
 
@@ -84,8 +87,18 @@ def main(argv=None) -> int:
         rows, limit = runtime_rows(config, collection, args)
         runtimes += rows
         limits.append(limit)
+    int8 = None
+    if args.int8_size:
+        import concurrent.futures
+        import multiprocessing
+
+        config = ModelConfig(name="baseline", backbone=args.backbone, image_size=args.int8_size, weights=weights)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            int8 = pool.submit(int8_report, config, collection).result()
+    cold = cold_index_seconds(args.dataset, args.cold_index) if args.cold_index else None
     result = {"backbone": args.backbone, "weights": args.weights, "dataset": f"{args.dataset} (test split, encoded)",
               "runs": runs, "runtimes": runtimes, "machine_limit": limits, "goals": runtime_goals(runtimes, limits),
+              "int8": int8, "cold_index": cold,
               "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "machine": machine_description(), "tensorflow": tf.__version__,
               "date": datetime.date.today().isoformat(),
@@ -94,7 +107,8 @@ def main(argv=None) -> int:
                        "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + resize in tf.data), "
                        "best of --repeats runs each. runtimes: features.embedding.Embedder, one call per batch, "
                        "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: PIL decode + numpy resize + model), "
-                       "best of --repeats runs; LiteRT fp32 with XNNPACK, one interpreter, threads = cores"}
+                       "best of --repeats runs, each runtime in a fresh process; LiteRT fp32 with XNNPACK, one interpreter, threads = "
+                       "cores"}
     write_json(os.path.join(RESULTS, "throughput.json"), result, indent=1)
     lines = ["# Embedding throughput", "", f"{args.backbone} ({args.weights}), {result['dataset']}, {result['machine']}, "
              f"TF {tf.__version__}, {result['date']}", "", "| px | images | batch | raw predict img/s | pipeline img/s | "
@@ -114,6 +128,18 @@ def main(argv=None) -> int:
               f"{'met' if g['met_over_tf'] else 'missed'})"
               + (f"; {g['share_of_limit']:.0%} of the limit (goal 50%, {'met' if g['met_limit'] else 'missed'})"
                  if 'share_of_limit' in g else "") for g in result["goals"]]
+    if int8:
+        lines += ["", f"## Int8 (full-integer LiteRT, {int8['image_size']} px, calibrated on {int8['calibration_images']} "
+                  "images)", "", "| | fp32 | int8 |", "|---|---|---|",
+                  f"| batch 1, img/s (pixels in) | {int8['fp32_batch1_img_s']} | {int8['int8_batch1_img_s']} |",
+                  f"| batch 32, img/s (pixels in) | {int8['fp32_batch32_img_s']} | {int8['int8_batch32_img_s']} |",
+                  f"| leave-one-out mAP, {int8['map_images']} images | {int8['map_fp32']} | {int8['map_int8']} |", "",
+                  f"Cosine of int8 to fp32 embeddings: mean {int8['mean_cosine']}, min {int8['min_cosine']}. Kept: "
+                  f"{'yes' if int8['kept'] else 'no'} (needs |mAP difference| <= 0.005)."]
+    if cold:
+        lines += ["", f"## Cold index: {cold['dataset']} at {cold['image_size']} px", "",
+                  f"{cold['seconds']} s from an empty work directory (goal {cold['goal_s']:.0f} s: "
+                  f"{'met' if cold['met'] else 'missed'}): `{cold['command']}` ({cold['output']})."]
     lines += ["", f"Load average {result['load_average']['before']} before, {result['load_average']['after']} after.",
               "", f"    {result['command']}", ""]
     write_text(os.path.join(RESULTS, "throughput.md"), "\n".join(lines))
@@ -152,41 +178,119 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def runtime_rows(config, collection, args) -> tuple[list[dict], dict]:
-    """Rows per runtime at batch 1 and 32 (pixels in, JPEG bytes in), and the machine's limit for `config`."""
-    from tf_retrieval.data.images import decode_image, resize_and_crop_array
+    """Rows per runtime at batch 1 and 32 (pixels in, JPEG bytes in), each runtime measured in a fresh process (a
+    runtime's thread pools never run beside the other's), and the machine's limit for `config`."""
+    import concurrent.futures
+    import multiprocessing
+
     from tf_retrieval.features.embedding import Embedder
 
     count = min(args.runtime_images, len(collection))
     encoded = [collection.read_bytes(i) for i in range(count)]
-    pixels = np.stack([resize_and_crop_array(decode_image(data), config.image_size) for data in encoded])
     rows = []
     for runtime in ("tf", "litert"):
-        embedder = Embedder(config, runtime=runtime, workdir=args.workdir)
-        assert embedder.runtime == runtime, f"{runtime} did not load"
-        for batch in (1, 32):
-            n = count // 4 if batch == 1 else count
-            embedder.batch_size = batch
-            embedder.embed_bytes(encoded[:batch])  # warm-up (and the interpreter's resize to this batch)
-            timings = {}
-            for name, work in (("model", lambda: [embedder.embed_pixels(pixels[i:i + batch]) for i in range(0, n, batch)]),
-                               ("pipeline", lambda: [embedder.embed_bytes(encoded[i:i + batch]) for i in range(0, n, batch)])):
-                best = float("inf")
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    work()
-                    best = min(best, time.perf_counter() - start)
-                timings[name] = best
-            rows.append({"image_size": config.image_size, "runtime": embedder.runtime, "batch": batch, "images": n,
-                         "model_img_s": round(n / timings["model"], 1),
-                         "pipeline_img_s": round(n / timings["pipeline"], 1),
-                         "pipeline_ms_per_batch": round(1000 * timings["pipeline"] / (n / batch), 2)})
-            print(rows[-1], flush=True)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows += pool.submit(measure_runtime, config, runtime, encoded, args.repeats, args.workdir).result()
     gflop = model_flops(Embedder(config, runtime="tf").model) / 1e9
     matmul = matmul_gflops()
     limit = {"image_size": config.image_size, "matmul_gflop_s": round(matmul, 1),
              "model_gflop_per_image": round(gflop, 4), "limit_img_s": round(matmul / gflop, 1)}
     print(limit, flush=True)
     return rows, limit
+
+
+def measure_runtime(config, runtime: str, encoded: list[bytes], repeats: int, workdir: str) -> list[dict]:
+    """`runtime`'s rows at batch 1 and 32: pixels in, and JPEG bytes in (a quarter of the images at batch 1)."""
+    from tf_retrieval.data.images import decode_image, resize_and_crop_array
+    from tf_retrieval.features.embedding import Embedder
+
+    count = len(encoded)
+    pixels = np.stack([resize_and_crop_array(decode_image(data), config.image_size) for data in encoded])
+    rows = []
+    embedder = Embedder(config, runtime=runtime, workdir=workdir)
+    assert embedder.runtime == runtime, f"{runtime} did not load"
+    for batch in (1, 32):
+        n = count // 4 if batch == 1 else count
+        embedder.batch_size = batch
+        embedder.embed_bytes(encoded[:batch])  # warm-up (and the interpreter's resize to this batch)
+        timings = {}
+        for name, work in (("model", lambda: [embedder.embed_pixels(pixels[i:i + batch]) for i in range(0, n, batch)]),
+                           ("pipeline", lambda: [embedder.embed_bytes(encoded[i:i + batch]) for i in range(0, n, batch)])):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                work()
+                best = min(best, time.perf_counter() - start)
+            timings[name] = best
+        rows.append({"image_size": config.image_size, "runtime": embedder.runtime, "batch": batch, "images": n,
+                     "model_img_s": round(n / timings["model"], 1),
+                     "pipeline_img_s": round(n / timings["pipeline"], 1),
+                     "pipeline_ms_per_batch": round(1000 * timings["pipeline"] / (n / batch), 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def int8_report(config, collection, calibration: int = 200) -> dict:
+    """Full-integer (int8) LiteRT quantisation of `config`'s model against fp32, in this process: speed (pixels in,
+    batch 1 and 32) and quality (cosine of the two embeddings, and leave-one-out mAP on the collection's images after
+    the first `calibration`, which calibrate the quantisation). Issue 15 keeps int8 only within 0.005 mAP of fp32."""
+    import tensorflow as tf
+
+    from tf_retrieval.data.images import decode_image, resize_and_crop_array
+    from tf_retrieval.evaluation.evaluate import rank_and_score
+    from tf_retrieval.features.embedding import build_model
+    from tf_retrieval.features.litert import LiteRTModel, convert
+
+    pixels = np.stack([resize_and_crop_array(decode_image(collection.read_bytes(i)), config.image_size)
+                       for i in range(len(collection))]).astype(np.float32)
+    model = build_model(config)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([pixels[i:i + 1]] for i in range(calibration))
+    models = {"fp32": LiteRTModel(convert(model)), "int8": LiteRTModel(converter.convert())}
+    report = {"image_size": config.image_size, "calibration_images": calibration}
+    held_out = pixels[calibration:]
+    vectors = {}
+    for name, forward in models.items():
+        for batch in (1, 32):
+            n = min(len(held_out), 128 if batch == 1 else 1024)
+            forward(held_out[:batch])
+            start = time.perf_counter()
+            for i in range(0, n - batch + 1, batch):
+                forward(held_out[i:i + batch])
+            report[f"{name}_batch{batch}_img_s"] = round((n - n % batch) / (time.perf_counter() - start), 1)
+        out = np.concatenate([forward(held_out[i:i + 64]) for i in range(0, len(held_out), 64)])
+        vectors[name] = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    cosine = np.sum(vectors["fp32"] * vectors["int8"], axis=1)
+    labels = collection.labels[calibration:]
+    maps = {name: float(rank_and_score(v, labels)[0]["mAP"]) for name, v in vectors.items()}
+    report.update(mean_cosine=round(float(cosine.mean()), 4), min_cosine=round(float(cosine.min()), 4),
+                  map_images=len(held_out), map_fp32=round(maps["fp32"], 4), map_int8=round(maps["int8"], 4),
+                  kept=abs(maps["int8"] - maps["fp32"]) <= 0.005)
+    print(report, flush=True)
+    return report
+
+
+def cold_index_seconds(dataset: str, image_size: int) -> dict:
+    """Wall seconds of `tfr index` over a whole tfds dataset in an empty work directory (no feature cache, no
+    converted model, no index): decoding, embedding on the default runtime, training the index and saving it."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "tf_retrieval", "--workdir", workdir, "index", "--dataset", dataset,
+                   "--image-size", str(image_size), "--name", "cold"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f"tfr index failed: {done.stderr[-2000:]}")
+        summary = done.stdout.strip().splitlines()[-1]
+    report = {"dataset": dataset, "image_size": image_size, "seconds": round(seconds, 1), "goal_s": 90.0,
+              "met": seconds <= 90.0, "output": summary,
+              "command": f"tfr --workdir EMPTY_DIR index --dataset {dataset} --image-size {image_size} --name cold"}
+    print(report, flush=True)
+    return report
 
 
 def runtime_goals(rows: list[dict], limits: list[dict]) -> list[dict]:

@@ -367,7 +367,7 @@ def goals(rows: list[dict]) -> dict:
 
 
 def write_markdown(path: str, result: dict) -> None:
-    head, goal = result, result["goals"]
+    goal = result["goals"]
     lines = ["# Web API load test", "",
              f"Upload-searches (`POST /api/search`, multipart image, k={result['k']}) against `tfr web` (waitress, "
              f"{result['workers']} worker processes x {result['threads_per_worker']} threads) on 127.0.0.1, "

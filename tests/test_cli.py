@@ -231,3 +231,26 @@ def test_index_add_and_delete_without_a_rebuild(image_dir, tmp_path, capsys):
     assert "--dataset is required" in run_error(["--workdir", workdir, "index", *SMALL_MODEL], capsys)
     assert "give one or the other" in run_error(
         ["--workdir", workdir, "index", "--name", "colours", "--dataset", image_dir, "--add", more], capsys)
+
+
+def test_a_sharded_bundle_is_searched_and_changed_like_any_other(image_dir, tmp_path, capsys):
+    from conftest import make_image_folder
+
+    from tf_retrieval.search.index import Index
+
+    workdir = str(tmp_path / "work")
+    for name, extra in (("one", []), ("three", ["--shards", "3"])):
+        assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", name, "--backend", "exact",
+                     *extra, *SMALL_MODEL]) == 0
+    sharded = Index.load(os.path.join(workdir, "indexes", "three", "index"))
+    assert type(sharded).__name__ == "ShardedIndex" and len(sharded.shards) == 3 and len(sharded) == 18
+    more = make_image_folder(tmp_path / "more", classes=("yellow",), per_class=2, seed=3)
+    assert main(["--workdir", workdir, "index", "--name", "three", "--add", more]) == 0
+    assert main(["--workdir", workdir, "index", "--name", "one", "--add", more]) == 0
+    capsys.readouterr()
+    query = os.path.join(image_dir, "green", "green_002.png")
+    answers = []
+    for name in ("one", "three"):
+        assert main(["--workdir", workdir, "search", query, "--index", name, "-k", "20"]) == 0
+        answers.append(capsys.readouterr().out.splitlines()[1:])
+    assert answers[0] == answers[1] and len(answers[0]) == 20  # the same ranking, scores and ids

@@ -506,3 +506,52 @@ def test_scann_calibrates_its_rescoring_on_high_dimensional_data(rng, caplog):
     fixed = build_index(db, backend="scann", params={"mode": "ah", "reorder": 300})  # a given reorder is kept
     fixed.search(queries[:1], 10)  # trains the searcher
     assert fixed.built_params["reorder"] == 300 and "calibrated_recall" not in fixed.built_params
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "hamming"])
+def test_sharded_exact_search_equals_one_exact_index(metric, rng, tmp_path):
+    """Shards by id, searched in parallel and merged by score then id: the same answer as one index over everything,
+    before and after a save, an addition and a deletion."""
+    from tf_retrieval.search.sharded import ShardedIndex, shard_of
+
+    vectors = clustered(rng, 900, dim=32) if metric != "hamming" else rng.integers(0, 256, (900, 4), dtype=np.uint8)
+    queries = clustered(rng, 40, dim=32) if metric != "hamming" else rng.integers(0, 256, (40, 4), dtype=np.uint8)
+    ids = rng.permutation(5000)[:900]
+    dim = 32
+    whole = build_index(vectors, ids, metric=metric, backend="exact", dim=dim)
+    sharded = build_index(vectors, ids, metric=metric, backend="exact", dim=dim, shards=3)
+    assert isinstance(sharded, ShardedIndex) and len(sharded) == 900
+    assert sorted(len(shard) for shard in sharded.shards)[0] > 250  # the hash spreads ids evenly
+    assert set(shard_of(sharded.shards[1].ids, 3)) == {1}
+
+    def same(a, b, k=25):
+        (sa, ia), (sb, ib) = a.search(queries, k), b.search(queries, k)
+        np.testing.assert_array_equal(ia[:, :10], ib[:, :10])
+        np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-4)
+        assert all(set(x) == set(y) for x, y in zip(ia[:, :-1], ib[:, :-1])) or metric == "euclidean"
+        # (deep euclidean ranks can swap near-ties: -|q - x|^2 is rounded differently in a shard's product)
+
+    same(sharded, whole)
+    sharded.save(tmp_path / "sharded", model_id="m:1")
+    loaded = Index.load(tmp_path / "sharded", expected_model_id="m:1")
+    assert isinstance(loaded, ShardedIndex) and len(loaded.shards) == 3
+    same(loaded, whole)
+    np.testing.assert_array_equal(loaded.get_vectors(ids[:5]), whole.get_vectors(ids[:5]))
+    loaded.delete(ids[:100])
+    whole.delete(ids[:100])
+    loaded.add(vectors[:50], ids[:50] + 10_000)
+    whole.add(vectors[:50], ids[:50] + 10_000)
+    same(loaded, whole, k=1000)  # more than the index holds: both pad with -1 / -inf
+    with pytest.raises(KeyError, match="not in the index"):  # errors.UnknownIdError
+        loaded.delete([999_999])
+    with pytest.raises(IndexModelMismatchError):
+        Index.load(tmp_path / "sharded", expected_model_id="other:1")
+
+
+def test_sharded_scann_recall_matches_one_scann_index(rng):
+    both = clustered(rng, 6100, dim=32)
+    db, queries = both[:6000], both[6000:]
+    exact = build_index(db, backend="exact")
+    one = build_index(db, backend="scann", params={"mode": "ah"})
+    sharded = build_index(db, backend="scann", params={"mode": "ah"}, shards=4)
+    assert abs(recall_at_10(sharded, exact, queries) - recall_at_10(one, exact, queries)) <= 0.01

@@ -174,6 +174,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     collection = _load_collection(args)
     bundle = os.path.join(_workdir(args), "indexes", args.name or config.name)
     options = {} if args.target_recall is None else {"target_recall": args.target_recall}
+    if args.shards > 1:
+        options["shards"] = args.shards
     engine = index_collection(collection, config, bundle, source=args.dataset, data_dir=args.data_dir,
                               metric=args.metric, backend=args.backend, index_options=options, workdir=_workdir(args),
                               batch_size=args.batch_size, runtime=args.runtime)
@@ -441,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--target-recall", type=float,
                        help="ScaNN: the recall@10 its automatic settings aim at, e.g. 0.9 (faster) or 0.99 "
                             "(see tf_retrieval.search.index.scann_params); default: its own settings")
+    index.add_argument("--shards", type=int, default=1,
+                       help="split the index by image id into N shards, searched in parallel and merged (each a "
+                            "complete index of --backend under <bundle>/index/shard-NNNNN)")
     index.add_argument("--add", metavar="FOLDER",
                        help="add the images of FOLDER that the bundle --name does not hold yet (embedded with the "
                             "bundle's own model), without rebuilding it")

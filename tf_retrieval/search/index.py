@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import importlib
 import json
 import logging
 import math
@@ -115,6 +116,8 @@ class Index(abc.ABC):
         """An empty index from `get_config()` output; on `Index` itself the "backend" key picks the class."""
         config = dict(config)
         backend = config.pop("backend", cls.backend)
+        if backend == "sharded":
+            importlib.import_module("tf_retrieval.search.sharded")  # registers the backend
         if backend not in BACKENDS:
             raise InvalidInputError(f"unknown index backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         target = BACKENDS[backend]
@@ -288,6 +291,10 @@ class Index(abc.ABC):
                 f"the index at {directory} holds embeddings of model {manifest.get('model_id')!r}, but the querying "
                 f"model is {expected_model_id!r}: its scores would be meaningless. Rebuild the index with `tfr index` "
                 "for this model")
+        if manifest.get("backend") == "sharded":
+            from tf_retrieval.search.sharded import ShardedIndex
+
+            return ShardedIndex.load_sharded(directory, manifest, expected_model_id)
         for required in ("vectors.npy", "ids.npy"):
             if required not in files:
                 raise InvalidInputError(f"{directory}: the manifest lists no {required}; rebuild the index with `tfr index`")
@@ -761,7 +768,7 @@ BACKENDS: dict[str, type[Index]] = {"exact": ExactIndex, "scann": ScannIndex}
 
 
 def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = None, *, metric: str = "cosine",
-                backend: str = "auto", dim: int | None = None, **options: Any) -> Index:
+                backend: str = "auto", dim: int | None = None, shards: int = 1, **options: Any) -> Index:
     """An index over `vectors`.
 
     Args:
@@ -770,6 +777,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
       metric: one of `METRICS`.
       backend: "exact", "scann", or "auto" (ScaNN when it is installed, else exact; always exact for Hamming).
       dim: the dimension (bits for Hamming), when the vectors are packed codes; default vectors.shape[1].
+      shards: more than 1 splits the vectors by id into that many indexes of `backend`, searched in parallel and
+        merged (`search.sharded.ShardedIndex`).
       **options: backend options (`ScannIndex`: params, rebuild_fraction, target_recall); with "auto" and no scann
         installed they are ignored (logged).
 
@@ -796,7 +805,12 @@ def build_index(vectors: np.ndarray, ids: np.ndarray | Sequence[int] | None = No
         raise InvalidInputError(f"unknown index backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if dim is None:
         dim = vectors.shape[1] * 8 if metric == "hamming" and vectors.dtype == np.uint8 else vectors.shape[1]
-    index = BACKENDS[backend](dim, metric=metric, **options)
+    if shards > 1:
+        from tf_retrieval.search.sharded import ShardedIndex
+
+        index = ShardedIndex(dim, metric, shards=shards, shard_backend=backend, **options)
+    else:
+        index = BACKENDS[backend](dim, metric=metric, **options)
     index.add(vectors, np.arange(len(vectors), dtype=np.int64) if ids is None else ids)
     return index
 
