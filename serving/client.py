@@ -5,6 +5,7 @@ methods (`embed_bytes`, `embed_pixels`, `metadata`, `status`); `connect(address,
 
     embedder = connect("localhost:8500", "baseline")          # gRPC
     embedder = connect("http://localhost:8501", "baseline")   # REST
+    embedder = connect("host1:8500,host2:8500", "baseline")   # replicas: requests spread, a failed one retried
     vectors = embedder.embed_bytes([jpeg, png, ...])          # float32 [n, d], sent in requests of `batch_size` images
 
 Errors: the server refusing a request raises `InvalidInputError`, an unknown model or version `MissingError`, an
@@ -28,8 +29,16 @@ _BYTES_SIGNATURE, _PIXELS_SIGNATURE = "serving_default", "embed_pixels"
 
 
 def connect(address: str, model_name: str, version: int | None = None, *, timeout: float = 30.0,
-            batch_size: int = DEFAULT_BATCH_SIZE) -> EmbeddingClient | RestEmbeddingClient:
-    """A client for the model server at `address`: "http(s)://host:port" is TF Serving's REST API, "host:port" its gRPC."""
+            batch_size: int = DEFAULT_BATCH_SIZE) -> EmbeddingClient | RestEmbeddingClient | ReplicatedClient:
+    """A client for the model server at `address`: "http(s)://host:port" is TF Serving's REST API, "host:port" its
+    gRPC; several addresses separated by commas are replicas of one model (`ReplicatedClient`)."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    if len(addresses) > 1:
+        return ReplicatedClient([connect(a, model_name, version, timeout=timeout, batch_size=batch_size)
+                                 for a in addresses])
+    if not addresses:
+        raise InvalidInputError(f"no server address in {address!r}")
+    address = addresses[0]
     if address.startswith(("http://", "https://")):
         return RestEmbeddingClient(address, model_name, version, timeout=timeout, batch_size=batch_size)
     return EmbeddingClient(address.removeprefix("grpc://"), model_name, version, timeout=timeout, batch_size=batch_size)
@@ -147,7 +156,9 @@ class EmbeddingClient(_Embedder):
         except grpc.RpcError as error:
             kind = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.FAILED_PRECONDITION: "invalid",
                     grpc.StatusCode.NOT_FOUND: "not_found", grpc.StatusCode.UNAVAILABLE: "unavailable",
-                    grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable"}.get(error.code(), error.code().name)
+                    grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable",
+                    grpc.StatusCode.CANCELLED: "unavailable"}.get(error.code(), error.code().name)  # CANCELLED: the
+            # server stopped while answering (this client never cancels)
             _raise_for(kind, error.details(), self.address)
 
     def predict(self, inputs: dict[str, np.ndarray], signature_name: str = _BYTES_SIGNATURE) -> dict[str, np.ndarray]:
@@ -241,3 +252,73 @@ class RestEmbeddingClient(_Embedder):
 
         return json_format.ParseDict(self._request(self._model_url), get_model_status_pb2.GetModelStatusResponse(),
                                      ignore_unknown_fields=True)
+
+
+class ReplicatedClient(_Embedder):
+    """One model served by several servers (replicas): requests go round-robin over them, and a request that finds its
+    replica unreachable (`ConnectionError`: refused, timed out, shutting down) is sent again to the next one. A replica
+    that failed is skipped for `retry_after` seconds, then tried again. Refusals (bad input, unknown model) are not
+    retried: every replica would answer the same.
+
+    Args:
+      replicas: clients of the same model (`EmbeddingClient` / `RestEmbeddingClient`, e.g. from `connect`).
+      retry_after: seconds a failed replica is left out.
+    """
+
+    def __init__(self, replicas: Sequence[_Embedder], retry_after: float = 5.0):
+        import itertools
+        import threading
+
+        if not replicas:
+            raise InvalidInputError("ReplicatedClient needs at least one replica")
+        names = {replica.model_name for replica in replicas}
+        if len(names) != 1:
+            raise InvalidInputError(f"replicas must serve one model, got {sorted(names)}")
+        self.replicas, self.retry_after = list(replicas), retry_after
+        self.model_name, self.batch_size = replicas[0].model_name, min(r.batch_size for r in replicas)
+        self._turn = itertools.count()
+        self._down: dict[int, float] = {}  # replica -> time it failed
+        self._lock = threading.Lock()
+        self.failovers = 0  # requests sent again after a replica failed
+
+    def _order(self) -> list[int]:
+        """Replicas to try, starting at the next in turn; those that failed lately go last."""
+        import time
+
+        start = next(self._turn) % len(self.replicas)
+        order = [(start + i) % len(self.replicas) for i in range(len(self.replicas))]
+        now = time.monotonic()
+        with self._lock:
+            down = {i for i, since in self._down.items() if now - since < self.retry_after}
+        return [i for i in order if i not in down] + [i for i in order if i in down]
+
+    def _call(self, name: str, *args):
+        import time
+
+        failures = []
+        for number in self._order():
+            try:
+                answer = getattr(self.replicas[number], name)(*args)
+            except ConnectionError as exc:
+                failures.append(str(exc))
+                with self._lock:
+                    self._down[number] = time.monotonic()
+                    self.failovers += 1
+                continue
+            with self._lock:
+                self._down.pop(number, None)
+            return answer
+        raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
+
+    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        return self._call("_embed", images, signature_name)
+
+    def _metadata(self):
+        return self._call("_metadata")
+
+    def _status(self):
+        return self._call("_status")
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()

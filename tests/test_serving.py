@@ -249,3 +249,43 @@ def test_health_and_graceful_stop_on_sigterm(served):
     with pytest.raises(ConnectionError, match="is not reachable"):
         EmbeddingClient(f"127.0.0.1:{server.port}", "tiny", timeout=2).status()
     assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_replicas_share_the_load_and_a_killed_one_loses_no_request(tmp_path, rng):
+    """Two servers of one model behind one client: a load run in 4 threads loses nothing when one server stops in the
+    middle; with every replica gone the client says so."""
+    from tf_retrieval.serving.client import ReplicatedClient, connect
+
+    model = export_tiny(str(tmp_path))
+    servers = [serve(str(tmp_path), port=0, poll_seconds=0) for _ in range(2)]
+    client = connect(",".join(f"127.0.0.1:{s.port}" for s in servers), "tiny", timeout=10)
+    assert isinstance(client, ReplicatedClient) and len(client.replicas) == 2
+    encoded = random_pngs(rng, 4)
+    expected = embed_in_process(model, encoded)
+    failures, answers, lock = [], [], threading.Lock()
+
+    def load(count):
+        for _ in range(count):
+            try:
+                got = client.embed_bytes(encoded)
+                with lock:
+                    answers.append(got)
+            except Exception as exc:  # noqa: BLE001 - counted: the test wants none
+                with lock:
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=load, args=(40,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while len(answers) < 40:
+        time.sleep(0.01)
+    servers[0].stop(grace=0)  # in the middle of the run
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(answers) == 160
+    assert all(np.abs(a - expected).max() < 1e-5 for a in answers)
+    assert client.failovers >= 1
+    servers[1].stop(grace=0)
+    with pytest.raises(ConnectionError, match="no replica of tiny answered"):
+        client.embed_bytes(encoded)
+    client.close()

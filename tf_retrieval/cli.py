@@ -102,7 +102,8 @@ def _bundle(args: argparse.Namespace, name: str) -> str:
 
 
 def _remote_embedder(address: str | None, model_name: str):
-    """A TF Serving client (gRPC "host:port" or REST "http://host:port") for `model_name`, or None for in process."""
+    """A TF Serving client (gRPC "host:port" or REST "http://host:port"; several, comma-separated, are replicas) for
+    `model_name`, or None for in process."""
     if not address:
         return None
     try:
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(embed)
     _add_model_args(embed)
     embed.add_argument("--out", required=True, help="output .npy file")
-    embed.add_argument("--server", help="embed through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT")
+    embed.add_argument("--server", help="embed through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT; replicas: A:PORT,B:PORT")
     embed.add_argument("--server-model", help="model name on the server (default: the model name)")
     embed.add_argument("--batch-size", type=int, default=64)
     _add_runtime_arg(embed)
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="results per query")
     search.add_argument("--threshold", type=float, help="minimum similarity score")
     search.add_argument("--data-dir", help="tfds data directory of the indexed collection")
-    search.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT")
+    search.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT; replicas: A:PORT,B:PORT")
     search.add_argument("--server-model", help="model name on the server (default: the bundle's model name)")
     _add_runtime_arg(search)
 
@@ -524,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     web = command("web", cmd_web, "serve the search page")
     web.add_argument("--index", action="append", required=True,
                      help="bundle name under <workdir>/indexes, or a bundle directory (repeat for several models)")
-    web.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT "
+    web.add_argument("--server", help="embed queries through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT; replicas: A:PORT,B:PORT "
                                       "(default: in process)")
     web.add_argument("--data-dir", help="tfds data directory of the indexed collections")
     _add_runtime_arg(web)
