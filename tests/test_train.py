@@ -222,3 +222,60 @@ def test_end_to_end_training_on_images(image_dir, tmp_path):
     served = Embedder(result.model_config).embed_bytes([collection.read_bytes(i) for i in range(18)])
     # decoded-on-demand training inputs through the same model give the served vectors
     np.testing.assert_allclose(served, Embedder(result.model_config).embed_pixels(np.asarray(inputs)), atol=1e-4)
+
+
+DISTRIBUTED = r"""
+import json, sys
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from tf_retrieval.config import TrainConfig
+from tf_retrieval.training.train import distribution_strategy, fit
+
+rng = np.random.default_rng(0)
+centres = rng.normal(size=(8, 24)) * 2
+labels = np.repeat(np.arange(8), 40)
+inputs = (centres[labels] + rng.normal(size=(len(labels), 24))).astype(np.float32)
+strategy, run_dir, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = TrainConfig(embedding_dim=8, hidden_dim=16, dropout=0.0, classes_per_batch=4, images_per_class=4, epochs=epochs,
+                     steps_per_epoch=6, patience=10, validation_fraction=0.25, strategy=strategy)
+replicas = distribution_strategy(strategy).num_replicas_in_sync
+
+
+class StopAt(tf.keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == int(sys.argv[4]):
+            raise KeyboardInterrupt  # a run killed after this epoch
+
+
+try:
+    _, _, _, history = fit(config, inputs, labels, run_dir, verbose=0, extra_callbacks=[StopAt()])
+except KeyboardInterrupt:
+    history = None
+print(json.dumps({"replicas": replicas, "loss": None if history is None else history["loss"]}))
+"""
+
+
+def test_mirrored_training_on_two_devices_follows_one_device_and_resumes(tmp_path):
+    """`--strategy mirrored` on two logical CPU devices: the loss of every epoch equals one device's to 1e-4 (the
+    loss is computed on the whole gathered batch); a run stopped after 2 epochs resumes from its backup."""
+    import subprocess
+    import sys
+
+    def run(strategy, run_dir, epochs=4, stop_at=0):
+        done = subprocess.run([sys.executable, "-c", DISTRIBUTED, strategy, str(tmp_path / run_dir), str(epochs),
+                               str(stop_at)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    one, two = run("default", "one"), run("mirrored", "two")
+    assert (one["replicas"], two["replicas"]) == (1, 2)
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4, atol=1e-5)
+    assert run("mirrored", "resumed", stop_at=2)["loss"] is None
+    assert os.path.isdir(tmp_path / "resumed" / "backup")
+    resumed = run("mirrored", "resumed")
+    assert len(resumed["loss"]) == 2  # epochs 3 and 4 only
+    np.testing.assert_allclose(resumed["loss"], one["loss"][2:], rtol=1e-4, atol=1e-5)

@@ -130,6 +130,9 @@ class TrainConfig(JsonConfig):
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
       validation_fraction: share of the training set (images or classes) held out for MAP@R.
       seed: seeds batches, the validation split and initialisation.
+      strategy: where training runs (`training.train.STRATEGIES`): "default" (one device), "mirrored" (every local
+        GPU, else every logical CPU device, one replica each) or "multiworker" (the machines of `TF_CONFIG`). The loss
+        is computed on the whole batch in every case, so the strategy changes where, not what, is computed.
     """
 
     protocol: str = "cifar10-2"
@@ -148,6 +151,7 @@ class TrainConfig(JsonConfig):
     patience: int = 5
     validation_fraction: float = 0.1
     seed: int = 0
+    strategy: str = "default"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

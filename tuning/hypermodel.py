@@ -123,10 +123,11 @@ class SiameseHyperModel(keras_tuner.HyperModel):
             raise TypeError(f"SiameseHyperModel.fit takes no data arguments (it trains on the inputs it was given); "
                             f"got {len(args)} positional and {sorted(kwargs)}")
         config = self.trial_config(hp)
-        batches = BalancedBatches(self.train_inputs, self.train_labels, config)
-        batches.epoch = initial_epoch  # the same draws as an uninterrupted run
+        epochs = epochs or config.epochs
+        batches = BalancedBatches(self.train_inputs, self.train_labels, config, epochs=epochs,
+                                  start_epoch=initial_epoch)  # the same draws as an uninterrupted run
         callbacks = [ValidationMapAtR(self.val_inputs, self.val_labels),  # first: the others read its value
                      keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
                      *(callbacks or [])]
-        return model.fit(batches, epochs=epochs or config.epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                         verbose=verbose)
+        return model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=config.steps_per_epoch,
+                         shuffle=False, callbacks=callbacks, verbose=verbose)

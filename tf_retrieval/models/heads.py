@@ -64,7 +64,8 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
     x = features
     if hidden_dim:
         x = keras.layers.Dense(hidden_dim, use_bias=False, name="hidden")(x)
-        x = keras.layers.BatchNormalization(name="hidden_bn")(x)
+        # synchronized: the statistics of the whole batch when a tf.distribute strategy splits it over replicas
+        x = keras.layers.BatchNormalization(synchronized=True, name="hidden_bn")(x)
         x = keras.layers.ReLU(name="hidden_relu")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)

@@ -17,6 +17,7 @@ weights file and a head file) that the embedder, the index, the export and the e
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -175,26 +176,29 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
         x = top(keras.ops.cast(x, "float32"))
     head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits)
     outputs = L2Normalize(name="unit")(head(x))  # hashing codes are compared by angle while training
-    return keras.Model(inputs, outputs, name=f"{config.model.name}_trainable"), backbone, head
+    return GlobalBatchModel(inputs, outputs, name=f"{config.model.name}_trainable"), backbone, head
 
 
 class BalancedBatches(keras.utils.PyDataset):
-    """P x K batches drawn from in-memory inputs, a fresh seeded draw every epoch."""
+    """P x K batches drawn from in-memory inputs: the whole schedule (`epochs` x `steps_per_epoch` batches) as one
+    sequence, batch i seeded by (seed, i), so what a step trains on never depends on when Keras fetches it (it fetches
+    ahead, and peeks, differently on one device and under a distribution strategy). Fit it with
+    `steps_per_epoch=config.steps_per_epoch`."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray, config: TrainConfig):
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, config: TrainConfig, epochs: int | None = None,
+                 start_epoch: int = 0):
         super().__init__()
-        self.inputs, self.labels, self.config, self.epoch = inputs, np.asarray(labels), config, 0
+        self.inputs, self.labels, self.config = inputs, np.asarray(labels), config
+        self.epochs, self.start_epoch = epochs or config.epochs, start_epoch  # a run resumed at `start_epoch`
 
     def __len__(self):
-        return self.config.steps_per_epoch
+        return (self.epochs - self.start_epoch) * self.config.steps_per_epoch
 
-    def __getitem__(self, step):
-        rng = np.random.default_rng([self.config.seed, self.epoch, step])
+    def __getitem__(self, index):
+        epoch, step = divmod(int(index), self.config.steps_per_epoch)
+        rng = np.random.default_rng([self.config.seed, self.start_epoch + epoch, step])
         batch = np.sort(balanced_batch(self.labels, self.config.classes_per_batch, self.config.images_per_class, rng))
         return np.asarray(self.inputs[batch], np.float32), self.labels[batch].astype(np.int32)
-
-    def on_epoch_end(self):
-        self.epoch += 1
 
 
 class ValidationMapAtR(keras.callbacks.Callback):
@@ -220,20 +224,69 @@ class ValidationMapAtR(keras.callbacks.Callback):
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
 
 
+#: `TrainConfig.strategy` values.
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+def distribution_strategy(name: str):
+    """The `tf.distribute` strategy called `name` (see `TrainConfig.strategy`)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+            [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise InvalidInputError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+class GlobalBatchModel(keras.Model):
+    """The trainable model, whose triplet loss always sees the whole batch.
+
+    Mining compares every image of a batch with every other, so when a `tf.distribute` strategy splits a batch over
+    replicas, each replica gathers all the embeddings and labels (`ReplicaContext.all_gather`) and computes the loss
+    of the whole batch. The gradient of `all_gather` sums over the replicas, so each replica's loss is divided by
+    their number: the summed gradient is one device's, and so is the training (tests/test_train.py compares them).
+    """
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            embeddings = self(x, training=True)
+            if replicas > 1:
+                y, embeddings = context.all_gather(y, axis=0), context.all_gather(embeddings, axis=0)
+            loss = self.loss.call(y, embeddings)
+            if self.losses:
+                loss = loss + tf.add_n(self.losses)
+            share = loss / replicas
+        gradients = tape.gradient(share, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        self._loss_tracker.update_state(loss)
+        return {"loss": self._loss_tracker.result()}
+
+
 def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: str, *,
         extra_callbacks: list | None = None, verbose: int = 2):
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
 
     The validation split is taken from `inputs`; the best epoch's weights (by validation MAP@R) are restored at the end.
-    An interrupted run resumes from `<run_dir>/backup`.
+    An interrupted run resumes from `<run_dir>/backup`. Runs under `config.strategy` (`distribution_strategy`).
     """
     from tf_retrieval.training import losses
 
     labels = np.asarray(labels)
     train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed)
-    model, backbone, head = build_trainable(config, tuple(inputs.shape[1:]))
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
+    with distribution_strategy(config.strategy).scope():
+        model, backbone, head = build_trainable(config, tuple(inputs.shape[1:]))
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                      loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
     os.makedirs(run_dir, exist_ok=True)
     best_path = os.path.join(run_dir, "best.weights.h5")
     callbacks = [
@@ -246,11 +299,22 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         *(extra_callbacks or []),
     ]
-    batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config)
-    history = model.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
+                              start_epoch=_resumed_epoch(os.path.join(run_dir, "backup")))
+    history = model.fit(batches, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, shuffle=False,
+                        callbacks=callbacks, verbose=verbose)  # (the batches are drawn at random already)
     if os.path.exists(best_path):
         model.load_weights(best_path)
     return model, backbone, head, history.history
+
+
+def _resumed_epoch(backup_dir: str) -> int:
+    """The epoch `keras.callbacks.BackupAndRestore` resumes an interrupted run at (0 for a new run)."""
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
