@@ -169,6 +169,14 @@ def cmd_index(args: argparse.Namespace) -> None:
         print(f"{bundle}: added {len(result['added'])} image(s){note}, deleted {len(result['deleted'])}; "
               f"{result['count']} images indexed, no rebuild")
         return
+    if args.from_pipeline:
+        from tf_retrieval.pipeline import index_from_shards
+
+        bundle = os.path.join(_workdir(args), "indexes", args.name or "pipeline")
+        engine = index_from_shards(args.from_pipeline, bundle, data_dir=args.data_dir, metric=args.metric,
+                                   backend=args.backend, index_options={"shards": args.shards} if args.shards > 1 else None)
+        print(f"indexed {len(engine)} images embedded by the pipeline ({engine.config.model_id()}) -> {bundle}")
+        return
     if not args.dataset:
         raise InvalidInputError("--dataset is required to build an index (or give --add / --delete to change one)")
     config = _model_config(args)
@@ -181,6 +189,21 @@ def cmd_index(args: argparse.Namespace) -> None:
                               metric=args.metric, backend=args.backend, index_options=options, workdir=_workdir(args),
                               batch_size=args.batch_size, runtime=args.runtime)
     print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} ({engine.index.metric}) -> {bundle}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """Embeds a collection on Apache Beam (DirectRunner by default; Dataflow, Flink or Spark through Beam's options
+    after `--`) with an exported model (`tfr export`), into sharded TFRecords and a manifest; unreadable images go to
+    a dead-letter file with the reason. `tfr index --from-pipeline <out>.manifest.json` then builds the bundle."""
+    from tf_retrieval.pipeline import run_embedding
+
+    beam_args = [a for a in args.beam_args if a != "--"] or ["--runner=DirectRunner", "--direct_num_workers=2",
+                                                             "--direct_running_mode=multi_processing"]
+    manifest = run_embedding(args.dataset, args.model_dir, args.out, shards=args.shards, batch_size=args.batch_size,
+                             data_dir=args.data_dir, split=args.split, beam_args=beam_args)
+    print(f"embedded {manifest['count']} images ({manifest['dead_letters']} unreadable, see {args.out}-dead-letter-*) "
+          f"into {len(manifest['shards'])} shards in {manifest['seconds']} s -> {args.out}.manifest.json")
+    print(f"next: tfr index --from-pipeline {args.out}.manifest.json --name NAME")
 
 
 def cmd_dedup(args: argparse.Namespace) -> None:
@@ -447,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--shards", type=int, default=1,
                        help="split the index by image id into N shards, searched in parallel and merged (each a "
                             "complete index of --backend under <bundle>/index/shard-NNNNN)")
+    index.add_argument("--from-pipeline", metavar="MANIFEST",
+                       help="build the bundle from the vectors a `tfr pipeline` run wrote (its .manifest.json)")
     index.add_argument("--add", metavar="FOLDER",
                        help="add the images of FOLDER that the bundle --name does not hold yet (embedded with the "
                             "bundle's own model), without rebuilding it")
@@ -455,6 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "rebuilding it")
     index.add_argument("--batch-size", type=int, default=64)
     _add_runtime_arg(index)
+
+    pipeline = command("pipeline", cmd_pipeline, "embed a collection on Apache Beam into sharded vector files")
+    pipeline.add_argument("--dataset", required=True, help="a folder (one sub-folder per class), a file pattern on any "
+                                                           "Beam filesystem, or a tfds name")
+    pipeline.add_argument("--split", help="tfds split")
+    pipeline.add_argument("--data-dir", help="tfds data directory")
+    pipeline.add_argument("--model-dir", required=True, help="an exported model version, e.g. artifacts/models/baseline/1")
+    pipeline.add_argument("--out", required=True, help="output prefix, e.g. artifacts/vectors/cifar10 (local or gs://)")
+    pipeline.add_argument("--shards", type=int, default=4, help="output shards")
+    pipeline.add_argument("--batch-size", type=int, default=64, help="largest batch per model call")
+    pipeline.add_argument("beam_args", nargs=argparse.REMAINDER,
+                          help="after --: Beam pipeline options (default: --runner=DirectRunner --direct_num_workers=2 "
+                               "--direct_running_mode=multi_processing)")
 
     dedup = command("dedup", cmd_dedup, "near-duplicate groups of an indexed collection")
     dedup.add_argument("--index", required=True, help="bundle name under <workdir>/indexes, or a bundle directory")

@@ -1,0 +1,223 @@
+"""Batch embedding on Apache Beam: images in, sharded (id, class, vector) records out, then an index bundle of them.
+
+    images (a folder or file pattern on any Beam filesystem, or a tfds split)
+      -> strict decode + resize (`data.images`; an unreadable file goes to the dead-letter output with the reason)
+      -> RunInference with Beam's TensorFlow model handler over the exported SavedModel (`tfr export`), keyed by id
+      -> TFRecord shards of tf.train.Example {id, class_name, embedding} + <out>.manifest.json (model id, shards, counts)
+    tfr pipeline index --manifest <out>.manifest.json --name NAME   -> an index bundle, as `tfr index` writes
+
+The DirectRunner (in several processes: `--direct_num_workers 2 --direct_running_mode multi_processing`) is the
+default; the same pipeline runs on Dataflow, Flink or Spark through standard `PipelineOptions` (docs/pipeline.md).
+Beam is the `beam` extra (its own constraints file: it needs an older protobuf and pyarrow than the rest of the stack).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tf_retrieval.errors import InvalidInputError, MissingDependencyError, MissingError
+
+logger = logging.getLogger(__name__)
+
+#: Tag of the dead-letter output: {"id", "reason"} of every image that could not be read.
+DEAD_LETTER = "dead_letter"
+
+
+def _beam():
+    try:
+        import apache_beam as beam
+    except ImportError as exc:
+        raise MissingDependencyError("the Beam pipeline needs the beam extra: pip install -c constraints-beam.txt "
+                                     f"'tf_retrieval[beam]' ({exc})") from None
+    return beam
+
+
+def export_details(model_dir: str) -> dict:
+    """What an exported version says of itself (`<model_dir>/assets.extra/config.json`): image size, model config."""
+    path = os.path.join(model_dir, "assets.extra", "config.json")
+    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")) or not os.path.isfile(path):
+        raise MissingError(f"{model_dir} is not an exported model version (expected saved_model.pb and "
+                           "assets.extra/config.json): export one with `tfr export`")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_images(pipeline, source: str, *, data_dir: str | None = None, split: str | None = None):
+    """(id, class name, encoded bytes) of every image of `source`: a folder (one sub-folder per class; ids are paths
+    relative to it, as `tfr index` names them), a file pattern on any Beam filesystem (class = parent folder), or a
+    tfds dataset name (read by the launcher with `data.images.load_tfds`)."""
+    beam = _beam()
+    from apache_beam.io import fileio
+
+    if os.path.isdir(source) or any(ch in source for ch in "*?[") or "://" in source:
+        root = source if os.path.isdir(source) else os.path.dirname(source.split("*")[0].rstrip("/"))
+        pattern = os.path.join(source, "*", "*") if os.path.isdir(source) else source
+        root = root.rstrip("/") + "/"
+
+        def keyed(readable):
+            path = readable.metadata.path
+            relative = path[len(root):] if path.startswith(root) else os.path.basename(path)
+            return relative, relative.split("/")[0] if "/" in relative else "", readable.read()
+
+        return (pipeline | "Match" >> fileio.MatchFiles(pattern) | "Open" >> fileio.ReadMatches()
+                | "Read" >> beam.Map(keyed))
+    from tf_retrieval.data.images import load_tfds
+
+    collection = load_tfds(source, data_dir=data_dir, splits=[split] if split else None)
+    return pipeline | "Create" >> beam.Create(
+        [(collection.ids[i], collection.class_names[int(collection.labels[i])], collection.read_bytes(i))
+         for i in range(len(collection))], reshuffle=False)
+
+
+class DecodeImage:
+    """A DoFn body: (id, class, bytes) -> ((id, class), pixels [s, s, 3] float32), or a dead letter with the reason."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, element) -> Iterable:
+        beam = _beam()
+        from tf_retrieval.data.images import ImageDecodeError, decode_image, resize_and_crop_array
+
+        image_id, class_name, data = element
+        try:
+            image = decode_image(data, name=image_id)
+        except ImageDecodeError as exc:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": image_id, "reason": str(exc)})
+            return
+        yield (image_id, class_name), resize_and_crop_array(image, self.image_size)
+
+
+def model_handler(model_dir: str, batch_size: int = 64):
+    """Beam's TensorFlow model handler over the exported SavedModel's `embed_pixels` signature, keyed by (id, class)."""
+    from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
+    from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
+
+    def load():
+        import tensorflow as tf
+
+        return tf.saved_model.load(model_dir)
+
+    def embed(model, batch: Sequence[np.ndarray], inference_args=None, model_id=None):
+        import tensorflow as tf
+
+        pixels = tf.constant(np.stack(batch).astype(np.float32))
+        vectors = model.signatures["embed_pixels"](images=pixels)["embedding"].numpy()
+        return [PredictionResult(x, y, model_id) for x, y in zip(batch, vectors)]
+
+    handler = TFModelHandlerNumpy(model_dir, model_type=ModelType.SAVED_WEIGHTS, create_model_fn=load,
+                                  inference_fn=embed, min_batch_size=1, max_batch_size=batch_size)
+    handler.load_model = load  # the SavedModel itself: no keras model to load weights into
+    return KeyedModelHandler(handler)
+
+
+def to_example(element) -> bytes:
+    """((id, class), PredictionResult) -> a serialized tf.train.Example {id, class_name, embedding}."""
+    import tensorflow as tf
+
+    (image_id, class_name), result = element
+    feature = {"id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id.encode()])),
+               "class_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[class_name.encode()])),
+               "embedding": tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(result.inference)))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, batch_size: int = 64,
+                  data_dir: str | None = None, split: str | None = None, beam_args: Sequence[str] = ()) -> dict:
+    """Runs the embedding pipeline (see the module docstring) and writes `<out>.manifest.json`; returns the manifest.
+
+    Args:
+      source: folder, file pattern or tfds name.
+      model_dir: an exported version (`<base>/<name>/<version>`, from `tfr export`).
+      out: output prefix: `<out>-SSSSS-of-NNNNN.tfrecord`, `<out>-dead-letter-*.jsonl`, `<out>.manifest.json`.
+      shards: output shards.
+      beam_args: Beam pipeline options (`--runner`, `--direct_num_workers`, Dataflow's `--project`, ...).
+    """
+    beam = _beam()
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from tf_retrieval.config import ModelConfig
+
+    details = export_details(model_dir)
+    config = ModelConfig.from_dict({field.name: details[field.name] for field in dataclasses.fields(ModelConfig)
+                                    if field.name in details})
+    image_size = int(details["image_size"])
+    options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
+    start = time.perf_counter()
+    with beam.Pipeline(options=options) as pipeline:
+        images = read_images(pipeline, source, data_dir=data_dir, split=split)
+        decoded = images | "Decode" >> beam.FlatMap(DecodeImage(image_size)).with_outputs(DEAD_LETTER, main="pixels")
+        (decoded.pixels | "Embed" >> RunInference(model_handler(model_dir, batch_size))
+         | "Example" >> beam.Map(to_example)
+         | "Write" >> beam.io.WriteToTFRecord(out, file_name_suffix=".tfrecord", num_shards=shards))
+        (decoded[DEAD_LETTER] | "DeadLetterJson" >> beam.Map(json.dumps)
+         | "WriteDeadLetter" >> beam.io.WriteToText(f"{out}-dead-letter", file_name_suffix=".jsonl", num_shards=1))
+    seconds = time.perf_counter() - start
+    files = sorted(glob.glob(f"{out}-*-of-*.tfrecord"))
+    dead = [json.loads(line) for path in sorted(glob.glob(f"{out}-dead-letter*.jsonl"))
+            for line in open(path, encoding="utf-8") if line.strip()]
+    count = sum(1 for _ in read_records(files))
+    manifest = {"model_id": config.model_id(), "model_config": config.to_dict(), "model_dir": os.path.abspath(model_dir),
+                "source": source, "split": split, "shards": [os.path.basename(f) for f in files], "count": count,
+                "dead_letters": len(dead), "seconds": round(seconds, 1), "options": list(beam_args)}
+    from tf_retrieval.storage import write_json
+
+    write_json(f"{out}.manifest.json", manifest, indent=1)
+    logger.info("embedded %d images (%d dead letters) into %d shards in %.1f s", count, len(dead), len(files), seconds)
+    return manifest
+
+
+def read_records(files: Sequence[str]) -> Iterable[tuple[str, str, np.ndarray]]:
+    """(id, class name, embedding) of every record of the TFRecord shards `files`."""
+    import tensorflow as tf
+
+    for serialized in tf.data.TFRecordDataset(list(files)):
+        example = tf.train.Example.FromString(serialized.numpy())
+        feature = example.features.feature
+        yield (feature["id"].bytes_list.value[0].decode(), feature["class_name"].bytes_list.value[0].decode(),
+               np.asarray(feature["embedding"].float_list.value, np.float32))
+
+
+def read_manifest(path: str) -> tuple[dict, list[str]]:
+    """The manifest and the paths of its shards (beside it)."""
+    if not os.path.isfile(path):
+        raise MissingError(f"no pipeline manifest at {path}: run `tfr pipeline embed` first")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    folder = os.path.dirname(os.path.abspath(path))
+    files = [os.path.join(folder, name) for name in manifest["shards"]]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise MissingError(f"{len(missing)} shard(s) of {path} are missing, e.g. {missing[0]}")
+    return manifest, files
+
+
+def index_from_shards(manifest_path: str, bundle_dir: str, *, data_dir: str | None = None, metric: str | None = None,
+                      backend: str = "auto", index_options: dict | None = None):
+    """An index bundle (`search.engine.build_bundle`) of the records a pipeline run wrote: the images of its source
+    that were embedded (dead letters are left out), with their vectors finished as in process (`vectors.finish`)."""
+    from tf_retrieval.config import ModelConfig
+    from tf_retrieval.data.images import load_collection
+    from tf_retrieval.search.engine import build_bundle
+    from tf_retrieval.vectors import finish
+
+    manifest, files = read_manifest(manifest_path)
+    config = ModelConfig.from_dict(manifest["model_config"])
+    vector_of = {image_id: vector for image_id, _, vector in read_records(files)}
+    collection = load_collection(manifest["source"], data_dir=data_dir,
+                                 splits=[manifest["split"]] if manifest.get("split") else None)
+    keep = np.array([i for i, image_id in enumerate(collection.ids) if image_id in vector_of], dtype=np.int64)
+    if len(keep) == 0:
+        raise InvalidInputError(f"none of the {len(vector_of)} embedded ids is an image of {manifest['source']}")
+    collection = collection.subset(keep)
+    vectors = finish(np.stack([vector_of[image_id] for image_id in collection.ids]), config.hash_bits)
+    return build_bundle(bundle_dir, config, collection, vectors, source=manifest["source"], data_dir=data_dir,
+                        metric=metric, backend=backend, index_options=index_options)
