@@ -9,7 +9,7 @@ ifneq ($(SHARED_TFDS),)
 export TFDS_DATA_DIR ?= $(SHARED_TFDS)
 endif
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-beam clean
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,16 @@ demo: install
 test: install
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
+# The Beam pipeline in its own environment: apache-beam needs older protobuf / pyarrow (constraints-beam.txt).
+BEAM_VENV ?= .venv-beam
+$(BEAM_VENV)/.installed: setup.py constraints-beam.txt
+	$(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BEAM_VENV)/bin/python -m pip install -q -c constraints-beam.txt -e ".[test,beam]"
+	touch $@
+
+test-beam: $(BEAM_VENV)/.installed
+	$(BEAM_VENV)/bin/python -m pytest -q -rs $(PYTEST_ARGS) tests/test_pipeline.py
+
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(BEAM_VENV) artifacts .pytest_cache

@@ -18,7 +18,8 @@ SUBPACKAGE_FOLDERS = {"tf_retrieval.serving": "serving", "tf_retrieval.web": "we
 
 EXTRAS = {
     "scann": ["scann==1.4.2"],
-    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking==1.85.1"],
+    # (health checking >= 1.81.1: the beam environment needs its protobuf-6 release; constraints.txt pins 1.85.1)
+    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking>=1.81.1,<2"],
     "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
     "tuning": ["keras-tuner==1.4.8"],
     "plots": ["matplotlib>=3.9,<4"],
@@ -27,6 +28,10 @@ EXTRAS = {
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "playwright>=1.50,<2"]
+# The Beam pipeline (tf_retrieval.pipeline), not part of "all": apache-beam needs protobuf < 7 and pyarrow < 26, so it
+# installs with constraints-beam.txt into its own environment (docs/pipeline.md). tensorflow-hub and tf-keras are what
+# Beam's TensorFlow model handler imports; google-crc32c checksums the TFRecord shards.
+EXTRAS["beam"] = ["apache-beam==2.77.0", "tensorflow-hub==0.16.1", "tf-keras>=2.20,<2.21", "google-crc32c>=1.7,<2"]
 # benchmarks/index_bench.py only (FAISS as the comparison; not part of "all"):
 EXTRAS["bench"] = ["faiss-cpu==1.15.1", "threadpoolctl>=3.5,<4", "matplotlib>=3.9,<4"]
 

@@ -431,7 +431,7 @@ def main(argv=None) -> dict:
         if args.synthetic:
             bundle, queries = synthetic_bundle(args.synthetic, scratch)
             specs = [bundle, f"{bundle}@tf"]
-        log_path = os.path.splitext(args.out)[0] + ".server.log"
+        log_path = os.path.join(tempfile.gettempdir(), "web_load.server.log")  # the servers' output, for failures
         rows = [load_run(spec, args, queries, log_path) for spec in specs]
     head = rows[0]
     result = {**{key: head[key] for key in ("requests", "concurrency", "errors", "p50_ms", "p90_ms", "p99_ms", "rps",

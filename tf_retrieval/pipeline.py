@@ -96,26 +96,29 @@ class DecodeImage:
 
 
 def model_handler(model_dir: str, batch_size: int = 64):
-    """Beam's TensorFlow model handler over the exported SavedModel's `embed_pixels` signature, keyed by (id, class)."""
-    from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult
-    from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
+    """Beam's TensorFlow model handler (`TFModelHandlerNumpy`) over the exported SavedModel's `embed_pixels` signature,
+    keyed by (id, class). The handler's own loader is Keras' (`load_model`), which in Keras 3 reads only `.keras`
+    files: the SavedModel is loaded with `tf.saved_model.load` instead."""
+    from apache_beam.ml.inference.base import KeyedModelHandler
+    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 
-    def load():
-        import tensorflow as tf
+    class SavedModelHandler(TFModelHandlerNumpy):
+        def load_model(self):
+            import tensorflow as tf
 
-        return tf.saved_model.load(model_dir)
+            return tf.saved_model.load(self._model_uri)
 
-    def embed(model, batch: Sequence[np.ndarray], inference_args=None, model_id=None):
-        import tensorflow as tf
+    return KeyedModelHandler(SavedModelHandler(model_dir, inference_fn=embed_pixels, min_batch_size=1,
+                                               max_batch_size=batch_size))
 
-        pixels = tf.constant(np.stack(batch).astype(np.float32))
-        vectors = model.signatures["embed_pixels"](images=pixels)["embedding"].numpy()
-        return [PredictionResult(x, y, model_id) for x, y in zip(batch, vectors)]
 
-    handler = TFModelHandlerNumpy(model_dir, model_type=ModelType.SAVED_WEIGHTS, create_model_fn=load,
-                                  inference_fn=embed, min_batch_size=1, max_batch_size=batch_size)
-    handler.load_model = load  # the SavedModel itself: no keras model to load weights into
-    return KeyedModelHandler(handler)
+def embed_pixels(model, batch: Sequence[np.ndarray], inference_args=None, model_id=None) -> list:
+    """The handler's inference: a batch of pixels [s, s, 3] through the `embed_pixels` signature."""
+    import tensorflow as tf
+    from apache_beam.ml.inference.base import PredictionResult
+
+    vectors = model.signatures["embed_pixels"](images=tf.constant(np.stack(batch), tf.float32))["embedding"].numpy()
+    return [PredictionResult(x, y, model_id) for x, y in zip(batch, vectors)]
 
 
 def to_example(element) -> bytes:

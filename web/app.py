@@ -668,7 +668,8 @@ def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, worker
 
     Python runs one thread at a time per process, and the page's request handling (HTTP, multipart, JSON) is Python:
     one process cannot keep several cores busy. Each worker is forked before anything heavy is loaded, builds its own
-    app (`build_app()`: engines, models, index) and serves with `threads` threads; the kernel spreads connections over
+    app (`build_app()`: engines, models, index) and serves with `threads` threads (its LiteRT interpreters get
+    cores / `workers` kernel threads each, unless `$TFR_LITERT_THREADS` says otherwise); the kernel spreads connections over
     the processes, as with gunicorn's pre-fork workers. A worker that dies is started again (one that dies before its
     app is built stops them all: it would fail again); SIGINT / SIGTERM stop all. With `workers` == 1 the app is
     served in this process.
@@ -684,8 +685,8 @@ def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, worker
 
     def start(number: int):
         ready = context.Event()
-        process = context.Process(target=_worker, args=(build_app, sock, threads, ready), name=f"web-worker-{number}",
-                                  daemon=True)
+        process = context.Process(target=_worker, name=f"web-worker-{number}", daemon=True,
+                                  args=(build_app, sock, threads, ready, max(1, (os.cpu_count() or 1) // workers)))
         process.start()
         return process, ready
 
@@ -714,11 +715,12 @@ def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, worker
         logger.info("stopped %d web workers", workers)
 
 
-def _worker(build_app: Callable[[], Flask], sock: socket.socket, threads: int, ready) -> None:
+def _worker(build_app: Callable[[], Flask], sock: socket.socket, threads: int, ready, threads_per_worker: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ.setdefault("TFR_LITERT_THREADS", str(threads_per_worker))
     app = build_app()
     ready.set()  # from now on an exit is a crash, and the worker is started again
     serve(app, threads=threads, sock=sock)

@@ -1,0 +1,63 @@
+"""The Beam pipeline (`tf_retrieval.pipeline`, the `beam` extra; runs where apache_beam is installed: CI's beam step)."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam")
+
+from tf_retrieval.cli import main  # noqa: E402
+from tf_retrieval.config import ModelConfig  # noqa: E402
+from tf_retrieval.data.images import image_folder  # noqa: E402
+
+SMALL = ModelConfig(name="small", backbone="mobilenet_v2", image_size=32, weights=None)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tf_retrieval.serving.export import export_config
+
+    return export_config(SMALL, str(tmp_path_factory.mktemp("models")))
+
+
+def test_direct_runner_embeds_like_the_process_keeps_dead_letters_and_indexes(image_dir, exported, tmp_path, capsys):
+    import shutil
+
+    from tf_retrieval.features.embedding import Embedder
+    from tf_retrieval.search.engine import RetrievalEngine
+
+    folder = str(tmp_path / "with-a-broken-file")
+    shutil.copytree(image_dir, folder)
+    with open(os.path.join(folder, "red", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    out = str(tmp_path / "vectors" / "colours")
+    assert main(["--workdir", str(tmp_path / "work"), "pipeline", "--dataset", folder, "--model-dir", exported,
+                 "--out", out, "--shards", "3", "--", "--runner=DirectRunner", "--direct_num_workers=2",
+                 "--direct_running_mode=multi_processing"]) == 0
+    assert "embedded 18 images (1 unreadable" in capsys.readouterr().out
+    manifest = json.load(open(out + ".manifest.json"))
+    assert manifest["count"] == 18 and manifest["dead_letters"] == 1 and len(manifest["shards"]) == 3
+    assert manifest["model_id"] == SMALL.model_id()
+    dead = [json.loads(line) for path in glob.glob(out + "-dead-letter*.jsonl") for line in open(path)]
+    assert dead[0]["id"] == os.path.join("red", "broken.png") and "not an image" in dead[0]["reason"]
+
+    from tf_retrieval.pipeline import read_manifest, read_records
+
+    records = {image_id: (name, vector) for image_id, name, vector in read_records(read_manifest(out + ".manifest.json")[1])}
+    collection = image_folder(image_dir, progress=False)
+    assert sorted(records) == sorted(collection.ids)
+    assert all(records[i][0] == i.split("/")[0] for i in records)  # the class is the sub-folder
+    in_process = Embedder(SMALL, runtime="tf").embed_bytes([collection.read_bytes(i) for i in range(len(collection))])
+    beam = np.stack([records[i][1] for i in collection.ids])
+    np.testing.assert_allclose(beam, in_process, atol=1e-5)
+
+    assert main(["--workdir", str(tmp_path / "work"), "index", "--from-pipeline", out + ".manifest.json", "--name",
+                 "colours"]) == 0
+    engine = RetrievalEngine.load(os.path.join(tmp_path, "work", "indexes", "colours"))
+    assert len(engine) == 18 and engine.config.model_id() == SMALL.model_id()
+    query = os.path.join(image_dir, "green", "green_002.png")
+    with open(query, "rb") as f:
+        first = engine.search_images([f.read()], k=1)[0][0]
+    assert first.id == os.path.join("green", "green_002.png") and first.score == pytest.approx(1.0, abs=1e-4)
