@@ -76,4 +76,4 @@ def test_records_merge_and_markdown(tmp_path):
     merged = store.merge([second, other])
     assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
     table = records_markdown(merged)
-    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | 0.600 | 0.300 |" in table
+    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | tf | 0.600 | 0.300 |" in table

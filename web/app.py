@@ -30,6 +30,7 @@ import colorsys
 import dataclasses
 import errno
 import functools
+import gc
 import io
 import json
 import logging
@@ -682,6 +683,8 @@ def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, worker
     if workers == 1:
         return serve(build_app(), threads=threads, sock=sock)
     context = multiprocessing.get_context("fork")  # the socket is inherited; nothing heavy is loaded yet
+    gc.collect()
+    gc.freeze()  # a worker must never run the destructors of objects it inherits (native thread pools: a crash)
 
     def start(number: int):
         ready = context.Event()
