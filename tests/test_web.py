@@ -598,42 +598,65 @@ def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
     assert "could not reload the bundle of baseline" in caplog.text
 
 
-class MeanColour:
-    """A numpy embedder (no TensorFlow in the forked workers): the image's mean colour, L2-normalised."""
+WORKERS = r"""
+import sys
 
+import numpy as np
+
+from tf_retrieval.data.images import decode_image
+from tf_retrieval.search.engine import RetrievalEngine
+from tf_retrieval.web.app import create_app, reserve_port, serve_workers
+
+
+class MeanColour:  # a numpy embedder: the image's mean colour
     def embed_bytes(self, encoded):
-        from tf_retrieval.data.images import decode_image
-
         vectors = np.stack([decode_image(b).reshape(-1, 3).mean(axis=0) for b in encoded]).astype(np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+bundle, port = sys.argv[1], int(sys.argv[2])
+build = (lambda: create_app({"colour": RetrievalEngine.load(bundle, embedder=MeanColour())}, batching=False))
+if bundle == "broken":
+    def build():
+        raise OSError("bundle unreadable")
+serve_workers(build, reserve_port("127.0.0.1", port), workers=2, threads=2)
+"""
+
+
+def start_workers(bundle: str, port: int):
+    """`serve_workers` with 2 workers in a fresh process (this one has run models: forking it is not safe)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", WORKERS, bundle, str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(tmp_path):
     """`tfr web --workers 2`: two processes answer on one port; one killed is started again, the port keeps answering."""
-    import multiprocessing
     import signal
 
     psutil = pytest.importorskip("psutil")
     from tf_retrieval.config import ModelConfig
-    from tf_retrieval.data.images import image_folder
+    from tf_retrieval.data.images import decode_image, image_folder
     from tf_retrieval.search.engine import build_bundle
-    from tf_retrieval.web.app import create_app, reserve_port, serve_workers
 
     folder = make_image_folder(str(tmp_path / "images"), per_class=3)
     collection = image_folder(folder, progress=False)
-    embedder = MeanColour()
-    engine = build_bundle(str(tmp_path / "bundle"), ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32,
-                                                                weights=None), collection,
-                          embedder.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
-                          source=folder, backend="exact")
-    engine._embedder = embedder
-    sock = reserve_port("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    parent = multiprocessing.get_context("fork").Process(
-        target=serve_workers, args=(lambda: create_app({"colour": engine}, batching=False), sock),
-        kwargs={"workers": 2, "threads": 2})
-    parent.start()
-    sock.close()
+    vectors = np.stack([decode_image(collection.read_bytes(i)).reshape(-1, 3).mean(axis=0)
+                        for i in range(len(collection))]).astype(np.float32)
+    bundle = str(tmp_path / "bundle")
+    build_bundle(bundle, ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None), collection,
+                 vectors / np.linalg.norm(vectors, axis=1, keepdims=True), source=folder, backend="exact")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    parent = start_workers(bundle, port)
 
     def search_ok() -> bool:
         body = json.dumps({"id": collection.ids[0], "k": 3}).encode()
@@ -647,7 +670,11 @@ def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(tmp_path)
         while time.monotonic() < deadline:
             pids = [child.pid for child in psutil.Process(parent.pid).children()]
             if len(pids) == count:
-                return pids
+                try:
+                    if search_ok():
+                        return pids
+                except OSError:
+                    pass
             time.sleep(0.2)
         raise AssertionError(f"expected {count} workers, found {pids}")
 
@@ -661,16 +688,13 @@ def test_worker_processes_share_the_port_and_a_dead_worker_is_replaced(tmp_path)
         assert first[1] in second and all(search_ok() for _ in range(10))
     finally:
         parent.terminate()
-        parent.join(timeout=20)
-    assert parent.exitcode == 0 and not psutil.pid_exists(first[1])
+        parent.wait(timeout=20)
+    assert parent.returncode == 0 and not psutil.pid_exists(first[1])
 
 
-def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
-    from tf_retrieval.errors import RetrievalError
-    from tf_retrieval.web.app import reserve_port, serve_workers
-
-    def broken():
-        raise OSError("bundle unreadable")
-
-    with pytest.raises(RetrievalError, match="web worker 0 exited with code 1 while starting"):
-        serve_workers(broken, reserve_port("127.0.0.1", 0), workers=2)
+def test_a_worker_that_cannot_start_stops_the_server():
+    parent = start_workers("broken", free_port())
+    output, _ = parent.communicate(timeout=120)
+    assert parent.returncode != 0
+    assert "web worker 0 exited with code 1 while starting" in output or \
+        "web worker 1 exited with code 1 while starting" in output

@@ -30,7 +30,6 @@ import colorsys
 import dataclasses
 import errno
 import functools
-import gc
 import io
 import json
 import logging
@@ -682,9 +681,9 @@ def serve_workers(build_app: Callable[[], Flask], sock: socket.socket, *, worker
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
     if workers == 1:
         return serve(build_app(), threads=threads, sock=sock)
-    context = multiprocessing.get_context("fork")  # the socket is inherited; nothing heavy is loaded yet
-    gc.collect()
-    gc.freeze()  # a worker must never run the destructors of objects it inherits (native thread pools: a crash)
+    # Forked: the socket is inherited. The caller must not have run a model yet (`tfr web` loads nothing before):
+    # a forked child that releases an inherited LiteRT interpreter crashes.
+    context = multiprocessing.get_context("fork")
 
     def start(number: int):
         ready = context.Event()
