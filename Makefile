@@ -27,10 +27,10 @@ test: install
 
 # The Beam pipeline in its own environment: apache-beam needs older protobuf / pyarrow (constraints-beam.txt).
 BEAM_VENV ?= .venv-beam
-$(BEAM_VENV)/.installed: setup.py constraints-beam.txt
-	$(PYTHON) -m venv $(BEAM_VENV)
-	$(BEAM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BEAM_VENV)/bin/python -m pip install -q -c constraints-beam.txt -e ".[test,beam]"
+# It gets no pip of its own: the main environment's (upgraded) pip installs into it (`pip --python`).
+$(BEAM_VENV)/.installed: setup.py constraints-beam.txt $(VENV)/.installed
+	$(PYTHON) -m venv --clear --without-pip $(BEAM_VENV)
+	$(PY) -m pip --python $(BEAM_VENV)/bin/python install -q -c constraints-beam.txt -e ".[test,beam]"
 	touch $@
 
 test-beam: $(BEAM_VENV)/.installed
