@@ -31,7 +31,9 @@ EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "play
 # The Beam pipeline (tf_retrieval.pipeline), not part of "all": apache-beam needs protobuf < 7 and pyarrow < 26, so it
 # installs with constraints-beam.txt into its own environment (docs/pipeline.md). tensorflow-hub and tf-keras are what
 # Beam's TensorFlow model handler imports; google-crc32c checksums the TFRecord shards.
-EXTRAS["beam"] = ["apache-beam==2.77.0", "tensorflow-hub==0.16.1", "tf-keras>=2.20,<2.21", "google-crc32c>=1.7,<2"]
+# tensorflow-hub imports pkg_resources, which setuptools 82 and later no longer ship.
+EXTRAS["beam"] = ["apache-beam==2.77.0", "tensorflow-hub==0.16.1", "tf-keras>=2.20,<2.21", "google-crc32c>=1.7,<2",
+                  "setuptools>=65,<82"]
 # benchmarks/index_bench.py only (FAISS as the comparison; not part of "all"):
 EXTRAS["bench"] = ["faiss-cpu==1.15.1", "threadpoolctl>=3.5,<4", "matplotlib>=3.9,<4"]
 
