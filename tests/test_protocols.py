@@ -41,6 +41,7 @@ def test_cifar10_unseen_holds_out_classes_8_and_9(cifar):
     assert set(cifar.labels[p.train]) == set(range(8))
     assert set(cifar.labels[p.queries]) == {8, 9} and set(cifar.labels[p.database]) == {8, 9}
     assert len(p.queries) == 240 and len(p.database) == 1200
+    assert p.class_disjoint and not make_protocol("cifar10-2", cifar).class_disjoint
 
 
 def test_flowers_protocols():
@@ -48,10 +49,10 @@ def test_flowers_protocols():
     splits = np.tile(["train", "validation", "test", "test"], 102)
     flowers = fake_collection(labels, splits, "oxford_flowers102")
     disjoint = make_protocol("flowers-disjoint", flowers)
-    assert disjoint.leave_one_out and disjoint.queries is None
+    assert disjoint.leave_one_out and disjoint.queries is None and disjoint.class_disjoint
     assert set(labels[disjoint.train]) == set(range(51)) and set(labels[disjoint.database]) == set(range(51, 102))
     official = make_protocol("flowers-official", flowers)
-    assert len(official.database) == 204 and len(official.queries) == 204
+    assert len(official.database) == 204 and len(official.queries) == 204 and not official.class_disjoint
     assert "leave-one-out" in disjoint.summary()
 
 

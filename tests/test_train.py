@@ -31,6 +31,11 @@ def test_validation_split_is_stratified_or_class_disjoint():
     many = np.repeat(np.arange(40), 3)
     train_pos, val_pos = validation_split(many, 0.1, seed=1)
     assert len(np.unique(many[val_pos])) == 4 and not set(many[train_pos]) & set(many[val_pos])  # whole classes
+    few = np.repeat(np.arange(8), 10)  # class-disjoint on demand (a protocol of unseen classes), at least 2 classes
+    train_pos, val_pos = validation_split(few, 0.1, seed=1, class_disjoint=True)
+    assert len(np.unique(few[val_pos])) == 2 and not set(few[train_pos]) & set(few[val_pos])
+    with pytest.raises(ValueError, match="cannot hold out whole classes from 2 classes"):
+        validation_split(np.repeat([0, 1], 5), 0.1, class_disjoint=True)
     with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\)"):
         validation_split(labels, 1.5)
     with pytest.raises(ValueError, match="cannot hold out a validation set"):
@@ -71,14 +76,15 @@ def test_head_outputs_unit_vectors_or_tanh_codes(rng):
         build_head(12, embedding_dim=0)
 
 
-@pytest.mark.parametrize("mining", ["semihard", "hard", "batch-all"])
-def test_head_training_beats_raw_features(mining, rng, tmp_path):
+@pytest.mark.parametrize("mining, proxy_loss", [("semihard", None), ("hard", None), ("batch-all", None),
+                                                ("semihard", "cosface"), ("semihard", "proxy-anchor")])
+def test_head_training_beats_raw_features(mining, proxy_loss, rng, tmp_path):
     features, labels = nuisance_features(rng)
     queries_features, query_labels = nuisance_features(np.random.default_rng(1))  # other draws of the same classes
     protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
                         database=np.arange(len(labels)), queries=None)
     config = TrainConfig(embedding_dim=8, hidden_dim=32, mining=mining, margin=0.2, learning_rate=3e-3,
-                         classes_per_batch=6, images_per_class=6, epochs=12, steps_per_epoch=20, patience=4,
+                         proxy_loss=proxy_loss, classes_per_batch=6, images_per_class=6, epochs=12, steps_per_epoch=20, patience=4,
                          validation_fraction=0.25)
     result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
     assert 1 <= result.epochs <= 12 and result.best_map_at_r == max(result.history["val_map_at_r"])
@@ -114,12 +120,32 @@ def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "(3, 8)"
 
 
-def test_hashing_head_gives_binary_codes(rng, tmp_path):
+def test_greedy_sign_is_binary_forward_and_straight_through_backward():
+    import tensorflow as tf
+
+    from tf_retrieval.models.heads import GreedySign
+
+    layer = GreedySign(weight=0.5)
+    h = tf.Variable([[0.3, -2.0, 0.0, -0.1]])
+    with tf.GradientTape() as tape:
+        out = layer(h)
+        weighted = tf.reduce_sum(out * tf.constant([[1.0, 2.0, 3.0, 4.0]]))
+    assert out.numpy().tolist() == [[1.0, -1.0, 1.0, -1.0]]
+    np.testing.assert_allclose(tape.gradient(weighted, h).numpy(), [[1.0, 2.0, 3.0, 4.0]])  # the identity's gradient
+    penalty = 0.5 * np.mean(np.abs(np.abs([0.3, -2.0, 0.0, -0.1]) - 1) ** 3)
+    assert float(layer.losses[0]) == pytest.approx(penalty, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown hashing 'sign'; choose one of tanh, greedy"):
+        build_head(4, hash_bits=8, hashing="sign")
+
+
+@pytest.mark.parametrize("hashing", ["tanh", "greedy"])
+def test_hashing_head_gives_binary_codes(hashing, rng, tmp_path):
     features, labels = nuisance_features(rng)
     protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
                         database=np.arange(len(labels)), queries=None)
     config = TrainConfig.from_dict(dict(hash_bits=16, hidden_dim=32, learning_rate=3e-3, classes_per_batch=6,
-                                        images_per_class=6, epochs=6, steps_per_epoch=20, validation_fraction=0.25))
+                                        images_per_class=6, epochs=6, steps_per_epoch=20, validation_fraction=0.25,
+                                        hashing=hashing))
     result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
     assert result.model_config.hash_bits == 16 and result.model_config.metric == "hamming"
     codes = head_function(result.model_config)(features)  # packed: 16 bits in 2 bytes per image

@@ -262,19 +262,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_model, records_markdown
     from tf_retrieval.storage import RecordStore
 
+    from tf_retrieval.training.adapt import adaptation_details
+
     config = _model_config(args)
     protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(protocol.summary())
-    run_dir = os.path.dirname(os.path.abspath(args.model_config)) if args.model_config else None
+    adaptation = adaptation_details(args.model_config) if args.model_config else {}
+    label = adaptation.pop("model", None)
+    run_dir = adaptation.pop("run_dir", None) or (os.path.dirname(os.path.abspath(args.model_config))
+                                                  if args.model_config else None)
     if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
         run_dir = None  # a model config that is not a training run's
     record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
                             batch_size=args.batch_size, command=_command_line(),
-                            model=args.record_model, run_dir=run_dir, runtime=args.runtime)
+                            model=args.record_model or label, run_dir=run_dir, runtime=args.runtime)
+    record.update(adaptation)
     print(records_markdown([record]), end="")
     if args.records:
         RecordStore(args.records, RECORD_KEY).merge([record])
         print(f"record written to {args.records}")
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    """Fuses a model's frozen features (whitened on a protocol's database, or not) with its trained head
+    (`training.adapt`); writes an ordinary model directory to index, serve or evaluate."""
+    from tf_retrieval.data.protocols import load_protocol
+    from tf_retrieval.training.adapt import adapt
+
+    config = _model_config(args)
+    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir)
+    run_dir = os.path.dirname(os.path.abspath(args.model_config)) if args.model_config else None
+    if run_dir and not os.path.isfile(os.path.join(run_dir, "train_config.json")):
+        run_dir = None
+    whiten = {"auto": None, "yes": True, "no": False}[args.whiten]
+    adapted = adapt(config, protocol, args.out, dim=args.whiten_dim, whiten=whiten,
+                    head_weight=args.head_weight, shrinkage=args.shrinkage, run_dir=run_dir, workdir=_workdir(args),
+                    runtime=args.runtime)
+    print(f"adapted {config.model_id()} -> {os.path.join(args.out, 'model.json')} ({adapted.model_id()})")
+    print(f"next: tfr evaluate --protocol {protocol.name} --model-config {os.path.join(args.out, 'model.json')}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -399,7 +424,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
-_OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str}
+_OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
 _TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "weights", "train_from", "hash_bits")
 
 
@@ -525,6 +550,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
     _add_runtime_arg(evaluate)
+
+    adapt = command("adapt", cmd_adapt, "fuse a model's frozen features (whitened or not) with its trained head")
+    adapt.add_argument("--protocol", required=True, choices=list(PROTOCOLS),
+                       help="the whitening is fitted on its database; the whitening and the head weight are chosen on "
+                            "its training set's validation split")
+    adapt.add_argument("--dataset", help="collection to use (default: tfds cifar10 / oxford_flowers102); e.g. a folder")
+    adapt.add_argument("--data-dir", help="tfds data directory")
+    _add_model_args(adapt)
+    adapt.add_argument("--whiten", choices=("auto", "yes", "no"), default="auto",
+                       help="whiten the frozen features (auto: if it scores better on the protocol's training set)")
+    adapt.add_argument("--whiten-dim", type=int, help="whitened dimensions (default: chosen on the training set)")
+    adapt.add_argument("--shrinkage", type=float, help="variance added to each whitened axis, as a share of the mean "
+                                                       "variance (0: plain whitening; default: chosen)")
+    adapt.add_argument("--head-weight", type=float, help="the head's share in [0, 1] (default: chosen on the training "
+                                                         "run's validation split)")
+    adapt.add_argument("--out", required=True, help="output directory (model.json, the adapted head, adapt.json)")
+    _add_runtime_arg(adapt)
 
     demo = command("demo", cmd_demo, "CIFAR-10: baseline and fine-tuned side by side on the page")
     _add_model_args(demo)

@@ -44,7 +44,8 @@ class JsonConfig:
 
 
 #: The backbones `models.backbones` builds (their constructors live there: importing this module loads no Keras).
-BACKBONE_NAMES = ("efficientnet_lite0", "densenet121", "resnet50", "mobilenet_v2", "efficientnet_b0")
+BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "densenet121", "resnet50",
+                  "mobilenet_v2", "efficientnet_b0")
 #: Global poolings of the backbone's feature map.
 POOLINGS = ("avg", "gem", "max")
 
@@ -126,6 +127,9 @@ class TrainConfig(JsonConfig):
       embedding_dim, hidden_dim, dropout: head sizes (see `models.heads.build_head`).
       mining: triplet mining: "semihard", "hard" or "batch-all".
       margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.
+      proxy_loss, proxy_weight: an optional second term, `proxy_weight` x a loss against learned class proxies
+        (`training.proxies`: "cosface" or "proxy-anchor"); None trains with the triplet loss alone.
+      hashing: how a hashing head (`model.hash_bits`) makes its codes: "tanh" or "greedy" (`models.heads.build_head`).
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
       validation_fraction: share of the training set (images or classes) held out for MAP@R.
@@ -144,6 +148,9 @@ class TrainConfig(JsonConfig):
     mining: str = "semihard"
     margin: float = 0.2
     learning_rate: float = 1e-3
+    proxy_loss: str | None = None
+    proxy_weight: float = 1.0
+    hashing: str = "tanh"
     classes_per_batch: int = 16
     images_per_class: int = 8
     epochs: int = 30

@@ -1,6 +1,6 @@
 """A `keras_tuner.HyperModel` over the Siamese head, trained on cached backbone outputs.
 
-Each trial is an ordinary `tfr train` run in miniature: the same trainable model (`train.build_trainable`), the same
+Each trial is an ordinary `tfr train` run in miniature: the same trainable model (`train.compile_trainable`), the same
 class-balanced P x K batches (`train.BalancedBatches`), the same triplet losses, and the same validation MAP@R
 (`train.ValidationMapAtR`) on the same held-out part of the training set (`train.validation_split`: whole classes when
 there are at least 20, else a stratified share of the images). So the score a trial reports is the number `tfr train`
@@ -18,7 +18,8 @@ import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import TrainConfig
-from tf_retrieval.training.train import VAL_METRIC, BalancedBatches, ValidationMapAtR, build_trainable, validation_split
+from tf_retrieval.training.train import VAL_METRIC, BalancedBatches, ValidationMapAtR, compile_trainable, \
+    validation_split
 
 OBJECTIVE = keras_tuner.Objective(VAL_METRIC, direction="max")
 MININGS = ("semihard", "hard", "batch-all")
@@ -69,13 +70,15 @@ class SiameseHyperModel(keras_tuner.HyperModel):
         positions).
       labels: their class labels [n].
       space: the search space (default `SearchSpace()`).
+      class_disjoint: validate on whole held-out classes (`train.validation_split`; default: when there are many).
 
     Raises:
       ValueError: a hashing base config (the embedding size of a hashing head is its bit count; tune float heads), or a
         training set from which no validation set can be held out.
     """
 
-    def __init__(self, base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, space: SearchSpace | None = None):
+    def __init__(self, base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, space: SearchSpace | None = None,
+                 class_disjoint: bool | None = None):
         super().__init__(name="siamese_head", tunable=True)
         if base.model.hash_bits:
             raise InvalidInputError("tuning searches float embedding heads: set hash_bits to None in the base config")
@@ -83,7 +86,7 @@ class SiameseHyperModel(keras_tuner.HyperModel):
         if len(inputs) != len(labels):
             raise InvalidInputError(f"{len(inputs)} inputs but {len(labels)} labels")
         self.base, self.space = base, space or SearchSpace()
-        train_pos, val_pos = validation_split(labels, base.validation_fraction, base.seed)
+        train_pos, val_pos = validation_split(labels, base.validation_fraction, base.seed, class_disjoint=class_disjoint)
         self.input_shape = tuple(inputs.shape[1:])
         self.train_inputs, self.train_labels = inputs[train_pos], labels[train_pos]
         self.val_inputs, self.val_labels = inputs[val_pos], labels[val_pos]
@@ -104,13 +107,8 @@ class SiameseHyperModel(keras_tuner.HyperModel):
         )
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        from tf_retrieval.training import losses
-
         config = self.trial_config(hp)
-        model, _, _ = build_trainable(config, self.input_shape)
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                      loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
-        return model
+        return compile_trainable(config, self.input_shape, len(np.unique(self.train_labels)))[0]
 
     def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args, callbacks: Sequence | None = None,
             epochs: int | None = None, initial_epoch: int = 0, verbose: int = 0, **kwargs) -> keras.callbacks.History:

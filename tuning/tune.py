@@ -193,7 +193,8 @@ def measure_index_cost(dim: int, database_size: int, *, backend: str = "auto", q
 def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str, *, trials: int = 20,
          algorithm: str = "bayesian", space: SearchSpace | None = None, database_size: int | None = None,
          index_backend: str = "auto", overwrite: bool = False, verbose: int = 0,
-         progress: Callable[[str], None] | None = print, title: str | None = None) -> TuneResult:
+         progress: Callable[[str], None] | None = print, title: str | None = None,
+         class_disjoint: bool | None = None) -> TuneResult:
     """Searches the head's hyperparameters on `inputs` / `labels` and writes the results under `out_dir`.
 
     Args:
@@ -210,6 +211,7 @@ def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str
       verbose: Keras' fit verbosity inside trials.
       progress: called with one line per finished trial (None: quiet).
       title: first line of the Markdown table and the plot (default: the base protocol).
+      class_disjoint: validate on whole held-out classes (default: when there are many; see `train.validation_split`).
 
     Returns:
       a `TuneResult`. Each trial record holds trial_id, the searched values (embedding_dim, hidden_dim, mining,
@@ -222,7 +224,7 @@ def tune(base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, out_dir: str
     """
     start = time.perf_counter()
     space = space or SearchSpace()
-    hypermodel = SiameseHyperModel(base, inputs, labels, space)
+    hypermodel = SiameseHyperModel(base, inputs, labels, space, class_disjoint=class_disjoint)
     database_size = int(database_size or len(inputs))
     tuner_dir = os.path.join(out_dir, "tuner")
     _check_same_search(tuner_dir, {
@@ -288,7 +290,7 @@ def tune_protocol(base: TrainConfig, out_dir: str, *, workdir: str, trials: int 
     try:
         return tune(base, inputs[protocol.train], labels[protocol.train], out_dir, trials=trials, algorithm=algorithm,
                     database_size=len(protocol.database), index_backend=index_backend, overwrite=overwrite,
-                    verbose=2 if verbose else 0,
+                    verbose=2 if verbose else 0, class_disjoint=protocol.class_disjoint or None,
                     title=f"{protocol.summary()} ({base.model.backbone}, {base.model.image_size} px)")
     finally:
         for logger_, level in zip(quiet, levels):

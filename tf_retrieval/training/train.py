@@ -85,19 +85,24 @@ class TrainResult:
     history: dict[str, list[float]]
 
 
-def validation_split(labels: np.ndarray, fraction: float, seed: int = 0,
-                     min_classes_for_disjoint: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(labels: np.ndarray, fraction: float, seed: int = 0, min_classes_for_disjoint: int = 20,
+                     class_disjoint: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Splits positions 0..n-1 into (train, validation).
 
-    With at least `min_classes_for_disjoint` classes, whole classes are held out (class-disjoint, like the retrieval of
-    unseen classes); otherwise `fraction` of each class's images. Every validation class keeps >= 2 images.
+    Class-disjoint (`class_disjoint=True`, or by default with at least `min_classes_for_disjoint` classes): whole
+    classes are held out (`fraction` of them, at least 2), like the retrieval of unseen classes; otherwise `fraction`
+    of each class's images. Every validation class keeps >= 2 images.
     """
     labels = np.asarray(labels)
     if not 0 < fraction < 1:
         raise InvalidInputError(f"validation_fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    if len(classes) >= min_classes_for_disjoint:
+    if class_disjoint is None:
+        class_disjoint = len(classes) >= min_classes_for_disjoint
+    if class_disjoint and len(classes) < 3:
+        raise InvalidInputError(f"cannot hold out whole classes from {len(classes)} classes (at least 3 are needed)")
+    if class_disjoint:
         held_out = rng.choice(classes, size=max(2, int(round(fraction * len(classes)))), replace=False)
         validation = np.isin(labels, held_out)
     else:
@@ -151,8 +156,10 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
                           progress=progress, runtime=runtime, dtype="float16", weights_file=base.weights)
 
 
-def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
-    """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only."""
+def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: int | None = None):
+    """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only.
+
+    With `config.proxy_loss`, the model also holds `classes` learned class proxies (`GlobalBatchModel.proxies`)."""
     from tf_retrieval.models.backbones import build_backbone
     from tf_retrieval.models.heads import L2Normalize, build_head, split_backbone, trunk_of
 
@@ -174,22 +181,53 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...]):
         backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
         _, top = split_backbone(backbone, train_from)
         x = top(keras.ops.cast(x, "float32"))
-    head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits)
+    head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits,
+                      hashing=config.hashing)
     outputs = L2Normalize(name="unit")(head(x))  # hashing codes are compared by angle while training
-    return GlobalBatchModel(inputs, outputs, name=f"{config.model.name}_trainable"), backbone, head
+    proxies = None
+    if config.proxy_loss:
+        from tf_retrieval.training.proxies import ClassProxies
+
+        if classes is None:
+            raise InvalidInputError("a proxy loss needs the number of training classes")
+        proxies = ClassProxies(classes, name="proxies")
+        proxies.build(tuple(outputs.shape))
+    model = GlobalBatchModel(inputs, outputs, name=f"{config.model.name}_trainable")
+    model.proxies = proxies
+    return model, backbone, head
+
+
+def compile_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: int | None = None):
+    """`build_trainable`, compiled with the config's optimiser and losses (the triplet loss, plus its proxy term)."""
+    from tf_retrieval.training import losses
+
+    model, backbone, head = build_trainable(config, input_shape, classes)
+    model.proxy_weight = float(config.proxy_weight)
+    if config.proxy_loss:
+        from tf_retrieval.training.proxies import proxy_loss
+
+        model.proxy_loss = proxy_loss(config.proxy_loss)
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
+    return model, backbone, head
 
 
 class BalancedBatches(keras.utils.PyDataset):
     """P x K batches drawn from in-memory inputs: the whole schedule (`epochs` x `steps_per_epoch` batches) as one
-    sequence, batch i seeded by (seed, i), so what a step trains on never depends on when Keras fetches it (it fetches
+    sequence, batch i seeded by (seed, i), labelled with class indices (`classes` of them), so what a step trains on never depends on when Keras fetches it (it fetches
     ahead, and peeks, differently on one device and under a distribution strategy). Fit it with
     `steps_per_epoch=config.steps_per_epoch`."""
 
     def __init__(self, inputs: np.ndarray, labels: np.ndarray, config: TrainConfig, epochs: int | None = None,
                  start_epoch: int = 0):
         super().__init__()
-        self.inputs, self.labels, self.config = inputs, np.asarray(labels), config
+        # labels become class indices 0..classes-1 (what proxy losses index; the triplet loss only compares them)
+        self.inputs, self.labels, self.config = inputs, np.unique(labels, return_inverse=True)[1], config
         self.epochs, self.start_epoch = epochs or config.epochs, start_epoch  # a run resumed at `start_epoch`
+
+    @property
+    def classes(self) -> int:
+        return int(self.labels.max()) + 1
 
     def __len__(self):
         return (self.epochs - self.start_epoch) * self.config.steps_per_epoch
@@ -250,7 +288,11 @@ class GlobalBatchModel(keras.Model):
     replicas, each replica gathers all the embeddings and labels (`ReplicaContext.all_gather`) and computes the loss
     of the whole batch. The gradient of `all_gather` sums over the replicas, so each replica's loss is divided by
     their number: the summed gradient is one device's, and so is the training (tests/test_train.py compares them).
+
+    `proxies` (a `ClassProxies` layer or None), `proxy_loss` and `proxy_weight` add the optional proxy term.
     """
+
+    proxies, proxy_loss, proxy_weight = None, None, 1.0
 
     def train_step(self, data):
         import tensorflow as tf
@@ -263,6 +305,8 @@ class GlobalBatchModel(keras.Model):
             if replicas > 1:
                 y, embeddings = context.all_gather(y, axis=0), context.all_gather(embeddings, axis=0)
             loss = self.loss.call(y, embeddings)
+            if self.proxies is not None:
+                loss = loss + self.proxy_weight * self.proxy_loss(y, self.proxies(embeddings))
             if self.losses:
                 loss = loss + tf.add_n(self.losses)
             share = loss / replicas
@@ -273,20 +317,20 @@ class GlobalBatchModel(keras.Model):
 
 
 def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: str, *,
-        extra_callbacks: list | None = None, verbose: int = 2):
+        extra_callbacks: list | None = None, verbose: int = 2, class_disjoint: bool | None = None):
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
 
-    The validation split is taken from `inputs`; the best epoch's weights (by validation MAP@R) are restored at the end.
+    The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`); the
+    best epoch's weights (by validation MAP@R) are restored at the end.
     An interrupted run resumes from `<run_dir>/backup`. Runs under `config.strategy` (`distribution_strategy`).
     """
-    from tf_retrieval.training import losses
-
     labels = np.asarray(labels)
-    train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed)
+    train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
+                                          class_disjoint=class_disjoint)
+    batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
+                              start_epoch=_resumed_epoch(os.path.join(run_dir, "backup")))
     with distribution_strategy(config.strategy).scope():
-        model, backbone, head = build_trainable(config, tuple(inputs.shape[1:]))
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                      loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
+        model, backbone, head = compile_trainable(config, tuple(inputs.shape[1:]), batches.classes)
     os.makedirs(run_dir, exist_ok=True)
     best_path = os.path.join(run_dir, "best.weights.h5")
     callbacks = [
@@ -299,8 +343,6 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         *(extra_callbacks or []),
     ]
-    batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
-                              start_epoch=_resumed_epoch(os.path.join(run_dir, "backup")))
     history = model.fit(batches, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, shuffle=False,
                         callbacks=callbacks, verbose=verbose)  # (the batches are drawn at random already)
     if os.path.exists(best_path):
@@ -344,7 +386,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     config.save(os.path.join(run_dir, "train_config.json"))
     labels = protocol.collection.labels
     _, backbone, head, history = fit(config, _take(inputs, protocol.train), labels[protocol.train], run_dir,
-                                     verbose=verbose)
+                                     verbose=verbose, class_disjoint=protocol.class_disjoint or None)
 
     name = config.model.name
     head_path = save_with_digest(head.save, run_dir, f"{name}-head", ".keras")
