@@ -149,6 +149,20 @@ def test_train_then_compare(tmp_path, capsys):
     merged = json.load(open(os.path.join(report, "report.json")))
     assert [(r["run"], r["model"]) for r in merged][-2:] == [("run2", "baseline"), ("run2", "finetuned")]
     assert len(merged) == 6 and "## run2 (cifar10-2)" in open(os.path.join(report, "report.md")).read()
+    # a model adapted from the run (tfr adapt) is compared and evaluated as that run's model, its adaptation the variant
+    adapted = str(tmp_path / "adapted")
+    assert main(["--workdir", workdir, "adapt", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
+                 os.path.join(run_dir, "model.json"), "--whiten", "no", "--head-weight", "0.5", "--out", adapted]) == 0
+    assert main(["--workdir", workdir, "compare", adapted, "--out", report, "--expand", "2"]) == 0
+    fused = [r for r in json.load(open(os.path.join(report, "report.json"))) if r["run"] == "adapted"]
+    assert [(r["model"], r.get("variant")) for r in fused] == [("baseline", None), ("baseline", "alpha-qe"),
+                                                               ("finetuned", "frozen + head (w=0.5)")]
+    assert fused[2]["source_run"] == "run" and fused[2]["embedding_dim"] == 1280 + 8 and fused[2]["runtime"] == "litert"
+    assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
+                 os.path.join(adapted, "model.json"), "--records", records_path]) == 0
+    evaluated = json.load(open(records_path))[-1]
+    assert (evaluated["model"], evaluated["variant"], evaluated["run"]) == ("finetuned", "frozen + head (w=0.5)", "run")
+    assert evaluated["metrics"]["mAP"] == fused[2]["metrics"]["mAP"]  # the same vectors either way
     capsys.readouterr()
     assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
     assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)

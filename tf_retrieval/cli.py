@@ -416,7 +416,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from tf_retrieval.storage import RecordStore
 
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
-                      alpha=args.alpha, label=args.label)
+                      alpha=args.alpha, label=args.label, runtime=args.runtime)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
     if args.records:
         RecordStore(args.records, RECORD_KEY).merge(records)
@@ -636,13 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tune)
 
     compare = command("compare", cmd_compare, "baseline vs fine-tuned report")
-    compare.add_argument("runs", nargs="+", help="training run directories (from tfr train)")
+    compare.add_argument("runs", nargs="+", help="training run directories (from tfr train), or model directories "
+                                                 "from tfr adapt")
     compare.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     compare.add_argument("--records", help="also keep the records in this JSON list (benchmarks/results/retrieval.json)")
     compare.add_argument("--expand", type=int, default=5, help="α query expansion over the top-k (0: off)")
     compare.add_argument("--alpha", type=float, default=3.0)
     compare.add_argument("--label", default="finetuned", help="model name of the trained runs in the records "
                          "(e.g. 'tuned' for a configuration from tfr tune)")
+    _add_runtime_arg(compare)
     return parser
 
 

@@ -19,7 +19,8 @@ from tf_retrieval.evaluation.evaluate import (RECORD_KEY, code_details, evaluate
 from tf_retrieval.features.embedding import embed_collection
 from tf_retrieval.data.protocols import Protocol, load_protocol
 from tf_retrieval.storage import RecordStore, write_text
-from tf_retrieval.config import END_TO_END, load_run
+from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig, load_run
+from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +33,47 @@ def protocol_vectors(protocol: Protocol, vectors: np.ndarray) -> tuple[np.ndarra
     return database, database if protocol.queries is None else vectors[protocol.queries]
 
 
+def trained_model(path: str) -> tuple[TrainConfig, ModelConfig, dict]:
+    """(training config, model config, what its records say of it) of a training run directory, or of a model
+    directory written by `tfr adapt` from one (recorded as that run's model, with the adaptation as its variant)."""
+    from tf_retrieval.training.adapt import adaptation_details
+
+    adaptation = adaptation_details(os.path.join(path, "model.json"))
+    if not adaptation:
+        train_config, model_config = load_run(path)
+        return train_config, model_config, run_details(path)
+    run_dir = adaptation.pop("run_dir")
+    adaptation.pop("model")
+    if not run_dir:
+        raise InvalidInputError(f"{path} adapts a baseline: compare the training run it is fused with instead")
+    train_config, _ = load_run(run_dir)
+    details = {**run_details(run_dir), **adaptation, "run": os.path.basename(os.path.normpath(path)),
+               "source_run": os.path.basename(os.path.normpath(run_dir))}
+    return train_config, ModelConfig.load(os.path.join(path, "model.json")), details
+
+
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
                 grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
-                baseline_cache: dict | None = None, label: str = "finetuned") -> list[dict]:
+                baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
     """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
 
-    `baseline_cache` (a dict shared between runs) keeps baseline scores, so runs on the same protocol rank it once.
-    `label` names the trained model in the records ("finetuned"; "tuned" for a configuration found by `tfr tune`).
+    `run_dir` is a training run, or a model directory that `tfr adapt` made from one. `baseline_cache` (a dict shared
+    between runs) keeps baseline scores, so runs on the same protocol rank it once. `label` names the trained model in
+    the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone.
     """
     baseline_cache = {} if baseline_cache is None else baseline_cache
-    train_config, model_config = load_run(run_dir)
+    train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = train_config.base_model()
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
-    vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir),
-               label: embed_collection(protocol.collection, model_config, workdir=workdir)}
+    vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir, runtime=runtime),
+               label: embed_collection(protocol.collection, model_config, workdir=workdir, runtime=runtime)}
     metrics_of = {"baseline": base.metric, label: model_config.metric}
-    details = run_details(run_dir)
-    extra = {"run": details["run"], "dataset": protocol.collection.name}
+    extra = {"run": details["run"], "dataset": protocol.collection.name, "runtime": runtime}
     records, curves, spaces = [], {}, {}
     for model, rank_metric in metrics_of.items():
-        can_expand = expand and protocol.queries is not None and rank_metric != "hamming"
+        adapted = model == label and details.get("variant")
+        can_expand = expand and protocol.queries is not None and rank_metric != "hamming" and not adapted
         variants = [(None, 0)] + ([(QE_VARIANT, expand)] if can_expand else [])
         for variant, k in variants:
             start = time.perf_counter()
@@ -84,7 +105,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
-            alpha: float = 3.0, label: str = "finetuned") -> list[dict]:
+            alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
     Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records key by
@@ -94,7 +115,7 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
-                               baseline_cache=baseline_cache, label=label)
+                               baseline_cache=baseline_cache, label=label, runtime=runtime)
     merged = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY).merge(records)
     write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
@@ -117,18 +138,19 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
              records_markdown(rows), ""]
     runs = {}
     for r in records:
-        if r["model"] != "baseline" and not r.get("variant"):
+        if r["model"] != "baseline" and r.get("variant") != QE_VARIANT:
             runs[r["run"]] = r
-    lines += ["## Fine-tuned models", "", "| run | protocol | trains | dim | mining | margin | lr | epochs | "
-              "train s | val MAP@R |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Fine-tuned models", "", "| run | protocol | trains | loss | dim | margin | lr | epochs | "
+              "train s | val MAP@R | adapted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         c = r["config"]
         train_from = r.get("train_from")
         trains = {None: "head", END_TO_END: "end to end"}.get(train_from, f"top from `{train_from}` + head")
         dim = f"{r['hash_bits']} bits" if r.get("hash_bits") else c["embedding_dim"]
-        lines.append(f"| {name} | {r['protocol']} | {trains} | {dim} | {c['mining']} | {c['margin']} | "
+        loss = c["mining"] + (f" + {c['proxy_loss']}" if c.get("proxy_loss") else "")
+        lines.append(f"| {name} | {r['protocol']} | {trains} | {loss} | {dim} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "
-                     f"{r['validation_map_at_r']:.3f} |")
+                     f"{r['validation_map_at_r']:.3f} | {r.get('variant') or '–'} |")
     lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
     lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
     for name, r in runs.items():
