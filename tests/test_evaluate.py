@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -77,3 +78,17 @@ def test_records_merge_and_markdown(tmp_path):
     assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
     table = records_markdown(merged)
     assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | tf | 0.600 | 0.300 |" in table
+
+
+def test_concurrent_merges_keep_every_record(tmp_path):
+    import threading
+
+    store = RecordStore(str(tmp_path / "results" / "r.json"), ("protocol", "run"))
+    threads = [threading.Thread(target=lambda i=i: [store.merge([{"protocol": "p", "run": f"{i}-{j}"}])
+                                                    for j in range(5)]) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r["run"] for r in store.load()) == sorted(f"{i}-{j}" for i in range(6) for j in range(5))
+    assert os.listdir(tmp_path / "results") == ["r.json"]  # no lock or temporary file left beside it

@@ -217,9 +217,19 @@ class RecordStore:
 
     def merge(self, records: Sequence[dict]) -> list[dict]:
         """Adds `records`, each replacing a stored record with the same key (the newest wins within `records` too);
-        saves atomically and returns the whole list. Stored records keep their order; new keys are appended."""
-        merged = {self.key_of(record): record for record in self.load()}
-        merged.update((self.key_of(record), record) for record in records)
-        result = list(merged.values())
-        write_json(self.path, result, indent=1)
+        saves atomically and returns the whole list. Stored records keep their order; new keys are appended.
+        Concurrent merges into one file (two evaluations finishing together) take turns: none loses the other's."""
+        import fcntl
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY)  # the folder, not the file: the file is replaced by each write
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = {self.key_of(record): record for record in self.load()}
+            merged.update((self.key_of(record), record) for record in records)
+            result = list(merged.values())
+            write_json(self.path, result, indent=1)
+        finally:
+            os.close(lock)  # releases the lock
         return result
