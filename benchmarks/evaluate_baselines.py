@@ -18,7 +18,6 @@ import shlex
 import sys
 import time
 
-from tf_retrieval.storage import write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     from tf_retrieval.config import ModelConfig
     from tf_retrieval.data.images import load_dataset
     from tf_retrieval.evaluation.evaluate import (RECORD_KEY, embed_collection, evaluate_protocol, make_record,
-                                                  records_markdown)
+                                                  write_records_markdown)
     from tf_retrieval.data.protocols import dataset_family, make_protocol
     from tf_retrieval.storage import RecordStore
 
@@ -94,21 +93,8 @@ def main(argv=None) -> int:
                 records.append(record)
                 logging.info("%s: %s", name, {k: metrics[k] for k in ("mAP", "MAP@R", "R@1")})
                 merged = store.merge([record])
-                write_markdown(merged, records_markdown)
+                write_records_markdown(store.path, merged)
     return 0
-
-
-def write_markdown(records, records_markdown) -> None:
-    """retrieval.md: one table of every record, with how it was made."""
-    lines = ["# Retrieval quality", "",
-             "Written by `benchmarks/evaluate_baselines.py` (baselines) and the training/compare commands (fine-tuned).",
-             "Exact exhaustive ranking; relevance = same class; CIFAR-10 is the JPEG copy described in the data notes.",
-             "Protocols: see DESIGN.md §2 and `tf_retrieval/data/protocols.py`. `s` = seconds to rank and score (features cached).", "",
-             records_markdown(records), ""]
-    machines = sorted({r.get("machine", "?") for r in records})
-    commands = sorted({r.get("command", "?") for r in records})
-    lines += ["Machine(s): " + "; ".join(machines), "", "Commands:", ""] + [f"    {c}" for c in commands] + [""]
-    write_text(os.path.join(RESULTS, "retrieval.md"), "\n".join(lines))
 
 
 if __name__ == "__main__":

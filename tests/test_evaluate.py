@@ -7,7 +7,7 @@ import pytest
 from tf_retrieval.config import ModelConfig
 from tf_retrieval.data.images import ImageCollection
 from tf_retrieval.evaluation.evaluate import (RECORD_KEY, evaluate_protocol, fit_pca, make_record, rank_and_score,
-                                              records_markdown)
+                                              records_markdown, write_records_markdown)
 from tf_retrieval.storage import RecordStore
 from tf_retrieval.data.protocols import Protocol
 
@@ -78,6 +78,12 @@ def test_records_merge_and_markdown(tmp_path):
     assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
     table = records_markdown(merged)
     assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | tf | 0.600 | 0.300 |" in table
+    fused = {**second, "model": "finetuned", "variant": "whitened + head (w=0.5)", "run": "r1", "hash_bits": None}
+    markdown = write_records_markdown(path, store.merge([fused]))
+    assert markdown == str(tmp_path / "r.md")
+    text = open(markdown).read()
+    assert "| cifar10-2 | finetuned + whitened + head (w=0.5) | efficientnet_lite0 |" in text and "| r1 |" in text
+    assert "Commands:" in text and "    x" in text
 
 
 def test_concurrent_merges_keep_every_record(tmp_path):

@@ -259,7 +259,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Scores a protocol with the vectors `tfr index` would index, and keeps the record in a records file."""
     from tf_retrieval.data.protocols import load_protocol
-    from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_model, records_markdown
+    from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_model, records_markdown, write_records_markdown
     from tf_retrieval.storage import RecordStore
 
     from tf_retrieval.training.adapt import adaptation_details
@@ -279,7 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     record.update(adaptation)
     print(records_markdown([record]), end="")
     if args.records:
-        RecordStore(args.records, RECORD_KEY).merge([record])
+        write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge([record]))
         print(f"record written to {args.records}")
 
 
@@ -412,14 +412,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     """Scores baseline and fine-tuned models of training runs; writes report.md, report.json and figures."""
     from tf_retrieval.evaluation.compare import compare
-    from tf_retrieval.evaluation.evaluate import RECORD_KEY
+    from tf_retrieval.evaluation.evaluate import RECORD_KEY, write_records_markdown
     from tf_retrieval.storage import RecordStore
 
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
                       alpha=args.alpha, label=args.label, runtime=args.runtime)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
     if args.records:
-        RecordStore(args.records, RECORD_KEY).merge(records)
+        write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge(records))
         print(f"records written to {args.records}")
 
 

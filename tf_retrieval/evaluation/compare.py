@@ -130,7 +130,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
             continue
         if r["model"] == "baseline":
             seen_baselines.add(key)
-        rows.append({**r, "model": r["model"] + (f" + {r['variant']}" if r.get("variant") else "")})
+        rows.append(r)
     lines = ["# Baseline vs fine-tuned", "",
              "Frozen ImageNet backbone (baseline) against the triplet-loss fine-tuned model on the same protocol "
              "(DESIGN.md §2). Exact ranking, relevance = same class. `alpha-qe` = α query expansion "

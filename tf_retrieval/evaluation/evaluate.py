@@ -171,17 +171,39 @@ RECORD_KEY = ("protocol", "model", "backbone", "image_size", "pooling", "embeddi
 
 
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
-    """A Markdown table of records, one row each."""
-    header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", "runtime", *columns, "s"]
+    """A Markdown table of records, one row each (the model column names the variant, codes and top blocks)."""
+    header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", "runtime", *columns, "s", "run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         values = [f"{r['metrics'][c]:.3f}" if isinstance(r["metrics"].get(c), (int, float)) else "–" for c in columns]
-        lines.append("| " + " | ".join([r["protocol"], r["model"] + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else "")
-                                        + (" + top blocks" if r.get("train_from") else ""),
-                                        r["backbone"], str(r["image_size"]), r.get("pooling", ""), str(r["embedding_dim"]),
-                                        r["weights"], r.get("runtime", "tf"), *values,
-                                        str(r.get("seconds", ""))]) + " |")
+        model = (r["model"] + (f" + {r['variant']}" if r.get("variant") else "")
+                 + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else "")
+                 + (" + top blocks" if r.get("train_from") else ""))
+        weights = r["weights"] if r["weights"] in ("imagenet", "none") else "fine-tuned trunk"
+        lines.append("| " + " | ".join([r["protocol"], model, r["backbone"], str(r["image_size"]), r.get("pooling", ""),
+                                        str(r["embedding_dim"]), weights, r.get("runtime", "tf"), *values,
+                                        str(r.get("seconds", "")), r.get("run") or "–"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_records_markdown(json_path: str, records: Sequence[dict]) -> str:
+    """Writes the Markdown twin of a records file (`retrieval.json` -> `retrieval.md`): every record, the machines and
+    the commands. Returns its path."""
+    from tf_retrieval.storage import write_text
+
+    lines = ["# Retrieval quality", "",
+             "Every record of `" + os.path.basename(json_path) + "` (written by `tfr evaluate/compare --records` and "
+             "`benchmarks/evaluate_baselines.py`; the training recipe of each fine-tuned row is in its JSON record, "
+             "the ablation in `reports/compare/ablation.md`).",
+             "Exact exhaustive ranking; relevance = same class; CIFAR-10 is the JPEG copy described in the data notes.",
+             "Protocols: see DESIGN.md §2 and `tf_retrieval/data/protocols.py`. `s` = seconds to embed, rank and score "
+             "(features cached).", "", records_markdown(records), ""]
+    machines = sorted({r.get("machine", "?") for r in records})
+    commands = sorted({r.get("command", "?") for r in records})
+    lines += ["Machine(s): " + "; ".join(machines), "", "Commands:", ""] + [f"    {c}" for c in commands] + [""]
+    path = os.path.splitext(json_path)[0] + ".md"
+    write_text(path, "\n".join(lines))
+    return path
 
 
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
