@@ -137,6 +137,7 @@ def test_train_then_compare(tmp_path, capsys):
     assert all(r["protocol"] == "cifar10-2" and r["metrics"]["queries"] == 8 for r in records)
     assert records[2]["embedding_dim"] == 8 and records[0]["embedding_dim"] == 1280
     assert records[2]["config"]["embedding_dim"] == 8 and records[2]["train_epochs"] == 2
+    assert records[2]["train_command"].startswith("tfr ") and 0 <= records[2]["cache_seconds"] <= records[2]["train_seconds"]
     assert sorted(os.listdir(report)) == ["report.json", "report.md", "run-grid.png", "run-map.png", "run-pr.png"]
     assert "| cifar10-2 | finetuned + alpha-qe |" in open(os.path.join(report, "report.md")).read()
     # a config file round-trips: flags override it

@@ -380,7 +380,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = _train_config(args)
     run_dir = args.run_dir or os.path.join(_workdir(args), "runs", f"{config.model.name}-{config.protocol}")
-    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0, runtime=args.runtime)
+    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0, runtime=args.runtime,
+                   command=_command_line())
     print(f"trained {config.model.name} on {config.protocol} in {result.seconds:.0f} s ({result.epochs} epochs): "
           f"best validation MAP@R {result.best_map_at_r:.4f}")
     print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")

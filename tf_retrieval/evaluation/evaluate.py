@@ -140,15 +140,17 @@ def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embe
 
 
 def run_details(run_dir: str) -> dict:
-    """What a record says of the training run a model comes from: its name, recipe and training figures."""
+    """What a record says of the training run a model comes from: its name, recipe, training figures (seconds in all
+    and of them caching the frozen part's outputs) and the command that trained it (runs of older versions: None)."""
     from tf_retrieval.config import load_run
 
     train_config, model_config = load_run(run_dir)
     with open(os.path.join(run_dir, "result.json")) as f:
         result = json.load(f)
     return {"run": os.path.basename(os.path.normpath(run_dir)), "train_from": model_config.train_from,
-            "train_seconds": result["seconds"], "train_epochs": result["epochs"],
-            "validation_map_at_r": round(result["best_map_at_r"], 4), "config": train_config.to_dict()}
+            "train_seconds": result["seconds"], "cache_seconds": result.get("cache_seconds"),
+            "train_epochs": result["epochs"], "validation_map_at_r": round(result["best_map_at_r"], 4),
+            "train_command": result.get("command"), "config": train_config.to_dict()}
 
 
 def code_details(config: ModelConfig, vectors: np.ndarray) -> dict:

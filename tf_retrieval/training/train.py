@@ -360,7 +360,8 @@ def _resumed_epoch(backup_dir: str) -> int:
 
 
 def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
-          inputs: np.ndarray | None = None, verbose: int = 2, runtime: str = "litert") -> TrainResult:
+          inputs: np.ndarray | None = None, verbose: int = 2, runtime: str = "litert",
+          command: str | None = None) -> TrainResult:
     """Trains on the protocol's training set and writes the run directory.
 
     Args:
@@ -369,6 +370,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
       workdir: artefacts directory holding the feature caches (default `features.default_workdir()`).
       protocol: the protocol (default: loaded from `config.protocol` / `config.source`).
       inputs: cached inputs for the whole collection (default: `cache_inputs`, the frozen part run in `runtime`).
+      command: the command line that started the run, kept in result.json (and so in evaluation records).
 
     Returns:
       a `TrainResult`; `result.model_config` is also saved as `<run_dir>/model.json`.
@@ -382,6 +384,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     protocol = protocol or load_protocol(config.protocol, config.source)
     if inputs is None:
         inputs = cache_inputs(config, protocol.collection, workdir=workdir, runtime=runtime)
+    cache_seconds = time.perf_counter() - start
     os.makedirs(run_dir, exist_ok=True)
     config.save(os.path.join(run_dir, "train_config.json"))
     labels = protocol.collection.labels
@@ -400,7 +403,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
                          time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
     write_json(os.path.join(run_dir, "result.json"), {
         "best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
-        "history": result.history}, indent=1)
+        "cache_seconds": round(cache_seconds, 1), "command": command, "history": result.history}, indent=1)
     shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
     logger.info("trained %s in %.0f s: best validation MAP@R %.4f", name, result.seconds, result.best_map_at_r)
     return result
