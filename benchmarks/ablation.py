@@ -32,8 +32,8 @@ def recipe(record: dict) -> str:
     else:
         cut = record.get("train_from")
         parts.append("top blocks from " + cut if cut else "head only")
-        if record.get("weights") != "imagenet":
-            parts.append(f"on the fine-tuned trunk {os.path.basename(record['weights'])}")
+        if not cut and record.get("weights") != "imagenet":  # a head trained on another run's fine-tuned trunk
+            parts.append(f"on a fine-tuned trunk ({os.path.basename(record['weights'])})")
         loss = config.get("mining", "semihard") + " triplet"
         if config.get("proxy_loss"):
             loss += f" + {config['proxy_loss']}"

@@ -7,6 +7,7 @@ computed from cached features, so re-running `tfr compare` regenerates the repor
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -65,6 +66,8 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = train_config.base_model()
+    if base.weights not in (None, "imagenet"):  # a head trained on a fine-tuned trunk: compare with ImageNet's
+        base = dataclasses.replace(base, weights="imagenet")
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
     vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir, runtime=runtime),
                label: embed_collection(protocol.collection, model_config, workdir=workdir, runtime=runtime)}
