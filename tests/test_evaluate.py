@@ -98,3 +98,13 @@ def test_concurrent_merges_keep_every_record(tmp_path):
         thread.join()
     assert sorted(r["run"] for r in store.load()) == sorted(f"{i}-{j}" for i in range(6) for j in range(5))
     assert os.listdir(tmp_path / "results") == ["r.json"]  # no lock or temporary file left beside it
+
+
+def test_a_head_on_a_fine_tuned_trunk_is_compared_with_the_imagenet_baseline():
+    from tf_retrieval.config import TrainConfig
+    from tf_retrieval.evaluation.compare import baseline_of
+
+    on_trunk = TrainConfig(model=ModelConfig(name="finetuned", weights="runs/top/finetuned-backbone-1.weights.h5",
+                                             hash_bits=48, image_size=160))
+    assert baseline_of(on_trunk) == ModelConfig(name="baseline", weights="imagenet", image_size=160)
+    assert baseline_of(TrainConfig(model=ModelConfig(name="finetuned", weights=None))).weights is None  # tests

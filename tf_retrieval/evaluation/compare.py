@@ -53,6 +53,15 @@ def trained_model(path: str) -> tuple[TrainConfig, ModelConfig, dict]:
     return train_config, ModelConfig.load(os.path.join(path, "model.json")), details
 
 
+def baseline_of(train_config: TrainConfig) -> ModelConfig:
+    """The frozen baseline a run is compared with: the model it started from, with ImageNet weights when it started
+    from a fine-tuned trunk (a weights file), so the report shows what fine-tuning added in all."""
+    base = train_config.base_model()
+    if base.weights not in (None, "imagenet"):
+        base = dataclasses.replace(base, weights="imagenet")
+    return base
+
+
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
                 grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
                 baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
@@ -65,9 +74,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
-    base = train_config.base_model()
-    if base.weights not in (None, "imagenet"):  # a head trained on a fine-tuned trunk: compare with ImageNet's
-        base = dataclasses.replace(base, weights="imagenet")
+    base = baseline_of(train_config)
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
     vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir, runtime=runtime),
                label: embed_collection(protocol.collection, model_config, workdir=workdir, runtime=runtime)}
