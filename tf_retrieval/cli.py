@@ -261,7 +261,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tf_retrieval.data.protocols import load_protocol
     from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_model, records_markdown, write_records_markdown
     from tf_retrieval.storage import RecordStore
-
     from tf_retrieval.training.adapt import adaptation_details
 
     config = _model_config(args)

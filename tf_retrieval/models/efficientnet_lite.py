@@ -134,16 +134,6 @@ def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), **kwa
     return EfficientNetLite("efficientnet_lite0", input_shape, **kwargs)
 
 
-def EfficientNetLite1(input_shape: Sequence[int | None] = (None, None, 3), **kwargs) -> keras.Model:
-    """EfficientNet-Lite1 (see `EfficientNetLite`); native size 240 px."""
-    return EfficientNetLite("efficientnet_lite1", input_shape, **kwargs)
-
-
-def EfficientNetLite2(input_shape: Sequence[int | None] = (None, None, 3), **kwargs) -> keras.Model:
-    """EfficientNet-Lite2 (see `EfficientNetLite`); native size 260 px."""
-    return EfficientNetLite("efficientnet_lite2", input_shape, **kwargs)
-
-
 def EfficientNetLite(variant: str = LITE0, input_shape: Sequence[int | None] = (None, None, 3),
                      include_top: bool = False, weights: str | os.PathLike | None = None, pooling: str | None = None,
                      classes: int = 1000) -> keras.Model:

@@ -170,14 +170,14 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
         raise InvalidInputError("choosing the head weight needs the training run (its validation split); give "
                                 "--head-weight or the run's model.json")
     features = backbone_features(protocol.collection, config, workdir=workdir, runtime=runtime)
-    labels = protocol.collection.labels[protocol.train]
+    train_features, labels = features[protocol.train], protocol.collection.labels[protocol.train]
     choices = {}
     if whiten is False:
         branch = None
     elif whiten and dim and shrinkage is not None:
         branch = (int(dim), float(shrinkage))
     else:
-        branch, choices["frozen_branch_map_at_r"] = choose_whitening(features[protocol.train], labels, whiten,
+        branch, choices["frozen_branch_map_at_r"] = choose_whitening(train_features, labels, whiten,
                                                                      dims=(dim,) if dim else WHITEN_DIMS,
                                                                      shrinkages=(shrinkage,) if shrinkage is not None
                                                                      else SHRINKAGES)
@@ -187,7 +187,6 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
         train_config, _ = load_run(run_dir)
         _, val_pos = validation_split(labels, train_config.validation_fraction, train_config.seed,
                                       class_disjoint=protocol.class_disjoint or None)
-        train_features = features[protocol.train]
         whitening = None if branch is None else fit_whitening(train_features, *branch)
         head_vectors = l2_normalize(head.predict(train_features[val_pos], batch_size=1024, verbose=0))
         head_weight, choices["head_weight_map_at_r"] = choose_head_weight(

@@ -214,9 +214,9 @@ def compile_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes
 
 class BalancedBatches(keras.utils.PyDataset):
     """P x K batches drawn from in-memory inputs: the whole schedule (`epochs` x `steps_per_epoch` batches) as one
-    sequence, batch i seeded by (seed, i), labelled with class indices (`classes` of them), so what a step trains on never depends on when Keras fetches it (it fetches
-    ahead, and peeks, differently on one device and under a distribution strategy). Fit it with
-    `steps_per_epoch=config.steps_per_epoch`."""
+    sequence, batch i seeded by (seed, i), so what a step trains on never depends on when Keras fetches it (it fetches
+    ahead, and peeks, differently on one device and under a distribution strategy). Labels come as class indices
+    (`classes` of them). Fit it with `steps_per_epoch=config.steps_per_epoch`."""
 
     def __init__(self, inputs: np.ndarray, labels: np.ndarray, config: TrainConfig, epochs: int | None = None,
                  start_epoch: int = 0):
