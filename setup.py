@@ -22,8 +22,10 @@ SUBPACKAGE_FOLDERS = {"tf_retrieval.serving": "serving", "tf_retrieval.web": "we
 EXTRAS = {
     "scann": ["scann==1.4.2"],
     # (health checking >= 1.81.1: the beam environment needs its protobuf-6 release; constraints.txt pins 1.85.1)
-    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking>=1.81.1,<2"],
-    "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
+    # (threadpoolctl: the servers keep numpy's BLAS to one thread, `runtime.single_threaded_blas`)
+    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking>=1.81.1,<2",
+                "threadpoolctl>=3.5,<4"],
+    "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4", "threadpoolctl>=3.5,<4"],
     "tuning": ["keras-tuner==1.4.8"],
     "plots": ["matplotlib>=3.9,<4"],
     # LiteRT's own interpreter (the maintained successor of tf.lite.Interpreter) for the fast CPU runtime.

@@ -1,6 +1,6 @@
 """Embedding throughput, two parts:
 
-1. Feature caching: the full pipeline (encoded images -> tf.data decode/resize -> backbone) against raw `model.predict`
+1. Feature caching: the full pipeline (encoded images -> threaded PIL decode + numpy resize -> backbone) against raw `model.predict`
    on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
 2. Runtimes of in-process embedding (`features.embedding.Embedder`, the page's and `tfr search`'s path): TensorFlow
    (`tf.function`) and LiteRT fp32, pixels in and JPEG bytes in, at batch 1 and 32; and the machine's limit: a float32
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     runs = []
     for size in args.sizes:
         model = build_backbone(args.backbone, size, "avg", weights)
-        pixels = np.concatenate([batch.numpy() for batch in collection.as_dataset(size, 256)])  # decoded up front, untimed
+        pixels = np.concatenate(list(collection.pixel_batches(size, 256)))  # decoded up front, untimed
         model.predict(pixels[:args.batch_size], batch_size=args.batch_size, verbose=0)  # warm-up
         extract_features(collection.subset(np.arange(args.batch_size)), model, image_size=size,
                          batch_size=args.batch_size, progress=False)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
               "date": datetime.date.today().isoformat(),
               "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
               "notes": "raw = keras model.predict on pre-decoded, pre-resized float32 pixels in memory; pipeline = "
-                       "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + resize in tf.data), "
+                       "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + numpy resize in a thread pool), "
                        "best of --repeats runs each. runtimes: features.embedding.Embedder, one call per batch, "
                        "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: PIL decode + numpy resize + model), "
                        "best of --repeats runs, each runtime in a fresh process; LiteRT fp32 with XNNPACK, one interpreter, threads = "

@@ -545,8 +545,10 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
     """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    from tf_retrieval.runtime import single_threaded_blas
     from tf_retrieval.serving.rest import RestServer
 
+    single_threaded_blas()
     registry = ModelRegistry(model_base_path, model_name, version_policy, runtime)
     registry.refresh()
     if not registry.names():

@@ -122,12 +122,15 @@ def test_image_folder_errors(tmp_path):
 
 def test_collection_pipeline_and_subset(image_dir):
     collection = image_folder(image_dir, progress=False)
-    batches = list(collection.as_dataset(image_size=32, batch_size=8))
+    batches = list(collection.pixel_batches(image_size=32, batch_size=8, threads=2))
     assert [b.shape[0] for b in batches] == [8, 8, 2]
-    assert batches[0].shape[1:] == (32, 32, 3) and batches[0].dtype == tf.float32
-    # Pipeline order equals collection order: the first image is blue, the 13th red.
-    first = batches[0][0].numpy().mean(axis=(0, 1))
+    assert batches[0].shape[1:] == (32, 32, 3) and batches[0].dtype == np.float32
+    # Pipeline order equals collection order (the first image is blue, the 13th red), and its pixels are the
+    # TensorFlow resize's, to float rounding.
+    first = batches[0][0].mean(axis=(0, 1))
     assert first[2] > first[0] + 100
+    expected = resize_and_crop(collection.image(12), 32).numpy()
+    np.testing.assert_allclose(batches[1][4], expected, atol=0.01)
     sub = collection.subset([12, 0])
     assert sub.ids == [collection.ids[12], collection.ids[0]] and sub.labels.tolist() == [2, 0]
     with pytest.raises(ValueError, match="2 ids but"):
@@ -170,7 +173,7 @@ def test_load_tfds_with_mock_data():
     assert len(set(collection.ids)) == 10
     assert collection.image(0).shape == (32, 32, 3)
     assert len(collection.class_names) == 10
-    images = next(iter(collection.as_dataset(image_size=48, batch_size=10)))
+    images = next(iter(collection.pixel_batches(image_size=48, batch_size=10)))
     assert images.shape == (10, 48, 48, 3)
 
 
@@ -198,3 +201,10 @@ def test_the_numpy_resize_gives_tensorflows_pixels(height, width, size):
     actual = resize_and_crop_array(image, size)
     assert actual.shape == (size, size, 3) and actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, atol=0.01)  # float rounding only: pixels are 0..255
+
+
+def test_pixel_batches_name_an_image_that_does_not_decode():
+    collection = ImageCollection("broken", ids=["good", "bad"], labels=[0, 0], class_names=["c"], splits=["all"] * 2,
+                                 encoded=[encode(np.zeros((8, 8, 3), np.uint8)), b"not an image"])
+    with pytest.raises(ImageDecodeError, match="bad: not an image"):
+        list(collection.pixel_batches(image_size=16, batch_size=1, threads=2))

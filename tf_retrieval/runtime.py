@@ -15,3 +15,17 @@ def quiet_tensorflow() -> None:
     driver, 3 without one, where TensorFlow's only error line is the harmless "failed call to cuInit ... (303)" (hiding
     CUDA devices does not stop that call). Has no effect once TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if has_nvidia_driver() else "3")
+
+
+def single_threaded_blas() -> None:
+    """Limits numpy's BLAS to one thread in this process (via `threadpoolctl`, when installed).
+
+    A server handles many small requests at once, each with a few tiny matrix products (the query resize, vector
+    finishing): BLAS threads there only wake up to contend with the request threads and the model's own kernel
+    threads. Measured on 2 cores (`tfr web`, concurrency 8): 67 -> 102 req/s with this limit.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=1, user_api="blas")

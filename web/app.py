@@ -653,6 +653,9 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 
       threads: worker threads (concurrent requests).
       sock: a listening socket from `reserve_port` (then `host` and `port` are not used).
     """
+    from tf_retrieval.runtime import single_threaded_blas
+
+    single_threaded_blas()
     server = create_server(app, host, port, threads, sock)
     logger.info("serving on http://%s:%s/ with %d threads", server.effective_host, server.effective_port, threads)
     try:

@@ -1,4 +1,4 @@
-"""Image collections: tfds datasets and image folders, defensive decoding, and the tf.data input pipeline.
+"""Image collections: tfds datasets and image folders, defensive decoding, and the batched input pipeline.
 
 Every collection is a list of *encoded* images (JPEG/PNG bytes held in memory, or file paths) with integer labels, string ids and
 the split each image came from. Decoding happens in one place, `decode_image`, for indexing, uploads and evaluation alike, so a
@@ -138,7 +138,7 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
 def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
     """`resize_and_crop` in numpy, for one decoded image in process (no TensorFlow op per image): the same pixels, up
     to float rounding. Returns float32 [size, size, 3] in 0..255."""
-    image = np.asarray(image, dtype=np.float32)
+    image = np.asarray(image)
     height, width = image.shape[:2]
     scale = np.float32(size) / np.float32(min(height, width))
     new_height = max(size, int(np.round(np.float32(height) * scale)))
@@ -146,8 +146,9 @@ def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
     top, left = (new_height - size) // 2, (new_width - size) // 2
     rows = _resize_weights(height, new_height)[top:top + size]  # only the rows and columns the crop keeps
     columns = _resize_weights(width, new_width)[left:left + size]
-    resized = np.tensordot(columns, np.tensordot(rows, image, axes=1), axes=(1, 1)).transpose(1, 0, 2)
-    return np.clip(resized, 0.0, 255.0).astype(np.float32)
+    planes = image.transpose(2, 0, 1).astype(np.float32)  # [3, h, w]: two small matrix products per channel
+    resized = np.matmul(np.matmul(rows, planes), columns.T).transpose(1, 2, 0)
+    return np.clip(resized, 0.0, 255.0, out=resized)
 
 
 def make_thumbnail(image: np.ndarray, size: int, quality: int = 88) -> bytes:
@@ -250,26 +251,32 @@ class ImageCollection:
             splits=self.splits[indices], encoded=pick(self.encoded) if self.encoded is not None else None,
             paths=pick(self.paths) if self.paths is not None else None)
 
-    def as_dataset(self, image_size: int, batch_size: int = 64):
-        """A tf.data pipeline of float32 image batches [b, image_size, image_size, 3] in 0..255, in collection order.
+    def pixel_batches(self, image_size: int, batch_size: int = 64, threads: int | None = None):
+        """Float32 pixel batches [b, image_size, image_size, 3] in 0..255, in collection order.
 
-        Decoding (`decode_image`, PIL) runs in parallel in tf.data; resizing uses `resize_and_crop`.
+        A pool of `threads` threads (default: the cores) decodes (`decode_image`) and resizes (`resize_and_crop_array`)
+        whole batches, a few ahead of the consumer; PIL and numpy release the GIL, so this overlaps with a model that
+        runs outside Python (LiteRT, TensorFlow). An image that does not decode raises `ImageDecodeError`.
         """
-        import tensorflow as tf
+        import concurrent.futures
+        import itertools
 
-        if self.encoded is not None:
-            source = tf.data.Dataset.from_tensor_slices(tf.constant(list(self.encoded), dtype=tf.string))
-        else:
-            source = tf.data.Dataset.from_tensor_slices(tf.constant(self.paths, dtype=tf.string)).map(
-                tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
+        def load(start: int) -> np.ndarray:
+            return np.stack([resize_and_crop_array(self.image(i), image_size)
+                             for i in range(start, min(start + batch_size, len(self)))])
 
-        def decode(data):
-            image = tf.numpy_function(lambda b: decode_image(bytes(b)), [data], tf.uint8, stateful=False)
-            image.set_shape([None, None, 3])
-            return resize_and_crop(image, image_size)
-
-        return (source.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        threads = threads or os.cpu_count() or 1
+        starts = iter(range(0, len(self), batch_size))
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            pending = collections.deque(pool.submit(load, start) for start in itertools.islice(starts, threads + 1))
+            try:
+                while pending:
+                    batch = pending.popleft().result()
+                    pending.extend(pool.submit(load, start) for start in itertools.islice(starts, 1))
+                    yield batch
+            finally:  # the consumer stopped early, or a batch failed: do not decode the rest
+                for future in pending:
+                    future.cancel()
 
 
 class PackedImages(Sequence):

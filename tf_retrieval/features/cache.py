@@ -109,10 +109,10 @@ def _run(collection: ImageCollection, model, image_size: int, batch_size: int, d
         keras_forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
         forward = lambda images: keras_forward(images).numpy()  # noqa: E731
     else:
-        forward = lambda images: np.asarray(model(images.numpy()))  # noqa: E731
+        forward = lambda images: np.asarray(model(images))  # noqa: E731
     outputs = []
     with tqdm(total=len(collection), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for images in collection.as_dataset(image_size, batch_size):
+        for images in collection.pixel_batches(image_size, batch_size):
             outputs.append(forward(images).astype(dtype, copy=False))
             bar.update(len(outputs[-1]))
     return np.concatenate(outputs)

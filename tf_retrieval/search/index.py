@@ -422,8 +422,8 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
     """ScaNN settings for a collection of `n` vectors, following ScaNN's own guidance.
 
     - n < 20,000: ``brute_force`` (exact; already fast at this size).
-    - 20,000 <= n < 100,000: ``ah``: asymmetric hashing with 2 dimensions per block, then exact re-scoring of the best
-      ``reorder`` = 500 candidates.
+    - 20,000 <= n < 100,000: ``ah``: asymmetric hashing with 2 dimensions per block (4 from `WIDE_DIM` dimensions
+      up), then exact re-scoring of the best ``reorder`` = 500 candidates.
     - n >= 100,000: ``tree_ah``: k-means tree with num_leaves = round(sqrt(n)), searching 10% of the leaves (at least
       20), then AH and re-scoring as above.
 
@@ -482,7 +482,8 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
     if mode == "brute_force":
         return params
     normalised = metric in ("cosine", "pearson")
-    params.update(dims_per_block=2, anisotropic_quantization_threshold=0.2 if normalised else None, reorder=500,
+    params.update(dims_per_block=4 if dim >= WIDE_DIM else 2,
+                  anisotropic_quantization_threshold=0.2 if normalised else None, reorder=500,
                   training_sample_size=max(1, min(n, 100_000)))
     if mode == "tree_ah":
         leaves = max(1, int(round(math.sqrt(n))))
@@ -497,6 +498,10 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
     return params
 
 
+#: From this dimension AH codes 4 dimensions per block instead of 2: on CIFAR-10 EfficientNet-Lite0 features (50k x
+#: 1280, 500 held-out queries) recall@10 was 0.999 with 100 candidates re-scored either way, while a search took 1.0
+#: instead of 2.3 ms and training 17 instead of 28 s.
+WIDE_DIM = 256
 #: Candidates re-scored that `ScannIndex` tries, fewest first, when it calibrates `reorder` on the indexed data.
 REORDER_STEPS = (20, 40, 100, 200)
 #: The recall@10 that calibration aims at when no `target_recall` is given.
