@@ -375,7 +375,7 @@ def test_scann_params_follow_size():
     assert scann_params(5_000, 128) == {"mode": "brute_force"}
     mid = scann_params(50_000, 128)
     assert mid["mode"] == "ah" and mid["dims_per_block"] == 2 and mid["anisotropic_quantization_threshold"] == 0.2
-    assert mid["reorder"] == 500 and mid["training_sample_size"] == 50_000
+    assert mid["reorder"] == 500 and mid["training_sample_size"] == 25_000
     assert scann_params(50_000, 1280)["dims_per_block"] == 4  # wide vectors: 4 dimensions per AH block
     big = scann_params(1_000_000, 128)
     assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000 and big["leaves_to_search"] == 100
