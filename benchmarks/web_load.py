@@ -338,9 +338,14 @@ def load_run(spec: str, args, queries: list[bytes] | None, log_path: str) -> dic
 def machine() -> dict:
     import psutil
 
+    from benchmarks.throughput import matmul_gflops
+
     info = {"platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+            # the speed of this (shared, virtual) machine at the time: the same kind of machine has measured 140-193
+            "matmul_gflop_s": round(matmul_gflops(repeats=5), 1)}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -375,7 +380,8 @@ def write_markdown(path: str, result: dict) -> None:
              "", f"- Queries: {result['queries']}",
              f"- Machine: {result['machine'].get('cpu_model', result['machine']['processor'])}, "
              f"{result['machine']['usable_cores']} usable cores, {result['machine']['memory_gb']} GB; load average at "
-             f"start {result['machine']['load_avg_at_start']}",
+             f"start {result['machine']['load_avg_at_start']}; float32 matmul "
+             f"{result['machine'].get('matmul_gflop_s')} GFLOP/s on all cores",
              f"- Command: `{result['command']}`", "",
              "| run | model | px | dim | index | runtime | req/s | p50 ms | p99 ms | errors | server embed / search p50 ms "
              "| server / client CPU ms per request | RSS start → end MB |",
