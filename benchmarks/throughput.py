@@ -1,7 +1,7 @@
 """Embedding throughput, two parts:
 
-1. Feature caching: the full pipeline (encoded images -> threaded PIL decode + numpy resize -> backbone) against raw `model.predict`
-   on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
+1. Feature caching: the full pipeline (encoded images -> threaded PIL decode + numpy resize -> backbone) against raw
+   `model.predict` on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
 2. Runtimes of in-process embedding (`features.embedding.Embedder`, the page's and `tfr search`'s path): TensorFlow
    (`tf.function`) and LiteRT fp32, pixels in and JPEG bytes in, at batch 1 and 32; and the machine's limit: a float32
    matmul's GFLOP/s on all cores divided by the model's FLOPs per image. Goals (issue 15): LiteRT's JPEG pipeline

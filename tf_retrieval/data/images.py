@@ -272,7 +272,9 @@ class ImageCollection:
             try:
                 while pending:
                     batch = pending.popleft().result()
-                    pending.extend(pool.submit(load, start) for start in itertools.islice(starts, 1))
+                    start = next(starts, None)
+                    if start is not None:
+                        pending.append(pool.submit(load, start))
                     yield batch
             finally:  # the consumer stopped early, or a batch failed: do not decode the rest
                 for future in pending:
