@@ -37,6 +37,20 @@ def test_decode_image_rgb_and_conversions():
     assert decode_image(encode(rgba)).shape == (2, 2, 3)
 
 
+def test_decode_image_applies_the_exif_orientation():
+    from PIL import Image
+
+    pixels = np.zeros((4, 6, 3), np.uint8)  # 4 rows x 6 columns, stored sideways: orientation 6 = rotate 90 degrees CW
+    pixels[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", exif=exif)
+    decoded = decode_image(out.getvalue())
+    assert decoded.shape == (6, 4, 3)  # shown upright: 6 rows x 4 columns
+    np.testing.assert_array_equal(decoded, np.rot90(pixels, k=-1))
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty file"),
     (b"this is not an image at all", "not an image"),
@@ -200,6 +214,18 @@ def test_the_numpy_resize_gives_tensorflows_pixels(height, width, size):
     actual = resize_and_crop_array(image, size)
     assert actual.shape == (size, size, 3) and actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, atol=0.01)  # float rounding only: pixels are 0..255
+
+
+def test_resize_and_crop_images_batches_images_of_any_sizes():
+    from tf_retrieval.data.images import resize_and_crop_array, resize_and_crop_images
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(32, 32, 3), (50, 20, 3), (32, 32, 3)]]
+    batch = resize_and_crop_images(images, 24)
+    assert batch.shape == (3, 24, 24, 3) and batch.dtype == np.float32
+    for image, resized in zip(images, batch):
+        np.testing.assert_array_equal(resized, resize_and_crop_array(image, 24))
+    assert resize_and_crop_images([], 24).shape == (0, 24, 24, 3)
 
 
 def test_pixel_batches_name_an_image_that_does_not_decode():

@@ -67,7 +67,9 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = 
                     f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
                     "(possible decompression bomb)")
             image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -135,9 +137,9 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
+def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """`resize_and_crop` in numpy, for one decoded image in process (no TensorFlow op per image): the same pixels, up
-    to float rounding. Returns float32 [size, size, 3] in 0..255."""
+    to float rounding. Returns float32 [size, size, 3] in 0..255, written into `out` when it is given."""
     image = np.asarray(image)
     height, width = image.shape[:2]
     scale = np.float32(size) / np.float32(min(height, width))
@@ -148,7 +150,16 @@ def resize_and_crop_array(image: np.ndarray, size: int) -> np.ndarray:
     columns = _resize_weights(width, new_width)[left:left + size]
     planes = image.transpose(2, 0, 1).astype(np.float32)  # [3, h, w]: two small matrix products per channel
     resized = np.matmul(np.matmul(rows, planes), columns.T).transpose(1, 2, 0)
-    return np.clip(resized, 0.0, 255.0, out=resized)
+    return np.clip(resized, 0.0, 255.0, out=resized if out is None else out)
+
+
+def resize_and_crop_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """`resize_and_crop_array` of each decoded image, as one float32 batch [n, size, size, 3] (each image written in
+    place: no per-image array and no copy to stack them)."""
+    pixels = np.empty((len(images), size, size, 3), np.float32)
+    for image, target in zip(images, pixels):
+        resize_and_crop_array(image, size, out=target)
+    return pixels
 
 
 def make_thumbnail(image: np.ndarray, size: int, quality: int = 88) -> bytes:
@@ -254,7 +265,7 @@ class ImageCollection:
     def pixel_batches(self, image_size: int, batch_size: int = 64, threads: int | None = None):
         """Float32 pixel batches [b, image_size, image_size, 3] in 0..255, in collection order.
 
-        A pool of `threads` threads (default: the cores) decodes (`decode_image`) and resizes (`resize_and_crop_array`)
+        A pool of `threads` threads (default: the cores) decodes (`decode_image`) and resizes (`resize_and_crop_images`)
         whole batches, a few ahead of the consumer; PIL and numpy release the GIL, so this overlaps with a model that
         runs outside Python (LiteRT, TensorFlow). An image that does not decode raises `ImageDecodeError`.
         """
@@ -262,8 +273,8 @@ class ImageCollection:
         import itertools
 
         def load(start: int) -> np.ndarray:
-            return np.stack([resize_and_crop_array(self.image(i), image_size)
-                             for i in range(start, min(start + batch_size, len(self)))])
+            return resize_and_crop_images([self.image(i) for i in range(start, min(start + batch_size, len(self)))],
+                                          image_size)
 
         threads = threads or os.cpu_count() or 1
         starts = iter(range(0, len(self), batch_size))

@@ -22,7 +22,7 @@ import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data.images import decode_image, resize_and_crop_array
+from tf_retrieval.data.images import decode_image, resize_and_crop_images
 from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class Embedder:
         """Decoded RGB uint8 images of any size -> finished vectors [n, ...]."""
         if len(images) == 0:
             raise InvalidInputError("embed_images: no images given")
-        pixels = np.stack([resize_and_crop_array(image, self.image_size) for image in images])
-        return self.embed_pixels(pixels)
+        return self.embed_pixels(resize_and_crop_images(images, self.image_size))
 
     def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images (JPEG/PNG/...) -> finished vectors [n, ...]; undecodable input raises `ImageDecodeError`."""

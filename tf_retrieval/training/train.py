@@ -58,11 +58,10 @@ class ImageInputs:
         return ImageInputs(self.collection, self.image_size, self.positions[positions])
 
     def __getitem__(self, positions) -> np.ndarray:
-        from tf_retrieval.data.images import decode_image, resize_and_crop_array
+        from tf_retrieval.data.images import decode_image, resize_and_crop_images
 
         chosen = np.atleast_1d(self.positions[positions])
-        return np.stack([resize_and_crop_array(decode_image(self.collection.read_bytes(int(i))), self.image_size)
-                         for i in chosen]).astype(np.float32)
+        return resize_and_crop_images([decode_image(self.collection.read_bytes(int(i))) for i in chosen], self.image_size)
 
     def __array__(self, dtype=None, copy=None):
         return self[:] if dtype is None else self[:].astype(dtype)
