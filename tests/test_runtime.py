@@ -12,3 +12,34 @@ def test_quiet_tensorflow_hides_error_logs_only_without_an_nvidia_driver(monkeyp
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's choice wins
     runtime.quiet_tensorflow()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+def test_one_blas_thread_limits_blas_until_the_last_block_leaves():
+    import threading
+
+    import numpy  # noqa: F401 -- loads the BLAS that the limit applies to
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before  # numpy's BLAS is seen
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_block():
+        with runtime.one_blas_thread():
+            inside.set()
+            leave.wait(10)
+
+    other = threading.Thread(target=other_block)
+    other.start()
+    assert inside.wait(10)
+    assert blas_threads() == {1}
+    with runtime.one_blas_thread():
+        with runtime.one_blas_thread():  # nested
+            assert blas_threads() == {1}
+    assert blas_threads() == {1}  # the other thread's block is still inside
+    leave.set()
+    other.join(10)
+    assert blas_threads() == before

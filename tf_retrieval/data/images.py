@@ -156,9 +156,12 @@ def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None =
 def resize_and_crop_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """`resize_and_crop_array` of each decoded image, as one float32 batch [n, size, size, 3] (each image written in
     place: no per-image array and no copy to stack them)."""
+    from tf_retrieval.runtime import one_blas_thread
+
     pixels = np.empty((len(images), size, size, 3), np.float32)
-    for image, target in zip(images, pixels):
-        resize_and_crop_array(image, size, out=target)
+    with one_blas_thread():  # small matrix products: BLAS threads would only contend with the caller's
+        for image, target in zip(images, pixels):
+            resize_and_crop_array(image, size, out=target)
     return pixels
 
 
