@@ -10,6 +10,7 @@ from PIL import Image
 
 from tf_retrieval.data.images import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
                                read_image, resize_and_crop)
+from tf_retrieval.errors import InvalidInputError
 
 
 def encode(array, fmt="PNG", **kwargs):
@@ -226,6 +227,8 @@ def test_resize_and_crop_images_batches_images_of_any_sizes():
     for image, resized in zip(images, batch):
         np.testing.assert_array_equal(resized, resize_and_crop_array(image, 24))
     assert resize_and_crop_images([], 24).shape == (0, 24, 24, 3)
+    with pytest.raises(InvalidInputError, match="C-contiguous float32 array"):
+        resize_and_crop_array(images[0], 24, out=np.empty((24, 24, 3), np.float64))
 
 
 def test_pixel_batches_name_an_image_that_does_not_decode():

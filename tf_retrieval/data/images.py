@@ -139,7 +139,7 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """`resize_and_crop` in numpy, for one decoded image in process (no TensorFlow op per image): the same pixels, up
-    to float rounding. Returns float32 [size, size, 3] in 0..255, written into `out` when it is given."""
+    to float rounding. Returns float32 [size, size, 3] in 0..255, written into `out` (C-contiguous) when it is given."""
     image = np.asarray(image)
     height, width = image.shape[:2]
     scale = np.float32(size) / np.float32(min(height, width))
@@ -148,9 +148,22 @@ def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None =
     top, left = (new_height - size) // 2, (new_width - size) // 2
     rows = _resize_weights(height, new_height)[top:top + size]  # only the rows and columns the crop keeps
     columns = _resize_weights(width, new_width)[left:left + size]
-    planes = image.transpose(2, 0, 1).astype(np.float32)  # [3, h, w]: two small matrix products per channel
-    resized = np.matmul(np.matmul(rows, planes), columns.T).transpose(1, 2, 0)
-    return np.clip(resized, 0.0, 255.0, out=resized if out is None else out)
+    if out is None:
+        out = np.empty((size, size, 3), np.float32)
+    elif out.shape != (size, size, 3) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise InvalidInputError(f"out must be a C-contiguous float32 array [{size}, {size}, 3]")
+    # Two matrix products, channels last. A small or short image: its columns first (transposing it is cheap, and the
+    # second product runs over its few rows) straight into `out`. A large one: its rows first, without transposing it.
+    if height * width <= size * size or height <= size:
+        transposed = np.ascontiguousarray(image.transpose(1, 0, 2), dtype=np.float32).reshape(width, height * 3)
+        half_way = (columns @ transposed).reshape(size, height, 3).transpose(1, 0, 2)  # [h, size, 3]
+        np.matmul(rows, np.ascontiguousarray(half_way).reshape(height, size * 3), out=out.reshape(size, size * 3))
+    else:  # the result comes out transposed
+        pixels = np.ascontiguousarray(image, dtype=np.float32).reshape(height, width * 3)
+        half_way = (rows @ pixels).reshape(size, width, 3).transpose(1, 0, 2)  # [w, size, 3]
+        resized = columns @ np.ascontiguousarray(half_way).reshape(width, size * 3)  # [x, y * 3]
+        out[...] = resized.reshape(size, size, 3).transpose(1, 0, 2)
+    return np.clip(out, 0.0, 255.0, out=out)
 
 
 def resize_and_crop_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
