@@ -376,7 +376,8 @@ def test_scann_params_follow_size():
     mid = scann_params(50_000, 128)
     assert mid["mode"] == "ah" and mid["dims_per_block"] == 2 and mid["anisotropic_quantization_threshold"] == 0.2
     assert mid["reorder"] == 500 and mid["training_sample_size"] == 25_000
-    assert scann_params(50_000, 1280)["dims_per_block"] == 4  # wide vectors: 4 dimensions per AH block
+    wide = scann_params(50_000, 1280)  # wide vectors: a tree (scoring every AH code costs n x dim), 4 dims per block
+    assert wide["mode"] == "tree_ah" and wide["num_leaves"] == 224 and wide["dims_per_block"] == 4
     big = scann_params(1_000_000, 128)
     assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000 and big["leaves_to_search"] == 100
     assert big["spherical"] and big["tree_training_sample_size"] == 250_000 and big["training_sample_size"] == 100_000
@@ -508,6 +509,27 @@ def test_scann_calibrates_its_rescoring_on_high_dimensional_data(rng, caplog):
     fixed = build_index(db, backend="scann", params={"mode": "ah", "reorder": 300})  # a given reorder is kept
     fixed.search(queries[:1], 10)  # trains the searcher
     assert fixed.built_params["reorder"] == 300 and "calibrated_recall" not in fixed.built_params
+
+
+def test_scann_calibrates_a_trees_leaves_and_rescoring_together(rng, caplog):
+    """With a tree, the cheapest pair of leaves scanned and candidates re-scored that reaches the target recall; a
+    given setting is kept and only the other one is calibrated."""
+    import logging
+
+    both = clustered(rng, 4100, dim=256)
+    db, queries = both[:4000], both[4000:]
+    exact = build_index(db, backend="exact")
+    with caplog.at_level(logging.INFO, logger="tf_retrieval.search.index"):
+        scann = build_index(db, backend="scann", params={"mode": "tree_ah"})
+        recall = recall_at_10(scann, exact, queries)
+    params = scann.built_params
+    assert params["num_leaves"] == 63 and 2 <= params["leaves_to_search"] <= 63 and params["calibrated_recall"] >= 0.99
+    assert f"scanning {params['leaves_to_search']} of 63 leaves" in caplog.text
+    assert recall >= 0.95
+    fixed = build_index(db, backend="scann", params={"mode": "tree_ah", "leaves_to_search": 63})
+    fixed.search(queries[:1], 10)
+    assert fixed.built_params["leaves_to_search"] == 63 and fixed.built_params["reorder"] in (20, 40, 100, 200, 500)
+    assert "calibrated_recall" in fixed.built_params
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "hamming"])

@@ -424,8 +424,10 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
     - n < 20,000: ``brute_force`` (exact; already fast at this size).
     - 20,000 <= n < 100,000: ``ah``: asymmetric hashing with 2 dimensions per block (4 from `WIDE_DIM` dimensions
       up), then exact re-scoring of the best ``reorder`` = 500 candidates.
-    - n >= 100,000: ``tree_ah``: k-means tree with num_leaves = round(sqrt(n)), searching 10% of the leaves (at least
-      20), then AH and re-scoring as above.
+    - n >= 100,000, or from 20,000 vectors of `WIDE_DIM` dimensions or more: ``tree_ah``: k-means tree with
+      num_leaves = round(sqrt(n)), searching 10% of the leaves (at least 20), then AH and re-scoring as above. (Scoring
+      every AH code costs n x dim: on 50k x 1280 CIFAR-10 features a query took 2.0 ms with ``ah`` and 0.5 ms with
+      ``tree_ah`` at the same recall@10 of 0.99.)
 
     The anisotropic quantisation threshold is 0.2 (ScaNN's value for normalised data) for cosine and Pearson and off for
     dot and euclidean, whose vectors have no fixed norm; the tree is spherical for normalised data. ``reorder`` is the
@@ -475,7 +477,7 @@ def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = No
         if target_recall == 1:
             mode = "brute_force"
         else:
-            mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 else "tree_ah"
+            mode = "brute_force" if n < 20_000 else "ah" if n < 100_000 and dim < WIDE_DIM else "tree_ah"
     if mode not in _SCANN_MODES:
         raise InvalidInputError(f"unknown ScaNN mode {mode!r}; choose one of {', '.join(_SCANN_MODES)}")
     params: dict[str, Any] = {"mode": mode}
@@ -505,8 +507,13 @@ WIDE_DIM = 256
 #: Vectors the ``ah`` codebooks are trained on: on the same data 20k gave the recall of all 50k (1.000 with 100
 #: candidates) in 9 instead of 17 s.
 AH_TRAINING_SAMPLE = 25_000
-#: Candidates re-scored that `ScannIndex` tries, fewest first, when it calibrates `reorder` on the indexed data.
+#: Candidates re-scored that `ScannIndex` tries when it calibrates its search on the indexed data.
 REORDER_STEPS = (20, 40, 100, 200)
+#: Shares of a tree's leaves that it tries to scan (``tree_ah``), with each of `REORDER_STEPS`.
+LEAF_SHARES = (1 / 32, 1 / 16, 1 / 10, 1 / 7, 1 / 5, 1 / 4, 1 / 3)
+#: What re-scoring one dimension of a candidate costs, in AH code lookups (a gather of float vectors from memory
+#: against 16-way table lookups: measured on 50k x 1280, 4 dimensions per block).
+RESCORE_COST = 4.0
 #: The recall@10 that calibration aims at when no `target_recall` is given.
 CALIBRATION_RECALL = 0.99
 #: Below this dimension re-scoring is cheap (a candidate is a few hundred bytes): the default margin is kept.
@@ -585,6 +592,7 @@ class ScannIndex(Index):
             params = self._resolve_params(n)
             distance = "squared_l2" if self.metric == "euclidean" else "dot_product"
             builder = scann.scann_ops_pybind.builder(self._vectors, 10, distance)
+            leaves = None
             if params["mode"] == "tree_ah":
                 leaves = min(params["num_leaves"], max(1, n // 50))  # ScaNN's default minimum partition size is 50
                 builder = builder.tree(num_leaves=leaves, num_leaves_to_search=min(params["leaves_to_search"], leaves),
@@ -600,26 +608,29 @@ class ScannIndex(Index):
                 builder = builder.reorder(params["reorder"])
             self._docid_map = None
             self._searcher = builder.build(docids=self._ids.tolist())
-            self._built = {"params": params, "size": n, "mutations": 0}
-            if (params["mode"] != "brute_force" and "reorder" not in (self.params or {})
-                    and self.dim >= CALIBRATION_MIN_DIM):
-                self._calibrate_reorder()
+            self._built = {"params": params, "size": n, "mutations": 0, "leaves": leaves}
+            given = self.params or {}
+            if (params["mode"] != "brute_force" and self.dim >= CALIBRATION_MIN_DIM
+                    and ("reorder" not in given or (leaves and "leaves_to_search" not in given))):
+                self._calibrate_search()
         logger.info("trained a ScaNN searcher over %d vectors: %s", n, params)
 
-    def _calibrate_reorder(self, sample: int = 200, k: int = 10) -> None:
-        """Sets `reorder` to the fewest candidates re-scored (of `REORDER_STEPS`, up to the size's default) whose
-        recall@10 on `sample` probe queries reaches the target recall (`target_recall`, else `CALIBRATION_RECALL`).
+    def _calibrate_search(self, sample: int = 200, k: int = 10) -> None:
+        """Sets the search-time settings, `reorder` (of `REORDER_STEPS`, up to the size's default) and for a tree
+        `leaves_to_search` (`LEAF_SHARES` of its leaves, and the default), to the cheapest pair whose recall@10 on
+        `sample` probe queries reaches the target recall (`target_recall`, else `CALIBRATION_RECALL`). A setting given
+        in `params` is kept. The cost of a pair is the AH codes scored plus the dimensions re-scored (`RESCORE_COST`).
         A probe is the midpoint of an indexed vector and its 5th nearest neighbour: near the data like a real query,
         but not on an indexed point (whose own code would make the search look easier than it is). Queries far from
-        every indexed vector (another distribution) can get a lower recall: give `reorder` in `params` for them.
+        every indexed vector (another distribution) can get a lower recall: give the settings in `params` for them.
 
         Re-scoring reads the full vectors of every candidate, which costs most at high dimensions (measured on CIFAR-10
         EfficientNet-Lite0 features, 50k x 1280: 2.5 ms per query with 500 candidates, 1.2 ms with 100, both at
-        recall 1.0), while how many candidates a recall needs depends on the data: so it is measured here, once per
-        training, on the data itself. Only for dimensions of at least `CALIBRATION_MIN_DIM`: below, the default margin
-        costs little.
+        recall 1.0), while how many candidates and leaves a recall needs depends on the data: so it is measured here,
+        once per training, on the data itself. Only for dimensions of at least `CALIBRATION_MIN_DIM`: below, the
+        default margin costs little.
         """
-        params, n = self._built["params"], len(self)
+        params, n, leaves = self._built["params"], len(self), self._built["leaves"]
         if n <= k + 1:
             return
         rng = np.random.default_rng(0)
@@ -632,15 +643,30 @@ class ScannIndex(Index):
             queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         truth = self._ids[exact._search(queries, k)[1]]
         target = self.target_recall or CALIBRATION_RECALL
+        given = self.params or {}
         default = params["reorder"]
-        for reorder in [step for step in REORDER_STEPS if step < default] + [default]:
+        reorders = [default] if "reorder" in given else [step for step in REORDER_STEPS if step < default] + [default]
+        scanned = [params.get("leaves_to_search")]
+        if leaves and "leaves_to_search" not in given:
+            scanned = sorted({min(leaves, math.ceil(leaves * share)) for share in LEAF_SHARES}
+                             | {min(leaves, params["leaves_to_search"])})
+
+        def cost(setting: tuple[int | None, int]) -> float:
+            searched, reorder = setting
+            codes = n * (searched / leaves if leaves else 1.0) * self.dim / params["dims_per_block"]
+            return codes + RESCORE_COST * reorder * self.dim
+
+        for searched, reorder in sorted(((a, b) for a in scanned for b in reorders), key=cost):
             params["reorder"] = reorder
+            if leaves:
+                params["leaves_to_search"] = searched
             found = self._search(queries, k)[1]
             recall = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)])
             if recall >= target:
                 break
-        logger.info("ScaNN re-scores %d candidates per query: recall@%d %.3f on %d indexed vectors (target %.2f)",
-                    params["reorder"], k, recall, len(rows), target)
+        scans = f" scanning {params['leaves_to_search']} of {leaves} leaves" if leaves else ""
+        logger.info("ScaNN re-scores %d candidates per query%s: recall@%d %.3f on %d indexed vectors (target %.2f)",
+                    params["reorder"], scans, k, recall, len(rows), target)
         params["calibrated_recall"] = round(float(recall), 4)
 
     def tune(self, *, leaves_to_search: int | None = None, reorder: int | None = None) -> dict[str, Any]:
