@@ -23,12 +23,13 @@ COLUMNS = ("mAP", "MAP@R", "R@1")
 def recipe(record: dict) -> str:
     """A short description of how a record's vectors were made."""
     backbone = "" if record["backbone"] == "efficientnet_lite0" else record["backbone"].replace("efficientnet_", "") + " "
+    baseline = backbone + "frozen baseline" + (", GeM pooling" if record.get("pooling") == "gem" else "")
     if record["model"] == "baseline" and not record.get("variant"):
-        return backbone + "frozen baseline"
+        return baseline
     config = record.get("config") or {}
     parts = []
     if record["model"] == "baseline":
-        parts.append(backbone + "frozen baseline")
+        parts.append(baseline)
     else:
         cut = record.get("train_from")
         parts.append("top blocks from " + cut if cut else "head only")
@@ -77,8 +78,8 @@ def ablation_markdown(records: list[dict]) -> str:
              "first), both of the same backbone at the same size. α-QE rows are left out.", ""]
     for protocol in PROTOCOLS:
         rows = [r for r in records if r["protocol"] == protocol and r.get("variant") != "alpha-qe"
-                and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") == "avg"
-                and (r["model"] != "baseline" or r.get("variant")
+                and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") in ("avg", "gem")
+                and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem"
                      or _reference(records, protocol, r["image_size"], "baseline", r["backbone"]) is r)]
         if not rows:
             continue
