@@ -491,45 +491,31 @@ def test_hamming_needs_the_exact_backend_and_the_right_width():
         index.search(np.zeros((1, 3), np.uint8), 1)
 
 
-def test_scann_calibrates_its_rescoring_on_high_dimensional_data(rng, caplog):
-    """At high dimensions re-scoring is the costly part: ScaNN's `reorder` is the fewest candidates that reach the
-    target recall on probes of the data, and the searches keep that recall."""
+@pytest.mark.parametrize("mode, size", [("ah", 3000), ("tree_ah", 4000)])
+def test_scann_calibrates_its_search_on_high_dimensional_data(mode, size, rng, caplog):
+    """At high dimensions re-scoring is the costly part: ScaNN's `reorder` (with a tree: together with the leaves
+    scanned) is the cheapest setting that reaches the target recall on probes of the data, and the searches keep that
+    recall. A setting given in `params` is kept (a tree still calibrates the other one)."""
     import logging
 
-    both = clustered(rng, 3100, dim=256)  # queries from the data's own clusters, as a user's images would be
-    db, queries = both[:3000], both[3000:]
+    both = clustered(rng, size + 100, dim=256)  # queries from the data's own clusters, as a user's images would be
+    db, queries = both[:size], both[size:]
     exact = build_index(db, backend="exact")
     with caplog.at_level(logging.INFO, logger="tf_retrieval.search.index"):
-        scann = build_index(db, backend="scann", params={"mode": "ah"})
+        scann = build_index(db, backend="scann", params={"mode": mode})
         recall = recall_at_10(scann, exact, queries)
     params = scann.built_params
     assert params["reorder"] in (20, 40, 100, 200, 500) and params["calibrated_recall"] >= 0.99
     assert f"ScaNN re-scores {params['reorder']} candidates per query" in caplog.text
     assert recall >= 0.95
-    fixed = build_index(db, backend="scann", params={"mode": "ah", "reorder": 300})  # a given reorder is kept
+    if mode == "tree_ah":
+        assert params["num_leaves"] == 63 and 2 <= params["leaves_to_search"] <= 63
+        assert f"scanning {params['leaves_to_search']} of 63 leaves" in caplog.text
+    given = {"reorder": 300} if mode == "ah" else {"leaves_to_search": 63}
+    fixed = build_index(db, backend="scann", params={"mode": mode, **given})
     fixed.search(queries[:1], 10)  # trains the searcher
-    assert fixed.built_params["reorder"] == 300 and "calibrated_recall" not in fixed.built_params
-
-
-def test_scann_calibrates_a_trees_leaves_and_rescoring_together(rng, caplog):
-    """With a tree, the cheapest pair of leaves scanned and candidates re-scored that reaches the target recall; a
-    given setting is kept and only the other one is calibrated."""
-    import logging
-
-    both = clustered(rng, 4100, dim=256)
-    db, queries = both[:4000], both[4000:]
-    exact = build_index(db, backend="exact")
-    with caplog.at_level(logging.INFO, logger="tf_retrieval.search.index"):
-        scann = build_index(db, backend="scann", params={"mode": "tree_ah"})
-        recall = recall_at_10(scann, exact, queries)
-    params = scann.built_params
-    assert params["num_leaves"] == 63 and 2 <= params["leaves_to_search"] <= 63 and params["calibrated_recall"] >= 0.99
-    assert f"scanning {params['leaves_to_search']} of 63 leaves" in caplog.text
-    assert recall >= 0.95
-    fixed = build_index(db, backend="scann", params={"mode": "tree_ah", "leaves_to_search": 63})
-    fixed.search(queries[:1], 10)
-    assert fixed.built_params["leaves_to_search"] == 63 and fixed.built_params["reorder"] in (20, 40, 100, 200, 500)
-    assert "calibrated_recall" in fixed.built_params
+    assert {key: fixed.built_params[key] for key in given} == given
+    assert ("calibrated_recall" in fixed.built_params) == (mode == "tree_ah")
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "hamming"])

@@ -17,7 +17,7 @@ def test_quiet_tensorflow_hides_error_logs_only_without_an_nvidia_driver(monkeyp
 def test_one_blas_thread_limits_blas_until_the_last_block_leaves():
     import threading
 
-    import numpy  # noqa: F401 -- loads the BLAS that the limit applies to
+    import numpy as np  # loads the BLAS that the limit applies to
     from threadpoolctl import threadpool_info
 
     def blas_threads():
@@ -39,6 +39,7 @@ def test_one_blas_thread_limits_blas_until_the_last_block_leaves():
     with runtime.one_blas_thread():
         with runtime.one_blas_thread():  # nested
             assert blas_threads() == {1}
+            np.testing.assert_array_equal(np.ones((2, 3), np.float32) @ np.ones((3, 2), np.float32), np.full((2, 2), 3))
     assert blas_threads() == {1}  # the other thread's block is still inside
     leave.set()
     other.join(10)
