@@ -44,6 +44,8 @@ def recipe(record: dict) -> str:
         if record.get("hash_bits"):
             parts.append(f"{record['hash_bits']}-bit {config.get('hashing', 'tanh')} codes")
         parts.append(f"{record['embedding_dim'] if not record.get('hash_bits') else record['hash_bits']}-d")
+    if record["model"] != "baseline" and record.get("pooling") == "gem":
+        parts.append("GeM pooling")
     if record.get("variant") and record["variant"] != "alpha-qe":
         parts.append(record["variant"])
     return ", ".join(parts)
