@@ -39,8 +39,6 @@ def test_decode_image_rgb_and_conversions():
 
 
 def test_decode_image_applies_the_exif_orientation():
-    from PIL import Image
-
     pixels = np.zeros((4, 6, 3), np.uint8)  # 4 rows x 6 columns, stored sideways: orientation 6 = rotate 90 degrees CW
     pixels[0, 0] = 255
     exif = Image.Exif()

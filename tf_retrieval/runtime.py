@@ -28,15 +28,17 @@ def single_threaded_blas() -> None:
     finishing): BLAS threads there only wake up to contend with the request threads and the model's own kernel
     threads. Measured on 2 cores (`tfr web`, concurrency 8): 67 -> 102 req/s with this limit.
     """
-    controller = _blas_controller()
-    if controller is not None:
-        controller.limit(limits=1)
+    _blas_controller().limit(limits=1)
 
 
 @functools.lru_cache(maxsize=1)
 def _blas_controller():
+    """threadpoolctl's controller of numpy's BLAS (numpy imported first: the controller sees only loaded libraries)."""
+    import importlib
+
     from threadpoolctl import ThreadpoolController
 
+    importlib.import_module("numpy")
     return ThreadpoolController().select(user_api="blas")
 
 
