@@ -139,6 +139,9 @@ def test_full_search_flow(page, site):
     # favourites: drag two results onto the area, star a third; they survive a reload
     cards = page.locator("#results .card")
     favourite_ids = [cards.nth(i).get_attribute("data-id") for i in (1, 2, 3)]
+    # The drop area in view first: a drag that has to scroll to its target while the button is down starts on
+    # whichever card the scroll brought under the pointer.
+    page.locator("#favourites").scroll_into_view_if_needed()
     cards.nth(1).drag_to(page.locator("#favourites"))
     expect(page.locator("#favourites .fav")).to_have_count(1)
     cards.nth(2).drag_to(page.locator("#favourites"))
