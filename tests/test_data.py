@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tf_retrieval.data.images import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
                                read_image, resize_and_crop)
@@ -50,6 +50,46 @@ def test_decode_image_applies_the_exif_orientation():
     np.testing.assert_array_equal(decoded, np.rot90(pixels, k=-1))
 
 
+def pil_pixels(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    ImageOps.exif_transpose(image, in_place=True)
+    return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("mode, subsampling, progressive", [
+    ("RGB", 2, False), ("RGB", 0, False), ("RGB", 1, True), ("L", 2, False), ("CMYK", 0, False)])
+def test_decode_image_jpeg_pixels_equal_pil(mode, subsampling, progressive):
+    """Plain JPEGs take the libjpeg-turbo fast path, CMYK goes to PIL: both give PIL's pixels exactly."""
+    from tf_retrieval.data.images import _decode_plain_jpeg
+
+    smooth = np.asarray(Image.fromarray(np.random.default_rng(1).integers(0, 255, (9, 12, 3), dtype=np.uint8))
+                        .resize((120, 90), Image.Resampling.BILINEAR))
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).convert(mode).save(buffer, format="JPEG", quality=85, subsampling=subsampling,
+                                               progressive=progressive)
+    data = buffer.getvalue()
+    fast = _decode_plain_jpeg(data, max_pixels=10**6)
+    assert (fast is None) == (mode == "CMYK")
+    decoded = decode_image(data)
+    assert decoded.shape == (90, 120, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, pil_pixels(data))
+
+
+def test_decode_image_jpeg_with_exif_orientation_goes_to_pil():
+    from tf_retrieval.data.images import _decode_plain_jpeg
+
+    pixels = np.zeros((16, 24, 3), np.uint8)
+    pixels[:8, :8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(pixels, "JPEG", exif=exif)
+    assert _decode_plain_jpeg(data, max_pixels=10**6) is None
+    assert _decode_plain_jpeg(encode(pixels, "JPEG"), max_pixels=10**6) is not None
+    decoded = decode_image(data)
+    assert decoded.shape == (24, 16, 3)  # rotated upright
+    np.testing.assert_array_equal(decoded, pil_pixels(data))
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty file"),
     (b"this is not an image at all", "not an image"),
@@ -66,6 +106,8 @@ def test_decode_image_rejects_truncated_jpeg_and_png():
         data = encode(pixels, fmt)
         with pytest.raises(ImageDecodeError, match="truncated|damaged|cannot decode"):
             decode_image(data[: len(data) // 2], name=f"half.{fmt}")
+    with pytest.raises(ImageDecodeError, match="half.jpg: truncated or damaged image"):
+        decode_image(encode(pixels, "JPEG")[:-10], name="half.jpg")  # only the end missing: libjpeg warns
 
 
 def test_decode_image_rejects_decompression_bombs_before_decoding():
@@ -73,6 +115,8 @@ def test_decode_image_rejects_decompression_bombs_before_decoding():
         decode_image(png_header_only(100_000, 100_000))
     with pytest.raises(ImageDecodeError, match="20x20 = 400 pixels is over the limit of 100 .possible decompression bomb"):
         decode_image(encode(np.zeros((20, 20, 3), np.uint8)), max_pixels=100)
+    with pytest.raises(ImageDecodeError, match="20x20 = 400 pixels is over the limit of 100 .possible decompression bomb"):
+        decode_image(encode(np.zeros((20, 20, 3), np.uint8), "JPEG"), max_pixels=100)
     with pytest.raises(ImageDecodeError, match="more than the limit of 10"):
         decode_image(encode(np.zeros((20, 20, 3), np.uint8)), max_bytes=10)
 
