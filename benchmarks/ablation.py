@@ -23,7 +23,8 @@ COLUMNS = ("mAP", "MAP@R", "R@1")
 def recipe(record: dict) -> str:
     """A short description of how a record's vectors were made."""
     backbone = "" if record["backbone"] == "efficientnet_lite0" else record["backbone"].replace("efficientnet_", "") + " "
-    baseline = backbone + "frozen baseline" + (", GeM pooling" if record.get("pooling") == "gem" else "")
+    scales = (", multi-scale x" + "/".join(f"{x:g}" for x in record["scales"])) if record.get("scales") else ""
+    baseline = backbone + "frozen baseline" + (", GeM pooling" if record.get("pooling") == "gem" else "") + scales
     if record["model"] == "baseline" and not record.get("variant"):
         return baseline
     config = record.get("config") or {}
@@ -46,6 +47,8 @@ def recipe(record: dict) -> str:
         parts.append(f"{record['embedding_dim'] if not record.get('hash_bits') else record['hash_bits']}-d")
     if record["model"] != "baseline" and record.get("pooling") == "gem":
         parts.append("GeM pooling")
+    if record["model"] != "baseline" and scales:
+        parts.append(scales[2:])
     if record.get("variant") and record["variant"] != "alpha-qe":
         parts.append(record["variant"])
     return ", ".join(parts)

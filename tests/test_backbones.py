@@ -2,7 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from tf_retrieval.models.backbones import GeneralizedMeanPooling, ImagePreprocessing, backbone_id, build_backbone
+from tf_retrieval.config import ModelConfig, TrainConfig
+from tf_retrieval.models.backbones import (GeneralizedMeanPooling, ImagePreprocessing, ScaleMean, backbone_id,
+                                          backbone_of, build_backbone)
 
 
 @pytest.mark.parametrize("mode, reference", [
@@ -60,3 +62,47 @@ def test_build_backbone_errors():
 def test_backbone_id_names_weights_files():
     assert backbone_id("resnet50", 96, "gem", "imagenet") == "resnet50-96px-gem-imagenet"
     assert backbone_id("resnet50", 96, "avg", "/tmp/my weights.h5") == "resnet50-96px-avg-my_weights_h5"
+
+
+def test_scale_mean_is_the_power_mean_of_the_scales(rng):
+    scales = [rng.uniform(0.1, 2.0, (2, 4)).astype("float32") for _ in range(3)]
+    np.testing.assert_allclose(np.asarray(ScaleMean(p=1.0)(scales)), np.mean(scales, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ScaleMean(p=3.0)(scales)), np.mean(np.power(scales, 3), axis=0) ** (1 / 3),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "gem", "max"])
+def test_multiscale_backbone_pools_over_the_scaled_inputs(pooling, rng):
+    """[1, 0.75] at 64 px: the trunk sees the input and its bilinear 48 px copy; the features combine both."""
+    import tensorflow as tf
+
+    model = build_backbone("mobilenet_v2", image_size=64, pooling=pooling, weights=None, scales=(1.0, 0.75))
+    assert model.name == f"mobilenet_v2-64px-x1_0.75-{pooling}-random" and not model.trainable_weights
+    images = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    trunk = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    pixels = ImagePreprocessing("tf")(images)
+    maps = [trunk(pixels), trunk(tf.image.resize(pixels, (48, 48), method="bilinear"))]
+    if pooling == "max":
+        expected = np.maximum(*[np.max(m, axis=(1, 2)) for m in maps])
+    else:
+        p = 3.0 if pooling == "gem" else 1.0
+        pooled = [np.mean(np.maximum(m, 1e-6) ** p, axis=(1, 2)) ** (1 / p) for m in maps]
+        expected = np.mean(np.power(pooled, p), axis=0) ** (1 / p)
+    np.testing.assert_allclose(np.asarray(model(images)), expected, rtol=2e-4, atol=1e-5)
+
+
+def test_model_config_scales_validation_and_ids():
+    single = ModelConfig(image_size=96)
+    assert single.scales == (1.0,) and single.backbone_key() == "efficientnet_lite0-96px-avg-imagenet"
+    multi = ModelConfig.from_dict({**single.to_dict(), "image_size": 288, "scales": [1, 0.889, 0.778]})
+    assert multi.scales == (1.0, 0.889, 0.778)  # JSON lists come back as tuples
+    assert multi.backbone_key() == "efficientnet_lite0-288px-x1_0.889_0.778-avg-imagenet"
+    assert "x1_0.889_0.778" in multi.model_id() and multi.model_id() != single.model_id()
+    assert backbone_of(ModelConfig(backbone="mobilenet_v2", image_size=32, weights=None)).name == \
+        "mobilenet_v2-32px-avg-random"
+    for scales, message in [([1.5], "distinct factors in \\(0, 1\\]"), ([1, 1], "distinct"), ([], "distinct"),
+                            (["big"], "list of numbers"), ([1, 0.2], "go below 32 px")]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig(image_size=96, scales=scales)
+    with pytest.raises(ValueError, match="trains its head only"):
+        TrainConfig(model=ModelConfig(name="finetuned", scales=(1, 0.75), train_from="block12_add"))

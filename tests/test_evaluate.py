@@ -84,6 +84,13 @@ def test_records_merge_and_markdown(tmp_path):
     text = open(markdown).read()
     assert "| cifar10-2 | finetuned + whitened + head (w=0.5) | efficientnet_lite0 |" in text and "| r1 |" in text
     assert "Commands:" in text and "    x" in text
+    multiscale = ModelConfig(image_size=96, scales=(1, 0.75))
+    records = store.merge([make_record("cifar10-2", multiscale, {"mAP": 0.65}, embedding_dim=1280, seconds=1.0,
+                                       command="x")])
+    assert [r.get("scales") for r in records] == [None, None, None, [1.0, 0.75]]  # its own key: nothing replaced
+    store.merge([make_record("cifar10-2", multiscale, {"mAP": 0.66}, embedding_dim=1280, seconds=1.0, command="x")])
+    assert [r["metrics"]["mAP"] for r in store.load()][-1] == 0.66 and len(store.load()) == 4
+    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75 | avg |" in records_markdown(store.load())
 
 
 def test_concurrent_merges_keep_every_record(tmp_path):

@@ -91,6 +91,17 @@ def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
         fast.embed_pixels(pixels[:, :32, :32])
 
 
+def test_multiscale_model_gives_tensorflows_vectors(tmp_path):
+    """The in-model bilinear resizes of a multi-scale model convert to LiteRT's own ops."""
+    config = ModelConfig(name="multi", backbone="efficientnet_lite0", image_size=64, pooling="gem",
+                         scales=(1.0, 0.75), weights="imagenet")
+    images = jpeg_images(4, seed=3)
+    fast = Embedder(config, runtime="litert", workdir=str(tmp_path))
+    assert fast.runtime == "litert"
+    cosine = np.sum(fast.embed_bytes(images) * Embedder(config, runtime="tf").embed_bytes(images), axis=1)
+    assert cosine.min() >= 0.9999
+
+
 def test_hashing_codes_match_tensorflows(tmp_path):
     from tf_retrieval.models.heads import build_head
 

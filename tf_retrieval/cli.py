@@ -43,6 +43,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backbone", help=f"backbone: {', '.join(BACKBONE_NAMES)} (default {defaults.backbone})")
     group.add_argument("--image-size", type=int, help=f"input size in px (default {defaults.image_size})")
     group.add_argument("--pooling", choices=POOLINGS, help=f"pooling (default {defaults.pooling})")
+    group.add_argument("--scales", type=float, nargs="+", metavar="SCALE",
+                       help="multi-scale descriptors: also run the backbone on the input scaled by these factors, e.g. "
+                            "1 0.889 0.778 (default: 1, single scale)")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")
@@ -59,7 +62,7 @@ def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = ModelConfig.load(args.model_config) if args.model_config else ModelConfig()
     overrides = {"name": args.model_name, "backbone": args.backbone, "image_size": args.image_size,
-                 "pooling": args.pooling, "head": args.head, "hash_bits": args.hash_bits}
+                 "pooling": args.pooling, "scales": args.scales, "head": args.head, "hash_bits": args.hash_bits}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
@@ -425,7 +428,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
 _OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
-_TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "weights", "train_from", "hash_bits")
+_TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -435,9 +438,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     fields = [(f.name, f.default) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     fields += [(name, getattr(model_defaults, name)) for name in _TRAIN_MODEL_FIELDS]
     for name, default in fields:
-        kind = _OPTIONAL_TYPES.get(name, type(default))
-        group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}", type=kind, metavar=name.upper(),
-                           help=f"default {default}")
+        kind, many = (float, "+") if isinstance(default, tuple) else (_OPTIONAL_TYPES.get(name, type(default)), None)
+        group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}", type=kind, nargs=many,
+                           metavar=name.upper(), help=f"default {list(default) if many else default}")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:

@@ -50,15 +50,26 @@ BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite
 POOLINGS = ("avg", "gem", "max")
 
 
-def backbone_id(name: str, image_size: int, pooling: str, weights: str | None) -> str:
+#: `ModelConfig.scales` of a single-scale model.
+SINGLE_SCALE = (1.0,)
+
+
+def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> list[int]:
+    """The input sizes of a multi-scale backbone: `image_size` times each scale, rounded."""
+    return [int(round(image_size * scale)) for scale in scales]
+
+
+def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
+                scales: tuple[float, ...] = SINGLE_SCALE) -> str:
     """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
+    multiscale = "" if tuple(scales) == SINGLE_SCALE else "-x" + "_".join(f"{scale:g}" for scale in scales)
     if weights is None:
         weights_tag = "random"
     elif weights == "imagenet":
         weights_tag = "imagenet"
     else:  # a weights file: its base name, made safe for file and model names
         weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(os.fspath(weights)))
-    return f"{name}-{image_size}px-{pooling}-{weights_tag}"
+    return f"{name}-{image_size}px{multiscale}-{pooling}-{weights_tag}"
 
 
 @dataclasses.dataclass
@@ -70,6 +81,9 @@ class ModelConfig(JsonConfig):
       backbone: a name from `BACKBONE_NAMES` (built by `models.backbones`).
       image_size: square input size in pixels.
       pooling: "avg", "gem" or "max".
+      scales: multi-scale descriptors: the backbone also runs on the input scaled down by each factor (in (0, 1], e.g.
+        [1, 0.889, 0.778, 0.667] at 288 px: 288, 256, 224 and 192 px) and pools over all of them, as GeM pools over a
+        feature map (Radenović et al. 2018). [1.0], the default, is a single-scale model.
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
@@ -83,6 +97,7 @@ class ModelConfig(JsonConfig):
     backbone: str = "efficientnet_lite0"
     image_size: int = 96
     pooling: str = "avg"
+    scales: tuple[float, ...] = SINGLE_SCALE
     weights: str | None = "imagenet"
     head: str | None = None
     train_from: str | None = None
@@ -92,17 +107,30 @@ class ModelConfig(JsonConfig):
     def __post_init__(self):
         if self.hash_bits is not None and (isinstance(self.hash_bits, bool) or int(self.hash_bits) < 1):
             raise InvalidInputError(f"hash_bits must be a positive number of bits, got {self.hash_bits!r}")
+        try:
+            self.scales = tuple(float(scale) for scale in self.scales)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"scales must be a list of numbers, got {self.scales!r}") from None
+        if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < s <= 1 for s in self.scales):
+            raise InvalidInputError(f"scales must be distinct factors in (0, 1], e.g. [1, 0.875, 0.75], got "
+                                    f"{list(self.scales)}")
+        if len(self.scales) > 1 and min(scale_sizes(self.image_size, self.scales)) < 32:
+            raise InvalidInputError(f"scales {list(self.scales)} of {self.image_size} px go below 32 px")
 
     @property
     def metric(self) -> str:
         """The similarity its vectors are meant for: "hamming" for a hashing model, else "cosine"."""
         return "hamming" if self.hash_bits else "cosine"
 
+    def backbone_key(self) -> str:
+        """Names the backbone's features (`backbone_id`): feature caches are keyed by it."""
+        return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales)
+
     def model_id(self) -> str:
         """Identifies the embedding space: two models with the same id give comparable vectors."""
         head = "identity" if self.head is None else os.path.basename(self.head)
         codes = f":hash{self.hash_bits}" if self.hash_bits else ""
-        return (f"{self.name}:v{self.version}:{backbone_id(self.backbone, self.image_size, self.pooling, self.weights)}"
+        return (f"{self.name}:v{self.version}:{self.backbone_key()}"
                 f":{head}{codes}")
 
 
@@ -110,7 +138,7 @@ class ModelConfig(JsonConfig):
 END_TO_END = "images"
 
 #: TrainConfig fields that describe the model and moved into `TrainConfig.model` (older run files have them flat).
-_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "weights", "train_from", "hash_bits")
+_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
 
 
 @dataclasses.dataclass
@@ -169,6 +197,10 @@ class TrainConfig(JsonConfig):
         model.update({field: values.pop(field) for field in _MODEL_FIELDS if field in values})
         model = ModelConfig.from_dict({"name": "finetuned", **model})
         return super().from_dict({**values, "model": model})
+
+    def __post_init__(self):
+        if self.model.train_from and len(self.model.scales) > 1:
+            raise InvalidInputError("a multi-scale model (scales) trains its head only: train_from must be None")
 
     def base_model(self) -> ModelConfig:
         """The frozen baseline this run starts from (float embeddings of the starting backbone)."""

@@ -203,7 +203,9 @@ class RecordStore:
         self.key = tuple(key)
 
     def key_of(self, record: dict) -> tuple:
-        return tuple(record.get(field) for field in self.key)
+        """The values of the key fields (lists, as JSON gives them, as tuples)."""
+        return tuple(tuple(value) if isinstance(value, list) else value
+                     for value in (record.get(field) for field in self.key))
 
     def load(self) -> list[dict]:
         """The stored records (an empty list when the file does not exist)."""

@@ -322,7 +322,8 @@ def _check_same_search(tuner_dir: str, search: dict[str, Any], overwrite: bool) 
     if os.path.exists(path) and not overwrite:
         with open(path) as f:
             before = json.load(f)
-        changed = sorted(k for k in search if before.get(k) != search[k])
+        as_saved = json.loads(json.dumps(search))  # tuples as lists, as the file has them
+        changed = sorted(k for k in as_saved if before.get(k) != as_saved[k])
         if changed:
             raise InvalidInputError(f"{tuner_dir} holds a search with another {', '.join(changed)}; resume it with the same "
                              f"settings, or use another output directory or --overwrite")

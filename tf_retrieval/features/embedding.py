@@ -45,10 +45,10 @@ def build_embedding_model(backbone, head=None, *, hash_bits: int | None = None):
 
 def build_model(config: ModelConfig):
     """The keras model of `config`: pixels [n, s, s, 3] in 0..255 -> model outputs (see the module docstring)."""
-    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import load_head
 
-    backbone = build_backbone(config.backbone, config.image_size, config.pooling, config.weights)
+    backbone = backbone_of(config)
     head = load_head(config.head) if config.head else None
     return build_embedding_model(backbone, head, hash_bits=config.hash_bits)
 
@@ -121,11 +121,9 @@ def backbone_features(collection, config: ModelConfig, *, workdir: str | None = 
                       progress: bool = True, runtime: str = "litert") -> np.ndarray:
     """The pooled backbone outputs of `config` for every image of `collection`, computed in `runtime` and cached under
     `<workdir>/features` (a second call reads the cache; an interrupted one resumes)."""
-    from tf_retrieval.models.backbones import backbone_id, build_backbone
+    from tf_retrieval.models.backbones import backbone_of
 
-    return cached_outputs(collection, lambda: build_backbone(config.backbone, config.image_size, config.pooling,
-                                                             config.weights),
-                          backbone_id(config.backbone, config.image_size, config.pooling, config.weights),
+    return cached_outputs(collection, lambda: backbone_of(config), config.backbone_key(),
                           image_size=config.image_size, workdir=workdir, batch_size=batch_size, progress=progress,
                           runtime=runtime, weights_file=config.weights)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import keras
 from keras import ops
 
-from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, backbone_id
+from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, SINGLE_SCALE, backbone_id, scale_sizes
 from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -63,11 +63,25 @@ class GeneralizedMeanPooling(keras.layers.Layer):
         self.p, self.eps = float(p), float(eps)
 
     def call(self, features):
-        pooled = ops.mean(ops.power(ops.maximum(features, self.eps), self.p), axis=(1, 2))
-        return ops.power(pooled, 1.0 / self.p)
+        return power_mean(features, self.p, self.eps, axis=(1, 2))
 
     def get_config(self):
         return {**super().get_config(), "p": self.p, "eps": self.eps}
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class ScaleMean(GeneralizedMeanPooling):
+    """Combines the pooled features of several input scales into one: their power mean, with the pooling's own power
+    (p=1 after average pooling, 3 after GeM), so that the result pools over all the scales' feature maps."""
+
+    def call(self, pooled):
+        stacked = ops.stack(pooled, axis=0)
+        return ops.mean(stacked, axis=0) if self.p == 1 else power_mean(stacked, self.p, self.eps, axis=0)
+
+
+def power_mean(values, p: float, eps: float, axis):
+    """(mean over `axis` of max(values, eps)^p)^(1/p)."""
+    return ops.power(ops.mean(ops.power(ops.maximum(values, eps), p), axis=axis), 1.0 / p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +118,7 @@ assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the 
 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",
-                   weights: str | None = "imagenet") -> keras.Model:
+                   weights: str | None = "imagenet", scales: tuple[float, ...] = SINGLE_SCALE) -> keras.Model:
     """Builds a frozen backbone: float32 RGB [n, image_size, image_size, 3] in 0..255 -> pooled features [n, d].
 
     Args:
@@ -113,6 +127,8 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
       pooling: "avg", "gem" (p=3) or "max" over the last feature map.
       weights: "imagenet" (pre-trained), None (random init, seeded so that it is reproducible; for tests), or a path to
         a weights file.
+      scales: the trunk runs on the input resized (bilinear, inside the model) by each factor, and the pooled features
+        of all scales are combined by `ScaleMean` (max pooling: their maximum); see `ModelConfig.scales`.
 
     Raises:
       ValueError: unknown name or pooling, or an image size below 32.
@@ -126,17 +142,35 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
     spec = BACKBONES[name]
     if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
         keras.utils.set_random_seed(0)
-    trunk = spec.constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    sizes = scale_sizes(image_size, scales)
+    if min(sizes) < 32:
+        raise InvalidInputError(f"scales {list(scales)} of {image_size} px go below 32 px")
+    trunk = spec.constructor(include_top=False, weights=weights,
+                             input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
     trunk.trainable = False
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    feature_map = trunk(ImagePreprocessing(spec.preprocessing, name="preprocess")(images), training=False)
+    pixels = ImagePreprocessing(spec.preprocessing, name="preprocess")(images)
     if pooling == "gem":
-        features = GeneralizedMeanPooling(name="gem_pool")(feature_map)
+        pool = GeneralizedMeanPooling(name="gem_pool")
     elif pooling == "max":
-        features = keras.layers.GlobalMaxPooling2D(name="max_pool")(feature_map)
+        pool = keras.layers.GlobalMaxPooling2D(name="max_pool")
     else:
-        features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(feature_map)
-    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights))
+        pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
+    pooled = [pool(trunk(pixels if size == image_size else
+                         keras.layers.Resizing(size, size, interpolation="bilinear", name=f"resize_{size}")(pixels),
+                         training=False)) for size in sizes]
+    if len(pooled) == 1:
+        features = pooled[0]
+    elif pooling == "max":
+        features = keras.layers.Maximum(name="scale_max")(pooled)
+    else:
+        features = ScaleMean(pool.p if pooling == "gem" else 1.0, name="scale_mean")(pooled)
+    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights, scales))
     model.trainable = False
     logger.info("built backbone %s: %d-d features", model.name, model.output_shape[-1])
     return model
+
+
+def backbone_of(config) -> keras.Model:
+    """The frozen backbone of a `ModelConfig` (its backbone, size, pooling, weights and scales)."""
+    return build_backbone(config.backbone, config.image_size, config.pooling, config.weights, config.scales)

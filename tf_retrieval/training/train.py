@@ -137,7 +137,7 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
     activations at `config.train_from` (float16), cached under `<workdir>/features`; for end-to-end training, the
     images themselves (`ImageInputs`, decoded on demand). The frozen part runs in `runtime` ("litert" or "tf")."""
     from tf_retrieval.features.embedding import backbone_features, cached_outputs
-    from tf_retrieval.models.backbones import backbone_id, build_backbone
+    from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import split_backbone
 
     base, train_from = config.base_model(), config.model.train_from
@@ -148,9 +148,9 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
                                  runtime=runtime)
 
     def bottom():
-        return split_backbone(build_backbone(base.backbone, base.image_size, base.pooling, base.weights), train_from)[0]
+        return split_backbone(backbone_of(base), train_from)[0]
 
-    key = f"{backbone_id(base.backbone, base.image_size, base.pooling, base.weights)}@{train_from}"
+    key = f"{base.backbone_key()}@{train_from}"
     return cached_outputs(collection, bottom, key, image_size=base.image_size, workdir=workdir, batch_size=batch_size,
                           progress=progress, runtime=runtime, dtype="float16", weights_file=base.weights)
 
@@ -159,7 +159,7 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
     """(trainable model: cached inputs -> unit-length embeddings, backbone, head). The backbone is None for head only.
 
     With `config.proxy_loss`, the model also holds `classes` learned class proxies (`GlobalBatchModel.proxies`)."""
-    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import L2Normalize, build_head, split_backbone, trunk_of
 
     keras.utils.set_random_seed(config.seed)
@@ -167,7 +167,7 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
     x, backbone, train_from = inputs, None, config.model.train_from
     if train_from == END_TO_END:
         base = config.base_model()
-        backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
+        backbone = backbone_of(base)
         backbone.trainable = True  # recursive: then batch normalisation is frozen again (small batches)
         for layer in trunk_of(backbone).layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -177,7 +177,7 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
         x = backbone(x)
     elif train_from:
         base = config.base_model()
-        backbone = build_backbone(base.backbone, base.image_size, base.pooling, base.weights)
+        backbone = backbone_of(base)
         _, top = split_backbone(backbone, train_from)
         x = top(keras.ops.cast(x, "float32"))
     head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits,
