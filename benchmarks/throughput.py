@@ -1,6 +1,6 @@
 """Embedding throughput, two parts:
 
-1. Feature caching: the full pipeline (encoded images -> threaded PIL decode + numpy resize -> backbone) against raw
+1. Feature caching: the full pipeline (encoded images -> threaded decode + numpy resize -> backbone) against raw
    `model.predict` on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
 2. Runtimes of in-process embedding (`features.embedding.Embedder`, the page's and `tfr search`'s path): TensorFlow
    (`tf.function`) and LiteRT fp32, pixels in and JPEG bytes in, at batch 1 and 32; and the machine's limit: a float32
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
               "date": datetime.date.today().isoformat(),
               "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:]),
               "notes": "raw = keras model.predict on pre-decoded, pre-resized float32 pixels in memory; pipeline = "
-                       "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (PIL decode + numpy resize in a thread pool), "
+                       "tf_retrieval.features.cache.extract_features from encoded JPEG bytes (decode_image: libjpeg-turbo via simplejpeg for plain JPEGs, else PIL; numpy resize; in a thread pool), "
                        "best of --repeats runs each. runtimes: features.embedding.Embedder, one call per batch, "
-                       "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: PIL decode + numpy resize + model), "
+                       "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: decode_image + numpy resize + model), "
                        "best of --repeats runs, each runtime in a fresh process, --rounds processes per runtime taking turns, the fastest kept; LiteRT fp32 with XNNPACK, one interpreter, threads = "
                        "cores"}
     write_json(os.path.join(RESULTS, "throughput.json"), result, indent=1)
