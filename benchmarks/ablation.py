@@ -40,6 +40,8 @@ def recipe(record: dict) -> str:
         if config.get("proxy_loss"):
             loss += f" + {config['proxy_loss']}"
         parts.append(loss)
+        if config.get("augment"):
+            parts.append("cached " + "/".join(config["augment"]) + " views")
         if backbone:
             parts.insert(0, backbone.strip())
         if record.get("hash_bits"):

@@ -305,3 +305,64 @@ def test_mirrored_training_on_two_devices_follows_one_device_and_resumes(tmp_pat
     resumed = run("mirrored", "resumed")
     assert len(resumed["loss"]) == 2  # epochs 3 and 4 only
     np.testing.assert_allclose(resumed["loss"], one["loss"][2:], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_views_draw_each_row_from_a_view_chosen_at_random():
+    from tf_retrieval.training.train import CachedViews
+
+    plain = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    views = CachedViews([plain, plain + 100, plain + 200])
+    assert len(views) == 10 and views.shape == (10, 3)
+    np.testing.assert_array_equal(views[[2, 5]], plain[[2, 5]])  # indexing: the plain view (validation)
+    positions = np.array([1, 1, 4, 9] * 25)
+    drawn = views.draw(positions, np.random.default_rng(0))
+    offsets = drawn[:, 0] - positions
+    assert set(offsets.tolist()) == {0.0, 100.0, 200.0}  # every view is drawn, each row whole
+    np.testing.assert_array_equal(drawn, views.draw(positions, np.random.default_rng(0)))  # seeded
+    subset = views.subset(np.array([3, 4]))
+    assert len(subset.views) == 3 and subset.views[2][0, 0] == 203
+
+
+def test_image_views_mirror_and_zoom(rng):
+    import tensorflow as tf
+
+    from tf_retrieval.training.train import ImageView
+
+    images = rng.uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ImageView("flip")(images)), images[:, :, ::-1])
+    expected = tf.image.resize(images[:, 1:15, 1:15], (16, 16), method="bilinear")  # the centre 14 = 7/8 of 16
+    np.testing.assert_allclose(np.asarray(ImageView("zoom")(images)), expected, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown view 'rotate'"):
+        ImageView("rotate")
+
+
+def test_augment_is_checked():
+    assert TrainConfig.from_dict({"augment": ["flip", "zoom"]}).augment == ("flip", "zoom")
+    with pytest.raises(ValueError, match="augment takes distinct views of flip, zoom"):
+        TrainConfig(augment=("flip", "rotate"))
+    with pytest.raises(ValueError, match="augments its images on the fly"):
+        TrainConfig.from_dict({"augment": ["flip"], "train_from": "images"})
+
+
+def test_head_training_on_cached_views(image_dir, tmp_path):
+    """`augment` caches the frozen features of mirrored images beside the plain ones, and training draws from both."""
+    from tf_retrieval.data.images import decode_image, image_folder, resize_and_crop_images
+    from tf_retrieval.models.backbones import build_backbone
+    from tf_retrieval.training.train import CachedViews, cache_inputs
+
+    collection = image_folder(image_dir, progress=False)
+    config = TrainConfig.from_dict(dict(backbone="mobilenet_v2", image_size=32, weights=None, augment=["flip"],
+                                        embedding_dim=8, hidden_dim=16, classes_per_batch=3, images_per_class=4,
+                                        epochs=2, steps_per_epoch=3, validation_fraction=0.34))
+    inputs = cache_inputs(config, collection, workdir=str(tmp_path / "work"), progress=False, runtime="tf")
+    assert isinstance(inputs, CachedViews) and len(inputs.views) == 2 and inputs.shape == (18, 1280)
+    pixels = resize_and_crop_images([decode_image(collection.read_bytes(i)) for i in range(18)], 32)
+    backbone = build_backbone("mobilenet_v2", 32, "avg", None)
+    np.testing.assert_allclose(inputs.views[0], np.asarray(backbone(pixels)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inputs.views[1], np.asarray(backbone(pixels[:, :, ::-1])), rtol=1e-4, atol=1e-4)
+    cached = sorted(name for name in os.listdir(tmp_path / "work" / "features") if name.endswith(".npy"))
+    assert len(cached) == 2 and cached[1].endswith("mobilenet_v2-32px-avg-random_flip.npy")  # its own cache
+    protocol = Protocol("cifar10-2", collection, train=np.arange(18), database=np.arange(18), queries=None)
+    result = train(config, str(tmp_path / "run"), workdir=str(tmp_path / "work"), protocol=protocol, verbose=0,
+                   runtime="tf")
+    assert result.epochs == 2 and np.isfinite(result.best_map_at_r)

@@ -428,6 +428,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
 _OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
+_LIST_TYPES = {"scales": float, "augment": str}
 _TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
 
 
@@ -438,7 +439,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     fields = [(f.name, f.default) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     fields += [(name, getattr(model_defaults, name)) for name in _TRAIN_MODEL_FIELDS]
     for name, default in fields:
-        kind, many = (float, "+") if isinstance(default, tuple) else (_OPTIONAL_TYPES.get(name, type(default)), None)
+        kind, many = (_LIST_TYPES[name], "+") if name in _LIST_TYPES else (_OPTIONAL_TYPES.get(name, type(default)), None)
         group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}", type=kind, nargs=many,
                            metavar=name.upper(), help=f"default {list(default) if many else default}")
 

@@ -136,6 +136,8 @@ class ModelConfig(JsonConfig):
 
 #: `train_from` of end-to-end training (the whole trunk on decoded images).
 END_TO_END = "images"
+#: Views of the training images that `TrainConfig.augment` caches (`training.train.ImageView`).
+AUGMENTATIONS = ("flip", "zoom")
 
 #: TrainConfig fields that describe the model and moved into `TrainConfig.model` (older run files have them flat).
 _MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
@@ -158,6 +160,9 @@ class TrainConfig(JsonConfig):
       proxy_loss, proxy_weight: an optional second term, `proxy_weight` x a loss against learned class proxies
         (`training.proxies`: "cosface" or "proxy-anchor"); None trains with the triplet loss alone.
       hashing: how a hashing head (`model.hash_bits`) makes its codes: "tanh" or "greedy" (`models.heads.build_head`).
+      augment: views of the training images cached beside the plain one when training reads cached features or
+        activations (`training.train.AUGMENTATIONS`: "flip" mirrors an image, "zoom" scales its centre 7/8 back up);
+        every batch draws one view of each image at random. End-to-end training augments on the fly instead.
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
       validation_fraction: share of the training set (images or classes) held out for MAP@R.
@@ -179,6 +184,7 @@ class TrainConfig(JsonConfig):
     proxy_loss: str | None = None
     proxy_weight: float = 1.0
     hashing: str = "tanh"
+    augment: tuple[str, ...] = ()
     classes_per_batch: int = 16
     images_per_class: int = 8
     epochs: int = 30
@@ -201,6 +207,14 @@ class TrainConfig(JsonConfig):
     def __post_init__(self):
         if self.model.train_from and len(self.model.scales) > 1:
             raise InvalidInputError("a multi-scale model (scales) trains its head only: train_from must be None")
+        self.augment = tuple(self.augment or ())
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if unknown or len(set(self.augment)) != len(self.augment):
+            raise InvalidInputError(f"augment takes distinct views of {', '.join(AUGMENTATIONS)}, got "
+                                    f"{list(self.augment)}")
+        if self.augment and self.model.train_from == END_TO_END:
+            raise InvalidInputError("end-to-end training augments its images on the fly: augment is for training on "
+                                    "cached features or activations")
 
     def base_model(self) -> ModelConfig:
         """The frozen baseline this run starts from (float embeddings of the starting backbone)."""

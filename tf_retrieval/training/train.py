@@ -17,6 +17,7 @@ weights file and a head file) that the embedder, the index, the export and the e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import keras
 import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
-from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig
+from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, TrainConfig
 from tf_retrieval.data.protocols import Protocol
 from tf_retrieval.storage import save_with_digest, write_json
 from tf_retrieval.vectors import finish
@@ -67,9 +68,70 @@ class ImageInputs:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
+class CachedViews:
+    """Cached inputs of several views of every image: the plain one first, then `TrainConfig.augment`'s.
+
+    Indexing gives the plain view (validation and shapes); `draw` gives one view of each image, chosen at random.
+    """
+
+    def __init__(self, views: list[np.ndarray]):
+        self.views = list(views)
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.views[0].shape
+
+    def subset(self, positions) -> CachedViews:
+        return CachedViews([view[positions] for view in self.views])
+
+    def __getitem__(self, positions) -> np.ndarray:
+        return self.views[0][positions]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.views[0], dtype)
+
+    def draw(self, positions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """inputs[positions], each row from a view chosen by `rng`."""
+        positions = np.asarray(positions)
+        chosen = rng.integers(len(self.views), size=len(positions))
+        out = np.empty((len(positions), *self.shape[1:]), self.views[0].dtype)
+        for v, view in enumerate(self.views):
+            out[chosen == v] = view[positions[chosen == v]]
+        return out
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class ImageView(keras.layers.Layer):
+    """One `TrainConfig.augment` view of square images [n, s, s, 3]: "flip" mirrors them left-right, "zoom" scales
+    their centre 7/8 back up to s x s (bilinear). Runs before the frozen part whose outputs are cached."""
+
+    ZOOM = 7 / 8
+
+    def __init__(self, view: str, **kwargs):
+        super().__init__(**kwargs)
+        if view not in AUGMENTATIONS:
+            raise InvalidInputError(f"unknown view {view!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        self.view = view
+
+    def call(self, images):
+        if self.view == "flip":
+            return keras.ops.flip(images, axis=2)
+        size = images.shape[1]
+        crop = int(round(size * self.ZOOM))
+        start = (size - crop) // 2
+        centre = images[:, start:start + crop, start:start + crop, :]
+        return keras.ops.image.resize(centre, (size, size), interpolation="bilinear")
+
+    def get_config(self):
+        return {**super().get_config(), "view": self.view}
+
+
 def _take(inputs, positions):
-    """inputs[positions], lazily for `ImageInputs`."""
-    return inputs.subset(positions) if isinstance(inputs, ImageInputs) else inputs[positions]
+    """inputs[positions], lazily for `ImageInputs` (and per view for `CachedViews`)."""
+    return inputs.subset(positions) if isinstance(inputs, (ImageInputs, CachedViews)) else inputs[positions]
 
 
 @dataclasses.dataclass
@@ -132,27 +194,40 @@ def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class:
 
 
 def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
-                 progress: bool = True, runtime: str = "litert") -> np.ndarray:
+                 progress: bool = True, runtime: str = "litert") -> np.ndarray | CachedViews | ImageInputs:
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
-    activations at `config.train_from` (float16), cached under `<workdir>/features`; for end-to-end training, the
-    images themselves (`ImageInputs`, decoded on demand). The frozen part runs in `runtime` ("litert" or "tf")."""
-    from tf_retrieval.features.embedding import backbone_features, cached_outputs
+    activations at `config.train_from` (float16), cached under `<workdir>/features`, with the `config.augment` views
+    (`CachedViews`) cached beside them; for end-to-end training, the images themselves (`ImageInputs`, decoded on
+    demand). The frozen part runs in `runtime` ("litert" or "tf")."""
+    from tf_retrieval.features.embedding import cached_outputs
     from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import split_backbone
 
     base, train_from = config.base_model(), config.model.train_from
     if train_from == END_TO_END:
         return ImageInputs(collection, base.image_size)
-    if not train_from:
-        return backbone_features(collection, base, workdir=workdir, batch_size=batch_size, progress=progress,
-                                 runtime=runtime)
+    if train_from:
+        key, dtype = f"{base.backbone_key()}@{train_from}", "float16"
 
-    def bottom():
-        return split_backbone(backbone_of(base), train_from)[0]
+        def frozen():
+            return split_backbone(backbone_of(base), train_from)[0]
+    else:  # the cache of `features.embedding.backbone_features`
+        key, dtype = base.backbone_key(), "float32"
 
-    key = f"{base.backbone_key()}@{train_from}"
-    return cached_outputs(collection, bottom, key, image_size=base.image_size, workdir=workdir, batch_size=batch_size,
-                          progress=progress, runtime=runtime, dtype="float16", weights_file=base.weights)
+        def frozen():
+            return backbone_of(base)
+
+    def frozen_on(view: str):
+        model = frozen()
+        images = keras.Input(model.input_shape[1:], name="images")
+        return keras.Model(images, model(ImageView(view, name=view)(images)))
+
+    views = [cached_outputs(collection, builder, key + suffix, image_size=base.image_size, workdir=workdir,
+                            batch_size=batch_size, progress=progress, runtime=runtime, dtype=dtype,
+                            weights_file=base.weights)
+             for builder, suffix in [(frozen, "")] + [(functools.partial(frozen_on, view), f"+{view}")
+                                                      for view in config.augment]]
+    return views[0] if len(views) == 1 else CachedViews(views)
 
 
 def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: int | None = None):
@@ -235,7 +310,8 @@ class BalancedBatches(keras.utils.PyDataset):
         epoch, step = divmod(int(index), self.config.steps_per_epoch)
         rng = np.random.default_rng([self.config.seed, self.start_epoch + epoch, step])
         batch = np.sort(balanced_batch(self.labels, self.config.classes_per_batch, self.config.images_per_class, rng))
-        return np.asarray(self.inputs[batch], np.float32), self.labels[batch].astype(np.int32)
+        inputs = self.inputs.draw(batch, rng) if isinstance(self.inputs, CachedViews) else self.inputs[batch]
+        return np.asarray(inputs, np.float32), self.labels[batch].astype(np.int32)
 
 
 class ValidationMapAtR(keras.callbacks.Callback):
