@@ -55,8 +55,15 @@ SINGLE_SCALE = (1.0,)
 
 
 def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> list[int]:
-    """The input sizes of a multi-scale backbone: `image_size` times each scale, rounded."""
-    return [int(round(image_size * scale)) for scale in scales]
+    """The input sizes of a multi-scale backbone: `image_size` times each scale, rounded.
+
+    Raises:
+      InvalidInputError: several scales, one of which goes below 32 px (a single scale is the plain `image_size`).
+    """
+    sizes = [int(round(image_size * scale)) for scale in scales]
+    if len(sizes) > 1 and min(sizes) < 32:
+        raise InvalidInputError(f"scales {list(scales)} of {image_size} px go below 32 px")
+    return sizes
 
 
 def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
@@ -114,8 +121,7 @@ class ModelConfig(JsonConfig):
         if not self.scales or len(set(self.scales)) != len(self.scales) or not all(0 < s <= 1 for s in self.scales):
             raise InvalidInputError(f"scales must be distinct factors in (0, 1], e.g. [1, 0.875, 0.75], got "
                                     f"{list(self.scales)}")
-        if len(self.scales) > 1 and min(scale_sizes(self.image_size, self.scales)) < 32:
-            raise InvalidInputError(f"scales {list(self.scales)} of {self.image_size} px go below 32 px")
+        scale_sizes(self.image_size, self.scales)  # refuses scales below 32 px
 
     @property
     def metric(self) -> str:

@@ -131,7 +131,7 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         of all scales are combined by `ScaleMean` (max pooling: their maximum); see `ModelConfig.scales`.
 
     Raises:
-      ValueError: unknown name or pooling, or an image size below 32.
+      ValueError: unknown name or pooling, or an image size (or a scaled one) below 32.
     """
     if name not in BACKBONES:
         raise InvalidInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -143,8 +143,6 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
     if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
         keras.utils.set_random_seed(0)
     sizes = scale_sizes(image_size, scales)
-    if min(sizes) < 32:
-        raise InvalidInputError(f"scales {list(scales)} of {image_size} px go below 32 px")
     trunk = spec.constructor(include_top=False, weights=weights,
                              input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
     trunk.trainable = False
