@@ -42,6 +42,8 @@ def recipe(record: dict) -> str:
         parts.append(loss)
         if config.get("augment"):
             parts.append("cached " + "/".join(config["augment"]) + " views")
+        if config.get("lr_schedule", "constant") != "constant":
+            parts.append(f"{config['lr_schedule']} learning rate")
         if backbone:
             parts.insert(0, backbone.strip())
         if record.get("hash_bits"):

@@ -344,6 +344,17 @@ def test_augment_is_checked():
         TrainConfig.from_dict({"augment": ["flip"], "train_from": "images"})
 
 
+def test_cosine_schedule_decays_over_the_whole_run():
+    from tf_retrieval.training.train import learning_rate
+
+    assert learning_rate(TrainConfig(learning_rate=3e-4)) == 3e-4
+    schedule = learning_rate(TrainConfig(learning_rate=3e-4, lr_schedule="cosine", epochs=4, steps_per_epoch=25))
+    rates = [float(schedule(step)) for step in (0, 50, 100, 150)]
+    np.testing.assert_allclose(rates, [3e-4, 3e-4 * (0.01 + 0.99 * 0.5), 3e-6, 3e-6], rtol=1e-5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'step'"):
+        TrainConfig(lr_schedule="step")
+
+
 def test_head_training_on_cached_views(image_dir, tmp_path):
     """`augment` caches the frozen features of mirrored images beside the plain ones, and training draws from both."""
     from tf_retrieval.data.images import decode_image, image_folder, resize_and_crop_images

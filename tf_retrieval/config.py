@@ -144,6 +144,8 @@ class ModelConfig(JsonConfig):
 END_TO_END = "images"
 #: Views of the training images that `TrainConfig.augment` caches (`training.train.ImageView`).
 AUGMENTATIONS = ("flip", "zoom")
+#: `TrainConfig.lr_schedule` values.
+LR_SCHEDULES = ("constant", "cosine")
 
 #: TrainConfig fields that describe the model and moved into `TrainConfig.model` (older run files have them flat).
 _MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
@@ -163,6 +165,9 @@ class TrainConfig(JsonConfig):
       embedding_dim, hidden_dim, dropout: head sizes (see `models.heads.build_head`).
       mining: triplet mining: "semihard", "hard" or "batch-all".
       margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.
+      lr_schedule: how the learning rate moves over the run (`LR_SCHEDULES`): "constant", or "cosine", which decays
+        it to 1% along a half cosine over all `epochs` x `steps_per_epoch` steps (Loshchilov & Hutter 2017, without
+        restarts; a resumed run continues the curve where it stopped).
       proxy_loss, proxy_weight: an optional second term, `proxy_weight` x a loss against learned class proxies
         (`training.proxies`: "cosface" or "proxy-anchor"); None trains with the triplet loss alone.
       hashing: how a hashing head (`model.hash_bits`) makes its codes: "tanh" or "greedy" (`models.heads.build_head`).
@@ -187,6 +192,7 @@ class TrainConfig(JsonConfig):
     mining: str = "semihard"
     margin: float = 0.2
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     proxy_loss: str | None = None
     proxy_weight: float = 1.0
     hashing: str = "tanh"
@@ -214,6 +220,8 @@ class TrainConfig(JsonConfig):
         if self.model.train_from and len(self.model.scales) > 1:
             raise InvalidInputError("a multi-scale model (scales) trains its head only: train_from must be None")
         self.augment = tuple(self.augment or ())
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidInputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown or len(set(self.augment)) != len(self.augment):
             raise InvalidInputError(f"augment takes distinct views of {', '.join(AUGMENTATIONS)}, got "

@@ -281,9 +281,17 @@ def compile_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes
         from tf_retrieval.training.proxies import proxy_loss
 
         model.proxy_loss = proxy_loss(config.proxy_loss)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(config)),
                   loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
     return model, backbone, head
+
+
+def learning_rate(config: TrainConfig) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Adam's learning rate: `config.learning_rate`, constant or on the config's schedule over the whole run."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.epochs * config.steps_per_epoch,
+                                                  alpha=0.01)
 
 
 class BalancedBatches(keras.utils.PyDataset):
