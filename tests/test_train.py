@@ -332,13 +332,17 @@ def test_image_views_mirror_and_zoom(rng):
     np.testing.assert_array_equal(np.asarray(ImageView("flip")(images)), images[:, :, ::-1])
     expected = tf.image.resize(images[:, 1:15, 1:15], (16, 16), method="bilinear")  # the centre 14 = 7/8 of 16
     np.testing.assert_allclose(np.asarray(ImageView("zoom")(images)), expected, rtol=1e-5, atol=1e-3)
+    for view, rows, cols in [("zoom-tl", slice(0, 14), slice(0, 14)), ("zoom-br", slice(2, 16), slice(2, 16)),
+                             ("zoom-tr", slice(0, 14), slice(2, 16)), ("zoom-bl", slice(2, 16), slice(0, 14))]:
+        expected = tf.image.resize(images[:, rows, cols], (16, 16), method="bilinear")
+        np.testing.assert_allclose(np.asarray(ImageView(view)(images)), expected, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="unknown view 'rotate'"):
         ImageView("rotate")
 
 
 def test_augment_is_checked():
     assert TrainConfig.from_dict({"augment": ["flip", "zoom"]}).augment == ("flip", "zoom")
-    with pytest.raises(ValueError, match="augment takes distinct views of flip, zoom"):
+    with pytest.raises(ValueError, match="augment takes distinct views of flip, zoom, zoom-tl"):
         TrainConfig(augment=("flip", "rotate"))
     with pytest.raises(ValueError, match="augments its images on the fly"):
         TrainConfig.from_dict({"augment": ["flip"], "train_from": "images"})

@@ -143,7 +143,7 @@ class ModelConfig(JsonConfig):
 #: `train_from` of end-to-end training (the whole trunk on decoded images).
 END_TO_END = "images"
 #: Views of the training images that `TrainConfig.augment` caches (`training.train.ImageView`).
-AUGMENTATIONS = ("flip", "zoom")
+AUGMENTATIONS = ("flip", "zoom", "zoom-tl", "zoom-tr", "zoom-bl", "zoom-br")
 #: `TrainConfig.lr_schedule` values.
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -172,7 +172,8 @@ class TrainConfig(JsonConfig):
         (`training.proxies`: "cosface" or "proxy-anchor"); None trains with the triplet loss alone.
       hashing: how a hashing head (`model.hash_bits`) makes its codes: "tanh" or "greedy" (`models.heads.build_head`).
       augment: views of the training images cached beside the plain one when training reads cached features or
-        activations (`training.train.AUGMENTATIONS`: "flip" mirrors an image, "zoom" scales its centre 7/8 back up);
+        activations (`AUGMENTATIONS`: "flip" mirrors an image, "zoom" scales its centre 7/8 back up, "zoom-tl"
+        ... "zoom-br" its top-left ... bottom-right 7/8, i.e. shifted crops);
         every batch draws one view of each image at random. End-to-end training augments on the fly instead.
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).

@@ -106,7 +106,8 @@ class CachedViews:
 @keras.saving.register_keras_serializable(package="tf_retrieval")
 class ImageView(keras.layers.Layer):
     """One `TrainConfig.augment` view of square images [n, s, s, 3]: "flip" mirrors them left-right, "zoom" scales
-    their centre 7/8 back up to s x s (bilinear). Runs before the frozen part whose outputs are cached."""
+    their centre 7/8 back up to s x s (bilinear), "zoom-tl" / "-tr" / "-bl" / "-br" the 7/8 in a corner (a crop
+    shifted by 1/16 of the side from the centre one). Runs before the frozen part whose outputs are cached."""
 
     ZOOM = 7 / 8
 
@@ -121,9 +122,11 @@ class ImageView(keras.layers.Layer):
             return keras.ops.flip(images, axis=2)
         size = images.shape[1]
         crop = int(round(size * self.ZOOM))
-        start = (size - crop) // 2
-        centre = images[:, start:start + crop, start:start + crop, :]
-        return keras.ops.image.resize(centre, (size, size), interpolation="bilinear")
+        corner = self.view.partition("-")[2]
+        top = {"": (size - crop) // 2, "t": 0, "b": size - crop}[corner[:1]]
+        left = {"": (size - crop) // 2, "l": 0, "r": size - crop}[corner[1:]]
+        window = images[:, top:top + crop, left:left + crop, :]
+        return keras.ops.image.resize(window, (size, size), interpolation="bilinear")
 
     def get_config(self):
         return {**super().get_config(), "view": self.view}
