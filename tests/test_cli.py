@@ -164,6 +164,12 @@ def test_train_then_compare(tmp_path, capsys):
     evaluated = json.load(open(records_path))[-1]
     assert (evaluated["model"], evaluated["variant"], evaluated["run"]) == ("finetuned", "frozen + head (w=0.5)", "run")
     assert evaluated["metrics"]["mAP"] == fused[2]["metrics"]["mAP"]  # the same vectors either way
+    # the run's own model, evaluated after compare, replaces compare's record of it (one key for both)
+    assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
+                 os.path.join(run_dir, "model.json"), "--records", records_path]) == 0
+    own = [r for r in json.load(open(records_path)) if r["run"] == "run" and r["model"] == "finetuned"]
+    assert [r.get("variant") for r in own] == [None, "alpha-qe", "frozen + head (w=0.5)"]
+    assert "pca_dim" in own[0] and "pca_dim" not in own[1] and own[0]["weights"] == own[1]["weights"]
     capsys.readouterr()
     assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
     assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)

@@ -95,7 +95,9 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
                                                         expand=(k, alpha) if k else None)
             if model == "baseline":
                 baseline_cache[key] = metrics, curve, dim
-            record = make_record(protocol.name, base, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
+            # the trained model's record describes its own weights, as `tfr evaluate`'s does: one key for both
+            record = make_record(protocol.name, base if model == "baseline" else model_config, metrics,
+                                 embedding_dim=dim, seconds=time.perf_counter() - start,
                                  command=command, model=model, pr_curve=curve, queries=int(metrics["queries"]), **extra)
             if variant:
                 record.update(variant=variant, expand=k, alpha=alpha)
