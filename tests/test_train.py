@@ -266,7 +266,7 @@ labels = np.repeat(np.arange(8), 40)
 inputs = (centres[labels] + rng.normal(size=(len(labels), 24))).astype(np.float32)
 strategy, run_dir, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 config = TrainConfig(embedding_dim=8, hidden_dim=16, dropout=0.0, classes_per_batch=4, images_per_class=4, epochs=epochs,
-                     steps_per_epoch=6, patience=10, validation_fraction=0.25, strategy=strategy)
+                     steps_per_epoch=6, patience=10, validation_fraction=0.25, strategy=strategy, lr_schedule="cosine")
 replicas = distribution_strategy(strategy).num_replicas_in_sync
 
 
@@ -286,7 +286,8 @@ print(json.dumps({"replicas": replicas, "loss": None if history is None else his
 
 def test_mirrored_training_on_two_devices_follows_one_device_and_resumes(tmp_path):
     """`--strategy mirrored` on two logical CPU devices: the loss of every epoch equals one device's to 1e-4 (the
-    loss is computed on the whole gathered batch); a run stopped after 2 epochs resumes from its backup."""
+    loss is computed on the whole gathered batch); a run stopped after 2 epochs resumes from its backup, its cosine
+    learning rate where it stopped (else the resumed losses would differ)."""
     import subprocess
     import sys
 
