@@ -75,10 +75,11 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = baseline_of(train_config)
+    configs = {"baseline": base, label: model_config}
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
-    vectors = {"baseline": embed_collection(protocol.collection, base, workdir=workdir, runtime=runtime),
-               label: embed_collection(protocol.collection, model_config, workdir=workdir, runtime=runtime)}
-    metrics_of = {"baseline": base.metric, label: model_config.metric}
+    vectors = {model: embed_collection(protocol.collection, config, workdir=workdir, runtime=runtime)
+               for model, config in configs.items()}
+    metrics_of = {model: config.metric for model, config in configs.items()}
     extra = {"run": details["run"], "dataset": protocol.collection.name, "runtime": runtime}
     records, curves, spaces = [], {}, {}
     for model, rank_metric in metrics_of.items():
@@ -95,10 +96,10 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
                                                         expand=(k, alpha) if k else None)
             if model == "baseline":
                 baseline_cache[key] = metrics, curve, dim
-            # the trained model's record describes its own weights, as `tfr evaluate`'s does: one key for both
-            record = make_record(protocol.name, base if model == "baseline" else model_config, metrics,
-                                 embedding_dim=dim, seconds=time.perf_counter() - start,
-                                 command=command, model=model, pr_curve=curve, queries=int(metrics["queries"]), **extra)
+            # each model's record describes its own config (weights included), as `tfr evaluate`'s does: one key
+            record = make_record(protocol.name, configs[model], metrics, embedding_dim=dim,
+                                 seconds=time.perf_counter() - start, command=command, model=model, pr_curve=curve,
+                                 queries=int(metrics["queries"]), **extra)
             if variant:
                 record.update(variant=variant, expand=k, alpha=alpha)
             if model == label:
