@@ -3,9 +3,10 @@
 1. Feature caching: the full pipeline (encoded images -> threaded decode + numpy resize -> backbone) against raw
    `model.predict` on the same images already decoded and resized in memory. Goal: the pipeline reaches >= 90% of raw.
 2. Runtimes of in-process embedding (`features.embedding.Embedder`, the page's and `tfr search`'s path): TensorFlow
-   (`tf.function`) and LiteRT fp32, pixels in and JPEG bytes in, at batch 1 and 32; and the machine's limit: a float32
-   matmul's GFLOP/s on all cores divided by the model's FLOPs per image. Goals (issue 15): LiteRT's JPEG pipeline
-   >= 2.5x TensorFlow's at batch 32, >= 5x at batch 1, and >= 50% of the limit.
+   (`tf.function`), LiteRT fp32 and LiteRT in float16 arithmetic (`--runtime litert-fp16`), pixels in and JPEG bytes
+   in, at batch 1 and 32; and the machine's limit: a float32 matmul's GFLOP/s on all cores divided by the model's
+   FLOPs per image. Goals (issue 15): LiteRT's JPEG pipeline >= 2.5x TensorFlow's at batch 32, >= 5x at batch 1, and
+   >= 50% of the limit (given for both LiteRT runtimes; float16 arithmetic is not bound by the float32 limit).
 
 Writes benchmarks/results/throughput.json and throughput.md. Run it on an idle machine (the load average is recorded).
 
@@ -43,7 +44,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runtime-images", type=int, default=512, help="images per timed runtime run (batch 32; "
                                                                         "a quarter of them at batch 1)")
     parser.add_argument("--workdir", default="artifacts", help="where converted LiteRT models are cached")
-    parser.add_argument("--int8-size", type=int, default=96, help="image size of the int8 comparison (0: skip it)")
+    parser.add_argument("--runtimes", nargs="+", default=["tf", "litert", "litert-fp16"],
+                        help="in-process runtimes to time (tf, the reference of the goals, is always included)")
+    parser.add_argument("--precision-size", type=int, default=96,
+                        help="image size of the fp32 / fp16 / int8 comparison (0: skip it)")
     parser.add_argument("--cold-index", type=int, default=96, metavar="PX",
                         help="time `tfr index` of the whole dataset from nothing at this size (0: skip it)")
     args = parser.parse_args(argv)
@@ -93,18 +97,18 @@ def main(argv=None) -> int:
         rows, limit = runtime_rows(config, collection, args)
         runtimes += rows
         limits.append(limit)
-    int8 = None
-    if args.int8_size:
+    precisions = None
+    if args.precision_size:
         import concurrent.futures
         import multiprocessing
 
-        config = ModelConfig(name="baseline", backbone=args.backbone, image_size=args.int8_size, weights=weights)
+        config = ModelConfig(name="baseline", backbone=args.backbone, image_size=args.precision_size, weights=weights)
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            int8 = pool.submit(int8_report, config, collection).result()
+            precisions = pool.submit(precision_report, config, collection).result()
     cold = cold_index_seconds(args.dataset, args.cold_index) if args.cold_index else None
     result = {"backbone": args.backbone, "weights": args.weights, "dataset": f"{args.dataset} (test split, encoded)",
               "runs": runs, "runtimes": runtimes, "machine_limit": limits, "goals": runtime_goals(runtimes, limits),
-              "int8": int8, "cold_index": cold,
+              "precisions": precisions, "cold_index": cold,
               "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
               "machine": machine_description(), "tensorflow": tf.__version__,
               "date": datetime.date.today().isoformat(),
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
                        "best of --repeats runs each. runtimes: features.embedding.Embedder, one call per batch, "
                        "embed_pixels (pixels in) and embed_bytes (JPEG bytes in: decode_image + numpy resize + model), "
                        "best of --repeats runs, each runtime in a fresh process, --rounds processes per runtime taking turns, the fastest kept; LiteRT fp32 with XNNPACK, one interpreter, threads = "
-                       "cores"}
+                       "cores; litert-fp16: the same flatbuffer, XNNPACK's FORCE_FP16 flag (float16 arithmetic) "
+                       "through LiteRT's CompiledModel API, threads = cores"}
     write_json(os.path.join(RESULTS, "throughput.json"), result, indent=1)
     lines = ["# Embedding throughput", "", f"{args.backbone} ({args.weights}), {result['dataset']}, {result['machine']}, "
              f"TF {tf.__version__}, {result['date']}", "", "| px | images | batch | raw predict img/s | pipeline img/s | "
@@ -129,19 +134,23 @@ def main(argv=None) -> int:
     lines += ["", "Machine limit: float32 matmul on all cores / the model's FLOPs per image:", ""]
     lines += [f"- {m['image_size']} px: {m['matmul_gflop_s']} GFLOP/s / {m['model_gflop_per_image']} GFLOP = "
               f"{m['limit_img_s']} img/s" for m in limits]
-    lines += ["", "Goals (LiteRT vs TensorFlow, JPEG bytes in; share of the limit at batch 32):", ""]
-    lines += [f"- {g['image_size']} px batch {g['batch']}: {g['litert_over_tf']}x TensorFlow (goal {g['goal_over_tf']}x, "
+    lines += ["", "Goals (LiteRT vs TensorFlow, JPEG bytes in; share of the float32 limit at batch 32):", ""]
+    lines += [f"- {g['runtime']}, {g['image_size']} px batch {g['batch']}: {g['over_tf']}x TensorFlow (goal "
+              f"{g['goal_over_tf']}x, "
               f"{'met' if g['met_over_tf'] else 'missed'})"
               + (f"; {g['share_of_limit']:.0%} of the limit (goal 50%, {'met' if g['met_limit'] else 'missed'})"
                  if 'share_of_limit' in g else "") for g in result["goals"]]
-    if int8:
-        lines += ["", f"## Int8 (full-integer LiteRT, {int8['image_size']} px, calibrated on {int8['calibration_images']} "
-                  "images)", "", "| | fp32 | int8 |", "|---|---|---|",
-                  f"| batch 1, img/s (pixels in) | {int8['fp32_batch1_img_s']} | {int8['int8_batch1_img_s']} |",
-                  f"| batch 32, img/s (pixels in) | {int8['fp32_batch32_img_s']} | {int8['int8_batch32_img_s']} |",
-                  f"| leave-one-out mAP, {int8['map_images']} images | {int8['map_fp32']} | {int8['map_int8']} |", "",
-                  f"Cosine of int8 to fp32 embeddings: mean {int8['mean_cosine']}, min {int8['min_cosine']}. Kept: "
-                  f"{'yes' if int8['kept'] else 'no'} (needs |mAP difference| <= 0.005)."]
+    if precisions:
+        rows = precisions["rows"]
+        lines += ["", f"## LiteRT precisions ({precisions['image_size']} px; int8: full-integer, calibrated on "
+                  f"{precisions['calibration_images']} images)", "",
+                  "| | " + " | ".join(row["precision"] for row in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for label, key in (("batch 1, img/s (pixels in)", "batch1_img_s"), ("batch 32, img/s (pixels in)", "batch32_img_s"),
+                           (f"leave-one-out mAP, {precisions['map_images']} images", "map"),
+                           ("cosine to fp32, mean", "mean_cosine"), ("cosine to fp32, min", "min_cosine"),
+                           ("kept (|mAP difference| <= 0.005)", "kept")):
+            lines.append(f"| {label} | " + " | ".join(str(row[key]).replace("True", "yes").replace("False", "no")
+                                                      for row in rows) + " |")
     if cold:
         lines += ["", f"## Cold index: {cold['dataset']} at {cold['image_size']} px", "",
                   f"{cold['seconds']} s from an empty work directory (goal {cold['goal_s']:.0f} s: "
@@ -196,7 +205,7 @@ def runtime_rows(config, collection, args) -> tuple[list[dict], dict]:
     encoded = [collection.read_bytes(i) for i in range(count)]
     best: dict[tuple[str, int], dict] = {}
     for _ in range(args.rounds):
-        for runtime in ("tf", "litert"):
+        for runtime in ["tf"] + [name for name in args.runtimes if name != "tf"]:
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for row in pool.submit(measure_runtime, config, runtime, encoded, args.repeats, args.workdir).result():
                     key = (row["runtime"], row["batch"])
@@ -242,10 +251,11 @@ def measure_runtime(config, runtime: str, encoded: list[bytes], repeats: int, wo
     return rows
 
 
-def int8_report(config, collection, calibration: int = 200) -> dict:
-    """Full-integer (int8) LiteRT quantisation of `config`'s model against fp32, in this process: speed (pixels in,
-    batch 1 and 32) and quality (cosine of the two embeddings, and leave-one-out mAP on the collection's images after
-    the first `calibration`, which calibrate the quantisation). Issue 15 keeps int8 only within 0.005 mAP of fp32."""
+def precision_report(config, collection, calibration: int = 200) -> dict:
+    """LiteRT in float16 arithmetic and full-integer (int8) quantisation of `config`'s model against fp32, in this
+    process: speed (pixels in, batch 1 and 32) and quality (cosine to the fp32 embeddings, and leave-one-out mAP on the
+    collection's images after the first `calibration`, which calibrate the int8 quantisation). Issue 15 keeps a
+    reduced precision only within 0.005 mAP of fp32."""
     import tensorflow as tf
 
     from tf_retrieval.data.images import decode_image, resize_and_crop_array
@@ -259,26 +269,30 @@ def int8_report(config, collection, calibration: int = 200) -> dict:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([pixels[i:i + 1]] for i in range(calibration))
-    models = {"fp32": LiteRTModel(convert(model)), "int8": LiteRTModel(converter.convert())}
-    report = {"image_size": config.image_size, "calibration_images": calibration}
-    held_out = pixels[calibration:]
-    vectors = {}
+    flatbuffer = convert(model)
+    models = {"fp32": LiteRTModel(flatbuffer), "fp16": LiteRTModel(flatbuffer, precision="fp16"),
+              "int8": LiteRTModel(converter.convert())}
+    held_out, labels = pixels[calibration:], collection.labels[calibration:]
+    rows, vectors = [], {}
     for name, forward in models.items():
+        row = {"precision": name}
         for batch in (1, 32):
             n = min(len(held_out), 128 if batch == 1 else 1024)
             forward(held_out[:batch])
             start = time.perf_counter()
             for i in range(0, n - batch + 1, batch):
                 forward(held_out[i:i + batch])
-            report[f"{name}_batch{batch}_img_s"] = round((n - n % batch) / (time.perf_counter() - start), 1)
+            row[f"batch{batch}_img_s"] = round((n - n % batch) / (time.perf_counter() - start), 1)
         out = np.concatenate([forward(held_out[i:i + 64]) for i in range(0, len(held_out), 64)])
         vectors[name] = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    cosine = np.sum(vectors["fp32"] * vectors["int8"], axis=1)
-    labels = collection.labels[calibration:]
-    maps = {name: float(rank_and_score(v, labels)[0]["mAP"]) for name, v in vectors.items()}
-    report.update(mean_cosine=round(float(cosine.mean()), 4), min_cosine=round(float(cosine.min()), 4),
-                  map_images=len(held_out), map_fp32=round(maps["fp32"], 4), map_int8=round(maps["int8"], 4),
-                  kept=abs(maps["int8"] - maps["fp32"]) <= 0.005)
+        cosine = np.sum(vectors["fp32"] * vectors[name], axis=1)
+        row.update(map=round(float(rank_and_score(vectors[name], labels)[0]["mAP"]), 4),
+                   mean_cosine=round(float(cosine.mean()), 4), min_cosine=round(float(cosine.min()), 4))
+        rows.append(row)
+    for row in rows:
+        row["kept"] = abs(row["map"] - rows[0]["map"]) <= 0.005
+    report = {"image_size": config.image_size, "calibration_images": calibration, "map_images": len(held_out),
+              "rows": rows}
     print(report, flush=True)
     return report
 
@@ -306,18 +320,19 @@ def cold_index_seconds(dataset: str, image_size: int) -> dict:
 
 
 def runtime_goals(rows: list[dict], limits: list[dict]) -> list[dict]:
-    """LiteRT over TensorFlow (JPEG bytes in) per size and batch, and LiteRT's share of the limit at batch 32."""
+    """Each LiteRT runtime over TensorFlow (JPEG bytes in) per size and batch, and its share of the limit at batch 32."""
     goals = []
     for limit in limits:
         for batch, wanted in ((1, 5.0), (32, 2.5)):
             pick = {r["runtime"]: r for r in rows if r["image_size"] == limit["image_size"] and r["batch"] == batch}
-            ratio = pick["litert"]["pipeline_img_s"] / pick["tf"]["pipeline_img_s"]
-            goal = {"image_size": limit["image_size"], "batch": batch, "litert_over_tf": round(ratio, 2),
-                    "goal_over_tf": wanted, "met_over_tf": ratio >= wanted}
-            if batch == 32:
-                share = pick["litert"]["pipeline_img_s"] / limit["limit_img_s"]
-                goal.update(share_of_limit=round(share, 3), met_limit=share >= 0.5)
-            goals.append(goal)
+            for runtime in sorted(name for name in pick if name != "tf"):
+                ratio = pick[runtime]["pipeline_img_s"] / pick["tf"]["pipeline_img_s"]
+                goal = {"runtime": runtime, "image_size": limit["image_size"], "batch": batch,
+                        "over_tf": round(ratio, 2), "goal_over_tf": wanted, "met_over_tf": ratio >= wanted}
+                if batch == 32:
+                    share = pick[runtime]["pipeline_img_s"] / limit["limit_img_s"]
+                    goal.update(share_of_limit=round(share, 3), met_limit=share >= 0.5)
+                goals.append(goal)
     return goals
 
 

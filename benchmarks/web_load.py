@@ -361,7 +361,7 @@ def goals(rows: list[dict]) -> dict:
               "p50": head["p50_ms"] <= GOAL["p50_ms"], "p99": head["p99_ms"] <= GOAL["p99_ms"],
               "memory": head["rss_mb_end"] - head["rss_mb_start"] <= GOAL["rss_growth_mb"]}
     tf_rows = [r for r in rows if r["bundle"] == head["bundle"] and r["runtime"] == "tf"]
-    ratio = round(head["rps"] / tf_rows[0]["rps"], 2) if tf_rows and head["runtime"] == "litert" else None
+    ratio = round(head["rps"] / tf_rows[0]["rps"], 2) if tf_rows and head["runtime"] != "tf" else None
     if ratio is not None:
         checks["litert_over_tf"] = ratio >= GOAL["litert_over_tf"]
     in_setting = (head["bundle"].find("cifar10") >= 0 and head["backbone"] == "efficientnet_lite0"

@@ -10,8 +10,9 @@ Behaviour follows TF Serving: outputs are typed proto fields (`float_val`, ...);
 loaded one; a polling thread applies the version policy (by default only the newest version on disk stays loaded); bad
 requests get INVALID_ARGUMENT, unknown models or versions NOT_FOUND, and the server keeps serving.
 
-With `runtime="litert"` a version exported with its LiteRT flatbuffer (`assets.extra/model.tflite`, `tfr export`) answers
-its two signatures through LiteRT (several times faster on a CPU; images decoded as at index time); its SavedModel
+With `runtime="litert"` (or "litert-fp16", float16 arithmetic) a version exported with its LiteRT flatbuffer
+(`assets.extra/model.tflite`, `tfr export`) answers its two signatures through LiteRT (several times faster on a CPU;
+images decoded as at index time); its SavedModel
 still defines the signatures, checks the inputs and answers every other call. Versions without the file run on
 TensorFlow.
 """
@@ -117,7 +118,9 @@ class LoadedVersion:
             saved_model.ParseFromString(f.read())
         signature_defs = dict(saved_model.meta_graphs[0].signature_def)
         signature_defs.pop("__saved_model_init_op", None)
-        fast = litert_signatures(path) if runtime == "litert" else {}
+        from tf_retrieval.features.litert import LITERT_PRECISIONS
+
+        fast = litert_signatures(path, LITERT_PRECISIONS[runtime]) if runtime in LITERT_PRECISIONS else {}
         return cls(name, version, path, tf.saved_model.load(path), signature_defs, fast)
 
     def signature(self, signature_name: str):
@@ -132,20 +135,21 @@ class LoadedVersion:
         return name, self.signature_defs[name], function, self.fast.get(name, function)
 
 
-def litert_signatures(path: str) -> dict:
-    """The exported signatures of a version, run by LiteRT on its `assets.extra/model.tflite`: {name: function of the
-    checked input tensors -> {"embedding": array}}; empty when the version has no flatbuffer (or LiteRT fails on it)."""
+def litert_signatures(path: str, precision: str = "fp32") -> dict:
+    """The exported signatures of a version, run by LiteRT (in `precision`: "fp32" or "fp16") on its
+    `assets.extra/model.tflite`: {name: function of the checked input tensors -> {"embedding": array}}; empty when the
+    version has no flatbuffer (or LiteRT fails on it)."""
     import json
 
     import numpy as np
 
     from tf_retrieval.data.images import decode_image, resize_and_crop_array
-    from tf_retrieval.features.litert import LiteRTModel
+    from tf_retrieval.features.litert import load_litert
     from tf_retrieval.serving.export import LITERT_FILE
 
     try:
         with open(os.path.join(path, LITERT_FILE), "rb") as f:
-            model = LiteRTModel(f.read())
+            model, _ = load_litert(f.read(), precision)
         with open(os.path.join(path, "assets.extra", "config.json"), encoding="utf-8") as f:
             image_size = int(json.load(f)["image_size"])
     except FileNotFoundError:
@@ -181,7 +185,8 @@ class ModelRegistry:
         model directories (each sub-directory with versions is a model, named after it).
       model_name: the served name when `base_path` is one model's directory; otherwise serve only this model.
       version_policy: which versions on disk are loaded (`VersionPolicy` or its text form); by default the newest.
-      runtime: "litert" (versions with a LiteRT flatbuffer answer their signatures through it) or "tf".
+      runtime: "litert" (versions with a LiteRT flatbuffer answer their signatures through it), "litert-fp16" (the same
+        in float16 arithmetic) or "tf".
     """
 
     def __init__(self, base_path: str, model_name: str | None = None, version_policy: VersionPolicy | str = "latest",
@@ -534,7 +539,8 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
       poll_seconds: how often the disk is checked for new or removed versions (0: never).
       max_workers: gRPC worker threads; max_batch_size: the most images one request may carry.
       version_policy: "latest" (default), "latest:N", "all" or "specific:1,3" (see `VersionPolicy`).
-      runtime: "litert" (default: versions exported with their LiteRT flatbuffer run on it) or "tf".
+      runtime: "litert" (default: versions exported with their LiteRT flatbuffer run on it), "litert-fp16" (the same in
+        float16 arithmetic) or "tf".
       block: serve until SIGINT/SIGTERM, then stop gracefully before returning.
 
     Returns:
@@ -614,8 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_workers", type=int, default=8)
     parser.add_argument("--max_batch_size", type=int, default=1024)
     parser.add_argument("--max_message_mb", type=int, default=64)
-    parser.add_argument("--runtime", choices=("litert", "tf"), default="litert",
-                        help="litert (default): versions exported with a LiteRT flatbuffer run on it; tf: TensorFlow")
+    parser.add_argument("--runtime", choices=("litert", "litert-fp16", "tf"), default="litert",
+                        help="litert (default): versions exported with a LiteRT flatbuffer run on it; litert-fp16: "
+                             "the same in float16 arithmetic (faster on CPUs that have it); tf: TensorFlow")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

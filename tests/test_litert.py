@@ -124,9 +124,42 @@ def test_hashing_codes_match_tensorflows(tmp_path):
     assert len(os.listdir(tmp_path / "litert")) == 2
 
 
+def test_float16_arithmetic_gives_nearly_float32s_vectors(embedders):
+    """`litert-fp16`: the same cached flatbuffer in XNNPACK's float16 arithmetic, one compiled model per thread, any
+    batch size; its vectors differ from float32's by float16 rounding only."""
+    fast, _, workdir = embedders
+    half = Embedder(LITE0, runtime="litert-fp16", workdir=workdir)
+    assert half.runtime == "litert-fp16" and half._forward.precision == "fp16"
+    assert len([name for name in os.listdir(os.path.join(workdir, "litert")) if name.endswith(".tflite")]) == 1
+    images = jpeg_images(5, seed=4)
+    a, b = half.embed_bytes(images), fast.embed_bytes(images)
+    assert a.shape == b.shape == (5, 1280)
+    cosine = np.sum(a * b, axis=1)
+    assert 0.999 <= cosine.min() and cosine.max() <= 1.0 + 1e-5
+    assert not np.array_equal(a, b)  # float16 arithmetic really ran
+    pixels = np.random.default_rng(1).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    rows = np.concatenate([half.embed_pixels(pixels[:1]), half.embed_pixels(pixels[1:])])
+    np.testing.assert_allclose(rows, half.embed_pixels(pixels), atol=2e-3)
+    with pytest.raises(InvalidInputError, match="unknown LiteRT precision 'fp8'"):
+        litert.LiteRTModel(b"", precision="fp8")
+
+
+def test_float16_that_cannot_run_falls_back_to_float32(embedders, monkeypatch, caplog):
+    _, _, workdir = embedders
+
+    class NoFloat16:
+        def __init__(self, flatbuffer, num_threads):
+            raise RuntimeError("XNNPACK: FP16 inference is not supported on this hardware")
+
+    monkeypatch.setattr(litert, "_CompiledModelRunner", NoFloat16)
+    embedder = Embedder(LITE0, runtime="litert-fp16", workdir=workdir)
+    assert embedder.runtime == "litert" and embedder._forward.precision == "fp32"
+    assert "float16 LiteRT cannot run here (RuntimeError: XNNPACK: FP16 inference is not supported" in caplog.text
+
+
 def test_unknown_runtime_and_a_model_litert_cannot_run(monkeypatch, caplog):
     tiny = ModelConfig(name="tiny", backbone="mobilenet_v2", image_size=32, weights=None)
-    with pytest.raises(InvalidInputError, match="unknown runtime 'onnx'; choose one of litert, tf"):
+    with pytest.raises(InvalidInputError, match="unknown runtime 'onnx'; choose one of litert, litert-fp16, tf"):
         Embedder(tiny, runtime="onnx")
 
     def broken(model):

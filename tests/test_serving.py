@@ -122,10 +122,10 @@ def test_the_litert_runtime_answers_like_tensorflow_and_survives_bad_images(tmp_
     encoded = random_pngs(rng, 3)
     pixels = rng.uniform(0, 255, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     answers = {}
-    for runtime in ("litert", "tf"):
+    for runtime in ("litert", "litert-fp16", "tf"):
         server = serve(base, port=0, poll_seconds=0, runtime=runtime)
         try:
-            assert bool(server.registry.get("tiny").fast) == (runtime == "litert")
+            assert bool(server.registry.get("tiny").fast) == (runtime != "tf")
             with EmbeddingClient(f"127.0.0.1:{server.port}", "tiny") as client:
                 with pytest.raises(InvalidInputError, match="image 1: not an image|Unknown image file format"):
                     client.embed_bytes([encoded[0], b"not an image"])
@@ -135,6 +135,9 @@ def test_the_litert_runtime_answers_like_tensorflow_and_survives_bad_images(tmp_
     np.testing.assert_allclose(answers["litert"][0], embed_in_process(model, encoded), atol=1e-5)
     np.testing.assert_allclose(answers["litert"][1], model.predict(pixels, verbose=0), atol=1e-5)
     np.testing.assert_allclose(answers["litert"][0], answers["tf"][0], atol=1e-5)
+    for fp32, fp16 in zip(answers["litert"], answers["litert-fp16"]):  # float16 rounding only
+        cosine = np.sum(fp16 * fp32, axis=1) / np.linalg.norm(fp16, axis=1) / np.linalg.norm(fp32, axis=1)
+        assert cosine.min() >= 0.999
     with pytest.raises(InvalidInputError, match="unknown runtime 'onnx'"):
         ModelRegistry(base, runtime="onnx")
 

@@ -219,7 +219,7 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
     Args:
       metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
       run_dir: the training run `config` comes from: the record gives its recipe and training figures (`run_details`).
-      runtime: where the backbone runs ("litert" or "tf"); the record names it.
+      runtime: where the backbone runs (one of `features.litert.RUNTIMES`); the record names it.
     """
     from tf_retrieval.features.embedding import embed_collection
 

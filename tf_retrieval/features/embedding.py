@@ -63,8 +63,9 @@ class Embedder:
       config: the model.
       model: its keras model (default: `build_model(config)`).
       batch_size: images per model call.
-      runtime: "litert" (default: the model converted to LiteRT, `features.litert`, several times faster on a CPU) or
-        "tf" (the keras model in a `tf.function`). A model LiteRT cannot convert runs on TensorFlow, with a warning.
+      runtime: "litert" (default: the model converted to LiteRT, `features.litert`, several times faster on a CPU),
+        "litert-fp16" (the same in float16 arithmetic) or "tf" (the keras model in a `tf.function`). A model LiteRT
+        cannot convert runs on TensorFlow, with a warning.
       workdir: where converted LiteRT models are cached (`<workdir>/litert`; default `features.cache.default_workdir`).
     """
 

@@ -9,6 +9,11 @@ longer: 15-20 s against 5 s for EfficientNet-Lite0 on 2 cores.)
 
 The interpreter comes from `ai-edge-litert`, LiteRT's own package, when it is installed (the `litert` extra), else from
 TensorFlow (`tf.lite.Interpreter`, deprecated in favour of LiteRT but the same kernels).
+
+The runtime "litert-fp16" runs the same float32 flatbuffer with XNNPACK's float16 arithmetic (its FORCE_FP16 flag,
+through LiteRT's `CompiledModel` API, which `ai-edge-litert` has and `tf.lite` lacks). On a CPU with float16
+arithmetic (x86 AVX512-FP16, from Intel Sapphire Rapids on; ARMv8.2) it is about 1.6 times faster; its embeddings
+differ from float32's in the 4th decimal (cosine >= 0.9997). Where it cannot run, float32 LiteRT runs instead.
 """
 from __future__ import annotations
 
@@ -22,8 +27,14 @@ from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-#: The in-process runtimes: LiteRT (fast on CPUs) and TensorFlow (`tf.function`).
-RUNTIMES = ("litert", "tf")
+#: The in-process runtimes: LiteRT in float32 (fast on CPUs; Keras' outputs), LiteRT in float16 arithmetic (faster on
+#: CPUs that have it) and TensorFlow (`tf.function`).
+RUNTIMES = ("litert", "litert-fp16", "tf")
+#: The arithmetic of each LiteRT runtime.
+LITERT_PRECISIONS = {"litert": "fp32", "litert-fp16": "fp16"}
+#: XNNPACK's delegate flags (tensorflow/lite/delegates/xnnpack/xnnpack_delegate.h): its default quantised kernels
+#: (QS8 | QU8), plus FORCE_FP16 for float16 arithmetic.
+XNNPACK_DEFAULT_FLAGS, XNNPACK_FORCE_FP16 = 0x1 | 0x2, 0x4
 
 
 def convert(model) -> bytes:
@@ -64,9 +75,10 @@ def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None
                   cache_dir: str | None = None):
     """A keras model as a callable on numpy pixels, in the chosen runtime: `(forward, runtime actually used)`.
 
-    With "litert" the model is converted (and cached as `<cache_dir>/<cache_key>.tflite` when both are given, so a
-    second call needs neither the conversion nor, once cached, the keras model); a model LiteRT cannot convert or run
-    falls back to TensorFlow with a warning. With "tf" it runs in a `tf.function`.
+    With "litert" (or "litert-fp16") the model is converted (and cached as `<cache_dir>/<cache_key>.tflite` when both
+    are given, so a second call needs neither the conversion nor, once cached, the keras model); float16 arithmetic
+    that cannot run falls back to float32 LiteRT, and a model LiteRT cannot convert or run to TensorFlow, each with a
+    warning. With "tf" it runs in a `tf.function`.
 
     Args:
       build_model: returns the keras model (called only when it is needed).
@@ -76,13 +88,14 @@ def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None
     """
     if runtime not in RUNTIMES:
         raise InvalidInputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if runtime == "litert":
+    if runtime in LITERT_PRECISIONS:
         try:
             if cache_key and cache_dir:
                 flatbuffer = cached_flatbuffer(cache_key, build_model, cache_dir)
             else:
                 flatbuffer = convert(build_model())
-            return LiteRTModel(flatbuffer), "litert"
+            model, precision = load_litert(flatbuffer, LITERT_PRECISIONS[runtime])
+            return model, next(name for name, value in LITERT_PRECISIONS.items() if value == precision)
         except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
             logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", cache_key or "(uncached)",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -91,6 +104,18 @@ def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None
     keras_model = build_model()  # built here, eagerly: weights loaded inside a tf.function trace are lost
     tf_forward = tf.function(lambda images: keras_model(images, training=False), reduce_retracing=True)
     return (lambda pixels: tf_forward(pixels).numpy()), "tf"
+
+
+def load_litert(flatbuffer: bytes, precision: str = "fp32") -> tuple[LiteRTModel, str]:
+    """(`LiteRTModel(flatbuffer, precision=precision)`, its precision); where float16 arithmetic cannot run, float32
+    (with a warning)."""
+    if precision == "fp16":
+        try:
+            return LiteRTModel(flatbuffer, precision="fp16"), "fp16"
+        except Exception as exc:  # noqa: BLE001 - no float16 kernels here: float32 LiteRT runs the model
+            logger.warning("float16 LiteRT cannot run here (%s: %s); using float32 LiteRT", type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "")
+    return LiteRTModel(flatbuffer), "fp32"
 
 
 def interpreter_class():
@@ -113,35 +138,92 @@ class LiteRTModel:
     Args:
       flatbuffer: the model (`convert`).
       num_threads: kernel threads per interpreter; default: `$TFR_LITERT_THREADS`, else the machine's cores.
+      precision: "fp32" (`Interpreter`), or "fp16": XNNPACK's float16 arithmetic (LiteRT's `CompiledModel`, from
+        `ai-edge-litert`; raises here when it is missing or cannot run the model).
     """
 
-    def __init__(self, flatbuffer: bytes, num_threads: int | None = None):
-        self.flatbuffer = flatbuffer
+    def __init__(self, flatbuffer: bytes, num_threads: int | None = None, precision: str = "fp32"):
+        if precision not in ("fp32", "fp16"):
+            raise InvalidInputError(f"unknown LiteRT precision {precision!r}; choose fp32 or fp16")
+        self.flatbuffer, self.precision = flatbuffer, precision
         self.num_threads = num_threads or int(os.environ.get("TFR_LITERT_THREADS") or 0) or os.cpu_count() or 1
         self._local = threading.local()
-        first = self._interpreter()  # fail here, not on the first request, when the flatbuffer is unusable
-        (source,), (target,) = first.get_input_details(), first.get_output_details()
-        self.input_shape = tuple(int(d) for d in source["shape_signature"])
-        self._input_index, self._output_index = source["index"], target["index"]  # the same in every interpreter
+        self.input_shape = self._runner().input_shape  # fail here, not on the first request, when it cannot run
 
-    def _interpreter(self):
-        interpreter = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            interpreter = interpreter_class()(model_content=self.flatbuffer, num_threads=self.num_threads)
-            interpreter.allocate_tensors()
-            self._local.interpreter, self._local.batch = interpreter, None
-        return interpreter
+    def _runner(self):
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            make = _CompiledModelRunner if self.precision == "fp16" else _InterpreterRunner
+            runner = self._local.runner = make(self.flatbuffer, self.num_threads)
+        return runner
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        interpreter = self._interpreter()
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         if tuple(pixels.shape[1:]) != tuple(self.input_shape[1:]):
             raise InvalidInputError(f"expected pixels of shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
                                     f"got {list(pixels.shape)}")
-        if self._local.batch != len(pixels):
-            interpreter.resize_tensor_input(self._input_index, list(pixels.shape), strict=False)
-            interpreter.allocate_tensors()
-            self._local.batch = len(pixels)
-        interpreter.set_tensor(self._input_index, pixels)
-        interpreter.invoke()
-        return interpreter.get_tensor(self._output_index).copy()
+        return self._runner()(pixels)
+
+
+class _InterpreterRunner:
+    """One thread's `Interpreter` (float32), resized to each new batch size."""
+
+    def __init__(self, flatbuffer: bytes, num_threads: int):
+        self.interpreter = interpreter_class()(model_content=flatbuffer, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        (source,), (target,) = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        self.input_shape = tuple(int(d) for d in source["shape_signature"])
+        self.input_index, self.output_index, self.batch = source["index"], target["index"], None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.batch != len(pixels):
+            self.interpreter.resize_tensor_input(self.input_index, list(pixels.shape), strict=False)
+            self.interpreter.allocate_tensors()
+            self.batch = len(pixels)
+        self.interpreter.set_tensor(self.input_index, pixels)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output_index).copy()
+
+
+class _CompiledModelRunner:
+    """One thread's LiteRT `CompiledModel` in XNNPACK's float16 arithmetic, resized to each new batch size."""
+
+    def __init__(self, flatbuffer: bytes, num_threads: int):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.options import Options
+
+        options = Options(cpu_options=CpuOptions(num_threads=num_threads,
+                                                 xnnpack_flags=XNNPACK_DEFAULT_FLAGS | XNNPACK_FORCE_FP16))
+        self.model = CompiledModel.from_buffer(flatbuffer, environment=_litert_environment(), options=options)
+        self.signature = next(iter(self.model.get_signature_list()))
+        (source,) = self.model.get_input_tensor_details(self.signature).values()
+        self.input_shape = (-1, *source["shape"][1:])
+        self.batch = None
+        self(np.zeros((1, *self.input_shape[1:]), np.float32))  # XNNPACK refuses float16 on its first run, if at all
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.batch != len(pixels):
+            self.model.resize_input_tensor(0, list(pixels.shape), strict=False)
+            self.inputs, self.outputs = self.model.create_input_buffers(0), self.model.create_output_buffers(0)
+            (target,) = self.model.get_output_tensor_details(self.signature).values()
+            self.output_shape, self.batch = tuple(target["shape"]), len(pixels)
+        self.inputs[0].write(pixels)
+        self.model.run_by_index(0, self.inputs, self.outputs)
+        return self.outputs[0].read(int(np.prod(self.output_shape)), np.float32).reshape(self.output_shape)
+
+
+_environment = None
+_environment_lock = threading.Lock()
+
+
+def _litert_environment():
+    """The process's one LiteRT `Environment` (shared by every `CompiledModel`: it is set up, and its vendor plugins
+    looked for, once)."""
+    global _environment
+    with _environment_lock:
+        if _environment is None:
+            from ai_edge_litert.compiled_model import _create_default_environment
+
+            _environment = _create_default_environment()
+        return _environment

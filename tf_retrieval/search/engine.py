@@ -68,7 +68,7 @@ class RetrievalEngine:
         None builds the in-process embedder on first use.
       index_ids: the index id of each collection image (a bundle changed by `add_images` / `delete_images`); None when
         index ids are positions in the collection. Results and `vectors` always speak of positions.
-      runtime: of the in-process embedder (`features.embedding.Embedder`): "litert" or "tf".
+      runtime: of the in-process embedder (`features.embedding.Embedder`): one of `features.litert.RUNTIMES`.
     """
 
     def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None,

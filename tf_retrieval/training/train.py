@@ -201,7 +201,7 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
     activations at `config.train_from` (float16), cached under `<workdir>/features`, with the `config.augment` views
     (`CachedViews`) cached beside them; for end-to-end training, the images themselves (`ImageInputs`, decoded on
-    demand). The frozen part runs in `runtime` ("litert" or "tf")."""
+    demand). The frozen part runs in `runtime` (one of `features.litert.RUNTIMES`)."""
     from tf_retrieval.features.embedding import cached_outputs
     from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import split_backbone
