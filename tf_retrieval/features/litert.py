@@ -95,7 +95,7 @@ def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None
             else:
                 flatbuffer = convert(build_model())
             model, precision = load_litert(flatbuffer, LITERT_PRECISIONS[runtime])
-            return model, next(name for name, value in LITERT_PRECISIONS.items() if value == precision)
+            return model, {value: name for name, value in LITERT_PRECISIONS.items()}[precision]
         except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
             logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", cache_key or "(uncached)",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
