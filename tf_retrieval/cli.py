@@ -57,7 +57,7 @@ def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                         help="where models run in this process: litert (default; the model converted to LiteRT, "
                              "several times faster on CPUs), litert-fp16 (the same in float16 arithmetic: faster again "
-                             "on CPUs that have it, vectors equal to the 4th decimal) or tf (TensorFlow)")
+                             "on CPUs that have it, vectors within float16 rounding) or tf (TensorFlow)")
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
