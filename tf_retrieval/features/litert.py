@@ -224,7 +224,9 @@ def _litert_environment():
     global _environment
     with _environment_lock:
         if _environment is None:
-            from ai_edge_litert.compiled_model import _create_default_environment
+            import ai_edge_litert
+            from ai_edge_litert.environment import Environment, EnvironmentOptions
 
-            _environment = _create_default_environment()
+            runtime = os.path.dirname(os.path.abspath(ai_edge_litert.__file__))  # where its libLiteRt.so lies
+            _environment = Environment.create(options=EnvironmentOptions(runtime_path=runtime))
         return _environment
