@@ -189,6 +189,7 @@ def test_health_and_stats(client, engines):
     stats = client.get("/api/stats").get_json()
     assert [(m["name"], m["backbone"], m["image_size"], m["pooling"], m["index_size"]) for m in stats["models"]] == [
         ("baseline", "mobilenet_v2", 32, "avg", 60), ("finetuned", "mobilenet_v2", 64, "max", 60)]
+    assert [m["runtime"] for m in stats["models"]] == ["litert", "litert"]  # where queries are embedded
     assert stats["class_names"] == sorted(SHAPES)
     assert len(set(stats["class_colours"].values())) == 6
     assert stats["default_model"] == "baseline" and stats["default_k"] == 8 and stats["max_k"] == 50

@@ -206,7 +206,8 @@ def _model_info(name: str, engine: RetrievalEngine) -> dict[str, Any]:
     return {"name": name, "model_id": config.model_id(), "backbone": config.backbone, "image_size": config.image_size,
             "pooling": config.pooling, "weights": config.weights, "head": os.path.basename(config.head or "") or None,
             "version": config.version, "index_size": len(engine), "collection": engine.collection.name,
-            "index": type(engine.index).__name__, "class_names": list(engine.collection.class_names)}
+            "index": type(engine.index).__name__, "runtime": getattr(engine.embedder, "runtime", "model-server"),
+            "class_names": list(engine.collection.class_names)}
 
 
 # ------------------------------------------------------------------------------------------------ HTTP in
