@@ -149,8 +149,7 @@ def main(argv=None) -> int:
                            (f"leave-one-out mAP, {precisions['map_images']} images", "map"),
                            ("cosine to fp32, mean", "mean_cosine"), ("cosine to fp32, min", "min_cosine"),
                            ("kept (|mAP difference| <= 0.005)", "kept")):
-            lines.append(f"| {label} | " + " | ".join(str(row[key]).replace("True", "yes").replace("False", "no")
-                                                      for row in rows) + " |")
+            lines.append(f"| {label} | " + " | ".join(_cell(row[key]) for row in rows) + " |")
     if cold:
         lines += ["", f"## Cold index: {cold['dataset']} at {cold['image_size']} px", "",
                   f"{cold['seconds']} s from an empty work directory (goal {cold['goal_s']:.0f} s: "
@@ -159,6 +158,11 @@ def main(argv=None) -> int:
               "", f"    {result['command']}", ""]
     write_text(os.path.join(RESULTS, "throughput.md"), "\n".join(lines))
     return 0
+
+
+def _cell(value) -> str:
+    """A Markdown table cell: yes / no for a flag, else the value as written."""
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
 def model_flops(model) -> float:
