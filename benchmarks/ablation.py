@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from tf_retrieval.evaluation.evaluate import SEARCH_VARIANTS
+
 PROTOCOLS = ("cifar10-2", "cifar10-1", "cifar10-unseen", "flowers-official", "flowers-disjoint")
 #: The headline metric of each protocol (the issue's goals), then the others shown.
 HEADLINE = {"flowers-disjoint": "MAP@R"}
@@ -53,7 +55,7 @@ def recipe(record: dict) -> str:
         parts.append("GeM pooling")
     if record["model"] != "baseline" and scales:
         parts.append(scales[2:])
-    if record.get("variant") and record["variant"] != "alpha-qe":
+    if record.get("variant") and record["variant"] not in SEARCH_VARIANTS:
         parts.append(record["variant"])
     return ", ".join(parts)
 
@@ -84,9 +86,10 @@ def ablation_markdown(records: list[dict]) -> str:
              "command is in its record). EfficientNet-Lite0 ImageNet backbone unless the recipe names lite1/lite2, exact ranking, "
              "relevance = same class. "
              "Δ base = against the frozen baseline; Δ head = against the head-only triplet run (LiteRT features "
-             "first), both of the same backbone at the same size. α-QE rows are left out.", ""]
+             "first), both of the same backbone at the same size. Rows of search-side options (α-QE, α-DBA) are left out: "
+             "`reports/compare/report.md` has them.", ""]
     for protocol in PROTOCOLS:
-        rows = [r for r in records if r["protocol"] == protocol and r.get("variant") != "alpha-qe"
+        rows = [r for r in records if r["protocol"] == protocol and r.get("variant") not in SEARCH_VARIANTS
                 and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") in ("avg", "gem")
                 and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem"
                      or _reference(records, protocol, r["image_size"], "baseline", r["backbone"]) is r)]

@@ -170,6 +170,14 @@ def test_train_then_compare(tmp_path, capsys):
     own = [r for r in json.load(open(records_path)) if r["run"] == "run" and r["model"] == "finetuned"]
     assert [r.get("variant") for r in own] == [None, "alpha-qe", "frozen + head (w=0.5)"]
     assert "pca_dim" in own[0] and "pca_dim" not in own[1] and own[0]["weights"] == own[1]["weights"]
+    # the search-side options of evaluate: α-QE gives compare's figure (and replaces its record); α-DBA is its variant
+    for options in (["--expand", "2"], ["--expand", "2", "--dba", "2"]):
+        assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder,
+                     "--model-config", os.path.join(run_dir, "model.json"), "--records", records_path, *options]) == 0
+    own = [r for r in json.load(open(records_path)) if r["run"] == "run" and r["model"] == "finetuned"]
+    assert [r.get("variant") for r in own] == [None, "alpha-qe", "frozen + head (w=0.5)", "alpha-dba+qe"]
+    assert own[1]["metrics"]["mAP"] == records[3]["metrics"]["mAP"] and own[1]["expand"] == 2
+    assert (own[3]["expand"], own[3]["dba"], own[3]["alpha"]) == (2, 2, 3.0)
     capsys.readouterr()
     assert "unknown protocol 'cifar100'" in run_error(["train", "--protocol", "cifar100"], capsys)
     assert "no finished training run" in run_error(["compare", str(tmp_path)], capsys)

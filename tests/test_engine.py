@@ -122,6 +122,63 @@ def test_search_with_query_expansion_moves_the_query_to_its_neighbours(bundle):
     assert [r.position for r in expanded] == [r.position for r in engine.search(moved, k=18)[0]]
 
 
+def dba_reference(vectors, k, alpha):
+    """α-DBA by brute force: each unit vector plus its k most similar others (ties: earlier first), weighted."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    out = []
+    for i, u in enumerate(unit):
+        others = [j for j in range(len(unit)) if j != i]
+        similar = sorted(others, key=lambda j: (-float(unit[j] @ u), j))[:k]
+        v = u + sum(max(float(unit[j] @ u), 0.0) ** alpha * unit[j] for j in similar)
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def test_database_augmentation_against_brute_force(rng):
+    from tf_retrieval.search.query import augment_database
+
+    vectors = rng.normal(size=(30, 5)).astype(np.float32)
+    vectors[7] = vectors[3] * 2  # a duplicate (same direction): its own entry, not its twin's, is left out
+    for k, alpha in ((1, 3.0), (4, 1.0), (29, 0.0)):
+        np.testing.assert_allclose(augment_database(vectors, k, alpha), dba_reference(vectors, k, alpha), atol=1e-5)
+    np.testing.assert_allclose(augment_database(vectors, 100, 3.0), augment_database(vectors, 29, 3.0), atol=1e-6)
+    np.testing.assert_allclose(augment_database(vectors[:1], 5), vectors[:1] / np.linalg.norm(vectors[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="binary codes cannot be augmented"):
+        augment_database(np.zeros((4, 6), np.uint8), 2)
+    with pytest.raises(ValueError, match="needs k >= 1"):
+        augment_database(vectors, 0)
+
+
+def test_a_bundle_with_database_augmentation(image_dir, tmp_path):
+    from conftest import make_image_folder
+
+    from tf_retrieval.search.engine import add_images
+    from tf_retrieval.search.query import augment_database, expand_with_index
+
+    collection = image_folder(image_dir, progress=False)
+    embedder = ColourEmbedder()
+    config = ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None)
+    path = str(tmp_path / "bundle")
+    vectors = embed_all(embedder, collection)
+    engine = build_bundle(path, config, collection, vectors, source=image_dir, backend="exact", augment=2, alpha=1.0)
+    np.testing.assert_allclose(engine.vectors(np.arange(18)), augment_database(vectors, 2, 1.0), atol=1e-6)
+    with open(os.path.join(path, "catalog.json")) as f:
+        assert json.load(f)["database_augmentation"] == {"k": 2, "alpha": 1.0}
+    # images added later are augmented over the images already indexed
+    other = image_folder(make_image_folder(tmp_path / "more", classes=("red",), per_class=2, seed=1), progress=False)
+    expected = expand_with_index(RetrievalEngine.load(path).index, embed_all(embedder, other), 2, 1.0)
+    add_images(path, other, embed_all(embedder, other))
+    engine = RetrievalEngine.load(path, embedder=embedder)
+    np.testing.assert_allclose(engine.vectors([18, 19]), expected, atol=1e-6)
+    assert engine.database_augmentation == {"k": 2, "alpha": 1.0}
+    with pytest.raises(ValueError, match="needs k >= 0 and the cosine metric"):
+        build_bundle(str(tmp_path / "b2"), config, collection, vectors, source=image_dir, metric="euclidean", augment=2)
+    hashing = ModelConfig(name="codes", backbone="mobilenet_v2", image_size=32, weights=None, hash_bits=8)
+    with pytest.raises(ValueError, match="needs k >= 0 and the cosine metric"):
+        build_bundle(str(tmp_path / "b3"), hashing, collection, np.zeros((18, 1), np.uint8), source=image_dir,
+                     augment=2)
+
+
 def embed_all(embedder, collection):
     return embedder.embed_bytes([collection.read_bytes(i) for i in range(len(collection))])
 

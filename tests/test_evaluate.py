@@ -58,6 +58,33 @@ def test_evaluate_protocol_with_head_and_pca(rng):
         evaluate_protocol(protocol, features[:3])
 
 
+def test_evaluate_protocol_with_database_augmentation_and_query_expansion(rng):
+    from tf_retrieval.evaluation.evaluate import search_details, search_variant
+    from tf_retrieval.search.query import augment_database, expand_exact
+
+    n = 60
+    labels = np.repeat([0, 1, 2], n // 3)
+    collection = ImageCollection("c", ids=[str(i) for i in range(n)], labels=labels, class_names=["a", "b", "c"],
+                                 splits=["all"] * n, encoded=[b""] * n)
+    features = rng.normal(size=(n, 6)).astype(np.float32)
+    features[np.arange(n), labels] += 1.5
+    database, queries = np.arange(0, n, 2), np.arange(1, n, 2)
+    protocol = Protocol("cifar10-2", collection, train=database, database=database, queries=queries)
+    metrics, _, _ = evaluate_protocol(protocol, features, expand=(3, 2.0), augment=(4, 2.0))
+    augmented = augment_database(features[database], 4, 2.0)
+    reference, _ = rank_and_score(augmented, labels[database], expand_exact(features[queries], augmented, 3, 2.0),
+                                  labels[queries])
+    assert metrics == reference
+    assert metrics["mAP"] != evaluate_protocol(protocol, features)[0]["mAP"]
+    leave_one_out = Protocol("flowers-disjoint", collection, train=np.arange(0), database=np.arange(n), queries=None)
+    with pytest.raises(ValueError, match="leave-one-out: query expansion and database augmentation need separate"):
+        evaluate_protocol(leave_one_out, features, augment=(4, 3.0))
+    assert [search_variant(e, a) for e, a in ((0, 0), (5, 0), (0, 5), (5, 10))] == [
+        None, "alpha-qe", "alpha-dba", "alpha-dba+qe"]
+    assert search_details() == {} and search_details(5, 10, 3.0) == {"variant": "alpha-dba+qe", "expand": 5,
+                                                                     "dba": 10, "alpha": 3.0}
+
+
 def test_fit_pca_recovers_the_main_axis(rng):
     x = rng.normal(size=(200, 3)) * np.array([10.0, 1.0, 0.1])
     mean, components = fit_pca(x, 1)

@@ -190,6 +190,7 @@ def test_health_and_stats(client, engines):
     assert [(m["name"], m["backbone"], m["image_size"], m["pooling"], m["index_size"]) for m in stats["models"]] == [
         ("baseline", "mobilenet_v2", 32, "avg", 60), ("finetuned", "mobilenet_v2", 64, "max", 60)]
     assert [m["runtime"] for m in stats["models"]] == ["litert", "litert"]  # where queries are embedded
+    assert [m["database_augmentation"] for m in stats["models"]] == [None, None]  # plain embeddings indexed
     assert stats["class_names"] == sorted(SHAPES)
     assert len(set(stats["class_colours"].values())) == 6
     assert stats["default_model"] == "baseline" and stats["default_k"] == 8 and stats["max_k"] == 50

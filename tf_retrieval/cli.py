@@ -191,8 +191,10 @@ def cmd_index(args: argparse.Namespace) -> None:
         options["shards"] = args.shards
     engine = index_collection(collection, config, bundle, source=args.dataset, data_dir=args.data_dir,
                               metric=args.metric, backend=args.backend, index_options=options, workdir=_workdir(args),
-                              batch_size=args.batch_size, runtime=args.runtime)
-    print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} ({engine.index.metric}) -> {bundle}")
+                              batch_size=args.batch_size, runtime=args.runtime, augment=args.dba, alpha=args.alpha)
+    augmented = f", α-DBA over {args.dba} neighbours" if args.dba else ""
+    print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} ({engine.index.metric}{augmented}) "
+          f"-> {bundle}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
@@ -278,7 +280,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         run_dir = None  # a model config that is not a training run's
     record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
                             batch_size=args.batch_size, command=_command_line(),
-                            model=args.record_model or label, run_dir=run_dir, runtime=args.runtime)
+                            model=args.record_model or label, run_dir=run_dir, runtime=args.runtime,
+                            expand=args.expand, augment=args.dba, alpha=args.alpha)
     record.update(adaptation)
     print(records_markdown([record]), end="")
     if args.records:
@@ -420,11 +423,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from tf_retrieval.storage import RecordStore
 
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
-                      alpha=args.alpha, label=args.label, runtime=args.runtime)
+                      augment=args.dba, alpha=args.alpha, label=args.label, runtime=args.runtime)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
     if args.records:
         write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge(records))
         print(f"records written to {args.records}")
+
+
+def _add_search_args(parser: argparse.ArgumentParser, expand: bool = True, expand_default: int = 0) -> None:
+    """--dba, --alpha (and --expand): α database augmentation and α query expansion (`search.query`)."""
+    if expand:
+        parser.add_argument("--expand", type=int, default=expand_default,
+                            help=f"α query expansion over the top-k (0: off; default {expand_default})")
+    parser.add_argument("--dba", type=int, default=0, metavar="K",
+                        help="α database-side augmentation: each database vector averaged with its K nearest others "
+                             "(0: off, the default; cosine float vectors only)")
+    parser.add_argument("--alpha", type=float, default=3.0, help="the α of α-QE / α-DBA: neighbour weight = "
+                                                                 "similarity ** α (default 3)")
 
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
@@ -509,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
                             "rebuilding it")
     index.add_argument("--batch-size", type=int, default=64)
+    _add_search_args(index, expand=False)
     _add_runtime_arg(index)
 
     pipeline = command("pipeline", cmd_pipeline, "embed a collection on Apache Beam into sharded vector files")
@@ -553,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--record-model", help="model label of the record (default: baseline, or finetuned with a "
                                                  "head)")
     evaluate.add_argument("--seed", type=int, default=0)
+    _add_search_args(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=64)
     _add_runtime_arg(evaluate)
 
@@ -645,8 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "from tfr adapt")
     compare.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     compare.add_argument("--records", help="also keep the records in this JSON list (benchmarks/results/retrieval.json)")
-    compare.add_argument("--expand", type=int, default=5, help="α query expansion over the top-k (0: off)")
-    compare.add_argument("--alpha", type=float, default=3.0)
+    _add_search_args(compare, expand_default=5)
     compare.add_argument("--label", default="finetuned", help="model name of the trained runs in the records "
                          "(e.g. 'tuned' for a configuration from tfr tune)")
     _add_runtime_arg(compare)

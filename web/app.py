@@ -207,7 +207,7 @@ def _model_info(name: str, engine: RetrievalEngine) -> dict[str, Any]:
             "pooling": config.pooling, "weights": config.weights, "head": os.path.basename(config.head or "") or None,
             "version": config.version, "index_size": len(engine), "collection": engine.collection.name,
             "index": type(engine.index).__name__, "runtime": getattr(engine.embedder, "runtime", "model-server"),
-            "class_names": list(engine.collection.class_names)}
+            "database_augmentation": engine.database_augmentation, "class_names": list(engine.collection.class_names)}
 
 
 # ------------------------------------------------------------------------------------------------ HTTP in

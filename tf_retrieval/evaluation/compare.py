@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tf_retrieval.evaluation.evaluate import (RECORD_KEY, code_details, evaluate_protocol, make_record, records_markdown,
-                                              run_details)
+from tf_retrieval.evaluation.evaluate import (RECORD_KEY, SEARCH_VARIANTS, code_details, evaluate_protocol, make_record,
+                                              records_markdown, run_details, search_details)
 from tf_retrieval.features.embedding import embed_collection
 from tf_retrieval.data.protocols import Protocol, load_protocol
 from tf_retrieval.storage import RecordStore, write_text
@@ -24,8 +24,6 @@ from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig, load_run
 from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
-
-QE_VARIANT = "alpha-qe"
 
 
 def protocol_vectors(protocol: Protocol, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,14 +60,16 @@ def baseline_of(train_config: TrainConfig) -> ModelConfig:
     return base
 
 
-def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, alpha: float = 3.0,
-                grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
+def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, augment: int = 0,
+                alpha: float = 3.0, grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
                 baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
     """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
 
     `run_dir` is a training run, or a model directory that `tfr adapt` made from one. `baseline_cache` (a dict shared
     between runs) keeps baseline scores, so runs on the same protocol rank it once. `label` names the trained model in
-    the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone.
+    the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone. Where the
+    protocol has separate queries, each model is also scored with α query expansion over the top-`expand` (variant
+    alpha-qe) and, with `augment`, with α database augmentation over `augment` neighbours as well (alpha-dba+qe).
     """
     baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config, details = trained_model(run_dir)
@@ -85,29 +85,30 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     for model, rank_metric in metrics_of.items():
         adapted = model == label and details.get("variant")
         can_expand = expand and protocol.queries is not None and rank_metric != "hamming" and not adapted
-        variants = [(None, 0)] + ([(QE_VARIANT, expand)] if can_expand else [])
-        for variant, k in variants:
+        variants = [(0, 0)] + ([(expand, 0)] + ([(expand, augment)] if augment else []) if can_expand else [])
+        for k, dba in variants:
+            variant = search_details(k, dba, alpha)
             start = time.perf_counter()
-            key = (protocol.name, base.model_id(), k, alpha)
+            key = (protocol.name, base.model_id(), k, dba, alpha)
             if model == "baseline" and key in baseline_cache:
                 metrics, curve, dim = baseline_cache[key]
             else:
                 metrics, curve, dim = evaluate_protocol(protocol, vectors[model], metric=rank_metric,
-                                                        expand=(k, alpha) if k else None)
+                                                        expand=(k, alpha) if k else None,
+                                                        augment=(dba, alpha) if dba else None)
             if model == "baseline":
                 baseline_cache[key] = metrics, curve, dim
             # each model's record describes its own config (weights included), as `tfr evaluate`'s does: one key
             record = make_record(protocol.name, configs[model], metrics, embedding_dim=dim,
                                  seconds=time.perf_counter() - start, command=command, model=model, pr_curve=curve,
                                  queries=int(metrics["queries"]), **extra)
-            if variant:
-                record.update(variant=variant, expand=k, alpha=alpha)
+            record.update(variant)
             if model == label:
                 record.update(details, **code_details(model_config, vectors[model]))
             records.append(record)
-            curves[(model, variant)] = curve
-            logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model, f" ({variant})" if variant else "",
-                        metrics["mAP"], metrics["MAP@R"])
+            curves[(model, variant.get("variant"))] = curve
+            logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model,
+                        f" ({variant['variant']})" if variant else "", metrics["mAP"], metrics["MAP@R"])
         spaces[model] = protocol_vectors(protocol, vectors[model])
     stem = os.path.join(out_dir, extra["run"])
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
@@ -118,7 +119,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
-            alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
+            augment: int = 0, alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
     Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records key by
@@ -127,8 +128,8 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     os.makedirs(out_dir, exist_ok=True)
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
-        records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, alpha=alpha,
-                               baseline_cache=baseline_cache, label=label, runtime=runtime)
+        records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, augment=augment,
+                               alpha=alpha, baseline_cache=baseline_cache, label=label, runtime=runtime)
     merged = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY).merge(records)
     write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
@@ -147,11 +148,12 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     lines = ["# Baseline vs fine-tuned", "",
              "Frozen ImageNet backbone (baseline) against the triplet-loss fine-tuned model on the same protocol "
              "(DESIGN.md §2). Exact ranking, relevance = same class. `alpha-qe` = α query expansion "
-             "(top-5, α = 3) where the protocol has separate queries.", "",
+             "(top-5, α = 3) where the protocol has separate queries; `alpha-dba+qe` = α database augmentation "
+             "(each database vector averaged with its nearest others, α = 3) before it.", "",
              records_markdown(rows), ""]
     runs = {}
     for r in records:
-        if r["model"] != "baseline" and r.get("variant") != QE_VARIANT:
+        if r["model"] != "baseline" and r.get("variant") not in SEARCH_VARIANTS:
             runs[r["run"]] = r
     lines += ["## Fine-tuned models", "", "| run | protocol | trains | loss | dim | margin | lr | epochs | "
               "train s | val MAP@R | adapted |", "|---|---|---|---|---|---|---|---|---|---|---|"]

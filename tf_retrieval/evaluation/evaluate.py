@@ -85,7 +85,7 @@ def leave_one_out_map_at_r(vectors: np.ndarray, labels: np.ndarray, metric: str 
 
 def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callable[[np.ndarray], np.ndarray] | None = None,
                       metric: str = "cosine", pca_dim: int | None = None, map_k: int | None = None,
-                      expand: tuple[int, float] | None = None,
+                      expand: tuple[int, float] | None = None, augment: tuple[int, float] | None = None,
                       progress: bool = False) -> tuple[dict[str, float], dict[str, list], int]:
     """Scores a protocol given features of the whole collection.
 
@@ -97,6 +97,8 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
       metric: ranking similarity ("hamming" for packed codes).
       pca_dim: reduce to this many dimensions with PCA fitted on the database first.
       expand: (k, alpha): α query expansion of the queries over their top-k in the database (protocols with queries).
+      augment: (k, alpha): α database-side augmentation of the database first (protocols with queries: left out, a
+        query would be among its own neighbours' neighbours).
 
     Returns:
       (metrics, pr_curve, embedding_dim): the dimension in bits for Hamming codes.
@@ -108,16 +110,20 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
     if embed is not None:
         vectors = np.asarray(embed(vectors))
     database, queries = vectors[:len(protocol.database)], vectors[len(protocol.database):]
-    if metric == "hamming" and (pca_dim or expand):
-        raise InvalidInputError("PCA and query expansion work on float vectors, not on binary codes")
+    if metric == "hamming" and (pca_dim or expand or augment):
+        raise InvalidInputError("PCA, query expansion and database augmentation work on float vectors, not on "
+                                "binary codes")
+    if (expand or augment) and protocol.queries is None:
+        raise InvalidInputError(f"{protocol.name} is leave-one-out: query expansion and database augmentation need "
+                                "separate queries")
     if pca_dim:
         mean, components = fit_pca(database, pca_dim)
         database, queries = (database - mean) @ components, (queries - mean) @ components
-    if expand:
-        if protocol.queries is None:
-            raise InvalidInputError(f"{protocol.name} is leave-one-out: query expansion needs separate queries")
-        from tf_retrieval.search.query import expand_exact
+    from tf_retrieval.search.query import augment_database, expand_exact
 
+    if augment:
+        database = augment_database(database, *augment)
+    if expand:
         queries = expand_exact(queries, database, *expand)
     labels = protocol.collection.labels
     metrics, curve = rank_and_score(
@@ -126,6 +132,27 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
         metric=metric, map_k=map_k, progress=progress)
     dim = database.shape[1] * 8 if metric == "hamming" and database.dtype == np.uint8 else database.shape[1]
     return metrics, curve, int(dim)
+
+
+#: Record variants of the search-side options (`search_variant`); the model's vectors are the same.
+SEARCH_VARIANTS = ("alpha-qe", "alpha-dba", "alpha-dba+qe")
+
+
+def search_variant(expand: int = 0, augment: int = 0) -> str | None:
+    """The record variant for α query expansion over `expand` neighbours and α database augmentation over `augment`
+    (0: off): None (plain ranking), alpha-qe, alpha-dba or alpha-dba+qe."""
+    if not expand and not augment:
+        return None
+    return "alpha-" + "+".join(name for name, k in (("dba", augment), ("qe", expand)) if k)
+
+
+def search_details(expand: int = 0, augment: int = 0, alpha: float = 3.0) -> dict:
+    """The record fields of the search-side options: {} when both are off."""
+    variant = search_variant(expand, augment)
+    if variant is None:
+        return {}
+    return {"variant": variant, **({"expand": expand} if expand else {}), **({"dba": augment} if augment else {}),
+            "alpha": alpha}
 
 
 def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float,
@@ -212,7 +239,8 @@ def write_records_markdown(json_path: str, records: Sequence[dict]) -> str:
 
 def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | None = None, pca_dim: int | None = None,
                    metric: str | None = None, batch_size: int = 64, command: str = "", model: str | None = None,
-                   run_dir: str | None = None, progress: bool = True, runtime: str = "litert") -> dict:
+                   run_dir: str | None = None, progress: bool = True, runtime: str = "litert", expand: int = 0,
+                   augment: int = 0, alpha: float = 3.0) -> dict:
     """Embeds the protocol's collection with `config` (`features.embedding.embed_collection`: the vectors `tfr index`
     builds bundles of) and scores `protocol`; returns a retrieval.json record.
 
@@ -220,6 +248,8 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
       metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
       run_dir: the training run `config` comes from: the record gives its recipe and training figures (`run_details`).
       runtime: where the backbone runs (one of `features.litert.RUNTIMES`); the record names it.
+      expand, augment, alpha: α query expansion over the top-`expand` and α database augmentation over `augment`
+        neighbours (0: off; `search_variant` names the record's variant).
     """
     from tf_retrieval.features.embedding import embed_collection
 
@@ -227,10 +257,12 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
     metric = metric or config.metric
     vectors = embed_collection(protocol.collection, config, workdir=workdir, batch_size=batch_size, progress=progress,
                                runtime=runtime)
-    metrics, curve, dim = evaluate_protocol(protocol, vectors, metric=metric, pca_dim=pca_dim, progress=progress)
+    metrics, curve, dim = evaluate_protocol(protocol, vectors, metric=metric, pca_dim=pca_dim, progress=progress,
+                                            expand=(expand, alpha) if expand else None,
+                                            augment=(augment, alpha) if augment else None)
     logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
     extra = {"train_from": config.train_from, "runtime": runtime, **(run_details(run_dir) if run_dir else {}),
-             **code_details(config, vectors)}
+             **code_details(config, vectors), **search_details(expand, augment, alpha)}
     return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
                        command=command, model=model or ("baseline" if not config.head else "finetuned"),
                        dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,

@@ -9,7 +9,10 @@ An *index bundle* on disk (written by `build_bundle`, read by `RetrievalEngine.l
                             (`data.images.PackedImages`), so loading a bundle does not re-read the dataset; a cache,
                             written on first load and rewritten when the catalog changes
 
-The index knows only vectors; labels and images are resolved through the catalog and the collection.
+The index knows only vectors; labels and images are resolved through the catalog and the collection. A bundle built
+with database augmentation (`build_bundle(augment=k)`, `tfr index --dba K`) indexes each image's α-DBA vector (its
+embedding averaged with its k nearest others, `search.query.augment_database`) and says so in the catalog key
+`database_augmentation` ({"k", "alpha"}); images added later are augmented against the index they join.
 
 `add_images` / `delete_images` (`tfr index --add/--delete`) change a bundle in place without rebuilding its index (the
 index's own add/delete, ScaNN's mutation API). They add three optional catalog keys, absent from a bundle that was never
@@ -69,15 +72,18 @@ class RetrievalEngine:
       index_ids: the index id of each collection image (a bundle changed by `add_images` / `delete_images`); None when
         index ids are positions in the collection. Results and `vectors` always speak of positions.
       runtime: of the in-process embedder (`features.embedding.Embedder`): one of `features.litert.RUNTIMES`.
+      database_augmentation: {"k", "alpha"} when the index holds α-DBA vectors (`build_bundle(augment=k)`), else None.
     """
 
     def __init__(self, config: ModelConfig, collection: ImageCollection, index: Index, embedder=None,
-                 index_ids: Sequence[int] | np.ndarray | None = None, runtime: str = "litert"):
+                 index_ids: Sequence[int] | np.ndarray | None = None, runtime: str = "litert",
+                 database_augmentation: dict | None = None):
         if len(index) > len(collection):
             raise InvalidInputError(f"index holds {len(index)} vectors but the collection only {len(collection)} images")
         self.config = config
         self.collection = collection
         self.index = index
+        self.database_augmentation = database_augmentation
         self._embedder = embedder
         self.runtime = runtime
         self.bundle_dir: str | None = None  # set by `load`, with its data_dir: where to reload the bundle from
@@ -163,12 +169,9 @@ class RetrievalEngine:
         excluded = set(int(p) for p in exclude)
         total = len(self.index)
         if expand > 0:
-            from tf_retrieval.search.query import alpha_query_expansion
+            from tf_retrieval.search.query import expand_with_index
 
-            scores, ids = self.index.search(queries, min(expand, total))
-            known = np.where(ids >= 0, ids, ids.max())  # padding (-1) gets weight 0 below
-            neighbours = self.index.get_vectors(known.ravel()).reshape(ids.shape + (-1,))
-            queries = alpha_query_expansion(queries, neighbours, np.where(ids >= 0, scores, -np.inf), alpha)
+            queries = expand_with_index(self.index, queries, expand, alpha)
         fetch = min(total, k + len(excluded))
         while True:
             scores, ids = self.index.search(queries, max(fetch, 1))
@@ -213,16 +216,18 @@ class RetrievalEngine:
             raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
         collection = _stored_collection(bundle_dir, catalog, data_dir or catalog.get("data_dir"))
-        engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"), runtime=runtime)
+        engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"), runtime=runtime,
+                     database_augmentation=catalog.get("database_augmentation"))
         engine.bundle_dir, engine.data_dir = os.path.abspath(bundle_dir), data_dir
         return engine
 
 
-def check_metric(config: ModelConfig, metric: str | None) -> str:
+def check_metric(config: ModelConfig, metric: str | None, augment: int = 0) -> str:
     """The index metric for `config`: `metric`, or the model's own (`ModelConfig.metric`) when None.
 
     Raises:
-      InvalidInputError: Hamming distance for a float model, or another metric for a hashing model's codes.
+      InvalidInputError: Hamming distance for a float model, or another metric for a hashing model's codes; database
+        augmentation (`augment` > 0) with another metric than cosine, or a negative `augment`.
     """
     from tf_retrieval.search.index import METRICS
 
@@ -233,6 +238,9 @@ def check_metric(config: ModelConfig, metric: str | None) -> str:
         raise InvalidInputError(f"metric {metric!r} does not fit model {config.name!r}: "
                                 + (f"its {config.hash_bits}-bit codes are compared by Hamming distance (metric hamming)"
                                    if config.hash_bits else "Hamming distance needs a hashing model (hash_bits)"))
+    if augment < 0 or (augment and metric != "cosine"):
+        raise InvalidInputError(f"database augmentation (dba {augment}) needs k >= 0 and the cosine metric "
+                                f"(it averages unit vectors), not {metric}")
     return metric
 
 
@@ -259,23 +267,24 @@ def resolve_bundle(name: str, workdir: str) -> str:
 def index_collection(collection: ImageCollection, config: ModelConfig, bundle_dir: str, *, source: str,
                      data_dir: str | None = None, metric: str | None = None, backend: str = "auto",
                      index_options: dict | None = None, workdir: str | None = None, batch_size: int = 64,
-                     progress: bool = True, runtime: str = "litert") -> RetrievalEngine:
+                     progress: bool = True, runtime: str = "litert", augment: int = 0,
+                     alpha: float = 3.0) -> RetrievalEngine:
     """Embeds `collection` with `config` (`features.embedding.embed_collection` in `runtime`, backbone outputs cached
     under `workdir`) and saves an index bundle of it (`build_bundle`); returns the engine over it."""
     from tf_retrieval.features.embedding import embed_collection
 
-    metric = check_metric(config, metric)  # before the costly part
+    metric = check_metric(config, metric, augment)  # before the costly part
     vectors = embed_collection(collection, config, workdir=workdir, batch_size=batch_size, progress=progress,
                                runtime=runtime)
     engine = build_bundle(bundle_dir, config, collection, vectors, source=source, data_dir=data_dir, metric=metric,
-                          backend=backend, index_options=index_options)
+                          backend=backend, index_options=index_options, augment=augment, alpha=alpha)
     engine.runtime = runtime
     return engine
 
 
 def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollection, embeddings: np.ndarray, *,
                  source: str, data_dir: str | None = None, metric: str | None = None, backend: str = "auto",
-                 index_options: dict | None = None) -> RetrievalEngine:
+                 index_options: dict | None = None, augment: int = 0, alpha: float = 3.0) -> RetrievalEngine:
     """Indexes `embeddings` (one row per image of `collection`, from `features.embedding`) and saves the bundle
     atomically (a bundle already at `bundle_dir` is replaced in one step); returns the engine over it.
 
@@ -283,21 +292,30 @@ def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollecti
       metric: the index similarity; default `config.metric` (cosine, or Hamming for a hashing model). A hashing model
         can only be searched by Hamming distance, and only a hashing model by Hamming distance.
       index_options: go to `index.build_index` (e.g. {"target_recall": 0.95} for ScaNN).
+      augment, alpha: index α database-side augmented vectors over `augment` neighbours (0: the embeddings as they
+        are; `search.query.augment_database`, exact, so its cost grows with the square of the collection).
 
     Raises:
-      InvalidInputError: embeddings that do not match the collection, or a metric that does not fit the model.
+      InvalidInputError: embeddings that do not match the collection, or a metric that does not fit the model (or
+        the augmentation).
     """
-    metric = check_metric(config, metric)
+    metric = check_metric(config, metric, augment)
     if len(embeddings) != len(collection):
         raise InvalidInputError(f"{len(embeddings)} embeddings for {len(collection)} images")
+    augmentation = {}
+    if augment:
+        from tf_retrieval.search.query import augment_database
+
+        embeddings = augment_database(embeddings, augment, alpha)
+        augmentation = {"database_augmentation": {"k": int(augment), "alpha": float(alpha)}}
     index = build_index(embeddings, np.arange(len(collection)), metric=metric, backend=backend,
                         dim=config.hash_bits or None, **(index_options or {}))
     catalog = {"source": source, "data_dir": data_dir, "splits": sorted(set(collection.splits.tolist())),
                "ids": collection.ids, "labels": collection.labels.tolist(),
-               "class_names": collection.class_names, "skipped": collection.skipped}
+               "class_names": collection.class_names, "skipped": collection.skipped, **augmentation}
     _write_bundle(bundle_dir, index, catalog, config)
     logger.info("index bundle %s: %d images, model %s", bundle_dir, len(collection), config.model_id())
-    return RetrievalEngine(config, collection, index)
+    return RetrievalEngine(config, collection, index, database_augmentation=catalog.get("database_augmentation"))
 
 
 def _load_source(catalog: dict, data_dir: str | None) -> ImageCollection:
@@ -424,7 +442,8 @@ def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embedd
       add: images to add: the bundle's own source (e.g. its folder with new files in it) or another image folder
         (`data.image_folder`); images already in the catalog are skipped (`pending_images` leaves them out before
         embedding). Class names are matched by name; new ones are appended.
-      embeddings: one row per image of `add`, from the bundle's model (`model.json`).
+      embeddings: one row per image of `add`, from the bundle's model (`model.json`); in a bundle built with database
+        augmentation they are augmented over their nearest images already indexed.
       delete: catalog ids of images to remove (as listed by `tfr search` or the catalog).
 
     Returns:
@@ -473,7 +492,13 @@ def update_bundle(bundle_dir: str, *, add: ImageCollection | None = None, embedd
         if rows:
             start = max(max(index_ids, default=-1), int(index.ids.max()) if len(index) else -1) + 1
             fresh = list(range(start, start + len(rows)))
-            index.add(np.asarray(embeddings)[rows], np.asarray(fresh, dtype=np.int64))
+            vectors = np.asarray(embeddings)[rows]
+            augmentation = catalog.get("database_augmentation")
+            if augmentation:  # against the images already indexed (not each other): as α-QE over the index
+                from tf_retrieval.search.query import expand_with_index
+
+                vectors = expand_with_index(index, vectors, augmentation["k"], augmentation["alpha"])
+            index.add(vectors, np.asarray(fresh, dtype=np.int64))
             added = [new_ids[i] for i in rows]
             ids += added
             labels += [label_of[int(add.labels[i])] for i in rows]

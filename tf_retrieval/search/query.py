@@ -5,6 +5,10 @@
   neighbours, each neighbour weighted by its similarity to the query raised to the power α. α = 0 is plain average query
   expansion (AQE, Chum et al. 2007). It helps most when the top results are mostly relevant, so it is an option of
   search, not a default.
+- α database-side augmentation (α-DBA, same paper; DBA: Arandjelović & Zisserman 2012): the same averaging applied
+  once to every database vector over its nearest other database vectors, before indexing. Queries then meet
+  neighbourhoods instead of single images. Like α-QE it pays where neighbours are mostly relevant (many small classes,
+  e.g. flowers) and costs where they are not, so it is an option of `tfr index` and of evaluation.
 - Rocchio relevance feedback: move the query towards images marked relevant (favourites).
 - `Searcher`: one or more named engines (e.g. baseline and fine-tuned) answering a `Query` (an image, a database image,
   favourites) with filters (k, threshold, classes), for one model or side by side for all, or for a random database
@@ -53,15 +57,61 @@ def alpha_query_expansion(queries: np.ndarray, neighbours: np.ndarray, scores: n
     return (expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def expand_exact(queries: np.ndarray, database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np.ndarray:
-    """α-QE against a database matrix [n, d] (cosine similarity, exact top-k): for evaluation."""
+def expand_with_index(index, queries: np.ndarray, k: int, alpha: float = 3.0) -> np.ndarray:
+    """α-QE of `queries` [q, d] over their top-k in a built index (`search.index.Index`, float vectors)."""
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    if len(index) == 0:
+        return _unit(queries)
+    scores, ids = index.search(queries, min(k, len(index)))
+    known = np.where(ids >= 0, ids, ids.max())  # padding (-1) gets weight 0 below
+    neighbours = index.get_vectors(known.ravel()).reshape(ids.shape + (-1,))
+    return alpha_query_expansion(queries, neighbours, np.where(ids >= 0, scores, -np.inf), alpha)
+
+
+def _exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit database positions [q, k], cosine similarities [q, k]) of each query's exact top-k in `database`."""
     from tf_retrieval.search.index import ExactIndex
 
     index = ExactIndex(database.shape[1], metric="cosine")
     index.add(database, np.arange(len(database)))
     scores, ids = index.search(queries, k)
-    unit = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True), 1e-12)
-    return alpha_query_expansion(queries, unit[np.maximum(ids, 0)], np.where(ids >= 0, scores, -np.inf), alpha)
+    return ids, np.where(ids >= 0, scores, -np.inf)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def expand_exact(queries: np.ndarray, database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np.ndarray:
+    """α-QE against a database matrix [n, d] (cosine similarity, exact top-k): for evaluation."""
+    ids, scores = _exact_neighbours(queries, database, k)
+    return alpha_query_expansion(queries, _unit(database)[np.maximum(ids, 0)], scores, alpha)
+
+
+def augment_database(database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np.ndarray:
+    """α-DBA: each database vector [n, d] replaced by the α-weighted sum of itself and its k nearest *other* database
+    vectors (cosine, exact), re-normalised; float32 [n, d]. Exhaustive: n x n similarities, in bounded chunks.
+
+    Raises:
+      InvalidInputError: k < 1, or vectors that are not float (binary hash codes cannot be averaged).
+    """
+    database = np.asarray(database)
+    if not np.issubdtype(database.dtype, np.floating) or database.ndim != 2:
+        raise InvalidInputError(f"database augmentation averages float vectors [n, d], got {database.dtype} "
+                                f"{list(database.shape)} (a hashing model's binary codes cannot be augmented)")
+    if k < 1:
+        raise InvalidInputError(f"database augmentation needs k >= 1 neighbours, got {k}")
+    n = len(database)
+    k = min(k, n - 1)
+    if k < 1:
+        return _unit(database)
+    ids, scores = _exact_neighbours(database, database, k + 1)
+    # drop each vector's own entry (usually first; with exact duplicates maybe later, or beyond the top k + 1)
+    own = ids == np.arange(n)[:, None]
+    own[~own.any(axis=1), -1] = True
+    ids, scores = ids[~own].reshape(n, k), scores[~own].reshape(n, k)
+    return alpha_query_expansion(database, _unit(database)[np.maximum(ids, 0)], scores, alpha)
 
 
 def rocchio(query: np.ndarray | None, positives: np.ndarray, alpha: float = ROCCHIO_ALPHA,
