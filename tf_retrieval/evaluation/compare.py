@@ -87,7 +87,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
         can_expand = expand and protocol.queries is not None and rank_metric != "hamming" and not adapted
         variants = [(0, 0)] + ([(expand, 0)] + ([(expand, augment)] if augment else []) if can_expand else [])
         for k, dba in variants:
-            variant = search_details(k, dba, alpha)
+            options = search_details(k, dba, alpha)
             start = time.perf_counter()
             key = (protocol.name, base.model_id(), k, dba, alpha)
             if model == "baseline" and key in baseline_cache:
@@ -102,13 +102,13 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
             record = make_record(protocol.name, configs[model], metrics, embedding_dim=dim,
                                  seconds=time.perf_counter() - start, command=command, model=model, pr_curve=curve,
                                  queries=int(metrics["queries"]), **extra)
-            record.update(variant)
+            record.update(options)
             if model == label:
                 record.update(details, **code_details(model_config, vectors[model]))
             records.append(record)
-            curves[(model, variant.get("variant"))] = curve
+            curves[(model, options.get("variant"))] = curve
             logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model,
-                        f" ({variant['variant']})" if variant else "", metrics["mAP"], metrics["MAP@R"])
+                        f" ({options['variant']})" if options else "", metrics["mAP"], metrics["MAP@R"])
         spaces[model] = protocol_vectors(protocol, vectors[model])
     stem = os.path.join(out_dir, extra["run"])
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")

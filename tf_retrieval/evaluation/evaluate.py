@@ -97,8 +97,8 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callab
       metric: ranking similarity ("hamming" for packed codes).
       pca_dim: reduce to this many dimensions with PCA fitted on the database first.
       expand: (k, alpha): α query expansion of the queries over their top-k in the database (protocols with queries).
-      augment: (k, alpha): α database-side augmentation of the database first (protocols with queries: left out, a
-        query would be among its own neighbours' neighbours).
+      augment: (k, alpha): α database-side augmentation of the database first (protocols with separate queries: in
+        leave-one-out, each query's own vector would leak into its neighbours').
 
     Returns:
       (metrics, pr_curve, embedding_dim): the dimension in bits for Hamming codes.

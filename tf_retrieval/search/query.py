@@ -69,7 +69,7 @@ def expand_with_index(index, queries: np.ndarray, k: int, alpha: float = 3.0) ->
 
 
 def _exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unit database positions [q, k], cosine similarities [q, k]) of each query's exact top-k in `database`."""
+    """(positions [q, k], cosine similarities [q, k]; -inf for padding) of each query's exact top-k in `database`."""
     from tf_retrieval.search.index import ExactIndex
 
     index = ExactIndex(database.shape[1], metric="cosine")
