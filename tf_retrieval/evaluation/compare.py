@@ -85,7 +85,9 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     for model, rank_metric in metrics_of.items():
         adapted = model == label and details.get("variant")
         can_expand = expand and protocol.queries is not None and rank_metric != "hamming" and not adapted
-        variants = [(0, 0)] + ([(expand, 0)] + ([(expand, augment)] if augment else []) if can_expand else [])
+        variants = [(0, 0)]  # (α-QE neighbours, α-DBA neighbours)
+        if can_expand:
+            variants += [(expand, 0)] + ([(expand, augment)] if augment else [])
         for k, dba in variants:
             options = search_details(k, dba, alpha)
             start = time.perf_counter()

@@ -26,6 +26,7 @@ import numpy as np
 
 from tf_retrieval.data.images import decode_image
 from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from tf_retrieval.search.engine import RetrievalEngine, SearchResult
@@ -61,32 +62,25 @@ def expand_with_index(index, queries: np.ndarray, k: int, alpha: float = 3.0) ->
     """α-QE of `queries` [q, d] over their top-k in a built index (`search.index.Index`, float vectors)."""
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     if len(index) == 0:
-        return _unit(queries)
+        return l2_normalize(queries)
     scores, ids = index.search(queries, min(k, len(index)))
     known = np.where(ids >= 0, ids, ids.max())  # padding (-1) gets weight 0 below
     neighbours = index.get_vectors(known.ravel()).reshape(ids.shape + (-1,))
     return alpha_query_expansion(queries, neighbours, np.where(ids >= 0, scores, -np.inf), alpha)
 
 
-def _exact_neighbours(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions [q, k], cosine similarities [q, k]; -inf for padding) of each query's exact top-k in `database`."""
+def _exact_index(database: np.ndarray):
+    """An exact cosine index over `database` [n, d], ids = positions."""
     from tf_retrieval.search.index import ExactIndex
 
     index = ExactIndex(database.shape[1], metric="cosine")
     index.add(database, np.arange(len(database)))
-    scores, ids = index.search(queries, k)
-    return ids, np.where(ids >= 0, scores, -np.inf)
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return index
 
 
 def expand_exact(queries: np.ndarray, database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np.ndarray:
     """α-QE against a database matrix [n, d] (cosine similarity, exact top-k): for evaluation."""
-    ids, scores = _exact_neighbours(queries, database, k)
-    return alpha_query_expansion(queries, _unit(database)[np.maximum(ids, 0)], scores, alpha)
+    return expand_with_index(_exact_index(database), queries, k, alpha)
 
 
 def augment_database(database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np.ndarray:
@@ -105,13 +99,14 @@ def augment_database(database: np.ndarray, k: int = 5, alpha: float = 3.0) -> np
     n = len(database)
     k = min(k, n - 1)
     if k < 1:
-        return _unit(database)
-    ids, scores = _exact_neighbours(database, database, k + 1)
+        return l2_normalize(database)
+    index = _exact_index(database)
+    scores, ids = index.search(database, k + 1)
     # drop each vector's own entry (usually first; with exact duplicates maybe later, or beyond the top k + 1)
     own = ids == np.arange(n)[:, None]
     own[~own.any(axis=1), -1] = True
     ids, scores = ids[~own].reshape(n, k), scores[~own].reshape(n, k)
-    return alpha_query_expansion(database, _unit(database)[np.maximum(ids, 0)], scores, alpha)
+    return alpha_query_expansion(database, index.get_vectors(ids.ravel()).reshape(n, k, -1), scores, alpha)
 
 
 def rocchio(query: np.ndarray | None, positives: np.ndarray, alpha: float = ROCCHIO_ALPHA,
