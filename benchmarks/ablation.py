@@ -46,6 +46,8 @@ def recipe(record: dict) -> str:
             parts.append("cached " + "/".join(config["augment"]) + " views")
         if config.get("lr_schedule", "constant") != "constant":
             parts.append(f"{config['lr_schedule']} learning rate")
+        if config.get("trunk_lr_scale", 1) != 1:
+            parts.append(f"trunk at {config['trunk_lr_scale']:g} x the head's rate")
         if backbone:
             parts.insert(0, backbone.strip())
         if record.get("hash_bits"):

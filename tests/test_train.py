@@ -382,3 +382,37 @@ def test_head_training_on_cached_views(image_dir, tmp_path):
     result = train(config, str(tmp_path / "run"), workdir=str(tmp_path / "work"), protocol=protocol, verbose=0,
                    runtime="tf")
     assert result.epochs == 2 and np.isfinite(result.best_map_at_r)
+
+
+def test_trunk_learns_at_its_share_of_the_learning_rate(rng, tmp_path):
+    """`trunk_lr_scale`: a second Adam moves the trained trunk blocks, at scale x the head's rate (Adam's first step
+    moves each weight by about its learning rate), and its state is saved with the model, so a run resumes with it."""
+    from tf_retrieval.training.train import compile_trainable
+
+    config = TrainConfig.from_dict(dict(backbone="mobilenet_v2", image_size=32, weights=None, train_from="block_14_add",
+                                        embedding_dim=8, hidden_dim=16, learning_rate=1e-3, trunk_lr_scale=0.1))
+    inputs = rng.normal(size=(12, 1, 1, 160)).astype(np.float32)  # block_14_add's activations at 32 px
+    labels = np.repeat(np.arange(3), 4)
+    model, backbone, head = compile_trainable(config, inputs.shape[1:])
+    head_paths = {v.path for v in head.trainable_weights}
+    trunk = [v for v in model.trainable_weights if v.path not in head_paths]
+    assert model.trunk_paths == {v.path for v in trunk} and any("block_16" in path for path in model.trunk_paths)
+    before = [np.array(v) for v in model.trainable_weights]
+    model.fit(inputs, labels, batch_size=12, epochs=1, shuffle=False, verbose=0)  # one step
+    for group, rate in [(trunk, 1e-4), (head.trainable_weights, 1e-3)]:
+        steps = np.concatenate([np.abs(np.array(v) - before[[w.path for w in model.trainable_weights].index(v.path)])
+                                .ravel() for v in group])
+        np.testing.assert_allclose(np.median(steps[steps > 0]), rate, rtol=0.05)
+    assert int(model.trunk_optimizer.iterations) == 1
+    model.save_weights(str(tmp_path / "backup.weights.h5"))
+    resumed, _, _ = compile_trainable(config, inputs.shape[1:])
+    resumed.load_weights(str(tmp_path / "backup.weights.h5"))
+    for optimizer in ("optimizer", "trunk_optimizer"):
+        saved, loaded = getattr(model, optimizer).variables, getattr(resumed, optimizer).variables
+        assert len(saved) == len(loaded) and int(getattr(resumed, optimizer).iterations) == 1
+        for a, b in zip(loaded, saved):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="trunk_lr_scale must be > 0"):
+        TrainConfig(trunk_lr_scale=0)
+    with pytest.raises(ValueError, match="a head-only run trains no trunk"):
+        TrainConfig(trunk_lr_scale=0.1)

@@ -168,6 +168,9 @@ class TrainConfig(JsonConfig):
       lr_schedule: how the learning rate moves over the run (`LR_SCHEDULES`): "constant", or "cosine", which decays
         it to 1% along a half cosine over all `epochs` x `steps_per_epoch` steps (Loshchilov & Hutter 2017, without
         restarts; a resumed run continues the curve where it stopped).
+      trunk_lr_scale: the trunk's learning rate as a share of the head's (discriminative fine-tuning: below 1 keeps
+        the trained blocks nearer ImageNet's weights while the head learns at `learning_rate`); the trunk then has an
+        Adam optimiser of its own, on the same schedule. Only for runs that train part of the trunk (`train_from`).
       proxy_loss, proxy_weight: an optional second term, `proxy_weight` x a loss against learned class proxies
         (`training.proxies`: "cosface" or "proxy-anchor"); None trains with the triplet loss alone.
       hashing: how a hashing head (`model.hash_bits`) makes its codes: "tanh" or "greedy" (`models.heads.build_head`).
@@ -194,6 +197,7 @@ class TrainConfig(JsonConfig):
     margin: float = 0.2
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
+    trunk_lr_scale: float = 1.0
     proxy_loss: str | None = None
     proxy_weight: float = 1.0
     hashing: str = "tanh"
@@ -223,6 +227,11 @@ class TrainConfig(JsonConfig):
         self.augment = tuple(self.augment or ())
         if self.lr_schedule not in LR_SCHEDULES:
             raise InvalidInputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not self.trunk_lr_scale > 0:
+            raise InvalidInputError(f"trunk_lr_scale must be > 0, got {self.trunk_lr_scale}")
+        if self.trunk_lr_scale != 1 and not self.model.train_from:
+            raise InvalidInputError("trunk_lr_scale sets the learning rate of the trained trunk blocks: it needs "
+                                    "train_from (a head-only run trains no trunk)")
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown or len(set(self.augment)) != len(self.augment):
             raise InvalidInputError(f"augment takes distinct views of {', '.join(AUGMENTATIONS)}, got "

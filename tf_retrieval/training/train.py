@@ -286,15 +286,22 @@ def compile_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes
         model.proxy_loss = proxy_loss(config.proxy_loss)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(config)),
                   loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
+    if backbone is not None and config.trunk_lr_scale != 1:
+        not_trunk = {v.path for layer in (head, model.proxies) if layer is not None for v in layer.trainable_weights}
+        trunk = [v for v in model.trainable_weights if v.path not in not_trunk]
+        model.trunk_optimizer = keras.optimizers.Adam(learning_rate(config, config.trunk_lr_scale))
+        model.optimizer.build([v for v in model.trainable_weights if v.path in not_trunk])  # both built before a
+        model.trunk_optimizer.build(trunk)  # resumed run loads their state, each on its own weights
+        model.trunk_paths = frozenset(variable.path for variable in trunk)
     return model, backbone, head
 
 
-def learning_rate(config: TrainConfig) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """Adam's learning rate: `config.learning_rate`, constant or on the config's schedule over the whole run."""
+def learning_rate(config: TrainConfig, scale: float = 1.0) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Adam's learning rate: `scale` x `config.learning_rate`, constant or on the config's schedule over the run."""
+    rate = scale * config.learning_rate
     if config.lr_schedule == "constant":
-        return config.learning_rate
-    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.epochs * config.steps_per_epoch,
-                                                  alpha=0.01)
+        return rate
+    return keras.optimizers.schedules.CosineDecay(rate, decay_steps=config.epochs * config.steps_per_epoch, alpha=0.01)
 
 
 class BalancedBatches(keras.utils.PyDataset):
@@ -376,9 +383,11 @@ class GlobalBatchModel(keras.Model):
     their number: the summed gradient is one device's, and so is the training (tests/test_train.py compares them).
 
     `proxies` (a `ClassProxies` layer or None), `proxy_loss` and `proxy_weight` add the optional proxy term.
+    `trunk_optimizer` (None: `optimizer` updates every weight) updates the weights whose paths are in `trunk_paths`.
     """
 
     proxies, proxy_loss, proxy_weight = None, None, 1.0
+    trunk_optimizer, trunk_paths = None, frozenset()
 
     def train_step(self, data):
         import tensorflow as tf
@@ -397,7 +406,12 @@ class GlobalBatchModel(keras.Model):
                 loss = loss + tf.add_n(self.losses)
             share = loss / replicas
         gradients = tape.gradient(share, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        pairs = list(zip(gradients, self.trainable_weights))
+        if self.trunk_optimizer is None:
+            self.optimizer.apply_gradients(pairs)
+        else:
+            self.optimizer.apply_gradients([(g, v) for g, v in pairs if v.path not in self.trunk_paths])
+            self.trunk_optimizer.apply_gradients([(g, v) for g, v in pairs if v.path in self.trunk_paths])
         self._loss_tracker.update_state(loss)
         return {"loss": self._loss_tracker.result()}
 
