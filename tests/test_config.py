@@ -20,3 +20,34 @@ def test_model_config_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         ModelConfig.load(tmp_path / "bad.json")
+
+
+def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
+    import json
+    import os
+
+    from tf_retrieval.config import TrainConfig, best_run
+
+    def run(name, protocol, score, hash_bits=None, finished=True):
+        run_dir = tmp_path / name
+        config = TrainConfig(protocol=protocol, model=ModelConfig(name="finetuned", hash_bits=hash_bits))
+        config.save(str(run_dir / "train_config.json"))
+        if finished:
+            config.model.save(str(run_dir / "model.json"))
+        if score is not None:
+            (run_dir / "result.json").write_text(json.dumps({"best_map_at_r": score}))
+        return str(run_dir)
+
+    assert best_run(str(tmp_path)) is None
+    run("c1-good", "cifar10-1", 0.9)  # not on the whole training set
+    assert best_run(str(tmp_path), protocol_prefix="cifar10") == str(tmp_path / "c1-good")
+    good = run("c2-good", "cifar10-2", 0.84)
+    run("c2-newer-worse", "cifar10-2", 0.80)
+    run("c2-no-result", "cifar10-2", None)
+    run("c2-unfinished", "cifar10-2", 0.99, finished=False)
+    run("c2-hash", "cifar10-2", 0.95, hash_bits=48)
+    run("flowers", "flowers-official", 0.97)
+    os.makedirs(tmp_path / "not-a-run")
+    assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=False) == good
+    assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=True) == str(tmp_path / "c2-hash")
+    assert best_run(str(tmp_path), protocol_prefix="flowers") == str(tmp_path / "flowers")

@@ -310,7 +310,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Indexes CIFAR-10 train images with the frozen baseline and a fine-tuned model (a training run: --finetuned
-    RUN, else the newest CIFAR-10 run, else a head trained now on the cached features), answers a query with a test
+    RUN, else the best CIFAR-10 run by validation MAP@R, else a head trained now on the cached features), answers a query with a test
     image, then serves the search page with both models side by side."""
     from tf_retrieval.demo import demo_query, prepare_demo
 
@@ -601,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
-    demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the newest CIFAR-10 "
-                                                         "run, else a head trained now)")
+    demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the CIFAR-10 run "
+                                                         "with the best validation MAP@R, else a head trained now)")
     demo.add_argument("--baseline-only", action="store_true", help="do not index a fine-tuned model")
 
     export = command("export", cmd_export, "export the embedder as a SavedModel for TF Serving")

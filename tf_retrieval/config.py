@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 from typing import Any, TypeVar
@@ -253,17 +254,30 @@ def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
     return TrainConfig.load(os.path.join(run_dir, "train_config.json")), ModelConfig.load(model_path)
 
 
-def latest_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None = None) -> str | None:
-    """The newest finished run under `runs_dir` (a folder of run directories) whose protocol starts with
-    `protocol_prefix` (and whose model hashes, or not, when `hashing` is given); runs on the whole training set of
-    their dataset ("-2" protocols such as cifar10-2) come first. None when there is none."""
+def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None = None) -> str | None:
+    """The best finished run under `runs_dir` (a folder of run directories) whose protocol starts with
+    `protocol_prefix` (and whose model hashes, or not, when `hashing` is given). Runs on the whole training set of
+    their dataset ("-2" protocols such as cifar10-2) come first, then the highest best validation MAP@R (its
+    `result.json`: never a test figure), then the newest. None when there is none."""
     candidates = []
     for path in glob.glob(os.path.join(runs_dir, "*", "model.json")):
+        run_dir = os.path.dirname(path)
         try:
-            train_config, model_config = load_run(os.path.dirname(path))
+            train_config, model_config = load_run(run_dir)
         except (ValueError, OSError):
             continue  # an unfinished or foreign folder
         if train_config.protocol.startswith(protocol_prefix) and (hashing is None
                                                                   or bool(model_config.hash_bits) == hashing):
-            candidates.append((train_config.protocol.endswith("-2"), os.path.getmtime(path), os.path.dirname(path)))
-    return max(candidates)[2] if candidates else None
+            candidates.append((train_config.protocol.endswith("-2"), _validation_score(run_dir),
+                               os.path.getmtime(path), run_dir))
+    return max(candidates)[-1] if candidates else None
+
+
+def _validation_score(run_dir: str) -> float:
+    """A finished run's best validation MAP@R (`result.json`); -inf when it is missing or not a number."""
+    try:
+        with open(os.path.join(run_dir, "result.json")) as f:
+            score = float(json.load(f)["best_map_at_r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("-inf")
+    return score if math.isfinite(score) else float("-inf")

@@ -73,13 +73,13 @@ def train_demo_head(base: ModelConfig, database: ImageCollection, *, workdir: st
 def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: str, run_dir: str | None = None,
                     train_if_missing: bool = True, runtime: str = "litert",
                     say: Callable[[str], None] = print) -> ModelConfig | None:
-    """The demo's fine-tuned model: of `run_dir`, else of the newest finished CIFAR-10 float-embedding run under
-    `<workdir>/runs`, else (with `train_if_missing`) a head trained now on the baseline's features."""
-    from tf_retrieval.config import latest_run, load_run
+    """The demo's fine-tuned model: of `run_dir`, else of the best finished CIFAR-10 float-embedding run under
+    `<workdir>/runs` (`config.best_run`), else (with `train_if_missing`) a head trained now on the baseline's features."""
+    from tf_retrieval.config import best_run, load_run
 
     if run_dir:
         return load_run(run_dir)[1]
-    found = latest_run(os.path.join(workdir, "runs"), protocol_prefix="cifar10", hashing=False)
+    found = best_run(os.path.join(workdir, "runs"), protocol_prefix="cifar10", hashing=False)
     if found:
         return load_run(found)[1]
     if not train_if_missing:
