@@ -55,7 +55,8 @@ setup(
     # tf_retrieval.tuning, so no generic top-level name lands in site-packages.
     packages=find_packages(include=["tf_retrieval", "tf_retrieval.*"]) + list(SUBPACKAGE_FOLDERS),
     package_dir={name: folder for name, folder in SUBPACKAGE_FOLDERS.items()},
-    package_data={"tf_retrieval.web": ["templates/*", "static/*", "openapi.json"], "tf_retrieval": ["py.typed"]},
+    package_data={"tf_retrieval.web": ["templates/*", "static/*", "openapi.json"],
+                  "tf_retrieval": ["py.typed", "recipes/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tfr=tf_retrieval.cli:main"]},

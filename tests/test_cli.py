@@ -118,6 +118,24 @@ def split_folder(root, classes=("red", "green", "blue", "yellow"), per_class=8):
     return str(root)
 
 
+def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
+    from tf_retrieval.cli import _train_config, build_parser
+    from tf_retrieval.config import load_recipe
+
+    def config(*argv):
+        return _train_config(build_parser().parse_args(["train", *argv]))
+
+    recipe = load_recipe("cifar10-2")
+    assert config("--recipe", "cifar10-2") == recipe and recipe.model.train_from  # the record's recipe, not a head
+    changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "none")
+    assert (changed.epochs, changed.model.train_from, changed.augment) == (3, None, recipe.augment)
+    recipe.save(str(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="give --config or --recipe, not both"):
+        config("--recipe", "cifar10-2", "--config", str(tmp_path / "c.json"))
+    with pytest.raises(SystemExit):
+        config("--recipe", "mnist")
+
+
 def test_train_then_compare(tmp_path, capsys):
     folder = split_folder(tmp_path / "colours")
     workdir, run_dir, report = str(tmp_path / "work"), str(tmp_path / "run"), str(tmp_path / "report")

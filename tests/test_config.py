@@ -51,3 +51,23 @@ def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
     assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=False) == good
     assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=True) == str(tmp_path / "c2-hash")
     assert best_run(str(tmp_path), protocol_prefix="flowers") == str(tmp_path / "flowers")
+
+
+def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():
+    """`tfr train --recipe P` must reproduce the best float record on protocol P in benchmarks/results/retrieval.json
+    (search-side variants and hashing codes aside): the recipe holds that run's recorded training config."""
+    import json
+    import os
+
+    from tf_retrieval.config import TrainConfig, load_recipe, recipe_names
+
+    records = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "retrieval.json")))
+    assert {"cifar10-1", "cifar10-2", "flowers-official"} <= set(recipe_names())
+    for name in recipe_names():
+        runs = [r for r in records if r["protocol"] == name and r["model"] != "baseline" and not r.get("variant")
+                and not r.get("hash_bits") and r.get("config")]
+        best = max(runs, key=lambda r: r["metrics"]["mAP"])
+        recorded = TrainConfig.from_dict({**best["config"], "source": None})  # the recipe loads the protocol's dataset
+        assert load_recipe(name) == recorded, (name, best["run"])
+    with pytest.raises(FileNotFoundError, match="no training recipe 'mnist'; recipes: cifar10-1, cifar10-2"):
+        load_recipe("mnist")

@@ -75,7 +75,7 @@ def test_wheel_holds_the_page_files_and_no_generic_top_level_packages(wheel):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"tf_retrieval"}  # no top-level web, serving or tuning
     for name in ("web/openapi.json", "web/templates/index.html", "web/static/app.js", "web/static/style.css",
-                 "serving/__main__.py", "tuning/tune.py", "py.typed"):
+                 "serving/__main__.py", "tuning/tune.py", "py.typed", "recipes/cifar10-2.json"):
         assert f"tf_retrieval/{name}" in names
 
 

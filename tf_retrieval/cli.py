@@ -27,7 +27,7 @@ import shlex
 import sys
 from typing import Sequence
 
-from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, ModelConfig, TrainConfig
+from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, ModelConfig, TrainConfig, load_recipe, recipe_names
 from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
 
 logger = logging.getLogger("tf_retrieval")
@@ -461,10 +461,14 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` of --config (if any) with the training flags applied; checks the protocol's name."""
+    """The `TrainConfig` of --config or --recipe (if any) with the training flags applied; checks the protocol."""
     from tf_retrieval.data.protocols import dataset_family
 
-    values = TrainConfig.load(args.config).to_dict() if args.config else {}
+    recipe = getattr(args, "recipe", None)
+    if args.config and recipe:
+        raise InvalidInputError("give --config or --recipe, not both")
+    base = TrainConfig.load(args.config) if args.config else load_recipe(recipe) if recipe else None
+    values = base.to_dict() if base else {}
     flags = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
     for name in ("weights", "train_from", "source"):
         if isinstance(flags.get(name), str) and flags[name].lower() == "none":
@@ -641,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command("train", cmd_train, "fine-tune with a triplet loss on cached features")
     train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote)")
+    train.add_argument("--recipe", choices=recipe_names(),
+                       help="a shipped recipe: the settings of the best recorded run on that protocol (flags still "
+                            "override them)")
     train.add_argument("--run-dir", help="output directory (default <workdir>/runs/<name>-<protocol>)")
     train.add_argument("--progress", action="store_true", help="print one line per epoch")
     _add_runtime_arg(train)

@@ -246,6 +246,24 @@ class TrainConfig(JsonConfig):
         return dataclasses.replace(self.model, name="baseline", head=None, train_from=None, hash_bits=None)
 
 
+#: Named training recipes shipped with the package (`tf_retrieval/recipes/<name>.json`): each is the TrainConfig of
+#: the best recorded run on the protocol it is named after (tests/test_config.py pins them to
+#: benchmarks/results/retrieval.json), so `tfr train --recipe cifar10-2` reproduces that record.
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def recipe_names() -> list[str]:
+    """The names of the shipped training recipes."""
+    return sorted(os.path.splitext(name)[0] for name in os.listdir(RECIPES_DIR) if name.endswith(".json"))
+
+
+def load_recipe(name: str) -> TrainConfig:
+    """The shipped training recipe `name` (see `recipe_names`)."""
+    if name not in recipe_names():
+        raise MissingError(f"no training recipe {name!r}; recipes: {', '.join(recipe_names())}")
+    return TrainConfig.load(os.path.join(RECIPES_DIR, f"{name}.json"))
+
+
 def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
     """The training and model configs of a finished run."""
     model_path = os.path.join(run_dir, "model.json")
