@@ -286,13 +286,13 @@ def compile_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes
         model.proxy_loss = proxy_loss(config.proxy_loss)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(config)),
                   loss=losses.get({"class_name": config.mining, "config": {"margin": config.margin}}))
-    if backbone is not None and config.trunk_lr_scale != 1:
-        not_trunk = {v.path for layer in (head, model.proxies) if layer is not None for v in layer.trainable_weights}
-        trunk = [v for v in model.trainable_weights if v.path not in not_trunk]
+    if backbone is not None and config.trunk_lr_scale != 1:  # the trained trunk blocks get an Adam of their own
+        own = {v.path for layer in (head, model.proxies) if layer is not None for v in layer.trainable_weights}
+        model.trunk_paths = frozenset(v.path for v in model.trainable_weights if v.path not in own)
         model.trunk_optimizer = keras.optimizers.Adam(learning_rate(config, config.trunk_lr_scale))
-        model.optimizer.build([v for v in model.trainable_weights if v.path in not_trunk])  # both built before a
-        model.trunk_optimizer.build(trunk)  # resumed run loads their state, each on its own weights
-        model.trunk_paths = frozenset(variable.path for variable in trunk)
+        # both are built now, each on its own weights, so that a resumed run loads their state
+        model.optimizer.build([v for v in model.trainable_weights if v.path not in model.trunk_paths])
+        model.trunk_optimizer.build([v for v in model.trainable_weights if v.path in model.trunk_paths])
     return model, backbone, head
 
 
