@@ -287,9 +287,12 @@ print(json.dumps({"replicas": replicas, "loss": None if history is None else his
 def test_mirrored_training_on_two_devices_follows_one_device_and_resumes(tmp_path):
     """`--strategy mirrored` on two logical CPU devices: the loss of every epoch equals one device's to 1e-4 (the
     loss is computed on the whole gathered batch); a run stopped after 2 epochs resumes from its backup, its cosine
-    learning rate where it stopped (else the resumed losses would differ)."""
+    learning rate where it stopped (else the resumed losses would differ), and reports the history and training
+    seconds of the whole run."""
     import subprocess
     import sys
+
+    from tf_retrieval.training.train import trained_seconds
 
     def run(strategy, run_dir, epochs=4, stop_at=0):
         done = subprocess.run([sys.executable, "-c", DISTRIBUTED, strategy, str(tmp_path / run_dir), str(epochs),
@@ -302,10 +305,13 @@ def test_mirrored_training_on_two_devices_follows_one_device_and_resumes(tmp_pat
     assert (one["replicas"], two["replicas"]) == (1, 2)
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4, atol=1e-5)
     assert run("mirrored", "resumed", stop_at=2)["loss"] is None
-    assert os.path.isdir(tmp_path / "resumed" / "backup")
+    assert trained_seconds(str(tmp_path / "resumed" / "backup")) > 0  # carried over to the run's seconds
     resumed = run("mirrored", "resumed")
-    assert len(resumed["loss"]) == 2  # epochs 3 and 4 only
-    np.testing.assert_allclose(resumed["loss"], one["loss"][2:], rtol=1e-4, atol=1e-5)
+    assert len(resumed["loss"]) == 4  # the history of the whole run: epochs 1-2 before the restart, then 3-4
+    np.testing.assert_allclose(resumed["loss"], one["loss"], rtol=1e-4, atol=1e-5)
+    assert not os.path.exists(tmp_path / "resumed" / "backup")
+    run("default", "resumed", epochs=1)  # a new run in the same directory starts a new history
+    assert len(open(tmp_path / "resumed" / "history.csv").read().splitlines()) == 1 + 1
 
 
 def test_cached_views_draw_each_row_from_a_view_chosen_at_random():

@@ -16,6 +16,7 @@ weights file and a head file) that the embedder, the index, the export and the e
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -355,6 +356,34 @@ class ValidationMapAtR(keras.callbacks.Callback):
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
 
 
+class TrainingClock(keras.callbacks.Callback):
+    """Carries a run's training seconds across restarts: every epoch end writes the seconds trained so far, those of
+    interrupted attempts included, beside the run's backup (`trained_seconds` reads them back)."""
+
+    def __init__(self, backup_dir: str):
+        super().__init__()
+        self.backup_dir, self.earlier = backup_dir, trained_seconds(backup_dir)
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        write_json(os.path.join(self.backup_dir, _CLOCK), {"seconds": self.earlier + time.perf_counter() - self.start})
+
+
+_CLOCK = "training_seconds.json"
+
+
+def trained_seconds(backup_dir: str) -> float:
+    """The seconds an interrupted run trained before (`TrainingClock`); 0 for a new run."""
+    try:
+        with open(os.path.join(backup_dir, _CLOCK)) as f:
+            return float(json.load(f)["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 #: `TrainConfig.strategy` values.
 STRATEGIES = ("default", "mirrored", "multiworker")
 
@@ -422,32 +451,44 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
 
     The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`); the
     best epoch's weights (by validation MAP@R) are restored at the end.
-    An interrupted run resumes from `<run_dir>/backup`. Runs under `config.strategy` (`distribution_strategy`).
+    An interrupted run resumes from `<run_dir>/backup`, and its history then covers every epoch (history.csv), its
+    seconds every attempt (`TrainingClock`). Runs under `config.strategy` (`distribution_strategy`).
     """
     labels = np.asarray(labels)
     train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
                                           class_disjoint=class_disjoint)
+    backup_dir, history_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "history.csv")
     batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
-                              start_epoch=_resumed_epoch(os.path.join(run_dir, "backup")))
+                              start_epoch=_resumed_epoch(backup_dir))
     with distribution_strategy(config.strategy).scope():
         model, backbone, head = compile_trainable(config, tuple(inputs.shape[1:]), batches.classes)
     os.makedirs(run_dir, exist_ok=True)
+    if batches.start_epoch == 0 and os.path.exists(history_path):
+        os.remove(history_path)  # a new run in an old run directory: the history is this run's alone
     best_path = os.path.join(run_dir, "best.weights.h5")
     callbacks = [
         ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        keras.callbacks.BackupAndRestore(backup_dir),
+        TrainingClock(backup_dir),
         *(extra_callbacks or []),
     ]
     history = model.fit(batches, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, shuffle=False,
                         callbacks=callbacks, verbose=verbose)  # (the batches are drawn at random already)
     if os.path.exists(best_path):
         model.load_weights(best_path)
-    return model, backbone, head, history.history
+    return model, backbone, head, _run_history(history_path) if batches.start_epoch else history.history
+
+
+def _run_history(path: str) -> dict[str, list[float]]:
+    """{metric: values per epoch} of a run's history.csv: every epoch of a resumed run, those before it too."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
 
 
 def _resumed_epoch(backup_dir: str) -> int:
@@ -479,7 +520,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     from tf_retrieval.models.heads import trunk_of
     from tf_retrieval.data.protocols import load_protocol
 
-    start = time.perf_counter()
+    start, earlier = time.perf_counter(), trained_seconds(os.path.join(run_dir, "backup"))  # interrupted attempts
     workdir = workdir or default_workdir()
     protocol = protocol or load_protocol(config.protocol, config.source)
     if inputs is None:
@@ -500,7 +541,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     model_config.save(os.path.join(run_dir, "model.json"))
     scores = history.get(VAL_METRIC, [])
     result = TrainResult(model_config, run_dir, max(scores, default=float("nan")), len(scores),
-                         time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
+                         earlier + time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
     write_json(os.path.join(run_dir, "result.json"), {
         "best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
         "cache_seconds": round(cache_seconds, 1), "command": command, "history": result.history}, indent=1)
