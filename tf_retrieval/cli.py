@@ -310,8 +310,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Indexes CIFAR-10 train images with the frozen baseline and a fine-tuned model (a training run: --finetuned
-    RUN, else the best CIFAR-10 run by validation MAP@R, else a head trained now on the cached features), answers a query with a test
-    image, then serves the search page with both models side by side."""
+    RUN, else the best CIFAR-10 run by validation MAP@R, else a head trained now on the cached features), answers a
+    query with a test image, then serves the search page with both models side by side."""
     from tf_retrieval.demo import demo_query, prepare_demo
 
     web = None if args.no_web else _web()

@@ -74,7 +74,8 @@ def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: st
                     train_if_missing: bool = True, runtime: str = "litert",
                     say: Callable[[str], None] = print) -> ModelConfig | None:
     """The demo's fine-tuned model: of `run_dir`, else of the best finished CIFAR-10 float-embedding run under
-    `<workdir>/runs` (`config.best_run`), else (with `train_if_missing`) a head trained now on the baseline's features."""
+    `<workdir>/runs` (`config.best_run`), else (with `train_if_missing`) a head trained now on the baseline's
+    features."""
     from tf_retrieval.config import best_run, load_run
 
     if run_dir:
