@@ -10,7 +10,7 @@ import re
 from typing import Any, TypeVar
 
 from tf_retrieval.errors import InvalidInputError, MissingError
-from tf_retrieval.storage import write_json
+from tf_retrieval.storage import read_json_value, write_json
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -293,9 +293,5 @@ def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None =
 
 def _validation_score(run_dir: str) -> float:
     """A finished run's best validation MAP@R (`result.json`); -inf when it is missing or not a number."""
-    try:
-        with open(os.path.join(run_dir, "result.json")) as f:
-            score = float(json.load(f)["best_map_at_r"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return float("-inf")
+    score = read_json_value(os.path.join(run_dir, "result.json"), "best_map_at_r", float, float("-inf"))
     return score if math.isfinite(score) else float("-inf")

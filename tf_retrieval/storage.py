@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def file_digest(path: str | os.PathLike, *, fsync: bool = False) -> str:
@@ -79,6 +81,15 @@ def write_json(path: str | os.PathLike, value: Any, **dump_options: Any) -> None
     """Writes `value` as JSON to `path` atomically (`json.dump` options such as indent pass through)."""
     with atomic_write(path) as f:
         json.dump(value, f, **dump_options)
+
+
+def read_json_value(path: str | os.PathLike, key: str, cast: Callable[[Any], T], default: T) -> T:
+    """`cast(value[key])` of the JSON object in `path`; `default` when the file, the key or a castable value is missing."""
+    try:
+        with open(path) as f:
+            return cast(json.load(f)[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

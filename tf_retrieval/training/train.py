@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ import numpy as np
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, TrainConfig
 from tf_retrieval.data.protocols import Protocol
-from tf_retrieval.storage import save_with_digest, write_json
+from tf_retrieval.storage import read_json_value, save_with_digest, write_json
 from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
@@ -377,11 +376,7 @@ _CLOCK = "training_seconds.json"
 
 def trained_seconds(backup_dir: str) -> float:
     """The seconds an interrupted run trained before (`TrainingClock`); 0 for a new run."""
-    try:
-        with open(os.path.join(backup_dir, _CLOCK)) as f:
-            return float(json.load(f)["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
+    return read_json_value(os.path.join(backup_dir, _CLOCK), "seconds", float, 0.0)
 
 
 #: `TrainConfig.strategy` values.
@@ -493,11 +488,7 @@ def _run_history(path: str) -> dict[str, list[float]]:
 
 def _resumed_epoch(backup_dir: str) -> int:
     """The epoch `keras.callbacks.BackupAndRestore` resumes an interrupted run at (0 for a new run)."""
-    try:
-        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
-            return int(json.load(f)["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    return read_json_value(os.path.join(backup_dir, "training_metadata.json"), "epoch", int, 0)
 
 
 def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
