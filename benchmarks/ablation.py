@@ -26,6 +26,7 @@ def recipe(record: dict) -> str:
     """A short description of how a record's vectors were made."""
     backbone = "" if record["backbone"] == "efficientnet_lite0" else record["backbone"].replace("efficientnet_", "") + " "
     scales = (", multi-scale x" + "/".join(f"{x:g}" for x in record["scales"])) if record.get("scales") else ""
+    scales += ", test-time flip" if record.get("flip") else ""
     baseline = backbone + "frozen baseline" + (", GeM pooling" if record.get("pooling") == "gem" else "") + scales
     if record["model"] == "baseline" and not record.get("variant"):
         return baseline
@@ -68,7 +69,7 @@ def _reference(records: list[dict], protocol: str, size: int, which: str,
     records of the baseline benchmark and of the LiteRT runtime first, then the newest."""
     def matches(r):
         if r["protocol"] != protocol or r["image_size"] != size or r.get("variant") or r.get("pooling") != "avg" \
-                or r["backbone"] != backbone or r.get("weights") != "imagenet":
+                or r["backbone"] != backbone or r.get("weights") != "imagenet" or r.get("flip"):
             return False
         if which == "baseline":
             return r["model"] == "baseline"
@@ -93,7 +94,7 @@ def ablation_markdown(records: list[dict]) -> str:
     for protocol in PROTOCOLS:
         rows = [r for r in records if r["protocol"] == protocol and r.get("variant") not in SEARCH_VARIANTS
                 and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") in ("avg", "gem")
-                and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem"
+                and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem" or r.get("flip")
                      or _reference(records, protocol, r["image_size"], "baseline", r["backbone"]) is r)]
         if not rows:
             continue

@@ -129,6 +129,7 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
     assert config("--recipe", "cifar10-2") == recipe and recipe.model.train_from  # the record's recipe, not a head
     changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "none")
     assert (changed.epochs, changed.model.train_from, changed.augment) == (3, None, recipe.augment)
+    assert config("--flip").model.flip and not config("--flip", "--no-flip").model.flip and not config().model.flip
     recipe.save(str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="give --config or --recipe, not both"):
         config("--recipe", "cifar10-2", "--config", str(tmp_path / "c.json"))
@@ -168,6 +169,17 @@ def test_train_then_compare(tmp_path, capsys):
     merged = json.load(open(os.path.join(report, "report.json")))
     assert [(r["run"], r["model"]) for r in merged][-2:] == [("run2", "baseline"), ("run2", "finetuned")]
     assert len(merged) == 6 and "## run2 (cifar10-2)" in open(os.path.join(report, "report.md")).read()
+    # with test-time flip: records of their own (nothing replaced), figures of their own, the same as evaluate --flip
+    assert main(["--workdir", workdir, "compare", str(tmp_path / "run2"), "--out", report, "--expand", "0",
+                 "--flip"]) == 0
+    merged = json.load(open(os.path.join(report, "report.json")))
+    assert [(r["run"], r["model"], r.get("flip")) for r in merged][-2:] == [("run2", "baseline", True),
+                                                                            ("run2", "finetuned", True)]
+    assert len(merged) == 8 and os.path.isfile(os.path.join(report, "run2-flip-grid.png"))
+    assert "## run2 + flip (cifar10-2)" in open(os.path.join(report, "report.md")).read()
+    assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
+                 str(tmp_path / "run2" / "model.json"), "--flip"]) == 0
+    assert f"{merged[-1]['metrics']['mAP']:.3f} |" in capsys.readouterr().out.splitlines()[-1]
     # a model adapted from the run (tfr adapt) is compared and evaluated as that run's model, its adaptation the variant
     adapted = str(tmp_path / "adapted")
     assert main(["--workdir", workdir, "adapt", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",

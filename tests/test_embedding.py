@@ -89,6 +89,42 @@ def test_every_consumer_gets_the_same_vectors(folder, hash_model, tmp_path):
     assert head_function(hash_model)(features).shape == (4, 8)
 
 
+def test_flip_pools_an_image_with_its_mirror(folder, hash_model, tmp_path):
+    """flip=True: the backbone's features are the mean of the image's and its mirror's, so an image and its mirror get
+    the same vector from every consumer; the model id and the feature cache are its own."""
+    import dataclasses
+
+    from tf_retrieval.cli import _model_config, build_parser
+    from tf_retrieval.data.images import resize_and_crop_images
+    from tf_retrieval.models.backbones import backbone_of
+
+    collection = image_folder(folder, progress=False)
+    plain = ModelConfig(name="lite", backbone="efficientnet_lite0", image_size=32, weights="imagenet")
+    flipped = dataclasses.replace(plain, flip=True)
+    assert flipped.model_id() == "lite:v1:efficientnet_lite0-32px-flip-avg-imagenet:identity"
+    assert plain.model_id() == "lite:v1:efficientnet_lite0-32px-avg-imagenet:identity"  # unchanged without flip
+    pixels = resize_and_crop_images([collection.image(i) for i in range(3)], 32)
+    mirrored = np.ascontiguousarray(pixels[:, :, ::-1])
+    trunk = backbone_of(plain)
+    mean = (np.asarray(trunk(pixels)) + np.asarray(trunk(mirrored))) / 2
+    np.testing.assert_allclose(np.asarray(backbone_of(flipped)(pixels)), mean, rtol=1e-4, atol=1e-5)
+    whole = embed_collection(collection, flipped, workdir=str(tmp_path), progress=False)[:3]
+    np.testing.assert_allclose(whole, finish(mean), atol=1e-4)
+    assert any("flip" in name for name in os.listdir(tmp_path / "features"))
+    assert not np.allclose(whole, embed_collection(collection, plain, workdir=str(tmp_path), progress=False)[:3],
+                           atol=1e-3)
+    embedder = Embedder(flipped, workdir=str(tmp_path))
+    np.testing.assert_allclose(embedder.embed_pixels(mirrored), embedder.embed_pixels(pixels), atol=1e-5)
+    hashing = Embedder(dataclasses.replace(hash_model, flip=True), workdir=str(tmp_path))
+    np.testing.assert_array_equal(hashing.embed_pixels(mirrored), hashing.embed_pixels(pixels))
+    flags = ["index", "--model-config", str(tmp_path / "m.json")]
+    flipped.save(str(tmp_path / "m.json"))
+    assert _model_config(build_parser().parse_args(flags)).flip
+    assert not _model_config(build_parser().parse_args([*flags, "--no-flip"])).flip
+    with pytest.raises(InvalidInputError, match="flip must be true or false"):
+        ModelConfig(flip="yes")
+
+
 def test_feature_caches_are_computed_in_either_runtime_and_kept_apart(folder, tmp_path, monkeypatch):
     from tf_retrieval.features import embedding, litert
 

@@ -46,6 +46,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scales", type=float, nargs="+", metavar="SCALE",
                        help="multi-scale descriptors: also run the backbone on the input scaled by these factors, e.g. "
                             "1 0.889 0.778 (default: 1, single scale)")
+    group.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                       help="test-time flip: pool the features of the image and of its mirror (twice the backbone's "
+                            "compute; any model, trained ones included; default: the config's, else off)")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")
@@ -63,7 +66,8 @@ def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = ModelConfig.load(args.model_config) if args.model_config else ModelConfig()
     overrides = {"name": args.model_name, "backbone": args.backbone, "image_size": args.image_size,
-                 "pooling": args.pooling, "scales": args.scales, "head": args.head, "hash_bits": args.hash_bits}
+                 "pooling": args.pooling, "scales": args.scales, "flip": args.flip, "head": args.head,
+                 "hash_bits": args.hash_bits}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
@@ -423,7 +427,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from tf_retrieval.storage import RecordStore
 
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
-                      augment=args.dba, alpha=args.alpha, label=args.label, runtime=args.runtime)
+                      augment=args.dba, alpha=args.alpha, label=args.label, runtime=args.runtime, flip=args.flip)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
     if args.records:
         write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge(records))
@@ -445,7 +449,8 @@ def _add_search_args(parser: argparse.ArgumentParser, expand: bool = True, expan
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
 _OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
 _LIST_TYPES = {"scales": float, "augment": str}
-_TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
+_TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
+                       "hash_bits")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -455,6 +460,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     fields = [(f.name, f.default) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     fields += [(name, getattr(model_defaults, name)) for name in _TRAIN_MODEL_FIELDS]
     for name, default in fields:
+        if isinstance(default, bool):
+            group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}",
+                               action=argparse.BooleanOptionalAction, help=f"default {default}")
+            continue
         kind, many = (_LIST_TYPES[name], "+") if name in _LIST_TYPES else (_OPTIONAL_TYPES.get(name, type(default)), None)
         group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}", type=kind, nargs=many,
                            metavar=name.upper(), help=f"default {list(default) if many else default}")
@@ -670,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     compare.add_argument("--records", help="also keep the records in this JSON list (benchmarks/results/retrieval.json)")
     _add_search_args(compare, expand_default=5)
+    compare.add_argument("--flip", action="store_true",
+                         help="test-time flip for both models (`--flip` of the model flags; figures <run>-flip-*.png)")
     compare.add_argument("--label", default="finetuned", help="model name of the trained runs in the records "
                          "(e.g. 'tuned' for a configuration from tfr tune)")
     _add_runtime_arg(compare)

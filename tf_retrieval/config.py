@@ -68,9 +68,10 @@ def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> li
 
 
 def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
-                scales: tuple[float, ...] = SINGLE_SCALE) -> str:
+                scales: tuple[float, ...] = SINGLE_SCALE, flip: bool = False) -> str:
     """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
     multiscale = "" if tuple(scales) == SINGLE_SCALE else "-x" + "_".join(f"{scale:g}" for scale in scales)
+    multiscale += "-flip" if flip else ""
     if weights is None:
         weights_tag = "random"
     elif weights == "imagenet":
@@ -92,6 +93,9 @@ class ModelConfig(JsonConfig):
       scales: multi-scale descriptors: the backbone also runs on the input scaled down by each factor (in (0, 1], e.g.
         [1, 0.889, 0.778, 0.667] at 288 px: 288, 256, 224 and 192 px) and pools over all of them, as GeM pools over a
         feature map (Radenović et al. 2018). [1.0], the default, is a single-scale model.
+      flip: test-time flip augmentation: the backbone also runs on the mirrored image (left-right) and pools over
+        both, so an image and its mirror get the same vector. Twice the backbone's compute; training ignores it (its
+        mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model.
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
@@ -106,6 +110,7 @@ class ModelConfig(JsonConfig):
     image_size: int = 96
     pooling: str = "avg"
     scales: tuple[float, ...] = SINGLE_SCALE
+    flip: bool = False
     weights: str | None = "imagenet"
     head: str | None = None
     train_from: str | None = None
@@ -123,6 +128,8 @@ class ModelConfig(JsonConfig):
             raise InvalidInputError(f"scales must be distinct factors in (0, 1], e.g. [1, 0.875, 0.75], got "
                                     f"{list(self.scales)}")
         scale_sizes(self.image_size, self.scales)  # refuses scales below 32 px
+        if not isinstance(self.flip, bool):
+            raise InvalidInputError(f"flip must be true or false, got {self.flip!r}")
 
     @property
     def metric(self) -> str:
@@ -131,7 +138,7 @@ class ModelConfig(JsonConfig):
 
     def backbone_key(self) -> str:
         """Names the backbone's features (`backbone_id`): feature caches are keyed by it."""
-        return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales)
+        return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales, self.flip)
 
     def model_id(self) -> str:
         """Identifies the embedding space: two models with the same id give comparable vectors."""
@@ -162,7 +169,8 @@ class TrainConfig(JsonConfig):
       model: the model to train: its name, the backbone it starts from (`weights` are the starting weights), how deep
         training reaches (`train_from`: None = head only; a trunk layer whose activations are cached and above which
         the trunk trains; "images" = end to end on augmented images, GPU advised) and `hash_bits` for a hashing head.
-        Its `head` stays None: the head is what training produces.
+        Its `head` stays None: the head is what training produces. Its `flip` (test-time) passes to the trained
+        model: training itself runs the backbone without it.
       embedding_dim, hidden_dim, dropout: head sizes (see `models.heads.build_head`).
       mining: triplet mining: "semihard", "hard" or "batch-all".
       margin, learning_rate: loss margin (on unit-length embeddings) and Adam learning rate.

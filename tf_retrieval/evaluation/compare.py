@@ -62,12 +62,14 @@ def baseline_of(train_config: TrainConfig) -> ModelConfig:
 
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, augment: int = 0,
                 alpha: float = 3.0, grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
-                baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
+                baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert",
+                flip: bool = False) -> list[dict]:
     """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
 
     `run_dir` is a training run, or a model directory that `tfr adapt` made from one. `baseline_cache` (a dict shared
     between runs) keeps baseline scores, so runs on the same protocol rank it once. `label` names the trained model in
-    the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone. Where the
+    the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone; `flip`
+    turns on test-time flip (`ModelConfig.flip`) for both models, and their figures are `<run>-flip-*.png`. Where the
     protocol has separate queries, each model is also scored with α query expansion over the top-`expand` (variant
     alpha-qe) and, with `augment`, with α database augmentation over `augment` neighbours as well (alpha-dba+qe).
     """
@@ -75,6 +77,8 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
     base = baseline_of(train_config)
+    if flip:
+        base, model_config = dataclasses.replace(base, flip=True), dataclasses.replace(model_config, flip=True)
     configs = {"baseline": base, label: model_config}
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
     vectors = {model: embed_collection(protocol.collection, config, workdir=workdir, runtime=runtime)
@@ -112,7 +116,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
             logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model,
                         f" ({options['variant']})" if options else "", metrics["mAP"], metrics["MAP@R"])
         spaces[model] = protocol_vectors(protocol, vectors[model])
-    stem = os.path.join(out_dir, extra["run"])
+    stem = os.path.join(out_dir, figures_name(extra["run"], flip))
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
     plot_embedding_maps(spaces, protocol, f"{stem}-map.png", seed=seed)
     plot_query_grids(spaces, protocol, f"{stem}-grid.png", queries=grid_queries, seed=seed,
@@ -121,7 +125,8 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
-            augment: int = 0, alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert") -> list[dict]:
+            augment: int = 0, alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert",
+            flip: bool = False) -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
     Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records key by
@@ -131,7 +136,7 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, augment=augment,
-                               alpha=alpha, baseline_cache=baseline_cache, label=label, runtime=runtime)
+                               alpha=alpha, baseline_cache=baseline_cache, label=label, runtime=runtime, flip=flip)
     merged = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY).merge(records)
     write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
@@ -141,7 +146,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     """The report: metric table, what each fine-tuned model is, and the figures."""
     rows, seen_baselines = [], set()
     for r in records:  # a protocol's baseline once, however many runs share it
-        key = (r["protocol"], r.get("variant"), r["image_size"], r["pooling"])
+        key = (r["protocol"], r.get("variant"), r["image_size"], r["pooling"], r.get("flip"))
         if r["model"] == "baseline" and key in seen_baselines:
             continue
         if r["model"] == "baseline":
@@ -156,10 +161,10 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     runs = {}
     for r in records:
         if r["model"] != "baseline" and r.get("variant") not in SEARCH_VARIANTS:
-            runs[r["run"]] = r
+            runs[figures_name(r["run"], r.get("flip"))] = r
     lines += ["## Fine-tuned models", "", "| run | protocol | trains | loss | dim | margin | lr | epochs | "
               "train s | val MAP@R | adapted |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in runs.items():
+    for name, r in {r["run"]: r for r in runs.values()}.items():  # a run compared with and without flip: once
         c = r["config"]
         train_from = r.get("train_from")
         trains = {None: "head", END_TO_END: "end to end"}.get(train_from, f"top from `{train_from}` + head")
@@ -173,9 +178,14 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
     lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
     for name, r in runs.items():
-        lines += [f"## {name} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
+        lines += [f"## {r['run']}{' + flip' if r.get('flip') else ''} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
                   f"![embedding maps]({name}-map.png)", "", f"![queries]({name}-grid.png)", ""]
     return "\n".join(lines)
+
+
+def figures_name(run: str, flip: bool | None = False) -> str:
+    """The file stem of a run's figures (`<run>-pr.png`, ...); a comparison with test-time flip has its own."""
+    return run + ("-flip" if flip else "")
 
 
 def _pyplot():

@@ -71,12 +71,21 @@ class GeneralizedMeanPooling(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tf_retrieval")
 class ScaleMean(GeneralizedMeanPooling):
-    """Combines the pooled features of several input scales into one: their power mean, with the pooling's own power
-    (p=1 after average pooling, 3 after GeM), so that the result pools over all the scales' feature maps."""
+    """Combines the pooled features of several views of the input (scales, mirrored) into one: their power mean, with
+    the pooling's own power (p=1 after average pooling, 3 after GeM), so that the result pools over all the views'
+    feature maps."""
 
     def call(self, pooled):
         stacked = ops.stack(pooled, axis=0)
         return ops.mean(stacked, axis=0) if self.p == 1 else power_mean(stacked, self.p, self.eps, axis=0)
+
+
+@keras.saving.register_keras_serializable(package="tf_retrieval")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirrors images [n, h, w, c] left-right (a fixed test-time view, unlike keras' random `RandomFlip`)."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
 
 
 def power_mean(values, p: float, eps: float, axis):
@@ -118,7 +127,8 @@ assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the 
 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",
-                   weights: str | None = "imagenet", scales: tuple[float, ...] = SINGLE_SCALE) -> keras.Model:
+                   weights: str | None = "imagenet", scales: tuple[float, ...] = SINGLE_SCALE,
+                   flip: bool = False) -> keras.Model:
     """Builds a frozen backbone: float32 RGB [n, image_size, image_size, 3] in 0..255 -> pooled features [n, d].
 
     Args:
@@ -129,6 +139,8 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         a weights file.
       scales: the trunk runs on the input resized (bilinear, inside the model) by each factor, and the pooled features
         of all scales are combined by `ScaleMean` (max pooling: their maximum); see `ModelConfig.scales`.
+      flip: the trunk also runs on the mirrored input at every scale, and those views are pooled in the same way (an
+        image and its mirror get the same features; `ModelConfig.flip`).
 
     Raises:
       ValueError: unknown name or pooling, or an image size (or a scaled one) below 32.
@@ -154,21 +166,24 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         pool = keras.layers.GlobalMaxPooling2D(name="max_pool")
     else:
         pool = keras.layers.GlobalAveragePooling2D(name="avg_pool")
-    pooled = [pool(trunk(pixels if size == image_size else
-                         keras.layers.Resizing(size, size, interpolation="bilinear", name=f"resize_{size}")(pixels),
-                         training=False)) for size in sizes]
+    views = [pixels if size == image_size else
+             keras.layers.Resizing(size, size, interpolation="bilinear", name=f"resize_{size}")(pixels) for size in sizes]
+    if flip:
+        views += [HorizontalFlip(name=f"flip_{size}")(view) for size, view in zip(sizes, views)]
+    pooled = [pool(trunk(view, training=False)) for view in views]
     if len(pooled) == 1:
         features = pooled[0]
     elif pooling == "max":
         features = keras.layers.Maximum(name="scale_max")(pooled)
     else:
         features = ScaleMean(pool.p if pooling == "gem" else 1.0, name="scale_mean")(pooled)
-    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights, scales))
+    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights, scales, flip))
     model.trainable = False
     logger.info("built backbone %s: %d-d features", model.name, model.output_shape[-1])
     return model
 
 
 def backbone_of(config) -> keras.Model:
-    """The frozen backbone of a `ModelConfig` (its backbone, size, pooling, weights and scales)."""
-    return build_backbone(config.backbone, config.image_size, config.pooling, config.weights, config.scales)
+    """The frozen backbone of a `ModelConfig` (its backbone, size, pooling, weights, scales and flip)."""
+    return build_backbone(config.backbone, config.image_size, config.pooling, config.weights, config.scales,
+                          config.flip)

@@ -196,6 +196,12 @@ def balanced_batch(labels: np.ndarray, classes_per_batch: int, images_per_class:
     return np.concatenate(batch)
 
 
+def frozen_base(config: TrainConfig) -> ModelConfig:
+    """The backbone training starts from: the run's base model without test-time flip (`ModelConfig.flip`, which
+    training leaves to the mirrored views of `config.augment`)."""
+    return dataclasses.replace(config.base_model(), flip=False)
+
+
 def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: int = 64,
                  progress: bool = True, runtime: str = "litert") -> np.ndarray | CachedViews | ImageInputs:
     """What the trainable part reads, for every image of `collection`: pooled features (head only) or the trunk's
@@ -206,7 +212,7 @@ def cache_inputs(config: TrainConfig, collection, *, workdir: str, batch_size: i
     from tf_retrieval.models.backbones import backbone_of
     from tf_retrieval.models.heads import split_backbone
 
-    base, train_from = config.base_model(), config.model.train_from
+    base, train_from = frozen_base(config), config.model.train_from
     if train_from == END_TO_END:
         return ImageInputs(collection, base.image_size)
     if train_from:
@@ -244,8 +250,7 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
     inputs = keras.Input(input_shape, name="inputs")
     x, backbone, train_from = inputs, None, config.model.train_from
     if train_from == END_TO_END:
-        base = config.base_model()
-        backbone = backbone_of(base)
+        backbone = backbone_of(frozen_base(config))
         backbone.trainable = True  # recursive: then batch normalisation is frozen again (small batches)
         for layer in trunk_of(backbone).layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -254,8 +259,7 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
         x = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=config.seed, name="shift")(x)
         x = backbone(x)
     elif train_from:
-        base = config.base_model()
-        backbone = backbone_of(base)
+        backbone = backbone_of(frozen_base(config))
         _, top = split_backbone(backbone, train_from)
         x = top(keras.ops.cast(x, "float32"))
     head = build_head(int(x.shape[-1]), config.embedding_dim, config.hidden_dim, config.dropout, config.model.hash_bits,
