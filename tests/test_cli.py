@@ -233,6 +233,10 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         assert f"using the index at {os.path.join(workdir, 'indexes', 'demo-baseline')}" in out
         assert "indexing 30 CIFAR-10 train images with finetuned:" in out and "finetuned: " in out
         stats = served["app"].test_client().get("/api/stats").get_json()
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", "--flip", *SMALL_MODEL]) == 0
+        flipped = capsys.readouterr().out  # both models with test-time flip: new ids, new indexes
+        assert flipped.count("holds other images or another model") == 2 and "-32px-flip-avg-random:" in flipped
+        assert "with finetuned:v1:efficientnet_lite0-32px-flip-avg-imagenet:" in flipped
     assert [m["name"] for m in stats["models"]] == ["baseline", "finetuned"]
     assert [m["index_size"] for m in stats["models"]] == [30, 30]
 

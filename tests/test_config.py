@@ -55,7 +55,8 @@ def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
 
 def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():
     """`tfr train --recipe P` must reproduce the best float record on protocol P in benchmarks/results/retrieval.json
-    (search-side variants and hashing codes aside): the recipe holds that run's recorded training config."""
+    (search-side variants and hashing codes aside): the recipe holds that run's recorded training config, and the
+    test-time flip the record was evaluated with (training ignores it; the trained model embeds with it)."""
     import json
     import os
 
@@ -68,6 +69,7 @@ def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():
                 and not r.get("hash_bits") and r.get("config")]
         best = max(runs, key=lambda r: r["metrics"]["mAP"])
         recorded = TrainConfig.from_dict({**best["config"], "source": None})  # the recipe loads the protocol's dataset
+        recorded.model.flip = bool(best.get("flip"))
         assert load_recipe(name) == recorded, (name, best["run"])
     with pytest.raises(FileNotFoundError, match="no training recipe 'mnist'; recipes: cifar10-1, cifar10-2"):
         load_recipe("mnist")

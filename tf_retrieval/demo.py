@@ -93,12 +93,13 @@ def prepare_demo(base: ModelConfig, *, workdir: str, limit: int = 10000, data_di
                  run_dir: str | None = None, finetuned: bool = True, batch_size: int = 64, runtime: str = "litert",
                  say: Callable[[str], None] = print) -> dict[str, RetrievalEngine]:
     """{model name: engine} over the first `limit` CIFAR-10 train images: the baseline `base`, then (unless
-    `finetuned` is False) the fine-tuned model of `finetuned_model`."""
+    `finetuned` is False) the fine-tuned model of `finetuned_model`, with test-time flip when `base` has it."""
     database = demo_database(limit, data_dir)
     engines = {base.name: demo_engine(base, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
                                       runtime=runtime, say=say)}
     if finetuned:
         model = finetuned_model(base, database, workdir=workdir, run_dir=run_dir, runtime=runtime, say=say)
+        model = dataclasses.replace(model, flip=model.flip or base.flip)
         if model.name in engines:
             raise InvalidInputError(f"the fine-tuned model is named {model.name!r} like the baseline: rename one")
         engines[model.name] = demo_engine(model, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
