@@ -85,3 +85,17 @@ def test_versions_are_immutable_and_names_checked(exported):
     with pytest.raises(ValueError, match="may only contain"):
         export_model(model, base, "bad/name", image_size=32)
     assert sorted(os.listdir(os.path.join(base, "tiny"))) == ["1"]  # no temp folder left behind
+
+
+def test_a_flip_model_serves_an_image_and_its_mirror_alike(tmp_path, rng):
+    """Test-time flip lives in the model: the SavedModel (and so TF Serving) pools the image with its mirror."""
+    model = build_embedding_model(build_backbone("mobilenet_v2", 32, "avg", weights=None, flip=True))
+    path = export_model(model, str(tmp_path), "flip", image_size=32, config={"backbone": "mobilenet_v2", "flip": True})
+    embed = tf.saved_model.load(path).signatures["embed_pixels"]
+    pixels = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    served = embed(images=tf.constant(pixels))["embedding"].numpy()
+    mirrored = embed(images=tf.constant(np.ascontiguousarray(pixels[:, :, ::-1])))["embedding"].numpy()
+    np.testing.assert_allclose(served, mirrored, atol=1e-5)
+    np.testing.assert_allclose(served, model.predict(pixels, verbose=0), atol=1e-5)
+    plain = build_embedding_model(build_backbone("mobilenet_v2", 32, "avg", weights=None))
+    assert np.abs(plain.predict(pixels, verbose=0) - plain.predict(pixels[:, :, ::-1], verbose=0)).max() > 1e-3
