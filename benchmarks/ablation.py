@@ -96,6 +96,9 @@ def ablation_markdown(records: list[dict]) -> str:
                 and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") in ("avg", "gem")
                 and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem" or r.get("flip")
                      or _reference(records, protocol, r["image_size"], "baseline", r["backbone"]) is r)]
+        seen = set()  # a baseline scored beside several runs: once
+        rows = [r for r in rows if r["model"] != "baseline" or not ((r["image_size"], recipe(r)) in seen
+                                                                     or seen.add((r["image_size"], recipe(r))))]
         if not rows:
             continue
         headline = HEADLINE.get(protocol, "mAP")
