@@ -69,9 +69,10 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
     `run_dir` is a training run, or a model directory that `tfr adapt` made from one. `baseline_cache` (a dict shared
     between runs) keeps baseline scores, so runs on the same protocol rank it once. `label` names the trained model in
     the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone; `flip`
-    turns on test-time flip (`ModelConfig.flip`) for both models, and their figures are `<run>-flip-*.png`. Where the
-    protocol has separate queries, each model is also scored with α query expansion over the top-`expand` (variant
-    alpha-qe) and, with `augment`, with α database augmentation over `augment` neighbours as well (alpha-dba+qe).
+    turns on test-time flip (`ModelConfig.flip`) for both models; a model with flip has its figures in
+    `<run>-flip-*.png`. Where the protocol has separate queries, each model is also scored with α query expansion
+    over the top-`expand` (variant alpha-qe) and, with `augment`, with α database augmentation over `augment`
+    neighbours as well (alpha-dba+qe).
     """
     baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config, details = trained_model(run_dir)
@@ -116,7 +117,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
             logger.info("%s %s%s: mAP %.4f MAP@R %.4f", protocol.name, model,
                         f" ({options['variant']})" if options else "", metrics["mAP"], metrics["MAP@R"])
         spaces[model] = protocol_vectors(protocol, vectors[model])
-    stem = os.path.join(out_dir, figures_name(extra["run"], flip))
+    stem = os.path.join(out_dir, figures_name(extra["run"], model_config.flip))
     plot_pr_curves(curves, f"{protocol.name}: precision-recall", f"{stem}-pr.png")
     plot_embedding_maps(spaces, protocol, f"{stem}-map.png", seed=seed)
     plot_query_grids(spaces, protocol, f"{stem}-grid.png", queries=grid_queries, seed=seed,
@@ -178,7 +179,8 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
     lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
     for name, r in runs.items():
-        lines += [f"## {r['run']}{' + flip' if r.get('flip') else ''} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
+        title = r["run"] + (" + flip" if r.get("flip") else "")
+        lines += [f"## {title} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
                   f"![embedding maps]({name}-map.png)", "", f"![queries]({name}-grid.png)", ""]
     return "\n".join(lines)
 
