@@ -82,6 +82,19 @@ def _reference(records: list[dict], protocol: str, size: int, which: str,
     return candidates[0] if candidates else None
 
 
+def _each_baseline_once(rows: list[dict]) -> list[dict]:
+    """`rows` without the repeats of a baseline that was scored beside several runs (same size, same recipe)."""
+    kept, seen = [], set()
+    for r in rows:
+        if r["model"] == "baseline":
+            key = (r["image_size"], recipe(r))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(r)
+    return kept
+
+
 def ablation_markdown(records: list[dict]) -> str:
     """The Markdown report: one table per protocol."""
     lines = ["# Ablation: what each lever adds (issue 14)", "",
@@ -96,9 +109,7 @@ def ablation_markdown(records: list[dict]) -> str:
                 and r["backbone"].startswith("efficientnet_lite") and r.get("pooling") in ("avg", "gem")
                 and (r["model"] != "baseline" or r.get("variant") or r.get("pooling") == "gem" or r.get("flip")
                      or _reference(records, protocol, r["image_size"], "baseline", r["backbone"]) is r)]
-        seen = set()  # a baseline scored beside several runs: once
-        rows = [r for r in rows if r["model"] != "baseline" or not ((r["image_size"], recipe(r)) in seen
-                                                                     or seen.add((r["image_size"], recipe(r))))]
+        rows = _each_baseline_once(rows)
         if not rows:
             continue
         headline = HEADLINE.get(protocol, "mAP")
