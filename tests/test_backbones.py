@@ -101,7 +101,8 @@ def test_model_config_scales_validation_and_ids():
     assert backbone_of(ModelConfig(backbone="mobilenet_v2", image_size=32, weights=None)).name == \
         "mobilenet_v2-32px-avg-random"
     for scales, message in [([1.5], "distinct factors in \\(0, 1\\]"), ([1, 1], "distinct"), ([], "distinct"),
-                            (["big"], "list of numbers"), ([1, 0.2], "go below 32 px")]:
+                            (["big"], "list of numbers"), ([1, 0.2], "go below 32 px"),
+                            ([1, 0.5, 0.503], "the same size twice: \\[96, 48, 48\\]")]:
         with pytest.raises(ValueError, match=message):
             ModelConfig(image_size=96, scales=scales)
     with pytest.raises(ValueError, match="trains its head only"):

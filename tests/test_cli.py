@@ -1,3 +1,5 @@
+import glob
+import json
 import os
 
 import numpy as np
@@ -129,6 +131,8 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
     assert config("--recipe", "cifar10-2") == recipe and recipe.model.train_from  # the record's recipe, not a head
     changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "none")
     assert (changed.epochs, changed.model.train_from, changed.augment) == (3, None, recipe.augment)
+    end_to_end = config("--recipe", "cifar10-1", "--train-from", "images", "--augment")  # no cached views
+    assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 8)
     assert config("--flip").model.flip and not config("--flip", "--no-flip").model.flip and not config().model.flip
     recipe.save(str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="give --config or --recipe, not both"):
@@ -148,8 +152,6 @@ def test_train_then_compare(tmp_path, capsys):
     records_path = str(tmp_path / "records.json")
     assert main(["--workdir", workdir, "compare", run_dir, "--out", report, "--records", records_path,
                  "--expand", "2"]) == 0
-    import json
-
     records = json.load(open(records_path))
     assert [(r["model"], r.get("variant")) for r in records] == [
         ("baseline", None), ("baseline", "alpha-qe"), ("finetuned", None), ("finetuned", "alpha-qe")]
@@ -177,9 +179,21 @@ def test_train_then_compare(tmp_path, capsys):
                                                                             ("run2", "finetuned", True)]
     assert len(merged) == 8 and os.path.isfile(os.path.join(report, "run2-flip-grid.png"))
     assert "## run2 + flip (cifar10-2)" in open(os.path.join(report, "report.md")).read()
+    flipped = str(tmp_path / "flipped.json")
     assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
-                 str(tmp_path / "run2" / "model.json"), "--flip"]) == 0
-    assert f"{merged[-1]['metrics']['mAP']:.3f} |" in capsys.readouterr().out.splitlines()[-1]
+                 str(tmp_path / "run2" / "model.json"), "--flip", "--records", flipped]) == 0
+    (evaluated,) = json.load(open(flipped))
+    assert evaluated["flip"] is True and evaluated["metrics"]["mAP"] == merged[-1]["metrics"]["mAP"]
+    # a model that embeds with flip (its model.json says so) is compared with a baseline that does too; --no-flip
+    # turns it off for both
+    model_json = tmp_path / "run2" / "model.json"
+    model_json.write_text(json.dumps({**json.load(open(model_json)), "flip": True}))
+    for option, flip in (([], True), (["--no-flip"], None)):
+        written = str(tmp_path / f"compare{len(option)}.json")
+        assert main(["--workdir", workdir, "compare", str(tmp_path / "run2"), "--out", report, "--expand", "0",
+                     "--records", written, *option]) == 0
+        assert [(r["model"], r.get("flip")) for r in json.load(open(written))] == [("baseline", flip),
+                                                                                  ("finetuned", flip)]
     # a model adapted from the run (tfr adapt) is compared and evaluated as that run's model, its adaptation the variant
     adapted = str(tmp_path / "adapted")
     assert main(["--workdir", workdir, "adapt", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
@@ -189,6 +203,14 @@ def test_train_then_compare(tmp_path, capsys):
     assert [(r["model"], r.get("variant")) for r in fused] == [("baseline", None), ("baseline", "alpha-qe"),
                                                                ("finetuned", "frozen + head (w=0.5)")]
     assert fused[2]["source_run"] == "run" and fused[2]["embedding_dim"] == 1280 + 8 and fused[2]["runtime"] == "litert"
+    # its fusion was fitted on the features without flip: with flip it refuses, and says how to adapt it again
+    adapted_model = os.path.join(adapted, "model.json")
+    for command in (["compare", adapted, "--out", report, "--flip"],
+                    ["evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config", adapted_model,
+                     "--flip"]):
+        error = run_error(["--workdir", workdir, *command], capsys)
+        assert "was adapted (whitened, fused) on efficientnet_lite0-32px-avg-imagenet features" in error
+        assert "tfr adapt` again" in error
     assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
                  os.path.join(adapted, "model.json"), "--records", records_path]) == 0
     evaluated = json.load(open(records_path))[-1]
@@ -237,6 +259,14 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         flipped = capsys.readouterr().out  # both models with test-time flip: new ids, new indexes
         assert flipped.count("holds other images or another model") == 2 and "-32px-flip-avg-random:" in flipped
         assert "with finetuned:v1:efficientnet_lite0-32px-flip-avg-imagenet:" in flipped
+        # without the flag, both models embed as the fine-tuned model.json says: here with flip, so both reuse those
+        (model_json,) = glob.glob(os.path.join(workdir, "runs", "*", "model.json"))
+        with open(model_json) as f:
+            config = json.load(f)
+        with open(model_json, "w") as f:
+            json.dump({**config, "flip": True}, f)
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", *SMALL_MODEL]) == 0
+        assert capsys.readouterr().out.count("using the index at") == 2
     assert [m["name"] for m in stats["models"]] == ["baseline", "finetuned"]
     assert [m["index_size"] for m in stats["models"]] == [30, 30]
 

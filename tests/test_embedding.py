@@ -114,9 +114,12 @@ def test_flip_pools_an_image_with_its_mirror(folder, hash_model, tmp_path):
     assert not np.allclose(whole, embed_collection(collection, plain, workdir=str(tmp_path), progress=False)[:3],
                            atol=1e-3)
     embedder = Embedder(flipped, workdir=str(tmp_path))
+    assert embedder.runtime == "litert"
     np.testing.assert_allclose(embedder.embed_pixels(mirrored), embedder.embed_pixels(pixels), atol=1e-5)
     hashing = Embedder(dataclasses.replace(hash_model, flip=True), workdir=str(tmp_path))
     np.testing.assert_array_equal(hashing.embed_pixels(mirrored), hashing.embed_pixels(pixels))
+    unflipped = Embedder(hash_model, workdir=str(tmp_path))  # the control: without flip the codes differ
+    assert (unflipped.embed_pixels(mirrored) != unflipped.embed_pixels(pixels)).any()
     flags = ["index", "--model-config", str(tmp_path / "m.json")]
     flipped.save(str(tmp_path / "m.json"))
     assert _model_config(build_parser().parse_args(flags)).flip

@@ -97,5 +97,11 @@ def test_a_flip_model_serves_an_image_and_its_mirror_alike(tmp_path, rng):
     mirrored = embed(images=tf.constant(np.ascontiguousarray(pixels[:, :, ::-1])))["embedding"].numpy()
     np.testing.assert_allclose(served, mirrored, atol=1e-5)
     np.testing.assert_allclose(served, model.predict(pixels, verbose=0), atol=1e-5)
+    # and so does its LiteRT copy, which `tfr serve` answers with
+    from tf_retrieval.serving.server import litert_signatures
+
+    fast = litert_signatures(path)["embed_pixels"]
+    np.testing.assert_allclose(fast(tf.constant(np.ascontiguousarray(pixels[:, :, ::-1])))["embedding"], served,
+                               atol=1e-4)
     plain = build_embedding_model(build_backbone("mobilenet_v2", 32, "avg", weights=None))
     assert np.abs(plain.predict(pixels, verbose=0) - plain.predict(pixels[:, :, ::-1], verbose=0)).max() > 1e-3

@@ -27,7 +27,8 @@ import shlex
 import sys
 from typing import Sequence
 
-from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, ModelConfig, TrainConfig, load_recipe, recipe_names
+from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, TRAINED_MODEL_FIELDS, ModelConfig, TrainConfig, load_recipe,
+                                  recipe_names)
 from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
 
 logger = logging.getLogger("tf_retrieval")
@@ -75,6 +76,10 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         raise InvalidInputError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if config.image_size < 32:
         raise InvalidInputError(f"--image-size must be at least 32, got {config.image_size}")
+    if args.model_config:
+        from tf_retrieval.training.adapt import check_adapted_features
+
+        check_adapted_features(args.model_config, config)
     return config
 
 
@@ -321,8 +326,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     web = None if args.no_web else _web()
     sock = None if web is None else web.reserve_port(args.host, args.port)  # a busy port fails before slow work
     engines = prepare_demo(_model_config(args), workdir=_workdir(args), limit=args.limit, data_dir=args.data_dir,
-                           run_dir=args.finetuned, finetuned=not args.baseline_only, batch_size=args.batch_size,
-                           runtime=args.runtime)
+                           run_dir=args.finetuned, finetuned=not args.baseline_only, flip=args.flip,
+                           batch_size=args.batch_size, runtime=args.runtime)
     demo_query(engines, k=args.k, seed=args.seed, data_dir=args.data_dir)
     if web is not None:
         print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
@@ -448,9 +453,7 @@ def _add_search_args(parser: argparse.ArgumentParser, expand: bool = True, expan
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
 _OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
-_LIST_TYPES = {"scales": float, "augment": str}
-_TRAIN_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
-                       "hash_bits")
+_LIST_TYPES = {"scales": (float, "+"), "augment": (str, "*")}  # `--augment` alone: no views (over a recipe's)
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -458,13 +461,13 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (override --config; defaults from TrainConfig and ModelConfig)")
     model_defaults = TrainConfig().model
     fields = [(f.name, f.default) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    fields += [(name, getattr(model_defaults, name)) for name in _TRAIN_MODEL_FIELDS]
+    fields += [(name, getattr(model_defaults, name)) for name in TRAINED_MODEL_FIELDS]
     for name, default in fields:
         if isinstance(default, bool):
             group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}",
                                action=argparse.BooleanOptionalAction, help=f"default {default}")
             continue
-        kind, many = (_LIST_TYPES[name], "+") if name in _LIST_TYPES else (_OPTIONAL_TYPES.get(name, type(default)), None)
+        kind, many = _LIST_TYPES[name] if name in _LIST_TYPES else (_OPTIONAL_TYPES.get(name, type(default)), None)
         group.add_argument("--" + name.replace("_", "-"), dest=f"train_{name}", type=kind, nargs=many,
                            metavar=name.upper(), help=f"default {list(default) if many else default}")
 
@@ -483,7 +486,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if isinstance(flags.get(name), str) and flags[name].lower() == "none":
             flags[name] = None
     model = dict(values.pop("model", {}))
-    model.update({name: flags.pop(name) for name in _TRAIN_MODEL_FIELDS if name in flags})
+    model.update({name: flags.pop(name) for name in TRAINED_MODEL_FIELDS if name in flags})
     config = TrainConfig.from_dict({**values, **flags, **({"model": model} if model else {})})
     dataset_family(config.protocol)  # an unknown protocol: a clear error before anything loads
     return config
@@ -679,8 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="reports/compare", help="report directory (default reports/compare)")
     compare.add_argument("--records", help="also keep the records in this JSON list (benchmarks/results/retrieval.json)")
     _add_search_args(compare, expand_default=5)
-    compare.add_argument("--flip", action="store_true",
-                         help="test-time flip for both models (`--flip` of the model flags; figures <run>-flip-*.png)")
+    compare.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                         help="test-time flip on (or off) for both models (`--flip` of the model flags; figures "
+                              "<run>-flip-*.png); default: both as the run's model.json says")
     compare.add_argument("--label", default="finetuned", help="model name of the trained runs in the records "
                          "(e.g. 'tuned' for a configuration from tfr tune)")
     _add_runtime_arg(compare)

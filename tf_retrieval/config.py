@@ -59,11 +59,14 @@ def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> li
     """The input sizes of a multi-scale backbone: `image_size` times each scale, rounded.
 
     Raises:
-      InvalidInputError: several scales, one of which goes below 32 px (a single scale is the plain `image_size`).
+      InvalidInputError: several scales, one of which goes below 32 px (a single scale is the plain `image_size`), or
+        two that round to the same size.
     """
     sizes = [int(round(image_size * scale)) for scale in scales]
     if len(sizes) > 1 and min(sizes) < 32:
         raise InvalidInputError(f"scales {list(scales)} of {image_size} px go below 32 px")
+    if len(set(sizes)) != len(sizes):
+        raise InvalidInputError(f"scales {list(scales)} of {image_size} px give the same size twice: {sizes}")
     return sizes
 
 
@@ -95,7 +98,8 @@ class ModelConfig(JsonConfig):
         feature map (Radenović et al. 2018). [1.0], the default, is a single-scale model.
       flip: test-time flip augmentation: the backbone also runs on the mirrored image (left-right) and pools over
         both, so an image and its mirror get the same vector. Twice the backbone's compute; training ignores it (its
-        mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model.
+        mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model (one that `tfr adapt`
+        made excepted: adapt it again).
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
@@ -155,8 +159,11 @@ AUGMENTATIONS = ("flip", "zoom", "zoom-tl", "zoom-tr", "zoom-bl", "zoom-br")
 #: `TrainConfig.lr_schedule` values.
 LR_SCHEDULES = ("constant", "cosine")
 
-#: TrainConfig fields that describe the model and moved into `TrainConfig.model` (older run files have them flat).
-_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "weights", "train_from", "hash_bits")
+#: The `ModelConfig` fields a training run sets (`TrainConfig.model`; `tfr train` has a flag for each).
+TRAINED_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
+                        "hash_bits")
+#: Those that older run files have flat, beside the training fields (`flip` came after the move into `model`).
+_FLAT_MODEL_FIELDS = tuple(field for field in TRAINED_MODEL_FIELDS if field != "flip")
 
 
 @dataclasses.dataclass
@@ -226,7 +233,7 @@ class TrainConfig(JsonConfig):
         values = dict(values)
         model = values.pop("model", None)
         model = dict(model) if isinstance(model, dict) else ({} if model is None else model.to_dict())
-        model.update({field: values.pop(field) for field in _MODEL_FIELDS if field in values})
+        model.update({field: values.pop(field) for field in _FLAT_MODEL_FIELDS if field in values})
         model = ModelConfig.from_dict({"name": "finetuned", **model})
         return super().from_dict({**values, "model": model})
 

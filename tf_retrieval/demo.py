@@ -90,21 +90,21 @@ def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: st
 
 
 def prepare_demo(base: ModelConfig, *, workdir: str, limit: int = 10000, data_dir: str | None = None,
-                 run_dir: str | None = None, finetuned: bool = True, batch_size: int = 64, runtime: str = "litert",
-                 say: Callable[[str], None] = print) -> dict[str, RetrievalEngine]:
+                 run_dir: str | None = None, finetuned: bool = True, flip: bool | None = None, batch_size: int = 64,
+                 runtime: str = "litert", say: Callable[[str], None] = print) -> dict[str, RetrievalEngine]:
     """{model name: engine} over the first `limit` CIFAR-10 train images: the baseline `base`, then (unless
-    `finetuned` is False) the fine-tuned model of `finetuned_model`, with test-time flip when `base` has it."""
+    `finetuned` is False) the fine-tuned model of `finetuned_model`. Both embed with test-time flip if `flip` is
+    True, both without if it is False; None: both as the fine-tuned model has it (else as `base` has it)."""
     database = demo_database(limit, data_dir)
-    engines = {base.name: demo_engine(base, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
-                                      runtime=runtime, say=say)}
+    models = [base]
     if finetuned:
-        model = finetuned_model(base, database, workdir=workdir, run_dir=run_dir, runtime=runtime, say=say)
-        model = dataclasses.replace(model, flip=model.flip or base.flip)
-        if model.name in engines:
-            raise InvalidInputError(f"the fine-tuned model is named {model.name!r} like the baseline: rename one")
-        engines[model.name] = demo_engine(model, database, workdir=workdir, data_dir=data_dir, batch_size=batch_size,
-                                          runtime=runtime, say=say)
-    return engines
+        models.append(finetuned_model(base, database, workdir=workdir, run_dir=run_dir, runtime=runtime, say=say))
+        if models[1].name == base.name:
+            raise InvalidInputError(f"the fine-tuned model is named {base.name!r} like the baseline: rename one")
+    flip = models[-1].flip if flip is None else flip  # side by side on the same views
+    return {model.name: demo_engine(dataclasses.replace(model, flip=flip), database, workdir=workdir,
+                                    data_dir=data_dir, batch_size=batch_size, runtime=runtime, say=say)
+            for model in models}
 
 
 def demo_query(engines: dict[str, RetrievalEngine], *, k: int = 10, seed: int = 0, data_dir: str | None = None,

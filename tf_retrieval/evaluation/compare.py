@@ -63,23 +63,25 @@ def baseline_of(train_config: TrainConfig) -> ModelConfig:
 def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", expand: int = 5, augment: int = 0,
                 alpha: float = 3.0, grid_queries: int = 4, seed: int = 0, protocol: Protocol | None = None,
                 baseline_cache: dict | None = None, label: str = "finetuned", runtime: str = "litert",
-                flip: bool = False) -> list[dict]:
+                flip: bool | None = None) -> list[dict]:
     """Scores baseline and fine-tuned on the run's protocol, draws its figures into `out_dir`; returns the records.
 
     `run_dir` is a training run, or a model directory that `tfr adapt` made from one. `baseline_cache` (a dict shared
     between runs) keeps baseline scores, so runs on the same protocol rank it once. `label` names the trained model in
     the records ("finetuned"; "tuned" for a configuration found by `tfr tune`); `runtime` runs the backbone; `flip`
-    turns on test-time flip (`ModelConfig.flip`) for both models; a model with flip has its figures in
-    `<run>-flip-*.png`. Where the protocol has separate queries, each model is also scored with α query expansion
-    over the top-`expand` (variant alpha-qe) and, with `augment`, with α database augmentation over `augment`
-    neighbours as well (alpha-dba+qe).
+    turns test-time flip (`ModelConfig.flip`) on or off for both models (None: both as the run's model has it); a
+    model with flip has its figures in `<run>-flip-*.png`. Where the protocol has separate queries, each model is also
+    scored with α query expansion over the top-`expand` (variant alpha-qe) and, with `augment`, with α database
+    augmentation over `augment` neighbours as well (alpha-dba+qe).
     """
+    from tf_retrieval.training.adapt import check_adapted_features
+
     baseline_cache = {} if baseline_cache is None else baseline_cache
     train_config, model_config, details = trained_model(run_dir)
     protocol = protocol or load_protocol(train_config.protocol, train_config.source)
-    base = baseline_of(train_config)
-    if flip:
-        base, model_config = dataclasses.replace(base, flip=True), dataclasses.replace(model_config, flip=True)
+    flip = model_config.flip if flip is None else flip  # the two models are compared on the same views
+    base, model_config = (dataclasses.replace(config, flip=flip) for config in (baseline_of(train_config), model_config))
+    check_adapted_features(os.path.join(run_dir, "model.json"), model_config)
     configs = {"baseline": base, label: model_config}
     # the vectors `tfr index` would build bundles of (a trained trunk's features are cached like any backbone's)
     vectors = {model: embed_collection(protocol.collection, config, workdir=workdir, runtime=runtime)
@@ -127,7 +129,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
 
 def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str = "", expand: int = 5,
             augment: int = 0, alpha: float = 3.0, label: str = "finetuned", runtime: str = "litert",
-            flip: bool = False) -> list[dict]:
+            flip: bool | None = None) -> list[dict]:
     """`compare_run` for every run, then `report.json` and `report.md` in `out_dir`.
 
     Runs compared earlier into the same `out_dir` stay in the report (a run compared again replaces its records key by
@@ -147,7 +149,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     """The report: metric table, what each fine-tuned model is, and the figures."""
     rows, seen_baselines = [], set()
     for r in records:  # a protocol's baseline once, however many runs share it
-        key = (r["protocol"], r.get("variant"), r["image_size"], r["pooling"], r.get("flip"))
+        key = tuple(r.get(field) for field in RECORD_KEY if field != "run")
         if r["model"] == "baseline" and key in seen_baselines:
             continue
         if r["model"] == "baseline":

@@ -207,6 +207,20 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
     return adapted_config
 
 
+def check_adapted_features(model_config_path: str, config: ModelConfig) -> None:
+    """Refuses `config`, loaded from `model_config_path` and then changed, when that is a model `tfr adapt` made and
+    the change gives other backbone features (size, scales, flip, ...): its whitening and head weight were fitted on
+    the features of the model it was made from."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_config_path)), ADAPT_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        fitted = ModelConfig.from_dict(json.load(f)["source_model"]).backbone_key()
+    if config.backbone_key() != fitted:
+        raise InvalidInputError(f"{os.path.dirname(path)} was adapted (whitened, fused) on {fitted} features, not on "
+                                f"{config.backbone_key()}: run `tfr adapt` again with these model flags (e.g. --flip)")
+
+
 def adaptation_details(model_config_path: str) -> dict:
     """What a record says of an adapted model (nothing for another model): its label (baseline or finetuned), its
     variant name and how it was made."""
