@@ -1,12 +1,14 @@
 """Thin TF Serving clients for the embedder, over gRPC (`tensorflow_serving.apis` stubs) or REST (the standard library).
 
 Both work unchanged against real `tensorflow_model_server` and against `tf_retrieval.serving.server`, and have the same
-methods (`embed_bytes`, `embed_pixels`, `metadata`, `status`); `connect(address, model)` picks one by the address:
+methods (`embed_bytes`, `embed_pixels`, `metadata`, `status`, `embedding_space`); `connect(address, model)` picks one
+by the address:
 
     embedder = connect("localhost:8500", "baseline")          # gRPC
     embedder = connect("http://localhost:8501", "baseline")   # REST
     embedder = connect("host1:8500,host2:8500", "baseline")   # replicas: requests spread, a failed one retried
     vectors = embedder.embed_bytes([jpeg, png, ...])          # float32 [n, d], sent in requests of `batch_size` images
+    embedder.check_embedding_space(config.embedding_space(), "the index")  # refuses another model's vectors
 
 Errors: the server refusing a request raises `InvalidInputError`, an unknown model or version `MissingError`, an
 unreachable server `ConnectionError`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import urllib.error
 import urllib.request
 from typing import Sequence
@@ -26,6 +29,10 @@ from tf_retrieval.errors import InvalidInputError, MissingError
 
 DEFAULT_BATCH_SIZE = 64
 _BYTES_SIGNATURE, _PIXELS_SIGNATURE = "serving_default", "embed_pixels"
+#: The signature, without inputs, that answers what the model's vectors are (`ModelConfig.embedding_space`).
+MODEL_INFO_SIGNATURE = "model_info"
+
+logger = logging.getLogger(__name__)
 
 
 def connect(address: str, model_name: str, version: int | None = None, *, timeout: float = 30.0,
@@ -94,6 +101,32 @@ class _Embedder:
     def _metadata(self):
         """(version, SignatureDefMap proto)."""
         raise NotImplementedError
+
+    def embedding_space(self) -> str | None:
+        """What the served model's vectors are (`ModelConfig.embedding_space`, answered by its `model_info`
+        signature, which `tfr export` writes); None for a model exported without it."""
+        _, signatures = self._metadata()
+        if MODEL_INFO_SIGNATURE not in signatures.signature_def:
+            return None
+        return str(np.asarray(self._model_info()).ravel()[0])
+
+    def _model_info(self):
+        """The `embedding_space` output of the `model_info` signature."""
+        raise NotImplementedError
+
+    def check_embedding_space(self, expected: str, needed_by: str) -> None:
+        """Refuses a served model whose vectors are not `expected` (an embedding space, `ModelConfig.embedding_space`)
+        as `needed_by` (e.g. "the index at ...") needs them. A model exported without `model_info` cannot say: it is
+        trusted, with a warning."""
+        served = self.embedding_space()
+        if served is None:
+            logger.warning("the served model %r does not say what its vectors are (exported without the %s "
+                           "signature): trusting that they are the %s vectors %s needs", self.model_name,
+                           MODEL_INFO_SIGNATURE, expected, needed_by)
+        elif served != expected:
+            raise InvalidInputError(f"the served model {self.model_name!r} gives {served} vectors, but {needed_by} "
+                                    f"needs {expected} vectors: serve that model (`tfr export --model-config` its "
+                                    f"model.json)")
 
     def status(self) -> list[tuple[int, str]]:
         """(version, state name) of each version the server knows, as it lists them (TF Serving: newest first)."""
@@ -176,6 +209,9 @@ class EmbeddingClient(_Embedder):
     def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
         return self.predict({"images": images}, signature_name)["embedding"]
 
+    def _model_info(self):
+        return [v.decode("utf-8") for v in self.predict({}, MODEL_INFO_SIGNATURE)["embedding_space"].ravel()]
+
     def _metadata(self):
         from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -236,6 +272,11 @@ class RestEmbeddingClient(_Embedder):
         if predictions and isinstance(predictions[0], dict):  # several outputs: one object per instance
             predictions = [p["embedding"] for p in predictions]
         return np.asarray(predictions, dtype=np.float32)
+
+    def _model_info(self):
+        outputs = self._request(f"{self._model_url}:predict",
+                                {"signature_name": MODEL_INFO_SIGNATURE, "inputs": {}})["outputs"]
+        return outputs["embedding_space"] if isinstance(outputs, dict) else outputs
 
     def _metadata(self):
         from google.protobuf import json_format
@@ -315,6 +356,9 @@ class ReplicatedClient(_Embedder):
 
     def _metadata(self):
         return self._call("_metadata")
+
+    def _model_info(self):
+        return self._call("_model_info")
 
     def _status(self):
         return self._call("_status")

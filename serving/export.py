@@ -6,6 +6,7 @@ model's config sits in `<version>/assets.extra/config.json` (TF Serving ignores 
 Signatures:
   serving_default:  images tf.string [n] (JPEG / PNG / GIF / BMP bytes)   -> embedding float32 [n, d]
   embed_pixels:     images float32 [n, s, s, 3], RGB in 0..255            -> embedding float32 [n, d]
+  model_info:       no inputs -> embedding_space tf.string [1] (`ModelConfig.embedding_space`; `tfr export` adds it)
 The embedding is unit length, or +-1 codes [n, bits] for a hashing model (`tf_retrieval.vectors.finish` packs them).
 JPEGs are decoded with `dct_method="INTEGER_ACCURATE"`, which gives the same pixels as PIL (used at index time).
 """
@@ -19,6 +20,7 @@ import keras
 
 from tf_retrieval.config import ModelConfig
 from tf_retrieval.errors import InvalidInputError
+from tf_retrieval.serving.client import MODEL_INFO_SIGNATURE
 from tf_retrieval.storage import atomic_directory, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ LITERT_FILE = os.path.join("assets.extra", "model.tflite")
 
 
 def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: int, version: int | None = None,
-                 config: dict | None = None, litert: bool = True) -> str:
+                 config: dict | None = None, embedding_space: str | None = None, litert: bool = True) -> str:
     """Writes `model` as a SavedModel to `<base_dir>/<name>/<version>/` and returns that path; with `litert`, also its
     LiteRT flatbuffer (`features.litert.convert`: pixels in, the same outputs) to `<version>/assets.extra/model.tflite`.
 
@@ -59,6 +61,8 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
       image_size: s.
       version: integer version; None exports as the next version.
       config: stored beside the model (with the embedding dimension and signatures added).
+      embedding_space: what the vectors are (`ModelConfig.embedding_space`); given, the model also answers it through
+        the `model_info` signature (no inputs), so that a client checks it against its index's (`client.connect`).
 
     Raises:
       InvalidInputError: a bad name, or a version that exists already.
@@ -86,10 +90,20 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
         return {"embedding": model(pixels, training=False)}
 
+    signatures = {"serving_default": embed_bytes, "embed_pixels": embed_pixels}
+    described = {"serving_default": "images: string [n] -> embedding: float32 [n, d]",
+                 "embed_pixels": f"images: float32 [n, {image_size}, {image_size}, 3] -> embedding: float32 [n, d]"}
+    if embedding_space is not None:
+        @tf.function(input_signature=[])
+        def model_info():
+            return {"embedding_space": tf.constant([embedding_space])}
+
+        signatures[MODEL_INFO_SIGNATURE] = model_info
+        described[MODEL_INFO_SIGNATURE] = f"no inputs -> embedding_space: string [1] ({embedding_space})"
     module = tf.Module()
     module.model = model
     with atomic_directory(target) as tmp:  # TF Serving never sees a half-written version
-        tf.saved_model.save(module, tmp, signatures={"serving_default": embed_bytes, "embed_pixels": embed_pixels})
+        tf.saved_model.save(module, tmp, signatures=signatures)
         extra = {}
         if litert:
             from tf_retrieval.features.litert import convert
@@ -100,10 +114,7 @@ def export_model(model: keras.Model, base_dir: str, name: str, *, image_size: in
             extra = {"litert": LITERT_FILE.replace(os.sep, "/")}
         write_json(os.path.join(tmp, "assets.extra", "config.json"),
                    {**(config or {}), **extra, "name": name, "version": version, "embedding_dim": dim,
-                    "image_size": image_size,
-                    "signatures": {"serving_default": "images: string [n] -> embedding: float32 [n, d]",
-                                   "embed_pixels": f"images: float32 [n, {image_size}, {image_size}, 3] -> "
-                                                   "embedding: float32 [n, d]"}}, indent=2)
+                    "image_size": image_size, "signatures": described}, indent=2)
     write_models_config(base_dir)
     logger.info("exported %s version %d (%d-d embeddings) to %s", name, version, dim, target)
     return target
@@ -129,4 +140,4 @@ def export_config(config: ModelConfig, base_dir: str, *, name: str | None = None
     from tf_retrieval.features.embedding import build_model
 
     return export_model(build_model(config), base_dir, name or config.name, image_size=config.image_size,
-                        version=version, config=config.to_dict())
+                        version=version, config=config.to_dict(), embedding_space=config.embedding_space())

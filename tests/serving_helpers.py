@@ -19,13 +19,15 @@ def tiny_model(seed: int = 0):
     return build_embedding_model(backbone)
 
 
-def export_tiny(base_dir: str, name: str = "tiny", seed: int = 0, litert: bool = False):
+def export_tiny(base_dir: str, name: str = "tiny", seed: int = 0, litert: bool = False,
+                embedding_space: str | None = None):
     """Exports a `tiny_model(seed)` as the next version of `name` (with its LiteRT flatbuffer when `litert`: without
-    it, servers run the SavedModel whatever their runtime); returns the keras model."""
+    it, servers run the SavedModel whatever their runtime; with a `model_info` signature when `embedding_space` is
+    given); returns the keras model."""
     from tf_retrieval.serving.export import export_model
 
     model = tiny_model(seed)
-    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE, litert=litert)
+    export_model(model, str(base_dir), name, image_size=IMAGE_SIZE, litert=litert, embedding_space=embedding_space)
     return model
 
 

@@ -102,6 +102,12 @@ def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):
                      "--server", f"127.0.0.1:{server.port}", "--server-model", "tiny", *SMALL_MODEL]) == 0
         assert main(["--workdir", workdir, "embed", "--dataset", image_dir, "--out", local, *SMALL_MODEL]) == 0
         np.testing.assert_allclose(np.load(served), np.load(local), atol=1e-4)
+        capsys.readouterr()
+        # the served model says what its vectors are: another model's (here with flip) are refused
+        error = run_error(["--workdir", workdir, "embed", "--dataset", image_dir, "--out", served, "--server",
+                           f"127.0.0.1:{server.port}", "--server-model", "tiny", "--flip", *SMALL_MODEL], capsys)
+        assert "the served model 'tiny' gives v1:mobilenet_v2-32px-avg-random:identity vectors, but this " \
+               "command's model needs v1:mobilenet_v2-32px-flip-avg-random:identity vectors" in error
     finally:
         server.stop(grace=1)
     capsys.readouterr()  # the embed commands' progress bars

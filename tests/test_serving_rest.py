@@ -149,6 +149,27 @@ def test_connect_picks_rest_or_grpc_and_both_embed_alike(served, rng):
         connect(url, "tiny", version=3).status()
 
 
+def test_clients_check_the_embedding_space_a_model_states(tmp_path, caplog):
+    space = "v1:tiny-16px-avg-random:identity"
+    export_tiny(tmp_path, "said", embedding_space=space)
+    export_tiny(tmp_path, "unsaid")  # exported before model_info existed
+    server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0)
+    grpc_address, url = f"127.0.0.1:{server.port}", f"http://127.0.0.1:{server.rest_port}"
+    try:
+        for address in (grpc_address, url, f"{grpc_address},{url}"):  # gRPC, REST, replicas
+            said, unsaid = connect(address, "said"), connect(address, "unsaid")
+            assert said.embedding_space() == space and unsaid.embedding_space() is None
+            said.check_embedding_space(space, "the index")
+            with pytest.raises(InvalidInputError, match=f"the served model 'said' gives {space} vectors, but the index "
+                                                        "needs v1:tiny-16px-flip-avg-random:identity vectors"):
+                said.check_embedding_space(space.replace("px-", "px-flip-"), "the index")
+            caplog.clear()
+            unsaid.check_embedding_space(space, "the index")  # cannot say: trusted, with a warning
+            assert "the served model 'unsaid' does not say what its vectors are" in caplog.text
+    finally:
+        server.stop(grace=1)
+
+
 def test_rest_client_on_a_closed_port_is_a_connection_error(served):
     server = serve(served[1].registry.base_path, port=0, rest_port=0, poll_seconds=0)
     url = f"http://127.0.0.1:{server.rest_port}"

@@ -114,16 +114,19 @@ def _bundle(args: argparse.Namespace, name: str) -> str:
     return resolve_bundle(name, _workdir(args))
 
 
-def _remote_embedder(address: str | None, model_name: str):
+def _remote_embedder(address: str | None, config: ModelConfig, needed_by: str, model_name: str | None = None):
     """A TF Serving client (gRPC "host:port" or REST "http://host:port"; several, comma-separated, are replicas) for
-    `model_name`, or None for in process."""
+    `model_name` (default: `config.name`), checked to give `config`'s vectors as `needed_by` needs them; or None for
+    in process."""
     if not address:
         return None
     try:
         from tf_retrieval.serving.client import connect
     except ImportError as exc:
         raise MissingDependencyError(f"--server needs the serving extra: pip install 'tf_retrieval[serving]' ({exc})")
-    return connect(address, model_name)
+    client = connect(address, model_name or config.name)
+    client.check_embedding_space(config.embedding_space(), needed_by)
+    return client
 
 
 def _web():
@@ -147,7 +150,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     config = _model_config(args)
     collection = _load_collection(args)
-    client = _remote_embedder(args.server, args.server_model or config.name)
+    client = _remote_embedder(args.server, config, "this command's model", args.server_model)
     if client is not None:
         vectors = finish(client.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
                          config.hash_bits)
@@ -252,7 +255,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     files = image_files(args.images)
     bundle = _bundle(args, args.index)
     config = ModelConfig.load(os.path.join(bundle, "model.json"))
-    engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, args.server_model or config.name),
+    engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, config, f"the index at {bundle}",
+                                                                    args.server_model),
                                   data_dir=args.data_dir, runtime=args.runtime)
     failures = 0
     for path in files:
@@ -371,17 +375,19 @@ def cmd_web(args: argparse.Namespace) -> None:
     web = _web()
     sock = web.reserve_port(args.host, args.port)  # a busy port fails before the models load
     bundles = [_bundle(args, name) for name in args.index]
-    names = [ModelConfig.load(os.path.join(bundle, "model.json")).name for bundle in bundles]
+    configs = [ModelConfig.load(os.path.join(bundle, "model.json")) for bundle in bundles]
+    names = [config.name for config in configs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InvalidInputError(f"two bundles hold the model {repeated[0]!r}; each model may appear once")
 
     def build_app():  # in each worker process
         engines = {}
-        for bundle, name in zip(bundles, names):
-            engines[name] = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, name),
-                                                 data_dir=args.data_dir, runtime=args.runtime)
-            print(f"{name}: {len(engines[name]):,} images from {bundle}", flush=True)
+        for bundle, config in zip(bundles, configs):
+            embedder = _remote_embedder(args.server, config, f"the index at {bundle}")
+            engines[config.name] = RetrievalEngine.load(bundle, embedder=embedder, data_dir=args.data_dir,
+                                                        runtime=args.runtime)
+            print(f"{config.name}: {len(engines[config.name]):,} images from {bundle}", flush=True)
         return web.create_app(engines, max_upload_mb=args.max_upload_mb, warmup=True)
 
     workers = f" with {args.workers} worker processes" if args.workers > 1 else ""

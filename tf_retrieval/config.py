@@ -144,12 +144,15 @@ class ModelConfig(JsonConfig):
         """Names the backbone's features (`backbone_id`): feature caches are keyed by it."""
         return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales, self.flip)
 
-    def model_id(self) -> str:
-        """Identifies the embedding space: two models with the same id give comparable vectors."""
+    def embedding_space(self) -> str:
+        """Names what its vectors are, whatever the model is called: version, backbone features, head, codes."""
         head = "identity" if self.head is None else os.path.basename(self.head)
         codes = f":hash{self.hash_bits}" if self.hash_bits else ""
-        return (f"{self.name}:v{self.version}:{self.backbone_key()}"
-                f":{head}{codes}")
+        return f"v{self.version}:{self.backbone_key()}:{head}{codes}"
+
+    def model_id(self) -> str:
+        """Identifies the model and its embedding space: two models with the same id give comparable vectors."""
+        return f"{self.name}:{self.embedding_space()}"
 
 
 #: `train_from` of end-to-end training (the whole trunk on decoded images).
