@@ -117,12 +117,14 @@ class _Embedder:
     def check_embedding_space(self, expected: str, needed_by: str) -> None:
         """Refuses a served model whose vectors are not `expected` (an embedding space, `ModelConfig.embedding_space`)
         as `needed_by` (e.g. "the index at ...") needs them. A model exported without `model_info` cannot say: it is
-        trusted, with a warning."""
-        served = self.embedding_space()
+        trusted, with a warning, as is a server that refuses to answer it."""
+        try:
+            served, why = self.embedding_space(), f"exported without the {MODEL_INFO_SIGNATURE} signature"
+        except InvalidInputError as exc:  # a server that does not take a Predict without inputs
+            served, why = None, str(exc)
         if served is None:
-            logger.warning("the served model %r does not say what its vectors are (exported without the %s "
-                           "signature): trusting that they are the %s vectors %s needs", self.model_name,
-                           MODEL_INFO_SIGNATURE, expected, needed_by)
+            logger.warning("the served model %r does not say what its vectors are (%s): trusting that they are the %s "
+                           "vectors %s needs", self.model_name, why, expected, needed_by)
         elif served != expected:
             raise InvalidInputError(f"the served model {self.model_name!r} gives {served} vectors, but {needed_by} "
                                     f"needs {expected} vectors: serve that model (`tfr export --model-config` its "
