@@ -121,7 +121,9 @@ def ablation_markdown(records: list[dict]) -> str:
             deltas = []
             for which in ("baseline", "head"):
                 ref = _reference(records, protocol, r["image_size"], which, r["backbone"], bool(r.get("flip")))
-                deltas.append("–" if ref is None or ref is r
+                same = ref is r or (ref is not None and (ref["model"], recipe(ref), ref.get("runtime"))
+                                    == (r["model"], recipe(r), r.get("runtime")))  # the same thing, scored again
+                deltas.append("–" if ref is None or same
                               else f"{r['metrics'][headline] - ref['metrics'][headline]:+.3f}")
             values = [f"{r['metrics'][c]:.3f}" if c in r["metrics"] else "–" for c in COLUMNS]
             lines.append(f"| {r['image_size']} | {recipe(r)} | {r.get('run') or '–'} | {r.get('runtime', 'tf')} | "
