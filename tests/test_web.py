@@ -457,14 +457,21 @@ def running_server(app, sock=None):
     """`app` under waitress on a free localhost port (or on `sock`), in a thread; yields its base URL."""
     from tf_retrieval.web.app import create_server
 
-    server = create_server(app, port=0, threads=2, sock=sock)
-    thread = threading.Thread(target=server.run, daemon=True)
+    server, stop = create_server(app, port=0, threads=2, sock=sock), threading.Event()
+
+    def run():  # waitress' loop a poll at a time, closed in its own thread: never a select on a closed socket
+        while not stop.is_set():
+            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+        server.close()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.close()
+        stop.set()
         thread.join(timeout=10)
+        server.task_dispatcher.shutdown()
 
 
 def multipart_image(body: bytes, boundary: str = "xYz") -> bytes:
