@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from tf_retrieval.config import END_TO_END
 from tf_retrieval.evaluation.evaluate import SEARCH_VARIANTS
 
 PROTOCOLS = ("cifar10-2", "cifar10-1", "cifar10-unseen", "flowers-official", "flowers-disjoint")
@@ -36,7 +37,8 @@ def recipe(record: dict) -> str:
         parts.append(baseline)
     else:
         cut = record.get("train_from")
-        parts.append("top blocks from " + cut if cut else "head only")
+        parts.append({None: "head only", END_TO_END: "end to end, images flipped and shifted on the fly"}.get(
+            cut, f"top blocks from {cut}"))
         if not cut and record.get("weights") != "imagenet":  # a head trained on another run's fine-tuned trunk
             parts.append(f"on a fine-tuned trunk ({os.path.basename(record['weights'])})")
         loss = config.get("mining", "semihard") + " triplet"
