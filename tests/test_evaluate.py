@@ -118,6 +118,13 @@ def test_records_merge_and_markdown(tmp_path):
     store.merge([make_record("cifar10-2", multiscale, {"mAP": 0.66}, embedding_dim=1280, seconds=1.0, command="x")])
     assert [r["metrics"]["mAP"] for r in store.load()][-1] == 0.66 and len(store.load()) == 4
     assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75 | avg |" in records_markdown(store.load())
+    # the compare report shows a baseline scored beside several runs once, and each baseline of its own key
+    from tf_retrieval.evaluation.compare import report_markdown
+
+    runs = [{**record, "run": run} for record in store.load() if record["model"] == "baseline" for run in ("a", "b")]
+    report = report_markdown(json.loads(json.dumps(runs)), str(tmp_path))  # scales as JSON lists
+    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75 |") == 1
+    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg |") == 1
 
 
 def test_concurrent_merges_keep_every_record(tmp_path):

@@ -201,6 +201,11 @@ def _replace_dir(new: str, target: str) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def record_key(record: dict, fields: Sequence[str]) -> tuple:
+    """The values of `fields` in `record` (None where missing; lists, as JSON gives them, as tuples)."""
+    return tuple(tuple(value) if isinstance(value, list) else value for value in (record.get(f) for f in fields))
+
+
 class RecordStore:
     """A JSON list of records (dicts) that keeps one record per key.
 
@@ -214,9 +219,8 @@ class RecordStore:
         self.key = tuple(key)
 
     def key_of(self, record: dict) -> tuple:
-        """The values of the key fields (lists, as JSON gives them, as tuples)."""
-        return tuple(tuple(value) if isinstance(value, list) else value
-                     for value in (record.get(field) for field in self.key))
+        """The values of the key fields (`record_key`)."""
+        return record_key(record, self.key)
 
     def load(self) -> list[dict]:
         """The stored records (an empty list when the file does not exist)."""

@@ -19,7 +19,7 @@ from tf_retrieval.evaluation.evaluate import (RECORD_KEY, SEARCH_VARIANTS, code_
                                               records_markdown, run_details, search_details)
 from tf_retrieval.features.embedding import embed_collection
 from tf_retrieval.data.protocols import Protocol, load_protocol
-from tf_retrieval.storage import RecordStore, write_text
+from tf_retrieval.storage import RecordStore, record_key, write_text
 from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig, load_run
 from tf_retrieval.errors import InvalidInputError
 
@@ -149,7 +149,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     """The report: metric table, what each fine-tuned model is, and the figures."""
     rows, seen_baselines = [], set()
     for r in records:  # a protocol's baseline once, however many runs share it
-        key = tuple(r.get(field) for field in RECORD_KEY if field != "run")
+        key = record_key(r, [field for field in RECORD_KEY if field != "run"])
         if r["model"] == "baseline" and key in seen_baselines:
             continue
         if r["model"] == "baseline":

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tf_retrieval.config import ModelConfig
+from tf_retrieval.config import END_TO_END, ModelConfig
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.index import build_index
 from tf_retrieval.evaluation.metrics import RetrievalMetrics, relevance_matrix
@@ -202,14 +202,15 @@ RECORD_KEY = ("protocol", "model", "backbone", "image_size", "scales", "flip", "
 
 
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
-    """A Markdown table of records, one row each (the model column names the variant, codes and top blocks)."""
+    """A Markdown table of records, one row each (the model column names the variant, codes and how deep training
+    reached)."""
     header = ["protocol", "model", "backbone", "px", "pooling", "dim", "weights", "runtime", *columns, "s", "run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         values = [f"{r['metrics'][c]:.3f}" if isinstance(r["metrics"].get(c), (int, float)) else "–" for c in columns]
         model = (r["model"] + (f" + {r['variant']}" if r.get("variant") else "")
                  + (f" ({r['hash_bits']} bits)" if r.get("hash_bits") else "")
-                 + (" + top blocks" if r.get("train_from") else ""))
+                 + {None: "", END_TO_END: " (end to end)"}.get(r.get("train_from"), " + top blocks"))
         weights = r["weights"] if r["weights"] in ("imagenet", "none") else "fine-tuned trunk"
         size = (str(r["image_size"]) + (f" x{'/'.join(f'{x:g}' for x in r['scales'])}" if r.get("scales") else "")
                 + (" + flip" if r.get("flip") else ""))
