@@ -108,6 +108,15 @@ def test_export_then_embed_through_the_server(image_dir, tmp_path, capsys):
                            f"127.0.0.1:{server.port}", "--server-model", "tiny", "--flip", *SMALL_MODEL], capsys)
         assert "the served model 'tiny' gives v1:mobilenet_v2-32px-avg-random:identity vectors, but this " \
                "command's model needs v1:mobilenet_v2-32px-flip-avg-random:identity vectors" in error
+        # and an index built with flip refuses it as the query embedder (RetrievalEngine.load checks)
+        assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "flipped", "--flip",
+                     *SMALL_MODEL]) == 0
+        capsys.readouterr()
+        query = os.path.join(image_dir, sorted(os.listdir(image_dir))[0])
+        error = run_error(["--workdir", workdir, "search", query, "--index", "flipped", "--server",
+                           f"127.0.0.1:{server.port}", "--server-model", "tiny"], capsys)
+        assert "gives v1:mobilenet_v2-32px-avg-random:identity vectors, but the index at " in error
+        assert "flipped needs v1:mobilenet_v2-32px-flip-avg-random:identity vectors" in error
     finally:
         server.stop(grace=1)
     capsys.readouterr()  # the embed commands' progress bars

@@ -114,19 +114,16 @@ def _bundle(args: argparse.Namespace, name: str) -> str:
     return resolve_bundle(name, _workdir(args))
 
 
-def _remote_embedder(address: str | None, config: ModelConfig, needed_by: str, model_name: str | None = None):
+def _remote_embedder(address: str | None, model_name: str):
     """A TF Serving client (gRPC "host:port" or REST "http://host:port"; several, comma-separated, are replicas) for
-    `model_name` (default: `config.name`), checked to give `config`'s vectors as `needed_by` needs them; or None for
-    in process."""
+    `model_name`, or None for in process. `RetrievalEngine.load` checks that its vectors fit the index."""
     if not address:
         return None
     try:
         from tf_retrieval.serving.client import connect
     except ImportError as exc:
         raise MissingDependencyError(f"--server needs the serving extra: pip install 'tf_retrieval[serving]' ({exc})")
-    client = connect(address, model_name or config.name)
-    client.check_embedding_space(config.embedding_space(), needed_by)
-    return client
+    return connect(address, model_name)
 
 
 def _web():
@@ -150,8 +147,9 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     config = _model_config(args)
     collection = _load_collection(args)
-    client = _remote_embedder(args.server, config, "this command's model", args.server_model)
+    client = _remote_embedder(args.server, args.server_model or config.name)
     if client is not None:
+        client.check_embedding_space(config.embedding_space(), "this command's model")
         vectors = finish(client.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
                          config.hash_bits)
     else:
@@ -255,8 +253,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     files = image_files(args.images)
     bundle = _bundle(args, args.index)
     config = ModelConfig.load(os.path.join(bundle, "model.json"))
-    engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, config, f"the index at {bundle}",
-                                                                    args.server_model),
+    engine = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, args.server_model or config.name),
                                   data_dir=args.data_dir, runtime=args.runtime)
     failures = 0
     for path in files:
@@ -384,9 +381,8 @@ def cmd_web(args: argparse.Namespace) -> None:
     def build_app():  # in each worker process
         engines = {}
         for bundle, config in zip(bundles, configs):
-            embedder = _remote_embedder(args.server, config, f"the index at {bundle}")
-            engines[config.name] = RetrievalEngine.load(bundle, embedder=embedder, data_dir=args.data_dir,
-                                                        runtime=args.runtime)
+            engines[config.name] = RetrievalEngine.load(bundle, embedder=_remote_embedder(args.server, config.name),
+                                                        data_dir=args.data_dir, runtime=args.runtime)
             print(f"{config.name}: {len(engines[config.name]):,} images from {bundle}", flush=True)
         return web.create_app(engines, max_upload_mb=args.max_upload_mb, warmup=True)
 

@@ -206,7 +206,9 @@ class RetrievalEngine:
 
     @classmethod
     def load(cls, bundle_dir: str, embedder=None, data_dir: str | None = None, runtime: str = "litert") -> RetrievalEngine:
-        """Loads a bundle written by `build_bundle`; the collection is re-read from its source and checked against the catalog."""
+        """Loads a bundle written by `build_bundle`; the collection is re-read from its source and checked against the
+        catalog, and an `embedder` that is a model server's client (`serving.client.connect`) against the index's
+        embedding space."""
         config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
         catalog_path = os.path.join(bundle_dir, "catalog.json")
         try:
@@ -215,6 +217,8 @@ class RetrievalEngine:
         except FileNotFoundError:
             raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
+        if hasattr(embedder, "check_embedding_space"):  # a model server's client: are its vectors the index's?
+            embedder.check_embedding_space(config.embedding_space(), f"the index at {bundle_dir}")
         collection = _stored_collection(bundle_dir, catalog, data_dir or catalog.get("data_dir"))
         engine = cls(config, collection, index, embedder, index_ids=catalog.get("index_ids"), runtime=runtime,
                      database_augmentation=catalog.get("database_augmentation"))
