@@ -207,28 +207,35 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
     return adapted_config
 
 
+def _adaptation(model_config_path: str) -> dict | None:
+    """The `ADAPT_FILE` beside a model.json (how `tfr adapt` made that model), or None for another model."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_config_path)), ADAPT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_adapted_features(model_config_path: str, config: ModelConfig) -> None:
     """Refuses `config`, loaded from `model_config_path` and then changed, when that is a model `tfr adapt` made and
     the change gives other backbone features (size, scales, flip, ...): its whitening and head weight were fitted on
     the features of the model it was made from."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_config_path)), ADAPT_FILE)
-    if not os.path.isfile(path):
+    details = _adaptation(model_config_path)
+    if details is None:
         return
-    with open(path) as f:
-        fitted = ModelConfig.from_dict(json.load(f)["source_model"]).backbone_key()
+    fitted = ModelConfig.from_dict(details["source_model"]).backbone_key()
     if config.backbone_key() != fitted:
-        raise InvalidInputError(f"{os.path.dirname(path)} was adapted (whitened, fused) on {fitted} features, not on "
-                                f"{config.backbone_key()}: run `tfr adapt` again with these model flags (e.g. --flip)")
+        raise InvalidInputError(f"{os.path.dirname(os.path.abspath(model_config_path))} was adapted (whitened, fused) "
+                                f"on {fitted} features, not on {config.backbone_key()}: run `tfr adapt` again with "
+                                f"these model flags (e.g. --flip)")
 
 
 def adaptation_details(model_config_path: str) -> dict:
     """What a record says of an adapted model (nothing for another model): its label (baseline or finetuned), its
     variant name and how it was made."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_config_path)), ADAPT_FILE)
-    if not os.path.isfile(path):
+    details = _adaptation(model_config_path)
+    if details is None:
         return {}
-    with open(path) as f:
-        details = json.load(f)
     weight, frozen = details["head_weight"], "whitened" if details["whiten_dim"] else "frozen"
     variant = frozen if weight == 0 else ("head" if weight == 1 else f"{frozen} + head (w={weight:g})")
     return {"variant": variant, "adaptation": {k: details[k] for k in ("whiten_dim", "shrinkage", "head_weight",
