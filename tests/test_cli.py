@@ -39,7 +39,7 @@ def run_error(argv, capsys):
 
 def test_bad_arguments_give_one_line(tmp_path, capsys):
     assert "unknown backbone 'vgg'" in run_error(["index", "--dataset", str(tmp_path), "--backbone", "vgg"], capsys)
-    assert "--image-size must be at least 32" in run_error(
+    assert "image_size must be a whole number of pixels, at least 32, got 8" in run_error(
         ["index", "--dataset", str(tmp_path), "--image-size", "8"], capsys)
     assert "image folder not found" in run_error(["index", "--dataset", "./no/such/dir", *SMALL_MODEL], capsys)
     assert "no such image or folder" in run_error(["search", str(tmp_path / "nope.jpg"), "--index", "x"], capsys)

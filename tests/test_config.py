@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tf_retrieval.config import ModelConfig
@@ -20,6 +22,22 @@ def test_model_config_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         ModelConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backbone": "vgg16"}, "unknown backbone 'vgg16'; choose one of efficientnet_lite0"),
+    ({"pooling": "sum"}, "unknown pooling 'sum'; choose one of avg, gem, max"),
+    ({"image_size": 16}, "image_size must be a whole number of pixels, at least 32, got 16"),
+    ({"image_size": "160"}, "image_size must be a whole number of pixels, at least 32, got '160'"),
+    ({"scales": [1, 2]}, r"scales must be distinct factors in \(0, 1\]"),
+    ({"flip": "yes"}, "flip must be true or false, got 'yes'"),
+    ({"hash_bits": 0}, "hash_bits must be a positive number of bits, got 0"),
+])
+def test_a_model_file_with_a_bad_field_is_refused_on_load_with_the_field_named(tmp_path, fields, message):
+    """A hand-edited model.json fails when read, naming the field, before any model is built."""
+    (tmp_path / "model.json").write_text(json.dumps({**ModelConfig(image_size=160).to_dict(), **fields}))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.load(tmp_path / "model.json")
 
 
 def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):

@@ -72,10 +72,6 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
-    if config.backbone not in BACKBONE_NAMES:  # early, before anything loads
-        raise InvalidInputError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-    if config.image_size < 32:
-        raise InvalidInputError(f"--image-size must be at least 32, got {config.image_size}")
     if args.model_config:
         from tf_retrieval.training.adapt import check_adapted_features
 

@@ -122,6 +122,12 @@ class ModelConfig(JsonConfig):
     version: int = 1
 
     def __post_init__(self):
+        if self.backbone not in BACKBONE_NAMES:
+            raise InvalidInputError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        if self.pooling not in POOLINGS:
+            raise InvalidInputError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32:
+            raise InvalidInputError(f"image_size must be a whole number of pixels, at least 32, got {self.image_size!r}")
         if self.hash_bits is not None and (isinstance(self.hash_bits, bool) or int(self.hash_bits) < 1):
             raise InvalidInputError(f"hash_bits must be a positive number of bits, got {self.hash_bits!r}")
         try:
