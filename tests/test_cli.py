@@ -144,10 +144,12 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
 
     recipe = load_recipe("cifar10-2")
     assert config("--recipe", "cifar10-2") == recipe and recipe.model.train_from  # the record's recipe, not a head
-    changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "none")
-    assert (changed.epochs, changed.model.train_from, changed.augment) == (3, None, recipe.augment)
-    end_to_end = config("--recipe", "cifar10-2", "--train-from", "images", "--augment")  # no cached views
-    assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 30)
+    changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "block4_add", "--augment", "flip", "zoom")
+    assert (changed.epochs, changed.model.train_from, changed.augment) == (3, "block4_add", ("flip", "zoom"))
+    assert changed.learning_rate == recipe.learning_rate  # what no flag names stays the recipe's
+    changed.save(tmp_path / "views.json")
+    end_to_end = config("--config", str(tmp_path / "views.json"), "--train-from", "images", "--augment")  # no views
+    assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 3)
     assert load_recipe("cifar10-1").model.train_from == "images" and not load_recipe("cifar10-1").augment
     assert config("--flip").model.flip and not config("--flip", "--no-flip").model.flip and not config().model.flip
     recipe.save(str(tmp_path / "c.json"))
