@@ -41,7 +41,6 @@ def test_a_model_file_with_a_bad_field_is_refused_on_load_with_the_field_named(t
 
 
 def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
-    import json
     import os
 
     from tf_retrieval.config import TrainConfig, best_run
@@ -75,7 +74,6 @@ def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():
     """`tfr train --recipe P` must reproduce the best float record on protocol P in benchmarks/results/retrieval.json
     (search-side variants and hashing codes aside): the recipe holds that run's recorded training config, and the
     test-time flip the record was evaluated with (training ignores it; the trained model embeds with it)."""
-    import json
     import os
 
     from tf_retrieval.config import TrainConfig, load_recipe, recipe_names
