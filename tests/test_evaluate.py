@@ -149,3 +149,31 @@ def test_a_head_on_a_fine_tuned_trunk_is_compared_with_the_imagenet_baseline():
                                              hash_bits=48, image_size=160))
     assert baseline_of(on_trunk) == ModelConfig(name="baseline", weights="imagenet", image_size=160)
     assert baseline_of(TrainConfig(model=ModelConfig(name="finetuned", weights=None))).weights is None  # tests
+
+
+def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
+    from tf_retrieval.config import TrainConfig
+    from tf_retrieval.evaluation.evaluate import run_details
+    from tf_retrieval.storage import write_json
+
+    def finished_run(name: str, weights: str, seconds: float) -> str:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        config = TrainConfig(model=ModelConfig(name="finetuned", weights=weights, train_from="images"))
+        config.save(str(run_dir / "train_config.json"))
+        trained = ModelConfig(name="finetuned", weights=str(run_dir / "finetuned-backbone-1.weights.h5"))
+        trained.save(str(run_dir / "model.json"))
+        (run_dir / "finetuned-backbone-1.weights.h5").write_bytes(b"")
+        write_json(str(run_dir / "result.json"), {"seconds": seconds, "epochs": 1, "best_map_at_r": 0.5,
+                                                  "command": f"tfr train {name}"})
+        return trained.weights
+
+    first = finished_run("first", "imagenet", 10.0)
+    second = finished_run("second", first, 20.0)
+    finished_run("third", second, 30.0)
+    details = run_details(str(tmp_path / "third"))
+    assert details["train_command"] == "tfr train third"
+    # reproducing the third run takes the first two, in this order
+    assert details["starts_from"] == [{"run": "first", "train_command": "tfr train first", "train_seconds": 10.0},
+                                      {"run": "second", "train_command": "tfr train second", "train_seconds": 20.0}]
+    assert "starts_from" not in run_details(str(tmp_path / "first"))

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tf_retrieval.config import END_TO_END, ModelConfig
+from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig, load_run
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.index import build_index
 from tf_retrieval.evaluation.metrics import RetrievalMetrics, relevance_matrix
@@ -171,15 +171,34 @@ def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embe
 def run_details(run_dir: str) -> dict:
     """What a record says of the training run a model comes from: its name, recipe, training figures (seconds in all
     and of them caching the frozen part's outputs) and the command that trained it (runs of older versions: None)."""
-    from tf_retrieval.config import load_run
-
     train_config, model_config = load_run(run_dir)
     with open(os.path.join(run_dir, "result.json")) as f:
         result = json.load(f)
+    earlier = earlier_runs(train_config.model.weights)
     return {"run": os.path.basename(os.path.normpath(run_dir)), "train_from": model_config.train_from,
             "train_seconds": result["seconds"], "cache_seconds": result.get("cache_seconds"),
             "train_epochs": result["epochs"], "validation_map_at_r": round(result["best_map_at_r"], 4),
-            "train_command": result.get("command"), "config": train_config.to_dict()}
+            "train_command": result.get("command"), **({"starts_from": earlier} if earlier else {}),
+            "config": train_config.to_dict()}
+
+
+def earlier_runs(weights: str | None) -> list[dict]:
+    """The training runs a run's starting weights come from, oldest first: a run that started from another run's
+    fine-tuned trunk (`--weights RUN/finetuned-backbone-*.weights.h5`) is reproduced by their commands, in this order,
+    before its own. Each: the run's name, training command and seconds. [] for ImageNet or unknown weights."""
+    chain, seen = [], set()
+    while weights and os.path.isfile(weights):
+        run_dir = os.path.dirname(os.path.abspath(weights))
+        result_path = os.path.join(run_dir, "result.json")
+        if run_dir in seen or not os.path.isfile(result_path):
+            break
+        seen.add(run_dir)
+        with open(result_path) as f:
+            result = json.load(f)
+        chain.append({"run": os.path.basename(run_dir), "train_command": result.get("command"),
+                      "train_seconds": result.get("seconds")})
+        weights = TrainConfig.load(os.path.join(run_dir, "train_config.json")).model.weights
+    return chain[::-1]
 
 
 def code_details(config: ModelConfig, vectors: np.ndarray) -> dict:
