@@ -177,3 +177,11 @@ def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
     assert details["starts_from"] == [{"run": "first", "train_command": "tfr train first", "train_seconds": 10.0},
                                       {"run": "second", "train_command": "tfr train second", "train_seconds": 20.0}]
     assert "starts_from" not in run_details(str(tmp_path / "first"))
+    # and the compare report lists the three training commands in that order
+    from tf_retrieval.evaluation.compare import report_markdown
+
+    record = make_record("cifar10-2", ModelConfig(name="finetuned"), {"mAP": 0.9}, embedding_dim=128, seconds=1.0,
+                         command="tfr compare third", model="finetuned", **details)
+    report = report_markdown([record], str(tmp_path))
+    training = report.split("Training (a run that starts from another run's trunk after that run):")[1]
+    assert training.index("tfr train first") < training.index("tfr train second") < training.index("tfr train third")

@@ -180,6 +180,11 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
                      f"{r['validation_map_at_r']:.3f} | {r.get('variant') or '–'} |")
     lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
     lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
+    trainings = dict.fromkeys(step["train_command"] for r in runs.values()
+                              for step in r.get("starts_from", []) + [r] if step.get("train_command"))
+    if trainings:
+        lines += ["Training (a run that starts from another run's trunk after that run):", ""]
+        lines += [f"    {command}" for command in trainings] + [""]
     for name, r in runs.items():
         title = r["run"] + (" + flip" if r.get("flip") else "")
         lines += [f"## {title} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
