@@ -41,6 +41,8 @@ def recipe(record: dict) -> str:
             cut, f"top blocks from {cut}"))
         if not cut and record.get("weights") != "imagenet":  # a head trained on another run's fine-tuned trunk
             parts.append(f"on a fine-tuned trunk ({os.path.basename(record['weights'])})")
+        elif record.get("starts_from"):  # a trunk trained on from where another run left it
+            parts.append(f"starting from the trunk of {record['starts_from'][-1]['run']}")
         loss = config.get("mining", "semihard") + " triplet"
         if config.get("proxy_loss"):
             loss += f" + {config['proxy_loss']}"
