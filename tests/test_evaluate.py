@@ -183,5 +183,5 @@ def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
     record = make_record("cifar10-2", ModelConfig(name="finetuned"), {"mAP": 0.9}, embedding_dim=128, seconds=1.0,
                          command="tfr compare third", model="finetuned", **details)
     report = report_markdown([record], str(tmp_path))
-    training = report.split("Training (a run that starts from another run's trunk after that run):")[1]
+    training = report.split("Training commands (a run that starts from another run's trunk comes after that run):")[1]
     assert training.index("tfr train first") < training.index("tfr train second") < training.index("tfr train third")

@@ -183,7 +183,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
     trainings = dict.fromkeys(step["train_command"] for r in runs.values()
                               for step in r.get("starts_from", []) + [r] if step.get("train_command"))
     if trainings:
-        lines += ["Training (a run that starts from another run's trunk after that run):", ""]
+        lines += ["Training commands (a run that starts from another run's trunk comes after that run):", ""]
         lines += [f"    {command}" for command in trainings] + [""]
     for name, r in runs.items():
         title = r["run"] + (" + flip" if r.get("flip") else "")
