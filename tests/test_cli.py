@@ -136,27 +136,71 @@ def split_folder(root, classes=("red", "green", "blue", "yellow"), per_class=8):
 
 
 def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
-    from tf_retrieval.cli import _train_config, build_parser
-    from tf_retrieval.config import load_recipe
+    from tf_retrieval.cli import _train_config, _train_recipe
+    from tf_retrieval.config import RECIPES_DIR, load_recipe
+
+    def parse(*argv):
+        return build_parser().parse_args(["train", *argv])
 
     def config(*argv):
-        return _train_config(build_parser().parse_args(["train", *argv]))
+        return _train_config(parse(*argv))
 
     recipe = load_recipe("cifar10-2")
-    assert config("--recipe", "cifar10-2") == recipe and recipe.model.train_from  # the record's recipe, not a head
-    changed = config("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "block4_add", "--augment", "flip", "zoom")
-    assert (changed.epochs, changed.model.train_from, changed.augment) == (3, "block4_add", ("flip", "zoom"))
-    assert changed.learning_rate == recipe.learning_rate  # what no flag names stays the recipe's
-    changed.save(tmp_path / "views.json")
+    assert _train_recipe(parse("--recipe", "cifar10-2")) == recipe and recipe.stages[0].model.train_from  # not a head
+    changed = _train_recipe(parse("--recipe", "cifar10-2", "--epochs", "3", "--train-from", "block4_add", "--augment",
+                                  "flip", "zoom", "--weights", "trunk.weights.h5"))
+    for stage in changed.stages:  # flags apply to every stage ...
+        assert (stage.epochs, stage.model.train_from, stage.augment) == (3, "block4_add", ("flip", "zoom"))
+    assert [stage.model.weights for stage in changed.stages][:2] == ["trunk.weights.h5", "imagenet"]  # ... --weights to the first
+    # what no flag names stays the recipe's, in each stage
+    assert [s.trunk_lr_scale for s in changed.stages] == [s.trunk_lr_scale for s in recipe.stages] == [1.0, 0.5]
+    assert _train_recipe(parse("--recipe", "cifar10-2", "--stages", "1")).stages == recipe.stages[:1]
+    with pytest.raises(ValueError, match=r"the recipe has 2 stage\(s\): stages must be in 1..2, got 3"):
+        _train_recipe(parse("--recipe", "cifar10-2", "--stages", "3"))
+    changed.stages[0].save(tmp_path / "views.json")
     end_to_end = config("--config", str(tmp_path / "views.json"), "--train-from", "images", "--augment")  # no views
     assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 3)
-    assert load_recipe("cifar10-1").model.train_from == "images" and not load_recipe("cifar10-1").augment
+    assert load_recipe("cifar10-1").stages[0].model.train_from == "images" and not load_recipe("cifar10-1").stages[0].augment
     assert config("--flip").model.flip and not config("--flip", "--no-flip").model.flip and not config().model.flip
-    recipe.save(str(tmp_path / "c.json"))
     with pytest.raises(ValueError, match="give --config or --recipe, not both"):
-        config("--recipe", "cifar10-2", "--config", str(tmp_path / "c.json"))
-    with pytest.raises(SystemExit):
+        config("--recipe", "cifar10-2", "--config", str(tmp_path / "views.json"))
+    with pytest.raises(FileNotFoundError, match="no training recipe 'mnist'; recipes: cifar10-1, cifar10-2"):
         config("--recipe", "mnist")
+    with pytest.raises(ValueError, match="has 2 stages: give one stage"):  # tfr tune and the like train one run
+        _train_config(build_parser().parse_args(["tune", "--config", os.path.join(RECIPES_DIR, "cifar10-2.json")]))
+
+
+def test_train_a_recipe_in_stages_each_from_the_trunk_before_and_resume_it(tmp_path, capsys):
+    from tf_retrieval.evaluation.evaluate import earlier_runs
+
+    folder = split_folder(tmp_path / "colours")
+    workdir, run_dir, recipe = str(tmp_path / "work"), str(tmp_path / "run"), tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({
+        "protocol": "cifar10-2", "source": folder, "model": {"image_size": 32, "train_from": "images"},
+        "embedding_dim": 8, "hidden_dim": 16, "classes_per_batch": 4, "images_per_class": 3, "epochs": 1,
+        "steps_per_epoch": 2, "validation_fraction": 0.34, "then": [{"trunk_lr_scale": 0.5, "epochs": 2}]}))
+    command = ["--workdir", workdir, "train", "--recipe", str(recipe), "--run-dir", run_dir]
+    assert main(command) == 0
+    assert "(the last of 2 stages)" in capsys.readouterr().out
+    first = json.load(open(tmp_path / "run-stage1" / "model.json"))["weights"]
+    assert os.path.basename(first).startswith("finetuned-backbone-")
+    second = json.load(open(tmp_path / "run" / "train_config.json"))
+    assert (second["model"]["weights"], second["trunk_lr_scale"], second["epochs"]) == (first, 0.5, 2)
+    assert json.load(open(tmp_path / "run" / "result.json"))["epochs"] == 2
+    assert [run["run"] for run in earlier_runs(second["model"]["weights"])] == ["run-stage1"]  # its records' starts_from
+    # run again: the finished first stage is kept, the last one trains again
+    stamp = os.path.getmtime(first)
+    assert main(command) == 0 and os.path.getmtime(first) == stamp
+    assert json.load(open(tmp_path / "run" / "train_config.json"))["model"]["weights"] == first
+    # a first stage with other settings trains again
+    assert main(command + ["--hidden-dim", "12"]) == 0
+    assert json.load(open(tmp_path / "run-stage1" / "train_config.json"))["hidden_dim"] == 12
+    # a later stage needs a trunk to go on from, and the first stage's data and validation split
+    recipe.write_text(json.dumps({"then": [{"epochs": 2}]}))
+    assert "stage 2 of the recipe goes on from the fine-tuned trunk of stage 1, which trains no trunk" in run_error(
+        command, capsys)
+    recipe.write_text(json.dumps({"model": {"train_from": "images"}, "then": [{"seed": 1}]}))
+    assert "stage 2 of the recipe changes seed: every stage keeps" in run_error(command, capsys)
 
 
 def test_train_then_compare(tmp_path, capsys):

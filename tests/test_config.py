@@ -74,19 +74,33 @@ def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():
     """`tfr train --recipe P` must reproduce the best float record on protocol P in benchmarks/results/retrieval.json
     (search-side variants and hashing codes aside): the recipe holds that run's recorded training config, and the
     test-time flip the record was evaluated with (training ignores it; the trained model embeds with it). A record of
-    a run that went on from another run's trunk (`starts_from`) is not one run: its commands, in order, reproduce it."""
+    a run that went on from other runs' trunks (`starts_from`) is a recipe in stages: one per run, in that order, each
+    stage the config its run's record holds (starting from the trunk of the stage before it)."""
     import os
 
     from tf_retrieval.config import TrainConfig, load_recipe, recipe_names
 
     records = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "retrieval.json")))
+    trained = [r for r in records if r["model"] != "baseline" and not r.get("variant") and r.get("config")]
+
+    def recorded_config(record, flip):
+        config = TrainConfig.from_dict({**record["config"], "source": None})  # the recipe loads the protocol's dataset
+        config.model.flip = flip
+        return config
+
     assert {"cifar10-1", "cifar10-2", "flowers-official"} <= set(recipe_names())
     for name in recipe_names():
-        runs = [r for r in records if r["protocol"] == name and r["model"] != "baseline" and not r.get("variant")
-                and not r.get("hash_bits") and r.get("config") and not r.get("starts_from")]
-        best = max(runs, key=lambda r: r["metrics"]["mAP"])
-        recorded = TrainConfig.from_dict({**best["config"], "source": None})  # the recipe loads the protocol's dataset
-        recorded.model.flip = bool(best.get("flip"))
-        assert load_recipe(name) == recorded, (name, best["run"])
+        best = max((r for r in trained if r["protocol"] == name and not r.get("hash_bits")),
+                   key=lambda r: r["metrics"]["mAP"])
+        runs = [earlier["run"] for earlier in best.get("starts_from", [])] + [best["run"]]
+        stages = load_recipe(name).stages
+        assert len(stages) == len(runs), (name, runs)
+        for number, (stage, run) in enumerate(zip(stages, runs)):
+            record = best if run == best["run"] else next(r for r in trained if r["run"] == run)
+            config = recorded_config(record, bool(best.get("flip")))
+            if number:  # it starts from the trunk of the stage before it
+                assert os.path.basename(os.path.dirname(config.model.weights)) == runs[number - 1]
+                config.model.weights = stage.model.weights
+            assert stage == config, (name, run)
     with pytest.raises(FileNotFoundError, match="no training recipe 'mnist'; recipes: cifar10-1, cifar10-2"):
         load_recipe("mnist")

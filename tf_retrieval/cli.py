@@ -27,8 +27,8 @@ import shlex
 import sys
 from typing import Sequence
 
-from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, TRAINED_MODEL_FIELDS, ModelConfig, TrainConfig, load_recipe,
-                                  recipe_names)
+from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, TRAINED_MODEL_FIELDS, ModelConfig, Recipe, TrainConfig,
+                                  load_recipe, recipe_names)
 from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
 
 logger = logging.getLogger("tf_retrieval")
@@ -388,15 +388,18 @@ def cmd_web(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Fine-tunes on a protocol's training set (cached backbone outputs) and writes a run directory."""
-    from tf_retrieval.training.train import train
+    """Fine-tunes on a protocol's training set (cached backbone outputs, or images end to end) and writes a run
+    directory; a recipe in stages writes one per stage, the last one at --run-dir."""
+    from tf_retrieval.training.train import train_recipe
 
-    config = _train_config(args)
+    recipe = _train_recipe(args)
+    config = recipe.stages[-1]
     run_dir = args.run_dir or os.path.join(_workdir(args), "runs", f"{config.model.name}-{config.protocol}")
-    result = train(config, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0, runtime=args.runtime,
-                   command=_command_line())
-    print(f"trained {config.model.name} on {config.protocol} in {result.seconds:.0f} s ({result.epochs} epochs): "
-          f"best validation MAP@R {result.best_map_at_r:.4f}")
+    result = train_recipe(recipe, run_dir, workdir=_workdir(args), verbose=2 if args.progress else 0,
+                          runtime=args.runtime, command=_command_line())
+    stage = f" (the last of {len(recipe.stages)} stages)" if len(recipe.stages) > 1 else ""
+    print(f"trained {config.model.name} on {config.protocol}{stage} in {result.seconds:.0f} s ({result.epochs} "
+          f"epochs): best validation MAP@R {result.best_map_at_r:.4f}")
     print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")
     print(f"next: tfr compare {run_dir}   |   tfr index --model-config {os.path.join(run_dir, 'model.json')} ...")
 
@@ -470,24 +473,30 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                            metavar=name.upper(), help=f"default {list(default) if many else default}")
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` of --config or --recipe (if any) with the training flags applied; checks the protocol."""
+def _train_recipe(args: argparse.Namespace) -> Recipe:
+    """The `Recipe` of --config or --recipe (default: one stage of `TrainConfig`'s defaults) with the training flags
+    applied to each stage, and --stages; checks the protocol."""
     from tf_retrieval.data.protocols import dataset_family
 
     recipe = getattr(args, "recipe", None)
     if args.config and recipe:
         raise InvalidInputError("give --config or --recipe, not both")
-    base = TrainConfig.load(args.config) if args.config else load_recipe(recipe) if recipe else None
-    values = base.to_dict() if base else {}
+    base = Recipe.load(args.config) if args.config else load_recipe(recipe) if recipe else Recipe((TrainConfig(),))
     flags = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
     for name in ("weights", "train_from", "source"):
         if isinstance(flags.get(name), str) and flags[name].lower() == "none":
             flags[name] = None
-    model = dict(values.pop("model", {}))
-    model.update({name: flags.pop(name) for name in TRAINED_MODEL_FIELDS if name in flags})
-    config = TrainConfig.from_dict({**values, **flags, **({"model": model} if model else {})})
-    dataset_family(config.protocol)  # an unknown protocol: a clear error before anything loads
-    return config
+    recipe = base.with_changes(flags, getattr(args, "stages", None))
+    dataset_family(recipe.stages[0].protocol)  # an unknown protocol: a clear error before anything loads
+    return recipe
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The one `TrainConfig` of `_train_recipe` (for commands that train a single run, such as `tfr tune`)."""
+    recipe = _train_recipe(args)
+    if len(recipe.stages) > 1:
+        raise InvalidInputError(f"{args.config} has {len(recipe.stages)} stages: give one stage (a TrainConfig file)")
+    return recipe.stages[0]
 
 
 # -- the parser ---------------------------------------------------------------------------------------------------------
@@ -654,10 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--max-upload-mb", type=float, default=10.0)
 
     train = command("train", cmd_train, "fine-tune with a triplet loss on cached features")
-    train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote)")
-    train.add_argument("--recipe", choices=recipe_names(),
-                       help="a shipped recipe: the settings of the best recorded run on that protocol (flags still "
-                            "override them)")
+    train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote), or a recipe file "
+                                         "(tf_retrieval.config.Recipe: stages)")
+    train.add_argument("--recipe", metavar="NAME",
+                       help=f"a shipped recipe ({', '.join(recipe_names())}): the settings that gave the best "
+                            f"recorded figure on that protocol, in stages where it took several runs (flags override "
+                            f"them in every stage; --weights in the first)")
+    train.add_argument("--stages", type=int, help="train only the first N stages of the recipe (default: all)")
     train.add_argument("--run-dir", help="output directory (default <workdir>/runs/<name>-<protocol>)")
     train.add_argument("--progress", action="store_true", help="print one line per epoch")
     _add_runtime_arg(train)

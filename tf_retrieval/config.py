@@ -34,14 +34,18 @@ class JsonConfig:
 
     @classmethod
     def load(cls: type[T], path: str | os.PathLike) -> T:
-        try:
-            with open(path) as f:
-                values = json.load(f)
-        except FileNotFoundError:
-            raise MissingError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"config file {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(values)
+        return cls.from_dict(_read_config_file(path))
+
+
+def _read_config_file(path: str | os.PathLike) -> Any:
+    """The JSON value of a config file, with clear errors for a missing file or bad JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MissingError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"config file {path} is not valid JSON: {exc}") from None
 
 
 #: The backbones `models.backbones` builds (their constructors live there: importing this module loads no Keras).
@@ -270,9 +274,74 @@ class TrainConfig(JsonConfig):
         return dataclasses.replace(self.model, name="baseline", head=None, train_from=None, hash_bits=None)
 
 
-#: Named training recipes shipped with the package (`tf_retrieval/recipes/<name>.json`): each is the TrainConfig of
-#: the best recorded run on the protocol it is named after (tests/test_config.py pins them to
-#: benchmarks/results/retrieval.json), so `tfr train --recipe cifar10-2` reproduces that record.
+def with_changes(config: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+    """`config` with `changes` applied: TrainConfig fields and the model's `TRAINED_MODEL_FIELDS`, all by name (as
+    `tfr train` flags name them)."""
+    values = config.to_dict()
+    model = values.pop("model")
+    model.update({name: value for name, value in changes.items() if name in TRAINED_MODEL_FIELDS})
+    values.update({name: value for name, value in changes.items() if name not in TRAINED_MODEL_FIELDS})
+    return TrainConfig.from_dict({**values, "model": model})
+
+
+#: What every stage of a recipe keeps from its first: the same data, validation split and network. (A stage with
+#: another seed would validate on images an earlier stage trained on.)
+STAGE_FIXED_FIELDS = ("protocol", "source", "seed", "validation_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to train a model: one run, or runs in stages, each going on from the fine-tuned trunk of the one before.
+
+    A recipe file is a TrainConfig JSON file (the first stage) with an optional `"then"`: the changes of each later
+    stage to the stage before it, fields by name as in `with_changes`, e.g. `"then": [{"epochs": 8,
+    "trunk_lr_scale": 0.5}]`. A later stage's `model.weights` is set when the stage before it has run (its fine-tuned
+    trunk: `training.train.train_recipe`), so every stage but the last trains its trunk (`model.train_from`); all
+    keep `STAGE_FIXED_FIELDS` and the backbone.
+    """
+
+    stages: tuple[TrainConfig, ...]
+
+    def __post_init__(self):
+        if not self.stages:
+            raise InvalidInputError("a recipe has at least one stage")
+        first = self.stages[0]
+        for number, (before, stage) in enumerate(zip(self.stages, self.stages[1:]), 2):
+            if not before.model.train_from:
+                raise InvalidInputError(f"stage {number} of the recipe goes on from the fine-tuned trunk of stage "
+                                        f"{number - 1}, which trains no trunk (its train_from is None)")
+            changed = [name for name in STAGE_FIXED_FIELDS if getattr(stage, name) != getattr(first, name)]
+            changed += ["backbone"] if stage.model.backbone != first.model.backbone else []
+            if changed:
+                raise InvalidInputError(f"stage {number} of the recipe changes {', '.join(changed)}: every stage "
+                                        f"keeps the data, validation split and backbone of the first")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        """Reads a recipe file (a TrainConfig file, such as `train_config.json` or `tfr tune`'s, is one stage)."""
+        values = _read_config_file(path)
+        then = values.pop("then", []) if isinstance(values, dict) else []
+        if not isinstance(then, list) or not all(isinstance(changes, dict) for changes in then):
+            raise InvalidInputError(f"{path}: \"then\" must be a list of changes, one object per later stage")
+        stages = [TrainConfig.from_dict(values)]
+        for changes in then:
+            stages.append(with_changes(stages[-1], changes))
+        return cls(tuple(stages))
+
+    def with_changes(self, changes: dict[str, Any], stages: int | None = None) -> Recipe:
+        """The first `stages` stages (default all), each with `changes` (e.g. command-line flags) applied; `weights`
+        only to the first: the others start from the trunk of the stage before them."""
+        if stages is not None and not 1 <= stages <= len(self.stages):
+            raise InvalidInputError(f"the recipe has {len(self.stages)} stage(s): stages must be in 1..{len(self.stages)}, "
+                                    f"got {stages}")
+        later = {name: value for name, value in changes.items() if name != "weights"}
+        kept = self.stages[:stages]
+        return Recipe((with_changes(kept[0], changes), *(with_changes(stage, later) for stage in kept[1:])))
+
+
+#: Named training recipes shipped with the package (`tf_retrieval/recipes/<name>.json`): each gives the best recorded
+#: figure on the protocol it is named after (tests/test_config.py pins them to benchmarks/results/retrieval.json), so
+#: `tfr train --recipe cifar10-2` reproduces that record.
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
@@ -281,11 +350,13 @@ def recipe_names() -> list[str]:
     return sorted(os.path.splitext(name)[0] for name in os.listdir(RECIPES_DIR) if name.endswith(".json"))
 
 
-def load_recipe(name: str) -> TrainConfig:
-    """The shipped training recipe `name` (see `recipe_names`)."""
+def load_recipe(name: str) -> Recipe:
+    """The shipped training recipe `name` (see `recipe_names`), or the recipe file at path `name`."""
+    if name.endswith(".json") and os.path.isfile(name):
+        return Recipe.load(name)
     if name not in recipe_names():
-        raise MissingError(f"no training recipe {name!r}; recipes: {', '.join(recipe_names())}")
-    return TrainConfig.load(os.path.join(RECIPES_DIR, f"{name}.json"))
+        raise MissingError(f"no training recipe {name!r}; recipes: {', '.join(recipe_names())} (or a recipe file)")
+    return Recipe.load(os.path.join(RECIPES_DIR, f"{name}.json"))
 
 
 def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:

@@ -27,8 +27,8 @@ import time
 import keras
 import numpy as np
 
-from tf_retrieval.errors import InvalidInputError
-from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, TrainConfig
+from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, Recipe, TrainConfig, load_run
 from tf_retrieval.data.protocols import Protocol
 from tf_retrieval.storage import read_json_value, save_with_digest, write_json
 from tf_retrieval.vectors import finish
@@ -543,3 +543,36 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
     logger.info("trained %s in %.0f s: best validation MAP@R %.4f", name, result.seconds, result.best_map_at_r)
     return result
+
+
+def train_recipe(recipe: Recipe, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
+                 verbose: int = 2, runtime: str = "litert", command: str | None = None) -> TrainResult:
+    """Trains the stages of `recipe` in order, each from the fine-tuned trunk of the stage before it (`train`'s
+    arguments); returns the last stage's result.
+
+    The last stage writes `run_dir`, stage k before it `<run_dir>-stage<k>`. An earlier stage whose directory holds
+    a finished run of the same config is not trained again, so a recipe that was stopped goes on where it stopped (a
+    stage stopped half-way resumes from its backup, as any run does).
+    """
+    trunk = None
+    for number, config in enumerate(recipe.stages, 1):
+        if trunk is not None:
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, weights=trunk))
+        stage_dir = run_dir if number == len(recipe.stages) else f"{run_dir}-stage{number}"
+        if stage_dir != run_dir and (trunk := _finished_trunk(stage_dir, config)):
+            logger.info("stage %d of %d: %s is trained already", number, len(recipe.stages), stage_dir)
+            continue
+        logger.info("stage %d of %d: training %s", number, len(recipe.stages), stage_dir)
+        result = train(config, stage_dir, workdir=workdir, protocol=protocol, verbose=verbose, runtime=runtime,
+                       command=command)
+        trunk = result.model_config.weights
+    return result
+
+
+def _finished_trunk(run_dir: str, config: TrainConfig) -> str | None:
+    """The fine-tuned trunk of the finished run in `run_dir` if that run was trained with `config`, else None."""
+    try:
+        trained_with, model = load_run(run_dir)
+    except (MissingError, InvalidInputError):
+        return None
+    return model.weights if trained_with == config and os.path.isfile(model.weights or "") else None
