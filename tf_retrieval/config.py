@@ -320,7 +320,9 @@ class Recipe:
     def load(cls, path: str | os.PathLike) -> Recipe:
         """Reads a recipe file (a TrainConfig file, such as `train_config.json` or `tfr tune`'s, is one stage)."""
         values = _read_config_file(path)
-        then = values.pop("then", []) if isinstance(values, dict) else []
+        if not isinstance(values, dict):
+            raise InvalidInputError(f"{path}: a recipe file holds a JSON object (TrainConfig fields, and \"then\")")
+        then = values.pop("then", [])
         if not isinstance(then, list) or not all(isinstance(changes, dict) for changes in then):
             raise InvalidInputError(f"{path}: \"then\" must be a list of changes, one object per later stage")
         stages = [TrainConfig.from_dict(values)]
@@ -332,8 +334,8 @@ class Recipe:
         """The first `stages` stages (default all), each with `changes` (e.g. command-line flags) applied; `weights`
         only to the first: the others start from the trunk of the stage before them."""
         if stages is not None and not 1 <= stages <= len(self.stages):
-            raise InvalidInputError(f"the recipe has {len(self.stages)} stage(s): stages must be in 1..{len(self.stages)}, "
-                                    f"got {stages}")
+            raise InvalidInputError(f"the recipe has {len(self.stages)} stage(s): stages must be in "
+                                    f"1..{len(self.stages)}, got {stages}")
         later = {name: value for name, value in changes.items() if name != "weights"}
         kept = self.stages[:stages]
         return Recipe((with_changes(kept[0], changes), *(with_changes(stage, later) for stage in kept[1:])))
