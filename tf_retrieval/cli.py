@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "busy under load: e.g. the number of cores)")
     web.add_argument("--max-upload-mb", type=float, default=10.0)
 
-    train = command("train", cmd_train, "fine-tune with a triplet loss on cached features")
+    train = command("train", cmd_train, "fine-tune with a triplet loss (cached features, or end to end; recipes in stages)")
     train.add_argument("--config", help="a TrainConfig JSON file (e.g. the best one `tfr tune` wrote), or a recipe file "
                                          "(tf_retrieval.config.Recipe: stages)")
     train.add_argument("--recipe", metavar="NAME",
