@@ -554,6 +554,10 @@ def train_recipe(recipe: Recipe, run_dir: str, *, workdir: str | None = None, pr
     a finished run of the same config is not trained again, so a recipe that was stopped goes on where it stopped (a
     stage stopped half-way resumes from its backup, as any run does).
     """
+    from tf_retrieval.data.protocols import load_protocol
+
+    # every stage trains on the same protocol and source (`Recipe`): load it once
+    protocol = protocol or load_protocol(recipe.stages[0].protocol, recipe.stages[0].source)
     trunk = None
     for number, config in enumerate(recipe.stages, 1):
         if trunk is not None:
