@@ -353,6 +353,33 @@ def test_augment_is_checked():
         TrainConfig(augment=("flip", "rotate"))
     with pytest.raises(ValueError, match="augments its images on the fly"):
         TrainConfig.from_dict({"augment": ["flip"], "train_from": "images"})
+    with pytest.raises(ValueError, match=r"randaugment is a strength in \[0, 1\], got 1.5"):
+        TrainConfig.from_dict({"randaugment": 1.5, "train_from": "images"})
+    with pytest.raises(ValueError, match="randaugment augments decoded images on the fly: it needs end-to-end"):
+        TrainConfig.from_dict({"randaugment": 0.5, "train_from": "block9_add"})
+
+
+def test_randaugment_changes_training_images_only():
+    """End to end with `randaugment`: a RandAugment layer after flip and shift alters the images while training and
+    leaves inference alone (the trainable model then embeds like its backbone and head)."""
+    from tf_retrieval.training.train import build_trainable
+
+    config = TrainConfig.from_dict(dict(backbone="efficientnet_lite0", image_size=32, weights=None, train_from="images",
+                                        randaugment=0.5, embedding_dim=8, hidden_dim=16))
+    model, backbone, head = build_trainable(config, (32, 32, 3))
+    names = [layer.name for layer in model.layers]
+    assert names.index("flip") < names.index("shift") < names.index("randaugment") < names.index(backbone.name)
+    images = np.random.default_rng(0).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    randaugment = model.get_layer("randaugment")
+    augmented = np.asarray(randaugment(images, training=True))
+    assert augmented.shape == images.shape and 0 <= augmented.min() and augmented.max() <= 255
+    assert np.abs(augmented - images).mean() > 1  # pixels moved (shear, rotation, colour ...)
+    np.testing.assert_array_equal(np.asarray(randaugment(images, training=False)), images)
+    plain = np.asarray(head(backbone(images, training=False), training=False))
+    expected = plain / np.linalg.norm(plain, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(model(images, training=False)), expected, atol=1e-5)
+    assert "randaugment" not in [layer.name for layer in build_trainable(
+        TrainConfig.from_dict(dict(config.to_dict(), randaugment=0.0)), (32, 32, 3))[0].layers]
 
 
 def test_cosine_schedule_decays_over_the_whole_run():

@@ -206,7 +206,12 @@ class TrainConfig(JsonConfig):
       augment: views of the training images cached beside the plain one when training reads cached features or
         activations (`AUGMENTATIONS`: "flip" mirrors an image, "zoom" scales its centre 7/8 back up, "zoom-tl"
         ... "zoom-br" its top-left ... bottom-right 7/8, i.e. shifted crops);
-        every batch draws one view of each image at random. End-to-end training augments on the fly instead.
+        every batch draws one view of each image at random. End-to-end training augments on the fly instead: it
+        flips and shifts every image, and `randaugment` adds more.
+      randaugment: strength in (0, 1] of RandAugment (Cubuk et al. 2020; `keras.layers.RandAugment`, 2 operations
+        of shear, rotation, colour, contrast, posterisation, ... on each batch, their magnitudes drawn per image)
+        on top of flip and shift in end-to-end training; 0 = off. It is for small training sets, where the trunk
+        overfits. Only for end-to-end runs (a cached view is fixed: `augment` holds those).
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
       validation_fraction: share of the training set (images or classes) held out for MAP@R.
@@ -231,6 +236,7 @@ class TrainConfig(JsonConfig):
     proxy_weight: float = 1.0
     hashing: str = "tanh"
     augment: tuple[str, ...] = ()
+    randaugment: float = 0.0
     classes_per_batch: int = 16
     images_per_class: int = 8
     epochs: int = 30
@@ -268,6 +274,11 @@ class TrainConfig(JsonConfig):
         if self.augment and self.model.train_from == END_TO_END:
             raise InvalidInputError("end-to-end training augments its images on the fly: augment is for training on "
                                     "cached features or activations")
+        if not 0 <= self.randaugment <= 1:
+            raise InvalidInputError(f"randaugment is a strength in [0, 1], got {self.randaugment}")
+        if self.randaugment and self.model.train_from != END_TO_END:
+            raise InvalidInputError("randaugment augments decoded images on the fly: it needs end-to-end training "
+                                    f"(train_from={END_TO_END!r})")
 
     def base_model(self) -> ModelConfig:
         """The frozen baseline this run starts from (float embeddings of the starting backbone)."""

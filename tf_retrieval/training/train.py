@@ -257,6 +257,9 @@ def build_trainable(config: TrainConfig, input_shape: tuple[int, ...], classes: 
                 layer.trainable = False
         x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="flip")(x)
         x = keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=config.seed, name="shift")(x)
+        if config.randaugment:
+            x = keras.layers.RandAugment(value_range=(0, 255), factor=config.randaugment, seed=config.seed,
+                                         name="randaugment")(x)
         x = backbone(x)
     elif train_from:
         backbone = backbone_of(frozen_base(config))
