@@ -49,6 +49,8 @@ def recipe(record: dict) -> str:
         parts.append(loss)
         if config.get("augment"):
             parts.append("cached " + "/".join(config["augment"]) + " views")
+        if config.get("randaugment"):
+            parts.append(f"RandAugment {config['randaugment']:g}")
         if config.get("lr_schedule", "constant") != "constant":
             parts.append(f"{config['lr_schedule']} learning rate")
         if config.get("trunk_lr_scale", 1) != 1:

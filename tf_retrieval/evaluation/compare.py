@@ -173,6 +173,8 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
         trains = {None: "head", END_TO_END: "end to end"}.get(train_from, f"top from `{train_from}` + head")
         if train_from is None and c["model"]["weights"] not in (None, "imagenet"):
             trains = f"head on a fine-tuned trunk (`{os.path.basename(c['model']['weights'])}`)"
+        if c.get("randaugment"):
+            trains += f", RandAugment {c['randaugment']:g}"
         dim = f"{r['hash_bits']} bits" if r.get("hash_bits") else c["embedding_dim"]
         loss = c["mining"] + (f" + {c['proxy_loss']}" if c.get("proxy_loss") else "")
         lines.append(f"| {name} | {r['protocol']} | {trains} | {loss} | {dim} | {c['margin']} | "
