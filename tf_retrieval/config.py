@@ -210,8 +210,8 @@ class TrainConfig(JsonConfig):
         flips and shifts every image, and `randaugment` adds more.
       randaugment: strength in (0, 1] of RandAugment (Cubuk et al. 2020; `keras.layers.RandAugment`, 2 operations
         of shear, rotation, colour, contrast, posterisation, ... on each batch, their magnitudes drawn per image)
-        on top of flip and shift in end-to-end training; 0 = off. It is for small training sets, where the trunk
-        overfits. Only for end-to-end runs (a cached view is fixed: `augment` holds those).
+        on top of flip and shift in end-to-end training; 0 = off. Meant for small training sets; at 0.5 it did not
+        help cifar10-1 (docs/training.md). Only for end-to-end runs (a cached view is fixed: `augment` holds those).
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
       validation_fraction: share of the training set (images or classes) held out for MAP@R.
