@@ -1,4 +1,5 @@
 """Whitening and fusion of a model's vectors (`tfr adapt`)."""
+import dataclasses
 import json
 import os
 
@@ -133,3 +134,8 @@ def test_adapt_a_training_run_on_unseen_classes(tmp_path):
         adapt(result.model_config, protocol, str(tmp_path / "x"), workdir=workdir, runtime="tf")
     with pytest.raises(ValueError, match="adapt takes float models with a frozen backbone"):
         adapt(ModelConfig(hash_bits=16, **SMALL), protocol, str(tmp_path / "y"), workdir=workdir, runtime="tf")
+    all_in = str(tmp_path / "all-in")  # a run that held out no validation split has none to choose the weight on
+    train(dataclasses.replace(config, validation_fraction=0.0), all_in, protocol=protocol, inputs=features, verbose=0)
+    with pytest.raises(ValueError, match="trained on every training image .* give --head-weight"):
+        adapt(result.model_config, protocol, str(tmp_path / "z"), dim=8, run_dir=all_in, workdir=workdir,
+              runtime="tf")

@@ -68,6 +68,28 @@ def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
     assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=False) == good
     assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=True) == str(tmp_path / "c2-hash")
     assert best_run(str(tmp_path), protocol_prefix="flowers") == str(tmp_path / "flowers")
+    # a final fit (no validation split) on the trunk of the best run counts with that run's score, and is newer
+    (tmp_path / "c2-good" / "finetuned-backbone-1.weights.h5").write_bytes(b"")
+    final_fit = tmp_path / "c2-final-fit"
+    TrainConfig(protocol="cifar10-2", validation_fraction=0.0, model=ModelConfig(
+        name="finetuned", weights=os.path.join(good, "finetuned-backbone-1.weights.h5"))).save(
+        str(final_fit / "train_config.json"))
+    ModelConfig(name="finetuned").save(str(final_fit / "model.json"))
+    (final_fit / "result.json").write_text(json.dumps({"best_map_at_r": None}))
+    assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=False) == str(final_fit)
+
+
+def test_a_recipe_may_end_in_stages_that_hold_out_no_validation_split():
+    from tf_retrieval.config import Recipe, TrainConfig
+
+    end_to_end = TrainConfig(model=ModelConfig(name="finetuned", train_from="images"))
+    final_fit = TrainConfig(validation_fraction=0.0, epochs=100)  # the head alone, on every training image
+    assert Recipe((end_to_end, final_fit)).stages[-1].validation_fraction == 0
+    with pytest.raises(ValueError, match="stage 2 of the recipe changes validation_fraction: every stage keeps"):
+        Recipe((end_to_end, TrainConfig(validation_fraction=0.2)))
+    with pytest.raises(ValueError, match=r"stage 3 of the recipe changes validation_fraction \(after a stage that "
+                                         r"held out nothing\)"):
+        Recipe((end_to_end, TrainConfig(model=end_to_end.model, validation_fraction=0.0), TrainConfig()))
 
 
 def test_each_recipe_is_the_config_of_the_best_recorded_run_on_its_protocol():

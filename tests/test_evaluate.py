@@ -185,3 +185,5 @@ def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
     report = report_markdown([record], str(tmp_path))
     training = report.split("Training commands (a run that starts from another run's trunk comes after that run):")[1]
     assert training.index("tfr train first") < training.index("tfr train second") < training.index("tfr train third")
+    assert "| 0.500 |" in report  # the run's validation MAP@R; a run that held out no validation split shows none
+    assert "| – (none held out) |" in report_markdown([{**record, "validation_map_at_r": None}], str(tmp_path))

@@ -99,6 +99,37 @@ def test_head_training_beats_raw_features(mining, proxy_loss, rng, tmp_path):
     assert tuned > raw + 0.2, (raw, tuned)
 
 
+def test_without_validation_every_image_trains_every_epoch_and_the_last_is_kept(rng, tmp_path, monkeypatch):
+    from tf_retrieval.evaluation.evaluate import run_details
+    from tf_retrieval.training import train as train_module
+
+    features, labels = nuisance_features(rng)
+    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=None)
+    drawn_from = []
+
+    class Batches(train_module.BalancedBatches):
+        def __init__(self, inputs, labels, *args, **kwargs):
+            drawn_from.append(len(labels))
+            super().__init__(inputs, labels, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "BalancedBatches", Batches)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.weights.h5").write_bytes(b"an older run's")  # must neither load nor survive
+    config = TrainConfig(embedding_dim=8, hidden_dim=16, epochs=3, steps_per_epoch=2, patience=1, classes_per_batch=6,
+                         images_per_class=4, validation_fraction=0.0)
+    result = train(config, str(run), protocol=protocol, inputs=features, verbose=0)
+    assert drawn_from == [len(labels)]  # nothing held out
+    assert result.best_map_at_r is None and result.epochs == 3 and "val_map_at_r" not in result.history  # no early stop
+    assert "no validation" in result.validation_summary and not (run / "best.weights.h5").exists()
+    assert json.load(open(run / "result.json"))["best_map_at_r"] is None
+    details = run_details(str(run))
+    assert details["validation_map_at_r"] is None and details["train_epochs"] == 3
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\) \(0: no validation\), got 1"):
+        TrainConfig(validation_fraction=1.0)
+
+
 def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
     import subprocess
     import sys

@@ -399,7 +399,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                           runtime=args.runtime, command=_command_line())
     stage = f" (the last of {len(recipe.stages)} stages)" if len(recipe.stages) > 1 else ""
     print(f"trained {config.model.name} on {config.protocol}{stage} in {result.seconds:.0f} s ({result.epochs} "
-          f"epochs): best validation MAP@R {result.best_map_at_r:.4f}")
+          f"epochs): {result.validation_summary}")
     print(f"run: {run_dir}; model config: {os.path.join(run_dir, 'model.json')}")
     print(f"next: tfr compare {run_dir}   |   tfr index --model-config {os.path.join(run_dir, 'model.json')} ...")
 

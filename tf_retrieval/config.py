@@ -214,7 +214,10 @@ class TrainConfig(JsonConfig):
         help cifar10-1 (docs/training.md). Only for end-to-end runs (a cached view is fixed: `augment` holds those).
       classes_per_batch, images_per_class: P and K of the class-balanced batches.
       epochs, steps_per_epoch, patience: training length and early-stopping patience (epochs without a better MAP@R).
-      validation_fraction: share of the training set (images or classes) held out for MAP@R.
+      validation_fraction: share of the training set (images or classes) held out for MAP@R. 0 holds out nothing:
+        the run trains on every training image for exactly `epochs` epochs and keeps the last, a final fit once a
+        validating run has chosen the recipe. Where the protocol's database is its training set (cifar10-2), the
+        held-out tenth is otherwise a tenth of the database the model never fitted.
       seed: seeds batches, the validation split and initialisation.
       strategy: where training runs (`training.train.STRATEGIES`): "default" (one device), "mirrored" (every local
         GPU, else every logical CPU device, one replica each) or "multiworker" (the machines of `TF_CONFIG`). The loss
@@ -274,6 +277,9 @@ class TrainConfig(JsonConfig):
         if self.augment and self.model.train_from == END_TO_END:
             raise InvalidInputError("end-to-end training augments its images on the fly: augment is for training on "
                                     "cached features or activations")
+        if not 0 <= self.validation_fraction < 1:
+            raise InvalidInputError(f"validation_fraction must be in [0, 1) (0: no validation), got "
+                                    f"{self.validation_fraction}")
         if not 0 <= self.randaugment <= 1:
             raise InvalidInputError(f"randaugment is a strength in [0, 1], got {self.randaugment}")
         if self.randaugment and self.model.train_from != END_TO_END:
@@ -296,7 +302,8 @@ def with_changes(config: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
 
 
 #: What every stage of a recipe keeps from its first: the same data, validation split and network. (A stage with
-#: another seed would validate on images an earlier stage trained on.)
+#: another seed would validate on images an earlier stage trained on.) A stage may hold out nothing instead
+#: (validation_fraction 0, a final fit), and so must every stage after it.
 STAGE_FIXED_FIELDS = ("protocol", "source", "seed", "validation_fraction")
 
 
@@ -308,7 +315,7 @@ class Recipe:
     stage to the stage before it, fields by name as in `with_changes`, e.g. `"then": [{"epochs": 8,
     "trunk_lr_scale": 0.5}]`. A later stage's `model.weights` is set when the stage before it has run (its fine-tuned
     trunk: `training.train.train_recipe`), so every stage but the last trains its trunk (`model.train_from`); all
-    keep `STAGE_FIXED_FIELDS` and the backbone.
+    keep `STAGE_FIXED_FIELDS` and the backbone, but for a final fit: from some stage on, validation_fraction 0.
     """
 
     stages: tuple[TrainConfig, ...]
@@ -321,7 +328,10 @@ class Recipe:
             if not before.model.train_from:
                 raise InvalidInputError(f"stage {number} of the recipe goes on from the fine-tuned trunk of stage "
                                         f"{number - 1}, which trains no trunk (its train_from is None)")
-            changed = [name for name in STAGE_FIXED_FIELDS if getattr(stage, name) != getattr(first, name)]
+            changed = [name for name in STAGE_FIXED_FIELDS if getattr(stage, name) != getattr(first, name)
+                       and not (name == "validation_fraction" and stage.validation_fraction == 0)]
+            if before.validation_fraction == 0 and stage.validation_fraction:
+                changed.append("validation_fraction (after a stage that held out nothing)")
             changed += ["backbone"] if stage.model.backbone != first.model.backbone else []
             if changed:
                 raise InvalidInputError(f"stage {number} of the recipe changes {', '.join(changed)}: every stage "
@@ -384,7 +394,9 @@ def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None =
     """The best finished run under `runs_dir` (a folder of run directories) whose protocol starts with
     `protocol_prefix` (and whose model hashes, or not, when `hashing` is given). Runs on the whole training set of
     their dataset ("-2" protocols such as cifar10-2) come first, then the highest best validation MAP@R (its
-    `result.json`: never a test figure), then the newest. None when there is none."""
+    `result.json`: never a test figure), then the newest. A final fit, which held out no validation split, counts
+    with the score of the run whose trunk it trained on (so, newer, it comes before that run). None when there is
+    none."""
     candidates = []
     for path in glob.glob(os.path.join(runs_dir, "*", "model.json")):
         run_dir = os.path.dirname(path)
@@ -400,6 +412,19 @@ def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None =
 
 
 def _validation_score(run_dir: str) -> float:
-    """A finished run's best validation MAP@R (`result.json`); -inf when it is missing or not a number."""
-    score = read_json_value(os.path.join(run_dir, "result.json"), "best_map_at_r", float, float("-inf"))
-    return score if math.isfinite(score) else float("-inf")
+    """A finished run's best validation MAP@R (`result.json`); for a final fit (validation_fraction 0) that of the
+    run whose fine-tuned trunk it trained on; -inf when it is missing or not a number."""
+    seen = set()
+    while run_dir not in seen:
+        seen.add(run_dir)
+        score = read_json_value(os.path.join(run_dir, "result.json"), "best_map_at_r", float, float("-inf"))
+        if math.isfinite(score):
+            return score
+        try:
+            config = TrainConfig.load(os.path.join(run_dir, "train_config.json"))
+        except (ValueError, OSError):
+            break
+        if config.validation_fraction or not os.path.isfile(config.model.weights or ""):
+            break
+        run_dir = os.path.dirname(os.path.abspath(config.model.weights))
+    return float("-inf")

@@ -179,7 +179,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
         loss = c["mining"] + (f" + {c['proxy_loss']}" if c.get("proxy_loss") else "")
         lines.append(f"| {name} | {r['protocol']} | {trains} | {loss} | {dim} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "
-                     f"{r['validation_map_at_r']:.3f} | {r.get('variant') or '–'} |")
+                     f"{_validation(r)} | {r.get('variant') or '–'} |")
     lines += ["", f"Machine: {records[0]['machine'] if records else '?'}.", "", "Commands:", ""]
     lines += [f"    {command}" for command in dict.fromkeys(r["command"] for r in records)] + [""]
     trainings = dict.fromkeys(step["train_command"] for r in runs.values()
@@ -192,6 +192,12 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
         lines += [f"## {title} ({r['protocol']})", "", f"![precision-recall]({name}-pr.png)", "",
                   f"![embedding maps]({name}-map.png)", "", f"![queries]({name}-grid.png)", ""]
     return "\n".join(lines)
+
+
+def _validation(record: dict) -> str:
+    """The report's validation column: the run's best validation MAP@R, or a dash for a run without validation."""
+    score = record.get("validation_map_at_r")
+    return "– (none held out)" if score is None else f"{score:.3f}"
 
 
 def figures_name(run: str, flip: bool | None = False) -> str:

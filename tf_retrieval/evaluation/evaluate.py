@@ -175,9 +175,11 @@ def run_details(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "result.json")) as f:
         result = json.load(f)
     earlier = earlier_runs(train_config.model.weights)
+    validation = result["best_map_at_r"]  # None: a run that held out no validation split
     return {"run": os.path.basename(os.path.normpath(run_dir)), "train_from": model_config.train_from,
             "train_seconds": result["seconds"], "cache_seconds": result.get("cache_seconds"),
-            "train_epochs": result["epochs"], "validation_map_at_r": round(result["best_map_at_r"], 4),
+            "train_epochs": result["epochs"],
+            "validation_map_at_r": None if validation is None else round(validation, 4),
             "train_command": result.get("command"), **({"starts_from": earlier} if earlier else {}),
             "config": train_config.to_dict()}
 

@@ -185,6 +185,9 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
         head_weight = 0.0
     elif head_weight is None:
         train_config, _ = load_run(run_dir)
+        if not train_config.validation_fraction:
+            raise InvalidInputError(f"{run_dir} trained on every training image (validation_fraction 0): it has no "
+                                    "validation split to choose the head's weight on; give --head-weight")
         _, val_pos = validation_split(labels, train_config.validation_fraction, train_config.seed,
                                       class_disjoint=protocol.class_disjoint or None)
         whitening = None if branch is None else fit_whitening(train_features, *branch)

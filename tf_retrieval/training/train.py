@@ -143,10 +143,16 @@ class TrainResult:
 
     model_config: ModelConfig
     run_dir: str
-    best_map_at_r: float
+    best_map_at_r: float | None  # None: trained without a validation split (validation_fraction 0)
     epochs: int
     seconds: float
     history: dict[str, list[float]]
+
+    @property
+    def validation_summary(self) -> str:
+        if self.best_map_at_r is None:
+            return "no validation (every training image trained; the last epoch is kept)"
+        return f"best validation MAP@R {self.best_map_at_r:.4f}"
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int = 0, min_classes_for_disjoint: int = 20,
@@ -159,7 +165,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int = 0, min_cla
     """
     labels = np.asarray(labels)
     if not 0 < fraction < 1:
-        raise InvalidInputError(f"validation_fraction must be in (0, 1), got {fraction}")
+        raise InvalidInputError(f"validation_fraction must be in (0, 1) to hold out a validation set, got {fraction}")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     if class_disjoint is None:
@@ -452,27 +458,36 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
 
     The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`); the
-    best epoch's weights (by validation MAP@R) are restored at the end.
+    best epoch's weights (by validation MAP@R) are restored at the end. With `config.validation_fraction` 0 every
+    input trains, for all `config.epochs`, and the last epoch's weights are kept.
     An interrupted run resumes from `<run_dir>/backup`, and its history then covers every epoch (history.csv), its
     seconds every attempt (`TrainingClock`). Runs under `config.strategy` (`distribution_strategy`).
     """
     labels = np.asarray(labels)
-    train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
-                                          class_disjoint=class_disjoint)
+    validating = config.validation_fraction > 0
+    train_pos, val_pos = np.arange(len(labels)), None
+    if validating:
+        train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
+                                              class_disjoint=class_disjoint)
     backup_dir, history_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "history.csv")
     batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
                               start_epoch=_resumed_epoch(backup_dir))
     with distribution_strategy(config.strategy).scope():
         model, backbone, head = compile_trainable(config, tuple(inputs.shape[1:]), batches.classes)
     os.makedirs(run_dir, exist_ok=True)
-    if batches.start_epoch == 0 and os.path.exists(history_path):
-        os.remove(history_path)  # a new run in an old run directory: the history is this run's alone
     best_path = os.path.join(run_dir, "best.weights.h5")
-    callbacks = [
+    if batches.start_epoch == 0:  # a new run in an old run directory: the history and best weights are its alone
+        for path in (history_path, best_path):
+            if os.path.exists(path):
+                os.remove(path)
+    validation = [
         ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
+    ] if validating else []
+    callbacks = [
+        *validation,
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
         keras.callbacks.BackupAndRestore(backup_dir),
@@ -481,7 +496,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     ]
     history = model.fit(batches, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, shuffle=False,
                         callbacks=callbacks, verbose=verbose)  # (the batches are drawn at random already)
-    if os.path.exists(best_path):
+    if validating and os.path.exists(best_path):
         model.load_weights(best_path)
     return model, backbone, head, _run_history(history_path) if batches.start_epoch else history.history
 
@@ -538,13 +553,13 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     model_config = dataclasses.replace(config.model, weights=weights, head=head_path)
     model_config.save(os.path.join(run_dir, "model.json"))
     scores = history.get(VAL_METRIC, [])
-    result = TrainResult(model_config, run_dir, max(scores, default=float("nan")), len(scores),
+    result = TrainResult(model_config, run_dir, max(scores) if scores else None, len(history.get("loss", scores)),
                          earlier + time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
     write_json(os.path.join(run_dir, "result.json"), {
         "best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
         "cache_seconds": round(cache_seconds, 1), "command": command, "history": result.history}, indent=1)
     shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
-    logger.info("trained %s in %.0f s: best validation MAP@R %.4f", name, result.seconds, result.best_map_at_r)
+    logger.info("trained %s in %.0f s: %s", name, result.seconds, result.validation_summary)
     return result
 
 
