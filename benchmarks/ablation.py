@@ -55,6 +55,8 @@ def recipe(record: dict) -> str:
             parts.append(f"{config['lr_schedule']} learning rate")
         if config.get("trunk_lr_scale", 1) != 1:
             parts.append(f"trunk at {config['trunk_lr_scale']:g} x the head's rate")
+        if config.get("validation_fraction") == 0:
+            parts.append(f"final fit on every training image ({record['train_epochs']} epochs, no validation)")
         if backbone:
             parts.insert(0, backbone.strip())
         if record.get("hash_bits"):
