@@ -176,10 +176,11 @@ def test_train_a_recipe_in_stages_each_from_the_trunk_before_and_resume_it(tmp_p
 
     folder = split_folder(tmp_path / "colours")
     workdir, run_dir, recipe = str(tmp_path / "work"), str(tmp_path / "run"), tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({
+    first_stage = {
         "protocol": "cifar10-2", "source": folder, "model": {"image_size": 32, "train_from": "images"},
         "embedding_dim": 8, "hidden_dim": 16, "classes_per_batch": 4, "images_per_class": 3, "epochs": 1,
-        "steps_per_epoch": 2, "validation_fraction": 0.34, "then": [{"trunk_lr_scale": 0.5, "epochs": 2}]}))
+        "steps_per_epoch": 2, "validation_fraction": 0.34}
+    recipe.write_text(json.dumps({**first_stage, "then": [{"trunk_lr_scale": 0.5, "epochs": 2}]}))
     command = ["--workdir", workdir, "train", "--recipe", str(recipe), "--run-dir", run_dir]
     assert main(command) == 0
     assert "(the last of 2 stages)" in capsys.readouterr().out
@@ -196,6 +197,13 @@ def test_train_a_recipe_in_stages_each_from_the_trunk_before_and_resume_it(tmp_p
     # a first stage with other settings trains again
     assert main(command + ["--hidden-dim", "12"]) == 0
     assert json.load(open(tmp_path / "run-stage1" / "train_config.json"))["hidden_dim"] == 12
+    # the cifar10-2 recipe's shape: trunk stages, then a head alone fitted on every training image on the last trunk
+    recipe.write_text(json.dumps({**first_stage, "then": [{"trunk_lr_scale": 0.5, "epochs": 2}, {
+        "train_from": None, "trunk_lr_scale": 1.0, "augment": ["flip"], "validation_fraction": 0, "epochs": 2}]}))
+    assert main(command) == 0 and "(the last of 3 stages)" in capsys.readouterr().out
+    final = json.load(open(tmp_path / "run" / "model.json"))
+    assert final["weights"] == json.load(open(tmp_path / "run-stage2" / "model.json"))["weights"]
+    assert final["train_from"] is None and json.load(open(tmp_path / "run" / "result.json"))["best_map_at_r"] is None
     # a later stage needs a trunk to go on from, and the first stage's data and validation split
     recipe.write_text(json.dumps({"then": [{"epochs": 2}]}))
     assert "stage 2 of the recipe goes on from the fine-tuned trunk of stage 1, which trains no trunk" in run_error(
