@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from tf_retrieval.errors import InvalidInputError, MissingError
 from tf_retrieval.storage import read_json_value, write_json
@@ -390,6 +390,19 @@ def load_run(run_dir: str) -> tuple[TrainConfig, ModelConfig]:
     return TrainConfig.load(os.path.join(run_dir, "train_config.json")), ModelConfig.load(model_path)
 
 
+def trunk_runs(weights: str | None) -> Iterator[str]:
+    """The finished runs (folders with a `result.json`) that starting `weights` come from, newest first: the run that
+    wrote them, then the run whose trunk that one started from, and so on. Nothing for ImageNet or unknown weights."""
+    seen = set()
+    while weights and os.path.isfile(weights):
+        run_dir = os.path.dirname(os.path.abspath(weights))
+        if run_dir in seen or not os.path.isfile(os.path.join(run_dir, "result.json")):
+            return
+        seen.add(run_dir)
+        yield run_dir
+        weights = TrainConfig.load(os.path.join(run_dir, "train_config.json")).model.weights
+
+
 def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None = None) -> str | None:
     """The best finished run under `runs_dir` (a folder of run directories) whose protocol starts with
     `protocol_prefix` (and whose model hashes, or not, when `hashing` is given). Runs on the whole training set of
@@ -414,17 +427,12 @@ def best_run(runs_dir: str, *, protocol_prefix: str = "", hashing: bool | None =
 def _validation_score(run_dir: str) -> float:
     """A finished run's best validation MAP@R (`result.json`); for a final fit (validation_fraction 0) that of the
     run whose fine-tuned trunk it trained on; -inf when it is missing or not a number."""
-    seen = set()
-    while run_dir not in seen:
-        seen.add(run_dir)
-        score = read_json_value(os.path.join(run_dir, "result.json"), "best_map_at_r", float, float("-inf"))
-        if math.isfinite(score):
-            return score
-        try:
-            config = TrainConfig.load(os.path.join(run_dir, "train_config.json"))
-        except (ValueError, OSError):
-            break
-        if config.validation_fraction or not os.path.isfile(config.model.weights or ""):
-            break
-        run_dir = os.path.dirname(os.path.abspath(config.model.weights))
-    return float("-inf")
+    score = read_json_value(os.path.join(run_dir, "result.json"), "best_map_at_r", float, float("-inf"))
+    if math.isfinite(score):
+        return score
+    try:
+        config = TrainConfig.load(os.path.join(run_dir, "train_config.json"))
+    except (ValueError, OSError):
+        return float("-inf")
+    trunk_run = next(trunk_runs(config.model.weights), None)
+    return _validation_score(trunk_run) if config.validation_fraction == 0 and trunk_run else float("-inf")

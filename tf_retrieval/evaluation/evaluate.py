@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tf_retrieval.config import END_TO_END, ModelConfig, TrainConfig, load_run
+from tf_retrieval.config import END_TO_END, ModelConfig, load_run, trunk_runs
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.index import build_index
 from tf_retrieval.evaluation.metrics import RetrievalMetrics, relevance_matrix
@@ -188,18 +188,12 @@ def earlier_runs(weights: str | None) -> list[dict]:
     """The training runs a run's starting weights come from, oldest first: a run that started from another run's
     fine-tuned trunk (`--weights RUN/finetuned-backbone-*.weights.h5`) is reproduced by their commands, in this order,
     before its own. Each: the run's name, training command and seconds. [] for ImageNet or unknown weights."""
-    chain, seen = [], set()
-    while weights and os.path.isfile(weights):
-        run_dir = os.path.dirname(os.path.abspath(weights))
-        result_path = os.path.join(run_dir, "result.json")
-        if run_dir in seen or not os.path.isfile(result_path):
-            break
-        seen.add(run_dir)
-        with open(result_path) as f:
+    chain = []
+    for run_dir in trunk_runs(weights):
+        with open(os.path.join(run_dir, "result.json")) as f:
             result = json.load(f)
         chain.append({"run": os.path.basename(run_dir), "train_command": result.get("command"),
                       "train_seconds": result.get("seconds")})
-        weights = TrainConfig.load(os.path.join(run_dir, "train_config.json")).model.weights
     return chain[::-1]
 
 

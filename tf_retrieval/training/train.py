@@ -150,6 +150,7 @@ class TrainResult:
 
     @property
     def validation_summary(self) -> str:
+        """How the run validated, for logs and `tfr train`'s last words."""
         if self.best_map_at_r is None:
             return "no validation (every training image trained; the last epoch is kept)"
         return f"best validation MAP@R {self.best_map_at_r:.4f}"
@@ -553,7 +554,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     model_config = dataclasses.replace(config.model, weights=weights, head=head_path)
     model_config.save(os.path.join(run_dir, "model.json"))
     scores = history.get(VAL_METRIC, [])
-    result = TrainResult(model_config, run_dir, max(scores) if scores else None, len(history.get("loss", scores)),
+    result = TrainResult(model_config, run_dir, max(scores) if scores else None, len(history.get("loss", [])),
                          earlier + time.perf_counter() - start, {k: [float(v) for v in vs] for k, vs in history.items()})
     write_json(os.path.join(run_dir, "result.json"), {
         "best_map_at_r": result.best_map_at_r, "epochs": result.epochs, "seconds": round(result.seconds, 1),
