@@ -151,13 +151,13 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
                                   "flip", "zoom", "--weights", "trunk.weights.h5"))
     for stage in changed.stages:  # flags apply to every stage ...
         assert (stage.epochs, stage.model.train_from, stage.augment) == (3, "block4_add", ("flip", "zoom"))
-    assert [stage.model.weights for stage in changed.stages] == ["trunk.weights.h5"] + ["imagenet"] * 3  # ... --weights to the first
+    assert [stage.model.weights for stage in changed.stages] == ["trunk.weights.h5"] + ["imagenet"] * 4  # ... --weights to the first
     # what no flag names stays the recipe's, in each stage
-    assert [s.trunk_lr_scale for s in changed.stages] == [s.trunk_lr_scale for s in recipe.stages] == [1, 0.5, 0.5, 1]
-    assert [s.validation_fraction for s in recipe.stages] == [0.1, 0.1, 0.1, 0]  # the last: a final fit of the head
+    assert [s.trunk_lr_scale for s in changed.stages] == [s.trunk_lr_scale for s in recipe.stages] == [1, 0.5, 0.5, 0.5, 1]
+    assert [s.validation_fraction for s in recipe.stages] == [0.1, 0.1, 0.1, 0, 0]  # final fits: trunk, head
     assert _train_recipe(parse("--recipe", "cifar10-2", "--stages", "1")).stages == recipe.stages[:1]
-    with pytest.raises(ValueError, match=r"the recipe has 4 stage\(s\): stages must be in 1..4, got 5"):
-        _train_recipe(parse("--recipe", "cifar10-2", "--stages", "5"))
+    with pytest.raises(ValueError, match=r"the recipe has 5 stage\(s\): stages must be in 1..5, got 6"):
+        _train_recipe(parse("--recipe", "cifar10-2", "--stages", "6"))
     changed.stages[0].save(tmp_path / "views.json")
     end_to_end = config("--config", str(tmp_path / "views.json"), "--train-from", "images", "--augment")  # no views
     assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 3)
@@ -167,7 +167,7 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
         config("--recipe", "cifar10-2", "--config", str(tmp_path / "views.json"))
     with pytest.raises(FileNotFoundError, match="no training recipe 'mnist'; recipes: cifar10-1, cifar10-2"):
         config("--recipe", "mnist")
-    with pytest.raises(ValueError, match="has 4 stages: give one stage"):  # tfr tune and the like train one run
+    with pytest.raises(ValueError, match="has 5 stages: give one stage"):  # tfr tune and the like train one run
         _train_config(build_parser().parse_args(["tune", "--config", os.path.join(RECIPES_DIR, "cifar10-2.json")]))
 
 
