@@ -153,8 +153,8 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
         assert (stage.epochs, stage.model.train_from, stage.augment) == (3, "block4_add", ("flip", "zoom"))
     assert [stage.model.weights for stage in changed.stages] == ["trunk.weights.h5"] + ["imagenet"] * 4  # ... --weights to the first
     # what no flag names stays the recipe's, in each stage
-    assert [s.trunk_lr_scale for s in changed.stages] == [s.trunk_lr_scale for s in recipe.stages] == [1, 0.5, 0.5, 0.5, 1]
-    assert [s.validation_fraction for s in recipe.stages] == [0.1, 0.1, 0.1, 0, 0]  # final fits: trunk, head
+    assert [s.trunk_lr_scale for s in changed.stages] == [s.trunk_lr_scale for s in recipe.stages] == [1, 0.5, 0.5, 0.5, 0.5]
+    assert [s.validation_fraction for s in recipe.stages] == [0.1, 0.1, 0.1, 0, 0]  # the last two fit every training image
     assert _train_recipe(parse("--recipe", "cifar10-2", "--stages", "1")).stages == recipe.stages[:1]
     with pytest.raises(ValueError, match=r"the recipe has 5 stage\(s\): stages must be in 1..5, got 6"):
         _train_recipe(parse("--recipe", "cifar10-2", "--stages", "6"))
