@@ -52,9 +52,11 @@ def recipe(record: dict) -> str:
         if config.get("randaugment"):
             parts.append(f"RandAugment {config['randaugment']:g}")
         if config.get("lr_schedule", "constant") != "constant":
-            parts.append(f"{config['lr_schedule']} learning rate")
+            parts.append(f"{config['lr_schedule']} learning rate from {config['learning_rate']:g}")
         if config.get("trunk_lr_scale", 1) != 1:
             parts.append(f"trunk at {config['trunk_lr_scale']:g} x the head's rate")
+        if config.get("seed", 0):
+            parts.append(f"seed {config['seed']}")
         if config.get("validation_fraction") == 0:
             parts.append(f"final fit on every training image ({record['train_epochs']} epochs, no validation)")
         if backbone:
