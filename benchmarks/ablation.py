@@ -57,8 +57,12 @@ def recipe(record: dict) -> str:
             parts.append(f"trunk at {config['trunk_lr_scale']:g} x the head's rate")
         if config.get("seed", 0):
             parts.append(f"seed {config['seed']}")
+        against_training = config.get("validate_against") == "training"
         if config.get("validation_fraction") == 0:
-            parts.append(f"final fit on every training image ({record['train_epochs']} epochs, no validation)")
+            chosen = "; the epochs chosen by held-out images searching the training images" if against_training else ""
+            parts.append(f"final fit on every training image ({record['train_epochs']} epochs, no validation{chosen})")
+        elif against_training:
+            parts.append("validated by held-out images searching the training images")
         if backbone:
             parts.insert(0, backbone.strip())
         if record.get("hash_bits"):

@@ -162,6 +162,8 @@ def test_train_takes_a_recipe_and_flags_override_it(tmp_path):
     end_to_end = config("--config", str(tmp_path / "views.json"), "--train-from", "images", "--augment")  # no views
     assert (end_to_end.model.train_from, end_to_end.augment, end_to_end.epochs) == ("images", (), 3)
     assert load_recipe("cifar10-1").stages[0].model.train_from == "images" and not load_recipe("cifar10-1").stages[0].augment
+    flowers = load_recipe("flowers-official").stages[0]
+    assert flowers.proxy_loss == "cosface" and config("--recipe", "flowers-official", "--proxy-loss", "none").proxy_loss is None
     assert config("--flip").model.flip and not config("--flip", "--no-flip").model.flip and not config().model.flip
     with pytest.raises(ValueError, match="give --config or --recipe, not both"):
         config("--recipe", "cifar10-2", "--config", str(tmp_path / "views.json"))

@@ -130,6 +130,36 @@ def test_without_validation_every_image_trains_every_epoch_and_the_last_is_kept(
         TrainConfig(validation_fraction=1.0)
 
 
+def brute_force_map_at_r(queries, query_labels, database, database_labels):
+    """MAP@R by sorting every database vector by cosine similarity to each query (the reference)."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    scores = []
+    for query, label in zip(unit(queries), query_labels):
+        ranked = database_labels[np.argsort(-(unit(database) @ query), kind="stable")]
+        r = int((database_labels == label).sum())
+        hits = ranked[:r] == label
+        scores.append(sum(hits[:i + 1].sum() / (i + 1) for i in range(r) if hits[i]) / r)
+    return float(np.mean(scores))
+
+
+def test_validation_against_the_training_images_holds_out_a_share_of_every_class(rng, tmp_path):
+    """Where the database is the training set, held-out images of every class search the images that train."""
+    features, labels = nuisance_features(rng, classes=24, per_class=10)  # 24 classes: else whole classes held out
+    protocol = Protocol("flowers-official", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=np.arange(0))
+    config = TrainConfig(embedding_dim=8, hidden_dim=16, epochs=3, steps_per_epoch=5, patience=3, classes_per_batch=8,
+                         images_per_class=4, validation_fraction=0.2, validate_against="training")
+    result = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0)
+    train_pos, val_pos = validation_split(labels, 0.2, seed=0, class_disjoint=False)
+    assert np.bincount(labels[val_pos]).tolist() == [2] * 24  # every class, 2 images each
+    vectors = head_function(result.model_config)(features)  # the best epoch's weights
+    expected = brute_force_map_at_r(vectors[val_pos], labels[val_pos], vectors[train_pos], labels[train_pos])
+    assert result.best_map_at_r == pytest.approx(expected, abs=1e-4) and 0 < expected < 1
+    assert load_run(str(tmp_path / "run"))[0].validate_against == "training"
+    with pytest.raises(ValueError, match="validate_against must be one of held-out, training, got 'test'"):
+        TrainConfig(validate_against="test")
+
+
 def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
     import subprocess
     import sys

@@ -483,7 +483,7 @@ def _train_recipe(args: argparse.Namespace) -> Recipe:
         raise InvalidInputError("give --config or --recipe, not both")
     base = Recipe.load(args.config) if args.config else load_recipe(recipe) if recipe else Recipe((TrainConfig(),))
     flags = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
-    for name in ("weights", "train_from", "source"):
+    for name in ("weights", "train_from", "source", "proxy_loss"):  # `--proxy-loss none` unsets a recipe's
         if isinstance(flags.get(name), str) and flags[name].lower() == "none":
             flags[name] = None
     recipe = base.with_changes(flags, getattr(args, "stages", None))

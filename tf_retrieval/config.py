@@ -171,6 +171,8 @@ END_TO_END = "images"
 AUGMENTATIONS = ("flip", "zoom", "zoom-tl", "zoom-tr", "zoom-bl", "zoom-br")
 #: `TrainConfig.lr_schedule` values.
 LR_SCHEDULES = ("constant", "cosine")
+#: What the held-out images are searched against in validation (`TrainConfig.validate_against`).
+VALIDATION_SEARCHES = ("held-out", "training")
 
 #: The `ModelConfig` fields a training run sets (`TrainConfig.model`; `tfr train` has a flag for each).
 TRAINED_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
@@ -218,6 +220,11 @@ class TrainConfig(JsonConfig):
         the run trains on every training image for exactly `epochs` epochs and keeps the last, a final fit once a
         validating run has chosen the recipe. Where the protocol's database is its training set (cifar10-2), the
         held-out tenth is otherwise a tenth of the database the model never fitted.
+      validate_against: what the held-out images search in validation (`VALIDATION_SEARCHES`). "held-out": each
+        other (leave-one-out), and the split holds out whole classes where there are 20 or more: the measure for
+        classes the model never saw. "training": the images that train, and the split holds out a share of every
+        class: the measure for protocols whose database is the training set (cifar10-2, flowers-official), where
+        unseen queries search images the model fitted. It costs the database's embeddings every epoch.
       seed: seeds batches, the validation split and initialisation.
       strategy: where training runs (`training.train.STRATEGIES`): "default" (one device), "mirrored" (every local
         GPU, else every logical CPU device, one replica each) or "multiworker" (the machines of `TF_CONFIG`). The loss
@@ -246,6 +253,7 @@ class TrainConfig(JsonConfig):
     steps_per_epoch: int = 100
     patience: int = 5
     validation_fraction: float = 0.1
+    validate_against: str = "held-out"
     seed: int = 0
     strategy: str = "default"
 
@@ -280,6 +288,9 @@ class TrainConfig(JsonConfig):
         if not 0 <= self.validation_fraction < 1:
             raise InvalidInputError(f"validation_fraction must be in [0, 1) (0: no validation), got "
                                     f"{self.validation_fraction}")
+        if self.validate_against not in VALIDATION_SEARCHES:
+            raise InvalidInputError(f"validate_against must be one of {', '.join(VALIDATION_SEARCHES)}, got "
+                                    f"{self.validate_against!r}")
         if not 0 <= self.randaugment <= 1:
             raise InvalidInputError(f"randaugment is a strength in [0, 1], got {self.randaugment}")
         if self.randaugment and self.model.train_from != END_TO_END:
@@ -304,7 +315,7 @@ def with_changes(config: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
 #: What every stage of a recipe keeps from its first: the same data, validation split and network. (A stage with
 #: another seed would validate on images an earlier stage trained on.) A stage may hold out nothing instead
 #: (validation_fraction 0, a final fit), and so must every stage after it.
-STAGE_FIXED_FIELDS = ("protocol", "source", "seed", "validation_fraction")
+STAGE_FIXED_FIELDS = ("protocol", "source", "seed", "validation_fraction", "validate_against")
 
 
 @dataclasses.dataclass(frozen=True)

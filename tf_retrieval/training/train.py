@@ -10,7 +10,8 @@ Two depths, one code path:
 
 Batches are class-balanced (P classes x K images) so every batch holds positives for the triplet mining. Each epoch ends
 with the validation MAP@R (leave-one-out on a held-out part of the protocol's training set: whole classes when there
-are many, else a stratified share of the images); early stopping and the best checkpoint follow it. TensorBoard logs, a
+are many, else a stratified share of the images; or, with `validate_against="training"`, a share of every class
+searching the images that train); early stopping and the best checkpoint follow it. TensorBoard logs, a
 CSV history and a resumable backup live in the run directory, and the result is an ordinary `ModelConfig` (a backbone
 weights file and a head file) that the embedder, the index, the export and the evaluation take unchanged.
 """
@@ -347,23 +348,37 @@ class BalancedBatches(keras.utils.PyDataset):
 
 
 class ValidationMapAtR(keras.callbacks.Callback):
-    """Adds `val_map_at_r` (leave-one-out MAP@R of the validation set) to the epoch logs: what early stopping, the
-    best checkpoint and keras-tuner follow. The outputs get the finishing of served vectors (`vectors.finish`): a
-    hashing model is validated on its packed codes, by Hamming distance."""
+    """Adds `val_map_at_r` (MAP@R of the validation set) to the epoch logs: what early stopping, the best checkpoint
+    and keras-tuner follow. Each validation image queries the others (leave-one-out), or the `database` images where
+    given. The outputs get the finishing of served vectors (`vectors.finish`): a hashing model is validated on its
+    packed codes, by Hamming distance."""
 
-    def __init__(self, inputs: np.ndarray, labels: np.ndarray, hash_bits: int | None = None):
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, hash_bits: int | None = None,
+                 database: np.ndarray | None = None, database_labels: np.ndarray | None = None):
         super().__init__()
         self.inputs, self.labels, self.hash_bits = np.asarray(inputs, np.float32), np.asarray(labels), hash_bits
+        self.database, self.database_labels = database, database_labels
 
-    def on_epoch_end(self, epoch, logs=None):
-        from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r
-
-        outputs = self.model.predict(self.inputs, batch_size=512, verbose=0)
+    def _vectors(self, inputs, epoch: int, chunk: int = 4096) -> np.ndarray:
+        """Finished outputs for `inputs` (an array, or lazy `ImageInputs` / `CachedViews`: read a chunk at a time)."""
+        outputs = np.concatenate([self.model.predict(np.asarray(inputs[start:start + chunk], np.float32),
+                                                     batch_size=512, verbose=0)
+                                  for start in range(0, len(inputs), chunk)])
         if not np.isfinite(outputs).all():
             raise InvalidInputError(f"training diverged at epoch {epoch + 1}: the model outputs NaN or infinite values "
                              "(lower --learning-rate, or check the cached features)")
-        value = leave_one_out_map_at_r(finish(outputs, self.hash_bits), self.labels,
-                                       metric="hamming" if self.hash_bits else "cosine")
+        return finish(outputs, self.hash_bits)
+
+    def on_epoch_end(self, epoch, logs=None):
+        from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r, rank_and_score
+
+        queries, metric = self._vectors(self.inputs, epoch), "hamming" if self.hash_bits else "cosine"
+        if self.database is None:
+            value = leave_one_out_map_at_r(queries, self.labels, metric=metric)
+        else:
+            database = self._vectors(self.database, epoch)
+            value = float(rank_and_score(database, self.database_labels, queries, self.labels,
+                                         metric=metric)[0]["MAP@R"])
         if logs is not None:
             logs[VAL_METRIC] = value
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
@@ -458,8 +473,8 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         extra_callbacks: list | None = None, verbose: int = 2, class_disjoint: bool | None = None):
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
 
-    The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`); the
-    best epoch's weights (by validation MAP@R) are restored at the end. With `config.validation_fraction` 0 every
+    The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`; a share
+    of every class where `config.validate_against` is "training", to search the training images); the best epoch's weights (by validation MAP@R) are restored at the end. With `config.validation_fraction` 0 every
     input trains, for all `config.epochs`, and the last epoch's weights are kept.
     An interrupted run resumes from `<run_dir>/backup`, and its history then covers every epoch (history.csv), its
     seconds every attempt (`TrainingClock`). Runs under `config.strategy` (`distribution_strategy`).
@@ -467,9 +482,10 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     labels = np.asarray(labels)
     validating = config.validation_fraction > 0
     train_pos, val_pos = np.arange(len(labels)), None
+    against_training = config.validate_against == "training"
     if validating:
         train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
-                                              class_disjoint=class_disjoint)
+                                              class_disjoint=False if against_training else class_disjoint)
     backup_dir, history_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "history.csv")
     batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
                               start_epoch=_resumed_epoch(backup_dir))
@@ -482,7 +498,8 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
             if os.path.exists(path):
                 os.remove(path)
     validation = [
-        ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits),
+        ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits,
+                         *((_take(inputs, train_pos), labels[train_pos]) if against_training else ())),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
