@@ -156,6 +156,12 @@ def test_validation_against_the_training_images_holds_out_a_share_of_every_class
     expected = brute_force_map_at_r(vectors[val_pos], labels[val_pos], vectors[train_pos], labels[train_pos])
     assert result.best_map_at_r == pytest.approx(expected, abs=1e-4) and 0 < expected < 1
     assert load_run(str(tmp_path / "run"))[0].validate_against == "training"
+    n = len(labels)  # a database of other classes: held-out classes are the question there
+    disjoint = Protocol("flowers-disjoint", collection=_Labels(np.concatenate([labels, labels + 100])),
+                        train=np.arange(n), database=np.arange(n, 2 * n), queries=None)
+    with pytest.raises(ValueError, match="this protocol's database holds other classes"):
+        train(config, str(tmp_path / "disjoint"), protocol=disjoint, inputs=np.concatenate([features, features]),
+              verbose=0)
     with pytest.raises(ValueError, match="validate_against must be one of held-out, training, got 'test'"):
         TrainConfig(validate_against="test")
 

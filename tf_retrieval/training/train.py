@@ -474,8 +474,9 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
 
     The validation split is taken from `inputs` (whole classes with `class_disjoint`, see `validation_split`; a share
-    of every class where `config.validate_against` is "training", to search the training images); the best epoch's weights (by validation MAP@R) are restored at the end. With `config.validation_fraction` 0 every
-    input trains, for all `config.epochs`, and the last epoch's weights are kept.
+    of every class where `config.validate_against` is "training", to search the training images); the best epoch's
+    weights (by validation MAP@R) are restored at the end. With `config.validation_fraction` 0 every input trains,
+    for all `config.epochs`, and the last epoch's weights are kept.
     An interrupted run resumes from `<run_dir>/backup`, and its history then covers every epoch (history.csv), its
     seconds every attempt (`TrainingClock`). Runs under `config.strategy` (`distribution_strategy`).
     """
@@ -483,6 +484,9 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     validating = config.validation_fraction > 0
     train_pos, val_pos = np.arange(len(labels)), None
     against_training = config.validate_against == "training"
+    if validating and against_training and class_disjoint:
+        raise InvalidInputError("validate_against='training' searches the training classes, but this protocol's "
+                                "database holds other classes: validate against held-out classes ('held-out')")
     if validating:
         train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
                                               class_disjoint=False if against_training else class_disjoint)
