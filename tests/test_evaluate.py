@@ -42,6 +42,24 @@ def test_leave_one_out_excludes_the_query_itself():
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["R@1"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "hamming"])
+def test_map_at_r_from_rankings_r_deep_equals_the_whole_ranking(metric, rng):
+    """Validation scores MAP@R from rankings only R deep: the same value, ties (duplicates, Hamming) included."""
+    from tf_retrieval.evaluation.evaluate import map_at_r_score
+    from tf_retrieval.vectors import pack_codes
+
+    labels = rng.integers(0, 6, 200)
+    database = (rng.normal(size=(200, 16)) + labels[:, None] * 0.3).astype(np.float32)
+    database[7] = database[3]  # a duplicate: a tie at the top
+    queries, query_labels = rng.normal(size=(30, 16)).astype(np.float32), rng.integers(0, 7, 30)  # class 6: skipped
+    if metric == "hamming":
+        database, queries = pack_codes(database), pack_codes(queries)
+    for args in ((), (queries, query_labels)):  # leave-one-out, then separate queries
+        whole = rank_and_score(database, labels, *args, metric=metric, chunk_size=7)[0]["MAP@R"]
+        assert map_at_r_score(database, labels, *args, metric=metric, chunk_size=7) == pytest.approx(whole, abs=1e-12)
+        assert 0 < whole < 1
+
+
 def test_evaluate_protocol_with_head_and_pca(rng):
     n = 40
     labels = np.repeat([0, 1], n // 2)

@@ -224,7 +224,7 @@ class TrainConfig(JsonConfig):
         other (leave-one-out), and the split holds out whole classes where there are 20 or more: the measure for
         classes the model never saw. "training": the images that train, and the split holds out a share of every
         class: the measure for protocols whose database is the training set (cifar10-2, flowers-official), where
-        unseen queries search images the model fitted. It costs the database's embeddings every epoch.
+        unseen queries search images the model fitted. It embeds and ranks the training images every epoch.
       seed: seeds batches, the validation split and initialisation.
       strategy: where training runs (`training.train.STRATEGIES`): "default" (one device), "mirrored" (every local
         GPU, else every logical CPU device, one replica each) or "multiworker" (the machines of `TF_CONFIG`). The loss

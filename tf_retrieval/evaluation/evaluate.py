@@ -20,7 +20,7 @@ import numpy as np
 from tf_retrieval.config import END_TO_END, ModelConfig, load_run, trunk_runs
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.index import build_index
-from tf_retrieval.evaluation.metrics import RetrievalMetrics, relevance_matrix
+from tf_retrieval.evaluation.metrics import RetrievalMetrics, map_at_r, relevance_matrix
 from tf_retrieval.data.protocols import Protocol
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,38 @@ def fit_pca(vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     mean = vectors.mean(axis=0)
     _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)
     return mean.astype(np.float32), vt[:dim].T.astype(np.float32)
+
+
+def _ranked_relevance(database: np.ndarray, database_labels: np.ndarray, queries: np.ndarray | None,
+                      query_labels: np.ndarray | None, metric: str, depth: int | None, chunk_size: int,
+                      progress: bool = False):
+    """Yields (relevance [c, columns], num_relevant [c]) a chunk of queries at a time: each query's exact ranking of
+    the database, whole (`depth` None) or its first `depth` entries (the exact index breaks ties by storage order,
+    so a shorter ranking is the start of the whole one). Leave-one-out (`queries` None) drops each query's own entry."""
+    from tqdm.auto import tqdm
+
+    database_labels = np.asarray(database_labels)
+    leave_one_out = queries is None
+    if leave_one_out:
+        queries, query_labels = database, database_labels
+    query_labels = np.asarray(query_labels)
+    if len(queries) != len(query_labels) or len(database) != len(database_labels):
+        raise InvalidInputError(f"vectors and labels differ in length: queries {len(queries)} vs {len(query_labels)}, "
+                         f"database {len(database)} vs {len(database_labels)}")
+    index = build_index(database, metric=metric, backend="exact")
+    classes, counts = np.unique(database_labels, return_counts=True)
+    count_of = dict(zip(classes.tolist(), counts.tolist()))
+    num_relevant = np.array([count_of.get(int(label), 0) for label in query_labels]) - int(leave_one_out)
+    n = len(database)
+    k = n if depth is None else min(n, depth + int(leave_one_out))
+    for start in tqdm(range(0, len(queries), chunk_size), desc="ranking", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + chunk_size, len(queries))
+        _, ids = index.search(queries[start:stop], k)
+        if leave_one_out:  # drop each query's own entry from its ranking (or the last, where it ranked below k)
+            keep = ids != np.arange(start, stop)[:, None]
+            keep[keep.all(axis=1), -1] = False
+            ids = ids[keep].reshape(stop - start, k - 1)
+        yield relevance_matrix(query_labels[start:stop], database_labels[ids]), num_relevant[start:stop]
 
 
 def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: np.ndarray | None = None,
@@ -51,36 +83,32 @@ def rank_and_score(database: np.ndarray, database_labels: np.ndarray, queries: n
     Returns:
       metrics dict (`metrics.RetrievalMetrics.result`) and the averaged precision/recall curve.
     """
-    from tqdm.auto import tqdm
-
-    database_labels = np.asarray(database_labels)
-    leave_one_out = queries is None
-    if leave_one_out:
-        queries, query_labels = database, database_labels
-    query_labels = np.asarray(query_labels)
-    if len(queries) != len(query_labels) or len(database) != len(database_labels):
-        raise InvalidInputError(f"vectors and labels differ in length: queries {len(queries)} vs {len(query_labels)}, "
-                         f"database {len(database)} vs {len(database_labels)}")
-    index = build_index(database, metric=metric, backend="exact")
-    classes, counts = np.unique(database_labels, return_counts=True)
-    count_of = dict(zip(classes.tolist(), counts.tolist()))
-    num_relevant = np.array([count_of.get(int(label), 0) for label in query_labels]) - int(leave_one_out)
     accumulator = RetrievalMetrics(map_k=map_k)
-    for start in tqdm(range(0, len(queries), chunk_size), desc="ranking", unit="chunk", disable=not progress, leave=False):
-        stop = min(start + chunk_size, len(queries))
-        _, ids = index.search(queries[start:stop], len(database))
-        if leave_one_out:  # drop each query's own entry from its ranking
-            keep = ids != np.arange(start, stop)[:, None]
-            ids = ids[keep].reshape(stop - start, len(database) - 1)
-        relevance = relevance_matrix(query_labels[start:stop], database_labels[ids])
-        accumulator.update(relevance, num_relevant[start:stop])
+    for relevance, num_relevant in _ranked_relevance(database, database_labels, queries, query_labels, metric, None,
+                                                     chunk_size, progress):
+        accumulator.update(relevance, num_relevant)
     return accumulator.result(), accumulator.pr_curve()
+
+
+def map_at_r_score(database: np.ndarray, database_labels: np.ndarray, queries: np.ndarray | None = None,
+                   query_labels: np.ndarray | None = None, metric: str = "cosine", chunk_size: int = 256) -> float:
+    """MAP@R alone, as `rank_and_score` gives it, from rankings only R deep (R: the most relevant items any query has):
+    validation during training and tuning, every epoch."""
+    labels = np.asarray(database_labels)
+    depth = int(np.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
+    totals, scored = 0.0, 0
+    for relevance, num_relevant in _ranked_relevance(database, labels, queries, query_labels, metric, depth,
+                                                     chunk_size):
+        keep = num_relevant > 0  # queries without a relevant item are skipped, as in `rank_and_score`
+        if keep.any():
+            totals += float(map_at_r(relevance[keep], num_relevant[keep]).sum())
+            scored += int(keep.sum())
+    return totals / scored if scored else float("nan")
 
 
 def leave_one_out_map_at_r(vectors: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> float:
     """MAP@R of `vectors` when each one queries all the others (validation during training and tuning)."""
-    metrics, _ = rank_and_score(np.asarray(vectors), labels, metric=metric)
-    return float(metrics["MAP@R"])
+    return map_at_r_score(np.asarray(vectors), labels, metric=metric)
 
 
 def evaluate_protocol(protocol: Protocol, features: np.ndarray, *, embed: Callable[[np.ndarray], np.ndarray] | None = None,

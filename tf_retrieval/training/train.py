@@ -370,15 +370,14 @@ class ValidationMapAtR(keras.callbacks.Callback):
         return finish(outputs, self.hash_bits)
 
     def on_epoch_end(self, epoch, logs=None):
-        from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r, rank_and_score
+        from tf_retrieval.evaluation.evaluate import map_at_r_score
 
         queries, metric = self._vectors(self.inputs, epoch), "hamming" if self.hash_bits else "cosine"
-        if self.database is None:
-            value = leave_one_out_map_at_r(queries, self.labels, metric=metric)
+        if self.database is None:  # leave-one-out
+            value = map_at_r_score(queries, self.labels, metric=metric)
         else:
-            database = self._vectors(self.database, epoch)
-            value = float(rank_and_score(database, self.database_labels, queries, self.labels,
-                                         metric=metric)[0]["MAP@R"])
+            value = map_at_r_score(self._vectors(self.database, epoch), self.database_labels, queries, self.labels,
+                                   metric=metric)
         if logs is not None:
             logs[VAL_METRIC] = value
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
