@@ -88,8 +88,9 @@ def _reference(records: list[dict], protocol: str, size: int, which: str,
             return False
         if which == "baseline":
             return r["model"] == "baseline"
+        config = r.get("config") or {}  # the plain head: triplet alone, validated (not a final fit)
         return (r["model"] != "baseline" and not r.get("train_from") and not r.get("hash_bits")
-                and not (r.get("config") or {}).get("proxy_loss"))
+                and not config.get("proxy_loss") and config.get("validation_fraction") != 0)
 
     candidates = [r for r in records if matches(r)]
     candidates.sort(key=lambda r: (r.get("run") is not None if which == "baseline" else False,
