@@ -128,6 +128,8 @@ def _model_spec(name: str, version: str | None, label: str | None):
 
     spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
     if version is not None:
+        if len(version) > 18:  # over int64: no such version
+            raise _invalid(f"version {version} is out of range")
         spec.version.value = int(version)
     if label is not None:
         spec.version_label = urllib.parse.unquote(label)
@@ -293,8 +295,15 @@ class RestServer:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > max_body_bytes:
+                declared = self.headers.get("Content-Length") or "0"
+                length = int(declared) if declared.isascii() and declared.isdigit() else -1
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    status, payload = 411, {"error": "chunked request bodies are not supported: send Content-Length"}
+                    self.close_connection = True
+                elif length < 0:
+                    status, payload = 400, {"error": f"Content-Length must be a number of bytes, got {declared!r}"}
+                    self.close_connection = True
+                elif length > max_body_bytes:
                     status, payload = 413, {"error": f"request body of {length} bytes is over the limit of "
                                                      f"{max_body_bytes}"}
                     self.close_connection = True

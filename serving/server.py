@@ -32,7 +32,7 @@ from typing import Sequence
 import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from tf_retrieval.errors import InvalidInputError, MissingError
+from tf_retrieval.errors import InvalidInputError, MissingError, PortUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -365,16 +365,18 @@ class ServingCore:
             proto = request.inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
                 raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {tf.dtypes.as_dtype(proto.dtype).name}")
+            # the declared shape first: `make_ndarray` fills it (one value repeated), so a few bytes could ask for gigabytes
+            shape = [dim.size for dim in proto.tensor_shape.dim]
+            if proto.tensor_shape.unknown_rank or min(shape, default=0) < 0 or not spec.shape.is_compatible_with(shape):
+                raise _invalid(f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got {shape}")
+            if shape and shape[0] > self.max_batch_size:
+                raise _invalid(f"batch of {shape[0]} is over this server's limit of {self.max_batch_size}")
+            if shape and shape[0] == 0:
+                raise _invalid(f"input {key!r} is an empty batch")
             try:
                 value = tf.make_ndarray(proto)
             except Exception as exc:  # malformed TensorProto content
                 raise _invalid(f"input {key!r} is not a valid tensor: {exc}") from None
-            if not spec.shape.is_compatible_with(value.shape):
-                raise _invalid(f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got {list(value.shape)}")
-            if value.ndim and len(value) > self.max_batch_size:
-                raise _invalid(f"batch of {len(value)} is over this server's limit of {self.max_batch_size}")
-            if value.ndim and len(value) == 0:
-                raise _invalid(f"input {key!r} is an empty batch")
             inputs[key] = tf.constant(value, dtype=spec.dtype)
         return inputs
 
@@ -547,7 +549,8 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
       the running `Server` (stopped already when `block`).
 
     Raises:
-      MissingError: no SavedModel under the base path. OSError: a port is in use. InvalidInputError: a bad version policy.
+      MissingError: no SavedModel under the base path. PortUnavailableError (an OSError): a port is in use.
+      InvalidInputError: a bad version policy.
     """
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -573,12 +576,13 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
     except RuntimeError:  # grpcio raises where older versions returned 0
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot serve gRPC on {host}:{port}: the address is in use (another server?) or not available")
+        raise PortUnavailableError(f"cannot serve gRPC on {host}:{port}: the address is in use (another server?) or "
+                                   "not available")
     try:
         rest = RestServer(core, host, rest_port, max_body_bytes=max_message_bytes) if rest_port is not None else None
     except OSError as exc:
         grpc_server.stop(None)
-        raise OSError(f"cannot serve REST on {host}:{rest_port}: {exc.strerror or exc}") from None
+        raise PortUnavailableError(f"cannot serve REST on {host}:{rest_port}: {exc.strerror or exc}") from None
     grpc_server.start()
     if rest:
         rest.start()

@@ -100,6 +100,21 @@ def test_decode_image_rejects_garbage(data, message):
         decode_image(data)
 
 
+@pytest.mark.parametrize("fmt", ["PPM", "DDS", "EPS"])
+def test_decode_image_opens_only_the_documented_formats(fmt):
+    from PIL import Image
+
+    if fmt == "EPS":  # a header is enough to be recognised (PIL would hand the file to Ghostscript)
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    else:
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format=fmt)
+        data = buffer.getvalue()
+    with pytest.raises(ImageDecodeError, match=r"upload: not an image of a known format \(JPEG, PNG, BMP, GIF"):
+        decode_image(data, name="upload")
+    assert decode_image(encode(np.zeros((8, 8, 3), np.uint8), "PNG")).shape == (8, 8, 3)
+
+
 def test_decode_image_rejects_truncated_jpeg_and_png():
     pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     for fmt in ("JPEG", "PNG"):
@@ -247,16 +262,50 @@ def test_packed_images_round_trip_and_bounds(tmp_path):
         PackedImages(packed.data[:-1], packed.offsets)
 
 
+def _resize_then_crop(image, size):
+    """The definition both resizes implement: TensorFlow's antialiased bilinear resize of the shorter side to `size`,
+    then the central crop."""
+    import tensorflow as tf
+
+    height, width = image.shape[:2]
+    scale = np.float32(size) / np.float32(min(height, width))
+    new_height = max(size, int(np.round(np.float32(height) * scale)))
+    new_width = max(size, int(np.round(np.float32(width) * scale)))
+    resized = tf.image.resize(image.astype(np.float32), [new_height, new_width], method="bilinear", antialias=True)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return np.clip(resized.numpy()[top:top + size, left:left + size], 0, 255)
+
+
 @pytest.mark.parametrize("height, width, size", [(32, 32, 96), (32, 32, 160), (480, 640, 96), (333, 500, 160),
-                                                 (100, 37, 64), (96, 96, 96), (40, 48, 32), (7, 300, 32)])
-def test_the_numpy_resize_gives_tensorflows_pixels(height, width, size):
+                                                 (100, 37, 64), (96, 96, 96), (40, 48, 32), (7, 300, 32),
+                                                 (1, 3000, 16), (2000, 3, 16)])
+def test_both_resizes_give_tensorflows_pixels(height, width, size):
     from tf_retrieval.data.images import resize_and_crop, resize_and_crop_array
 
     image = np.random.default_rng(height + width).integers(0, 256, (height, width, 3)).astype(np.uint8)
-    expected = resize_and_crop(image, size).numpy()
-    actual = resize_and_crop_array(image, size)
-    assert actual.shape == (size, size, 3) and actual.dtype == np.float32
-    np.testing.assert_allclose(actual, expected, atol=0.01)  # float rounding only: pixels are 0..255
+    expected = _resize_then_crop(image, size)
+    for actual in resize_and_crop(image, size).numpy(), resize_and_crop_array(image, size):
+        assert actual.shape == (size, size, 3) and actual.dtype == np.float32
+        # float rounding only (pixels are 0..255); it grows with the coordinates of long sides
+        np.testing.assert_allclose(actual, expected, atol=0.05)
+
+
+def test_a_very_long_image_costs_what_its_crop_does():
+    import tracemalloc
+
+    from tf_retrieval.data.images import resize_and_crop, resize_and_crop_array
+
+    line = np.random.default_rng(0).integers(0, 256, (1, 20000, 3)).astype(np.uint8)  # resized: 224 x 4,480,000
+    tracemalloc.start()
+    out = resize_and_crop_array(line, 224)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5_000_000  # the whole resize would take 12 GB
+    # every output row is the one input row, and the crop's 224 columns lie within a few input pixels of its centre
+    np.testing.assert_allclose(out, np.broadcast_to(out[:1], out.shape))
+    assert line[0, 9990:10010].min(axis=0).min() - 0.01 <= out.min() <= out.max() <= line[0, 9990:10010].max() + 0.01
+    # the same pixels in TensorFlow, up to float32 sample positions near 4.5 million (a quarter pixel apart)
+    np.testing.assert_allclose(resize_and_crop(line, 224).numpy(), out, atol=0.5)
 
 
 def test_resize_and_crop_images_batches_images_of_any_sizes():

@@ -1,11 +1,13 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from tf_retrieval.config import ModelConfig
 from tf_retrieval.data.images import ImageDecodeError, image_folder
+from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.engine import RetrievalEngine, build_bundle
 from tf_retrieval.search.index import IndexModelMismatchError
 
@@ -88,6 +90,21 @@ def test_bundle_detects_a_changed_collection(bundle, image_dir):
         RetrievalEngine.load(path, embedder=embedder)
     with open(os.path.join(path, "catalog.json")) as f:
         assert len(json.load(f)["ids"]) == 18
+
+
+@pytest.mark.parametrize("content, message", [('{"source": "x", "ids": [', "is damaged \\(Expecting value"),
+                                              ('{"source": "x"}', "is damaged \\(it lacks ids, labels, class_names\\)"),
+                                              ("[]", "is damaged \\(it lacks source, ids, labels, class_names\\)")])
+def test_a_damaged_catalog_is_a_clear_error(tmp_path, bundle, content, message):
+    from tf_retrieval.search.engine import delete_images
+
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(bundle[0], damaged)
+    with open(os.path.join(damaged, "catalog.json"), "w") as f:
+        f.write(content)
+    for call in (lambda: RetrievalEngine.load(damaged, embedder=bundle[2]), lambda: delete_images(damaged, ["x"])):
+        with pytest.raises(InvalidInputError, match=f"catalog.json {message}.*rebuild the bundle with `tfr index`"):
+            call()
 
 
 def test_alpha_query_expansion_by_hand():

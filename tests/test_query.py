@@ -103,7 +103,7 @@ def test_class_labels_accept_names_labels_and_comma_lists():
     assert class_labels(names, ["red", "blue"]) == [0, 2]
     assert class_labels(names, "red, 1") == [1, 2]
     assert class_labels(names, [2, np.int64(2), "2"]) == [2]
-    for bad in (["purple"], [3], ["3"], [True], [-1]):
+    for bad in (["purple"], [3], ["3"], [True], [-1], ["²"]):  # "²".isdigit(), but no int
         with pytest.raises(InvalidInputError, match="unknown class .* known classes: blue, green, red"):
             class_labels(names, bad)
 
@@ -175,6 +175,10 @@ def test_random_ids_locate_and_errors(searcher, collection):
         searcher.search(Query(id="red/red_000.png"), classes=["purple"])
     with pytest.raises(InvalidInputError, match="at least one engine"):
         Searcher({})
+    emptied = colour_engine(collection, "emptied")
+    emptied.collection = collection.subset([])  # as `tfr index --delete` of every image leaves a bundle
+    with pytest.raises(MissingError, match="the collection of model 'emptied' is empty"):
+        Searcher({"emptied": emptied}).random_id()
     with pytest.raises(InvalidInputError, match="default_model 'nope'"):
         Searcher(searcher.engines, default_model="nope")
 

@@ -105,6 +105,24 @@ def test_bad_requests_answer_tf_serving_codes_and_the_server_keeps_serving(serve
     assert client.embed_pixels(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)).shape == (1, 8)
 
 
+@pytest.mark.parametrize("dims, message", [([20000, IMAGE_SIZE, IMAGE_SIZE, 3], "batch of 20000 is over this server's limit of 4"),
+                                            ([-1, IMAGE_SIZE, IMAGE_SIZE, 3], "must have shape [None, 16, 16, 3]"),
+                                            ([0, IMAGE_SIZE, IMAGE_SIZE, 3], "input 'images' is an empty batch")])
+def test_a_declared_shape_is_checked_before_the_tensor_is_built(served, dims, message):
+    # one float_val and a shape: `make_ndarray` would repeat the value over the whole shape (here 61 MB for 62 bytes)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "tiny", "embed_pixels"
+    tensor = request.inputs["images"]
+    tensor.dtype = tf.float32.as_datatype_enum
+    for size in dims:
+        tensor.tensor_shape.dim.add(size=size)
+    tensor.float_val.append(0.0)
+    with pytest.raises(grpc.RpcError) as error:
+        stubs(served[2].port)[0].Predict(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
 def test_an_undecodable_image_says_what_is_wrong(served, client):
     with pytest.raises(grpc.RpcError) as error:
         stubs(served[2].port)[0].Predict(predict_request({"images": np.array([b"definitely not an image"], object)}),
@@ -226,10 +244,14 @@ def test_version_policies_and_a_broken_version(tmp_path):
             VersionPolicy.parse(bad)
 
 
-def test_a_second_server_on_a_served_port_fails_to_start(served, tmp_path):
+def test_a_second_server_on_a_served_port_fails_to_start(served, tmp_path, capsys):
+    from tf_retrieval.cli import main as tfr
+
     base, server = served[1], served[2]
     with pytest.raises(OSError, match=f"cannot serve gRPC on 127.0.0.1:{server.port}"):
         serve(base, port=server.port, poll_seconds=0)
+    assert tfr(["serve", "--model-base-path", base, "--port", str(server.port)]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith(f"tfr: error: cannot serve gRPC on 127.0.0.1:{server.port}: the address")
     with_rest = serve(base, port=0, rest_port=0, poll_seconds=0)
     try:
         with pytest.raises(OSError, match=f"cannot serve REST on 127.0.0.1:{with_rest.rest_port}"):

@@ -114,6 +114,7 @@ def test_rest_floats_are_the_exact_float32_values_grpc_returns(served, rng):
     ("tiny:predict", {"signature_name": "nope", "instances": ["x"]}, 400, 'Serving signature key "nope" not found.'),
     ("nope:predict", {"instances": ["x"]}, 404, "Servable not found for request: Latest(nope)"),
     ("tiny/versions/7:predict", {"instances": ["x"]}, 404, "Servable not found for request: Specific(tiny, 7)"),
+    ("tiny/versions/99999999999999999999:predict", {"instances": ["x"]}, 400, "version 99999999999999999999 is out of range"),
     ("tiny/labels/stable:predict", {"instances": ["x"]}, 400, "Unrecognized servable version label: stable"),
     ("tiny:classify", {"examples": []}, 501, "classify is not served"),
 ])
@@ -128,6 +129,31 @@ def test_paths_outside_the_api(served):
     assert http(f"{url}/v1/models") == (400, {"error": "Missing model name in request."})
     assert http(f"{url}/v1/models/tiny:predict")[0] == 400  # GET on a POST path: malformed
     assert http(f"{url}/index.html")[0] == 404
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    ({"Content-Length": "-1"}, 400, "Content-Length must be a number of bytes, got '-1'"),
+    ({"Content-Length": "abc"}, 400, "Content-Length must be a number of bytes, got 'abc'"),
+    ({"Content-Length": "2000"}, 413, "request body of 2000 bytes is over the limit of 1000"),
+    ({"Transfer-Encoding": "chunked"}, 411, "chunked request bodies are not supported"),
+])
+def test_a_body_the_server_cannot_bound_is_refused_and_it_keeps_serving(tmp_path, headers, status, message):
+    import http.client as http_client
+
+    export_tiny(str(tmp_path))
+    server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0, max_message_bytes=1000)
+    try:
+        connection = http_client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+        connection.putrequest("POST", "/v1/models/tiny:predict")
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == status and message in json.loads(response.read())["error"]
+        connection.close()
+        assert http(f"http://127.0.0.1:{server.rest_port}/v1/models/tiny")[0] == 200
+    finally:
+        server.stop(grace=1)
 
 
 def test_connect_picks_rest_or_grpc_and_both_embed_alike(served, rng):

@@ -20,6 +20,10 @@ class MissingError(RetrievalError, FileNotFoundError):
     """A file, folder, index bundle, model or run that does not exist (the message says where it looked)."""
 
 
+class PortUnavailableError(RetrievalError, OSError):
+    """A server cannot listen where it was asked to: the port is in use or the address is not this machine's."""
+
+
 class ModelMismatchError(InvalidInputError):
     """Artefacts of different models used together (e.g. an index queried with another model's embeddings)."""
 

@@ -4,7 +4,7 @@
       -> strict decode + resize (`data.images`; an unreadable file goes to the dead-letter output with the reason)
       -> RunInference with Beam's TensorFlow model handler over the exported SavedModel (`tfr export`), keyed by id
       -> TFRecord shards of tf.train.Example {id, class_name, embedding} + <out>.manifest.json (model id, shards, counts)
-    tfr pipeline index --manifest <out>.manifest.json --name NAME   -> an index bundle, as `tfr index` writes
+    tfr index --from-pipeline <out>.manifest.json --name NAME   -> an index bundle, as `tfr index` writes
 
 The DirectRunner (in several processes: `--direct_num_workers 2 --direct_running_mode multi_processing`) is the
 default; the same pipeline runs on Dataflow, Flink or Spark through standard `PipelineOptions` (docs/pipeline.md).

@@ -28,6 +28,9 @@ MAX_PIXELS = 64_000_000
 #: Largest encoded file accepted, in bytes.
 MAX_BYTES = 50 * 1024 * 1024
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: The formats PIL may open (JPEG includes the multi-picture JPEGs of cameras). Others are refused before their
+#: decoders run: some call external programs (EPS runs Ghostscript) and rarely used ones are less hardened.
+DECODED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 
 
 class ImageDecodeError(InvalidInputError):
@@ -63,7 +66,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
@@ -78,8 +81,8 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: too many pixels (possible decompression bomb): {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not an image (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: not an image of a known format ({', '.join(DECODED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, NotImplementedError) as exc:  # NotImplementedError: unusual pixel formats
         message = str(exc)
         if "truncated" in message or "broken data stream" in message or "premature end" in message.lower():
             raise ImageDecodeError(f"{name}: truncated or damaged image ({message})") from None
@@ -154,31 +157,39 @@ def resize_and_crop(image, size: int):
     scale = tf.cast(size, tf.float32) / tf.minimum(height, width)
     new_height = tf.maximum(size, tf.cast(tf.round(height * scale), tf.int32))
     new_width = tf.maximum(size, tf.cast(tf.round(width * scale), tf.int32))
-    image = tf.image.resize(image, tf.stack([new_height, new_width]), method="bilinear", antialias=True)
     top = (new_height - size) // 2
     left = (new_width - size) // 2
-    image = image[top:top + size, left:left + size, :]
+    # `tf.image.resize(..., antialias=True)` to the new size and the crop, in one op that computes only the crop:
+    # resizing a 1 x 5,000 line to 224 x 1,120,000 first would take gigabytes
+    image = tf.raw_ops.ScaleAndTranslate(
+        images=image[None], size=tf.constant([size, size]),
+        scale=tf.stack([tf.cast(new_height, tf.float32) / height, tf.cast(new_width, tf.float32) / width]),
+        translation=-tf.cast(tf.stack([top, left]), tf.float32), kernel_type="triangle", antialias=True)[0]
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [size, size, 3])
 
 
 @functools.lru_cache(maxsize=128)
-def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] weights of TensorFlow's antialiased bilinear resize along one axis (a triangle kernel
-    widened by the downscaling factor, half-pixel centres: `tf.image.resize(..., antialias=True)`'s scale_and_translate)."""
+def _resize_weights(in_size: int, out_size: int, first: int, count: int) -> tuple[int, np.ndarray]:
+    """Outputs `first` .. `first + count - 1` of TensorFlow's antialiased bilinear resize along one axis from `in_size`
+    to `out_size` (a triangle kernel widened by the downscaling factor, half-pixel centres: `tf.image.resize(...,
+    antialias=True)`'s scale_and_translate), as (offset, weights [count, support]): they read only the inputs `offset`
+    .. `offset + support - 1`, so a crop of a very long resize costs what the crop does."""
     inv_scale = in_size / out_size
     kernel_scale = max(inv_scale, 1.0)
-    samples = (np.arange(out_size, dtype=np.float32) + 0.5) * np.float32(inv_scale)
-    sources = np.arange(in_size, dtype=np.float32) + 0.5
+    samples = (np.arange(first, first + count, dtype=np.float32) + 0.5) * np.float32(inv_scale)
     starts = np.clip(np.ceil(samples - kernel_scale - 0.5), 0, in_size - 1).astype(np.int64)
     ends = np.clip(np.floor(samples + kernel_scale - 0.5), 0, in_size - 1).astype(np.int64) + 1
+    offset = int(starts.min())
+    columns = np.arange(offset, int(ends.max()))
+    sources = columns.astype(np.float32) + 0.5
     weights = np.maximum(0.0, 1.0 - np.abs((sources[None, :] - samples[:, None]) / np.float32(kernel_scale)))
-    columns = np.arange(in_size)[None, :]
-    weights = np.where((columns >= starts[:, None]) & (columns < ends[:, None]), weights, 0.0).astype(np.float32)
+    inside = (columns[None, :] >= starts[:, None]) & (columns[None, :] < ends[:, None])
+    weights = np.where(inside, weights, 0.0).astype(np.float32)
     totals = weights.sum(axis=1, keepdims=True)
     weights = np.divide(weights, totals, out=np.zeros_like(weights), where=np.abs(totals) >= 1000 * np.finfo(np.float32).tiny)
     weights.flags.writeable = False  # cached and shared between calls
-    return weights
+    return offset, weights
 
 
 def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -190,8 +201,11 @@ def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None =
     new_height = max(size, int(np.round(np.float32(height) * scale)))
     new_width = max(size, int(np.round(np.float32(width) * scale)))
     top, left = (new_height - size) // 2, (new_width - size) // 2
-    rows = _resize_weights(height, new_height)[top:top + size]  # only the rows and columns the crop keeps
-    columns = _resize_weights(width, new_width)[left:left + size]
+    # only the rows and columns the crop keeps, from only the pixels they read
+    first_row, rows = _resize_weights(height, new_height, top, size)
+    first_column, columns = _resize_weights(width, new_width, left, size)
+    image = image[first_row:first_row + rows.shape[1], first_column:first_column + columns.shape[1]]
+    height, width = image.shape[:2]
     if out is None:
         out = np.empty((size, size, 3), np.float32)
     elif out.shape != (size, size, 3) or out.dtype != np.float32 or not out.flags.c_contiguous:

@@ -210,12 +210,7 @@ class RetrievalEngine:
         catalog, and an `embedder` that is a model server's client (`serving.client.connect`) against the index's
         embedding space."""
         config = ModelConfig.load(os.path.join(bundle_dir, "model.json"))
-        catalog_path = os.path.join(bundle_dir, "catalog.json")
-        try:
-            with open(catalog_path) as f:
-                catalog = json.load(f)
-        except FileNotFoundError:
-            raise MissingError(f"{bundle_dir} is not an index bundle: {catalog_path} is missing") from None
+        catalog = _read_catalog(bundle_dir)
         index = Index.load(os.path.join(bundle_dir, "index"), expected_model_id=config.model_id())
         if hasattr(embedder, "check_embedding_space"):  # a model server's client: are its vectors the index's?
             embedder.check_embedding_space(config.embedding_space(), f"the index at {bundle_dir}")
@@ -393,13 +388,23 @@ def _stored_collection(bundle_dir: str, catalog: dict, data_dir: str | None) -> 
     return collection
 
 
+#: What every bundle's catalog holds (`build_bundle`).
+_CATALOG_KEYS = ("source", "ids", "labels", "class_names")
+
+
 def _read_catalog(bundle_dir: str) -> dict:
     path = os.path.join(bundle_dir, "catalog.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            catalog = json.load(f)
     except FileNotFoundError:
         raise MissingError(f"{bundle_dir} is not an index bundle: {path} is missing; build one with `tfr index`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path} is damaged ({exc}); rebuild the bundle with `tfr index`") from None
+    missing = [key for key in _CATALOG_KEYS if key not in catalog] if isinstance(catalog, dict) else list(_CATALOG_KEYS)
+    if missing:
+        raise InvalidInputError(f"{path} is damaged (it lacks {', '.join(missing)}); rebuild the bundle with `tfr index`")
+    return catalog
 
 
 def _source_key(source: str) -> str:

@@ -165,7 +165,7 @@ def class_labels(class_names: Sequence[str], classes: Sequence[str | int] | str 
             labels.append(names.index(value))
         elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
             labels.append(int(value))
-        elif isinstance(value, str) and value.isdigit() and int(value) < len(names):
+        elif isinstance(value, str) and value.isascii() and value.isdigit() and int(value) < len(names):
             labels.append(int(value))
         else:
             raise InvalidInputError(f"unknown class {str(value)[:100]!r} in classes; known classes: {', '.join(names)}")
@@ -295,7 +295,10 @@ class Searcher:
 
     def random_id(self, model: str | None = None, seed: int | None = None) -> str:
         """A random database image id of `model`'s collection (`seed`: the same one every time)."""
-        collection = self.engine(model)[1].collection
+        name, engine = self.engine(model)
+        collection = engine.collection
+        if not len(collection):
+            raise MissingError(f"the collection of model {name!r} is empty: add images with `tfr index --add`")
         rng = self._system_random if seed is None else random.Random(seed)
         return collection.ids[rng.randrange(len(collection))]
 
