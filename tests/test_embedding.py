@@ -8,7 +8,7 @@ import pytest
 
 from tf_retrieval.cli import main
 from tf_retrieval.config import ModelConfig
-from tf_retrieval.data.images import image_folder
+from tf_retrieval.data.images import image_folder, resize_and_crop_images
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.features.embedding import Embedder, build_model, embed_collection, head_function
 from tf_retrieval.search.engine import RetrievalEngine, index_collection
@@ -148,6 +148,31 @@ def test_feature_caches_are_computed_in_either_runtime_and_kept_apart(folder, tm
     monkeypatch.setattr(litert, "LiteRTModel", lambda flatbuffer: no_model)
     again = embedding.backbone_features(collection, config, workdir=work, progress=False)
     np.testing.assert_array_equal(again, fast)
+
+
+def test_feature_caches_of_a_weights_file_follow_its_content(folder, tmp_path):
+    from tf_retrieval.features import embedding
+    from tf_retrieval.models.backbones import backbone_of
+    from tf_retrieval.models.heads import trunk_of
+
+    collection = image_folder(folder, progress=False)
+    random_config = ModelConfig(name="m", backbone="mobilenet_v2", image_size=32, weights=None)
+    paths = [str(tmp_path / f"{run}" / "trunk.weights.h5") for run in ("a", "b")]  # one base name, two contents
+    for seed, path in enumerate(paths):
+        os.makedirs(os.path.dirname(path))
+        trunk = trunk_of(backbone_of(random_config))  # seeded: the same weights each time, so perturb them
+        noise = np.random.default_rng(seed)
+        trunk.set_weights([w + noise.normal(0, 0.1, w.shape).astype(w.dtype) for w in trunk.get_weights()])
+        trunk.save_weights(path)
+    features = [embedding.backbone_features(collection, ModelConfig(name="m", backbone="mobilenet_v2", image_size=32,
+                                                                    weights=path),
+                                            workdir=str(tmp_path / "work"), progress=False, runtime="tf")
+                for path in paths]
+    direct = backbone_of(ModelConfig(name="m", backbone="mobilenet_v2", image_size=32, weights=paths[1]))
+    expected = direct.predict(resize_and_crop_images([collection.image(0)], 32), verbose=0)
+    scale = np.abs(expected).max()  # random weights: tiny outputs
+    np.testing.assert_allclose(features[1][:1] / scale, expected / scale, rtol=1e-4, atol=1e-4)
+    assert np.abs(features[0][:1] - features[1][:1]).max() > 0.1 * scale  # not the first file's cached features
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "pearson", "hamming"])

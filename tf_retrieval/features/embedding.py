@@ -140,6 +140,8 @@ def cached_outputs(collection, build_model: Callable, model_key: str, *, image_s
     workdir = workdir or default_workdir()
     forward, used = compile_model(build_model, runtime=runtime, cache_key=f"{model_key}-{_files_digest(weights_file)}",
                                   cache_dir=os.path.join(workdir, "litert"))
+    if weights_file and os.path.isfile(weights_file):  # a file's name is not its content: another file of that name,
+        model_key += "-" + _files_digest(weights_file)  # or the same one rewritten, gets features of its own
     return extract_features(collection, forward, image_size=image_size,
                             model_key=model_key if used == "tf" else f"{model_key}-{used}",
                             cache_dir=os.path.join(workdir, "features"), batch_size=batch_size, dtype=dtype,
