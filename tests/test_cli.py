@@ -257,6 +257,13 @@ def test_train_then_compare(tmp_path, capsys):
                  str(tmp_path / "run2" / "model.json"), "--flip", "--records", flipped]) == 0
     (evaluated,) = json.load(open(flipped))
     assert evaluated["flip"] is True and evaluated["metrics"]["mAP"] == merged[-1]["metrics"]["mAP"]
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('[{"protocol": "cifar10-2"},')  # a hand edit gone wrong: refused before evaluating, kept
+    for command in (["evaluate", "--protocol", "cifar10-2", "--dataset", folder], ["compare", str(tmp_path / "run2"),
+                                                                                   "--out", report]):
+        assert main(["--workdir", workdir, *command, "--records", str(damaged)]) == 2
+        assert f"tfr: error: {damaged} is not valid JSON" in capsys.readouterr().err
+    assert damaged.read_text() == '[{"protocol": "cifar10-2"},'
     # a model that embeds with flip (its model.json says so) is compared with a baseline that does too; --no-flip
     # turns it off for both
     model_json = tmp_path / "run2" / "model.json"

@@ -145,6 +145,18 @@ def test_records_merge_and_markdown(tmp_path):
     assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg |") == 1
 
 
+@pytest.mark.parametrize("content, message", [("[{", "is not valid JSON"), ('{"protocol": "p"}', "holds no JSON list"),
+                                              ("[1, 2]", "holds no JSON list")])
+def test_a_damaged_records_file_is_a_clear_error_and_is_kept(tmp_path, content, message):
+    from tf_retrieval.errors import InvalidInputError
+
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(InvalidInputError, match=f"r.json {message}.*: fix it or move it away"):
+        RecordStore(str(path), ("protocol",)).merge([{"protocol": "p"}])
+    assert path.read_text() == content
+
+
 def test_concurrent_merges_keep_every_record(tmp_path):
     import threading
 

@@ -516,3 +516,90 @@ def test_trunk_learns_at_its_share_of_the_learning_rate(rng, tmp_path):
         TrainConfig(trunk_lr_scale=0)
     with pytest.raises(ValueError, match="a head-only run trains no trunk"):
         TrainConfig(trunk_lr_scale=0.1)
+
+
+class _StopAfter:
+    """A callback that kills a run after epoch `epochs` (its backup saved, as after Ctrl-C or a lost machine)."""
+
+    def __new__(cls, epochs):
+        import keras
+
+        class Stop(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch + 1 == epochs:
+                    raise KeyboardInterrupt
+
+        return Stop()
+
+
+def test_a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(tmp_path):
+    from tf_retrieval.training.train import fit
+
+    features, labels = nuisance_features(np.random.default_rng(0))
+    config = TrainConfig(embedding_dim=8, hidden_dim=32, dropout=0.0, learning_rate=0.1, classes_per_batch=6,
+                         images_per_class=6, epochs=30, steps_per_epoch=3, patience=2, validation_fraction=0.25)
+    model, _, _, whole = fit(config, features, labels, str(tmp_path / "whole"), verbose=0)
+    scores = whole["val_map_at_r"]
+    best = int(np.argmax(scores))
+    assert best + 1 < len(scores) < 30  # the run stopped early, some epochs after its best
+    with pytest.raises(KeyboardInterrupt):  # killed right after its best epoch, then resumed
+        fit(config, features, labels, str(tmp_path / "resumed"), verbose=0, extra_callbacks=[_StopAfter(best + 1)])
+    resumed_model, _, _, resumed = fit(config, features, labels, str(tmp_path / "resumed"), verbose=0)
+    assert len(resumed["val_map_at_r"]) == len(scores)  # the same epochs: early stopping counted the earlier ones
+    np.testing.assert_allclose(resumed["val_map_at_r"], scores, atol=1e-4)
+    # the weights kept are the best epoch's (before the restart), not the first resumed epoch's
+    np.testing.assert_allclose(resumed_model.predict(features[:20], verbose=0), model.predict(features[:20], verbose=0),
+                               atol=1e-4)
+
+
+def test_an_interrupted_run_resumes_only_with_its_own_config_and_an_intact_backup(rng, tmp_path):
+    import dataclasses
+
+    from tf_retrieval.errors import InvalidInputError
+
+    features, labels = nuisance_features(rng)
+    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
+                        database=np.arange(len(labels)), queries=None)
+    config = TrainConfig(embedding_dim=8, hidden_dim=16, classes_per_batch=6, images_per_class=4, epochs=3,
+                         steps_per_epoch=2, validation_fraction=0.25)
+    run = str(tmp_path / "run")
+    train(config, run, protocol=protocol, inputs=features, verbose=0)  # a finished run ...
+    assert os.path.exists(os.path.join(run, "model.json"))
+    with pytest.raises(KeyboardInterrupt):  # ... trained again, interrupted: it is no finished run any more
+        from tf_retrieval.training import train as train_module
+        original = train_module.fit
+        train_module.fit = lambda *args, **kwargs: original(*args, **kwargs, extra_callbacks=[_StopAfter(1)])
+        try:
+            train(config, run, protocol=protocol, inputs=features, verbose=0)
+        finally:
+            train_module.fit = original
+    assert not os.path.exists(os.path.join(run, "model.json")) and not os.path.exists(os.path.join(run, "result.json"))
+    changed = dataclasses.replace(config, margin=0.3, learning_rate=1e-2)
+    with pytest.raises(InvalidInputError, match=r"holds an interrupted run of another config \(it differs in "
+                                                r"learning_rate, margin\)"):
+        train(changed, run, protocol=protocol, inputs=features, verbose=0)
+    with open(os.path.join(run, "backup", "training_metadata.json"), "w") as f:
+        f.write('{"epoch": ')  # cut short by the interruption
+    with pytest.raises(InvalidInputError, match=r"backup of the interrupted run in .* is damaged \(its "
+                                                r"training_metadata.json\), so it cannot resume: delete"):
+        train(config, run, protocol=protocol, inputs=features, verbose=0)
+    with open(os.path.join(run, "backup", "training_metadata.json"), "w") as f:
+        f.write('{"epoch": 1}')
+    with open(os.path.join(run, "backup", "latest.weights.h5"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(InvalidInputError, match=r"damaged \(its latest.weights.h5\)"):
+        train(config, run, protocol=protocol, inputs=features, verbose=0)
+
+
+def test_the_run_validation_split_is_per_class_when_validating_against_the_training_images():
+    from tf_retrieval.errors import InvalidInputError
+    from tf_retrieval.training.train import run_validation_split
+
+    labels = np.repeat(np.arange(24), 10)  # 24 classes: the held-out question holds out whole classes
+    held_out = run_validation_split(TrainConfig(validation_fraction=0.2), labels)[1]
+    assert len(set(labels[held_out])) < 24
+    train_pos, val_pos = run_validation_split(TrainConfig(validation_fraction=0.2, validate_against="training"), labels)
+    assert set(labels[val_pos]) == set(labels[train_pos]) == set(range(24))
+    assert run_validation_split(TrainConfig(validation_fraction=0.0), labels)[1] is None
+    with pytest.raises(InvalidInputError, match="validate against held-out classes"):
+        run_validation_split(TrainConfig(validation_fraction=0.2, validate_against="training"), labels, True)

@@ -70,6 +70,10 @@ def test_class_disjoint_validation_with_many_classes(tmp_path):
     assert hypermodel.class_disjoint and hypermodel.validation_classes == 6
     with pytest.raises(ValueError, match="hash_bits"):
         SiameseHyperModel(TrainConfig.from_dict({"hash_bits": 16}), features, labels)
+    with pytest.raises(ValueError, match=r"drop augment \['flip'\] from the base config"):
+        SiameseHyperModel(TrainConfig.from_dict({**TINY, "augment": ["flip"]}), features, labels)
+    with pytest.raises(ValueError, match="validate_against must be 'held-out' in the base config, not 'training'"):
+        SiameseHyperModel(TrainConfig.from_dict({**TINY, "validate_against": "training"}), features, labels)
     with pytest.raises(ValueError, match="unknown tuning algorithm"):
         make_tuner(hypermodel, str(tmp_path), algorithm="grid")
 

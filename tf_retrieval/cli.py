@@ -276,6 +276,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from tf_retrieval.training.adapt import adaptation_details
 
     config = _model_config(args)
+    store = RecordStore(args.records, RECORD_KEY) if args.records else None
+    if store:
+        store.load()  # a damaged records file fails now, not after the evaluation
     protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(protocol.summary())
     adaptation = adaptation_details(args.model_config) if args.model_config else {}
@@ -290,8 +293,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             expand=args.expand, augment=args.dba, alpha=args.alpha)
     record.update(adaptation)
     print(records_markdown([record]), end="")
-    if args.records:
-        write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge([record]))
+    if store:
+        write_records_markdown(args.records, store.merge([record]))
         print(f"record written to {args.records}")
 
 
@@ -432,11 +435,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from tf_retrieval.evaluation.evaluate import RECORD_KEY, write_records_markdown
     from tf_retrieval.storage import RecordStore
 
+    store = RecordStore(args.records, RECORD_KEY) if args.records else None
+    if store:
+        store.load()  # a damaged records file fails now, not after the evaluation
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
                       augment=args.dba, alpha=args.alpha, label=args.label, runtime=args.runtime, flip=args.flip)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")
-    if args.records:
-        write_records_markdown(args.records, RecordStore(args.records, RECORD_KEY).merge(records))
+    if store:
+        write_records_markdown(args.records, store.merge(records))
         print(f"records written to {args.records}")
 
 

@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
+from tf_retrieval.errors import InvalidInputError
+
 T = TypeVar("T")
 
 
@@ -223,13 +225,20 @@ class RecordStore:
         return record_key(record, self.key)
 
     def load(self) -> list[dict]:
-        """The stored records (an empty list when the file does not exist)."""
+        """The stored records (an empty list when the file does not exist).
+
+        Raises:
+          InvalidInputError: a file that is not a JSON list of records (a hand edit gone wrong, say): fix or move it.
+        """
         if not os.path.exists(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            records = json.load(f)
-        if not isinstance(records, list):
-            raise ValueError(f"{self.path} holds no JSON list of records")
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                records = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInputError(f"{self.path} is not valid JSON ({exc}): fix it or move it away") from None
+        if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+            raise InvalidInputError(f"{self.path} holds no JSON list of records: fix it or move it away")
         return records
 
     def merge(self, records: Sequence[dict]) -> list[dict]:

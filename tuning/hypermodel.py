@@ -82,6 +82,12 @@ class SiameseHyperModel(keras_tuner.HyperModel):
         super().__init__(name="siamese_head", tunable=True)
         if base.model.hash_bits:
             raise InvalidInputError("tuning searches float embedding heads: set hash_bits to None in the base config")
+        if base.augment:  # trials would train on the plain view only, and score what `tfr train` would not
+            raise InvalidInputError(f"tuning trains on the plain cached inputs: drop augment {list(base.augment)} from "
+                                    "the base config (tune first, then train the best config with its views)")
+        if base.validate_against != "held-out":
+            raise InvalidInputError("tuning scores held-out images searching each other: validate_against must be "
+                                    f"'held-out' in the base config, not {base.validate_against!r}")
         labels = np.asarray(labels)
         if len(inputs) != len(labels):
             raise InvalidInputError(f"{len(inputs)} inputs but {len(labels)} labels")

@@ -136,11 +136,13 @@ def compare(run_dirs: Sequence[str], out_dir: str, *, workdir: str, command: str
     key), so runs can be added one at a time. Returns this call's records.
     """
     os.makedirs(out_dir, exist_ok=True)
+    report = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY)
+    report.load()  # a damaged report fails now, not after the evaluation
     records, baseline_cache = [], {}
     for run_dir in run_dirs:
         records += compare_run(run_dir, out_dir, workdir=workdir, command=command, expand=expand, augment=augment,
                                alpha=alpha, baseline_cache=baseline_cache, label=label, runtime=runtime, flip=flip)
-    merged = RecordStore(os.path.join(out_dir, "report.json"), key=RECORD_KEY).merge(records)
+    merged = report.merge(records)
     write_text(os.path.join(out_dir, "report.md"), report_markdown(merged, out_dir))
     return records
 

@@ -160,7 +160,7 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
     """
     from tf_retrieval.features.embedding import backbone_features
     from tf_retrieval.models.heads import load_head
-    from tf_retrieval.training.train import validation_split
+    from tf_retrieval.training.train import run_validation_split
 
     if config.hash_bits or config.train_from:
         raise InvalidInputError("adapt takes float models with a frozen backbone (a baseline or a head-only run); "
@@ -188,8 +188,7 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
         if not train_config.validation_fraction:
             raise InvalidInputError(f"{run_dir} trained on every training image (validation_fraction 0): it has no "
                                     "validation split to choose the head's weight on; give --head-weight")
-        _, val_pos = validation_split(labels, train_config.validation_fraction, train_config.seed,
-                                      class_disjoint=protocol.class_disjoint or None)
+        _, val_pos = run_validation_split(train_config, labels, protocol.class_disjoint or None)  # the run's own
         whitening = None if branch is None else fit_whitening(train_features, *branch)
         head_vectors = l2_normalize(head.predict(train_features[val_pos], batch_size=1024, verbose=0))
         head_weight, choices["head_weight_map_at_r"] = choose_head_weight(

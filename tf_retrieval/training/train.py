@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 from tf_retrieval.errors import InvalidInputError, MissingError
 from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, Recipe, TrainConfig, load_run
 from tf_retrieval.data.protocols import Protocol
-from tf_retrieval.storage import read_json_value, save_with_digest, write_json
+from tf_retrieval.storage import atomic_write, read_json_value, save_with_digest, write_json
 from tf_retrieval.vectors import finish
 
 logger = logging.getLogger(__name__)
@@ -383,6 +384,22 @@ class ValidationMapAtR(keras.callbacks.Callback):
         logger.info("epoch %d: validation MAP@R %.4f", epoch + 1, value)
 
 
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """`EarlyStopping` that goes on from the validation scores of the epochs before a resume (`earlier`), so an
+    interrupted run stops where an uninterrupted one would."""
+
+    def __init__(self, earlier: Sequence[float] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.earlier = list(earlier)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for epoch, score in enumerate(self.earlier):  # as `on_epoch_end` counts (min_delta 0, mode "max")
+            self.wait += 1
+            if self.best is None or score > self.best:
+                self.best, self.best_epoch, self.wait = score, epoch, 0
+
+
 class TrainingClock(keras.callbacks.Callback):
     """Carries a run's training seconds across restarts: every epoch end writes the seconds trained so far, those of
     interrupted attempts included, beside the run's backup (`trained_seconds` reads them back)."""
@@ -468,6 +485,26 @@ class GlobalBatchModel(keras.Model):
         return {"loss": self._loss_tracker.result()}
 
 
+def run_validation_split(config: TrainConfig, labels: np.ndarray,
+                         class_disjoint: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training positions, held-out positions or None) of a run of `config` on `labels`: `validation_split` of
+    `config.validation_fraction`, per class where `config.validate_against` is "training" (the held-out images then
+    search the training images), else whole classes with `class_disjoint` (None: from 20 classes on).
+
+    Raises:
+      InvalidInputError: validation against the training images on a class-disjoint protocol.
+    """
+    labels = np.asarray(labels)
+    if config.validation_fraction <= 0:
+        return np.arange(len(labels)), None
+    against_training = config.validate_against == "training"
+    if against_training and class_disjoint:
+        raise InvalidInputError("validate_against='training' searches the training classes, but this protocol's "
+                                "database holds other classes: validate against held-out classes ('held-out')")
+    return validation_split(labels, config.validation_fraction, config.seed,
+                            class_disjoint=False if against_training else class_disjoint)
+
+
 def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: str, *,
         extra_callbacks: list | None = None, verbose: int = 2, class_disjoint: bool | None = None):
     """Trains on `inputs` [n, ...] / `labels` [n]; returns (trainable model, backbone, head, history dict).
@@ -481,14 +518,8 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     """
     labels = np.asarray(labels)
     validating = config.validation_fraction > 0
-    train_pos, val_pos = np.arange(len(labels)), None
     against_training = config.validate_against == "training"
-    if validating and against_training and class_disjoint:
-        raise InvalidInputError("validate_against='training' searches the training classes, but this protocol's "
-                                "database holds other classes: validate against held-out classes ('held-out')")
-    if validating:
-        train_pos, val_pos = validation_split(labels, config.validation_fraction, config.seed,
-                                              class_disjoint=False if against_training else class_disjoint)
+    train_pos, val_pos = run_validation_split(config, labels, class_disjoint)
     backup_dir, history_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "history.csv")
     batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
                               start_epoch=_resumed_epoch(backup_dir))
@@ -500,12 +531,13 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         for path in (history_path, best_path):
             if os.path.exists(path):
                 os.remove(path)
+    earlier = _history_before(history_path, batches.start_epoch).get(VAL_METRIC, [])  # a resumed run's scores
     validation = [
         ValidationMapAtR(np.asarray(_take(inputs, val_pos)), labels[val_pos], config.model.hash_bits,
                          *((_take(inputs, train_pos), labels[train_pos]) if against_training else ())),
         keras.callbacks.ModelCheckpoint(best_path, monitor=VAL_METRIC, mode="max", save_best_only=True,
-                                        save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor=VAL_METRIC, mode="max", patience=config.patience),
+                                        save_weights_only=True, initial_value_threshold=max(earlier, default=None)),
+        ResumedEarlyStopping(earlier, monitor=VAL_METRIC, mode="max", patience=config.patience),
     ] if validating else []
     callbacks = [
         *validation,
@@ -529,9 +561,44 @@ def _run_history(path: str) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
 
 
+def _history_before(path: str, epoch: int) -> dict[str, list[float]]:
+    """The history of a resumed run's epochs before `epoch` (`_run_history`), with history.csv cut back to them: an
+    epoch logged but not backed up before the interruption runs again, and is logged once."""
+    if not epoch or not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [row for row in reader if int(row["epoch"]) < epoch]
+    with atomic_write(path) as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return _run_history(path)
+
+
 def _resumed_epoch(backup_dir: str) -> int:
-    """The epoch `keras.callbacks.BackupAndRestore` resumes an interrupted run at (0 for a new run)."""
-    return read_json_value(os.path.join(backup_dir, "training_metadata.json"), "epoch", int, 0)
+    """The epoch `keras.callbacks.BackupAndRestore` resumes an interrupted run at (0 for a new run).
+
+    Raises:
+      InvalidInputError: a backup that an interruption left damaged (it cannot be resumed from).
+    """
+    metadata, weights = (os.path.join(backup_dir, name) for name in ("training_metadata.json", "latest.weights.h5"))
+    if not os.path.exists(metadata):
+        return 0
+    epoch = read_json_value(metadata, "epoch", int, -1)
+    damaged = "its training_metadata.json" if epoch < 0 else None
+    if not damaged:
+        import h5py
+
+        try:
+            with h5py.File(weights, "r"):
+                pass
+        except OSError:
+            damaged = "its latest.weights.h5"
+    if damaged:
+        raise InvalidInputError(f"the backup of the interrupted run in {backup_dir} is damaged ({damaged}), so it "
+                                f"cannot resume: delete {backup_dir} to train the run from its start")
+    return epoch
 
 
 def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
@@ -560,8 +627,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     if inputs is None:
         inputs = cache_inputs(config, protocol.collection, workdir=workdir, runtime=runtime)
     cache_seconds = time.perf_counter() - start
-    os.makedirs(run_dir, exist_ok=True)
-    config.save(os.path.join(run_dir, "train_config.json"))
+    _start_run(run_dir, config)
     labels = protocol.collection.labels
     _, backbone, head, history = fit(config, _take(inputs, protocol.train), labels[protocol.train], run_dir,
                                      verbose=verbose, class_disjoint=protocol.class_disjoint or None)
@@ -582,6 +648,35 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
     logger.info("trained %s in %.0f s: %s", name, result.seconds, result.validation_summary)
     return result
+
+
+def _start_run(run_dir: str, config: TrainConfig) -> None:
+    """Writes `config` as the run's train_config.json. An interrupted run (one with a backup) resumes only with the
+    config it started with; a new run first removes a finished run's results, so that until it finishes the directory
+    holds no run (a recipe would take a finished run of the new config for a trained stage).
+
+    Raises:
+      InvalidInputError: the run directory holds an interrupted run of another config.
+    """
+    config_path = os.path.join(run_dir, "train_config.json")
+    if _resumed_epoch(os.path.join(run_dir, "backup")):
+        try:
+            started = TrainConfig.load(config_path)
+        except (MissingError, InvalidInputError):
+            started = None
+        if started != config:
+            changed = sorted(key for key, value in config.to_dict().items()
+                             if started is None or started.to_dict().get(key) != value)
+            raise InvalidInputError(
+                f"{run_dir} holds an interrupted run of another config (it differs in {', '.join(changed)}): resume it "
+                f"with the same settings, train into another --run-dir, or delete {os.path.join(run_dir, 'backup')} to "
+                "start this one there")
+    else:
+        for name in ("model.json", "result.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+    os.makedirs(run_dir, exist_ok=True)
+    config.save(config_path)
 
 
 def train_recipe(recipe: Recipe, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
