@@ -81,8 +81,7 @@ def test_head_outputs_unit_vectors_or_tanh_codes(rng):
 def test_head_training_beats_raw_features(mining, proxy_loss, rng, tmp_path):
     features, labels = nuisance_features(rng)
     queries_features, query_labels = nuisance_features(np.random.default_rng(1))  # other draws of the same classes
-    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
-                        database=np.arange(len(labels)), queries=None)
+    protocol = searches_its_training_set(labels)
     config = TrainConfig(embedding_dim=8, hidden_dim=32, mining=mining, margin=0.2, learning_rate=3e-3,
                          proxy_loss=proxy_loss, classes_per_batch=6, images_per_class=6, epochs=12, steps_per_epoch=20, patience=4,
                          validation_fraction=0.25)
@@ -104,8 +103,7 @@ def test_without_validation_every_image_trains_every_epoch_and_the_last_is_kept(
     from tf_retrieval.training import train as train_module
 
     features, labels = nuisance_features(rng)
-    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
-                        database=np.arange(len(labels)), queries=None)
+    protocol = searches_its_training_set(labels)
     drawn_from = []
 
     class Batches(train_module.BalancedBatches):
@@ -171,8 +169,7 @@ def test_a_saved_head_loads_in_a_fresh_process(rng, tmp_path):
     import sys
 
     features, labels = nuisance_features(rng)
-    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
-                        database=np.arange(len(labels)), queries=None)
+    protocol = searches_its_training_set(labels)
     config = TrainConfig(embedding_dim=8, hidden_dim=16, epochs=1, steps_per_epoch=2, classes_per_batch=6,
                          images_per_class=4, validation_fraction=0.25)
     head_path = train(config, str(tmp_path / "run"), protocol=protocol, inputs=features, verbose=0).model_config.head
@@ -208,8 +205,7 @@ def test_greedy_sign_is_binary_forward_and_straight_through_backward():
 @pytest.mark.parametrize("hashing", ["tanh", "greedy"])
 def test_hashing_head_gives_binary_codes(hashing, rng, tmp_path):
     features, labels = nuisance_features(rng)
-    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
-                        database=np.arange(len(labels)), queries=None)
+    protocol = searches_its_training_set(labels)
     config = TrainConfig.from_dict(dict(hash_bits=16, hidden_dim=32, learning_rate=3e-3, classes_per_batch=6,
                                         images_per_class=6, epochs=6, steps_per_epoch=20, validation_fraction=0.25,
                                         hashing=hashing))
@@ -289,6 +285,12 @@ class _Labels:
 
     def __init__(self, labels):
         self.labels = labels
+
+
+def searches_its_training_set(labels, name="cifar10-2"):
+    """A protocol whose database is its training set, as cifar10-2's: the collection is only its labels."""
+    return Protocol(name, collection=_Labels(labels), train=np.arange(len(labels)), database=np.arange(len(labels)),
+                    queries=None)
 
 
 def test_end_to_end_training_on_images(image_dir, tmp_path):
@@ -558,8 +560,7 @@ def test_an_interrupted_run_resumes_only_with_its_own_config_and_an_intact_backu
     from tf_retrieval.errors import InvalidInputError
 
     features, labels = nuisance_features(rng)
-    protocol = Protocol("cifar10-2", collection=_Labels(labels), train=np.arange(len(labels)),
-                        database=np.arange(len(labels)), queries=None)
+    protocol = searches_its_training_set(labels)
     config = TrainConfig(embedding_dim=8, hidden_dim=16, classes_per_batch=6, images_per_class=4, epochs=3,
                          steps_per_epoch=2, validation_fraction=0.25)
     run = str(tmp_path / "run")
