@@ -103,6 +103,7 @@ def test_class_labels_accept_names_labels_and_comma_lists():
     assert class_labels(names, ["red", "blue"]) == [0, 2]
     assert class_labels(names, "red, 1") == [1, 2]
     assert class_labels(names, [2, np.int64(2), "2"]) == [2]
+    assert class_labels(["red, dark", "blue"], "red, dark") == [0]  # a class name with a comma is one name
     for bad in (["purple"], [3], ["3"], [True], [-1], ["²"]):  # "²".isdigit(), but no int
         with pytest.raises(InvalidInputError, match="unknown class .* known classes: blue, green, red"):
             class_labels(names, bad)

@@ -202,6 +202,11 @@ def test_openapi_documents_every_api_route(client, app):
     routes = {rule.rule.replace("<path:image_id>", "{id}") for rule in app.url_map.iter_rules()
               if rule.rule.startswith("/api/")}
     assert routes == set(spec["paths"])
+    random = {parameter["name"] for parameter in spec["paths"]["/api/random"]["get"]["parameters"]}
+    assert random == {"model", "k", "threshold", "classes", "compare", "positives", "alpha", "beta", "seed"}
+    assert set(client.get("/api/health").get_json()) == set(
+        spec["paths"]["/api/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["properties"])
+    assert set(client.get("/api/stats").get_json()) == set(spec["components"]["schemas"]["Stats"]["properties"])
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -438,6 +443,12 @@ def test_uploads_stay_in_memory(client, engines, monkeypatch):
     ({"json": {"id": 42}}, 400, "id must be a database image id"),
     ({"json": ["not", "an", "object"]}, 400, "JSON body must be an object"),
     ({"data": {"positives": ["circle/circle_00.png"], "alpha": "0", "beta": "0"}}, 400, "zero"),
+    ({"json": {"id": "square/square_00.png", "threshold": 10 ** 400}}, 400, "threshold must be a number"),  # no float
+    ({"json": {"id": "square/square_00.png", "k": 1e308 * 10}}, 400, "k must be an integer"),  # infinite
+    ({"data": {"id": "square/square_00.png", "positives": ["circle/circle_00.png"] * 1200}}, 400,
+     "at most 200 positives are accepted, got 1200"),
+    ({"data": {"image": (io.BytesIO(b"x"), "x.png"), "positives": ["circle/circle_00.png"] * 2100}}, 413,
+     "the form is over its limits: at most 2000 fields"),  # a multipart form over Werkzeug's limit of parts: its own reason, not the upload size's
 ])
 def test_bad_parameters_get_json_errors_with_the_reason(client, kwargs, status, message):
     response = client.post("/api/search", **kwargs)

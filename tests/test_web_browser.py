@@ -252,6 +252,11 @@ def test_drag_and_drop_upload_relaxing_and_errors(page, site):
     assert set(page.eval_on_selector_all("#results .card", "cs => cs.map(c => c.dataset.class)")) <= {"cross", "square"}
     page.click("#relax [data-relax='classes']")
     expect(page.locator("#settings-line")).to_contain_text("classes all")
+    for box in page.locator("#class-filter input").all():  # no class ticked: nothing to search, not everything
+        box.uncheck()
+    page.click("#search-btn")
+    expect(page.locator("#error")).to_contain_text("Tick at least one class")
+    page.click("#classes-all-btn")
 
     # dragging a result onto the query area makes it the query
     page.locator("#results .card").nth(2).drag_to(page.locator("#dropzone"))

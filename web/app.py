@@ -66,6 +66,9 @@ OPENAPI_PATH = os.path.join(HERE, "openapi.json")
 MIN_THUMBNAIL, MAX_THUMBNAIL, DEFAULT_THUMBNAIL = 16, 512, 256
 #: Most favourites accepted for relevance feedback in one request.
 MAX_POSITIVES = 200
+#: Form fields a request may send (Werkzeug's limits): every favourite and class name, with room to spare.
+MAX_FORM_PARTS = 2000
+MAX_FORM_FIELD_BYTES = 500_000
 #: Largest body waitress reads (its default, 1 GiB); the app's own upload limit is far lower.
 SERVER_BODY_LIMIT = 1 << 30
 
@@ -196,7 +199,7 @@ class SearchPage:
                                          for name in engine.collection.class_names))
         return {"models": [_model_info(name, engine) for name, engine in searcher.engines.items()],
                 "default_model": searcher.default_model, "default_k": settings.default_k, "max_k": settings.max_k,
-                "max_upload_mb": settings.max_upload_mb, "class_names": class_names,
+                "max_upload_mb": settings.max_upload_mb, "max_positives": MAX_POSITIVES, "class_names": class_names,
                 "class_colours": {name: class_colour(i) for i, name in enumerate(class_names)},
                 "rocchio": {"alpha": ROCCHIO_ALPHA, "beta": ROCCHIO_BETA}}
 
@@ -260,8 +263,8 @@ class _Params:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             number = int(value)
-        except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be an integer between {low} and {high}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
+            raise BadRequest(f"{name} must be an integer between {low} and {high}, got {str(value)[:100]!r}") from None
         if not low <= number <= high:
             raise BadRequest(f"{name} must be between {low} and {high}, got {number}")
         return number
@@ -274,10 +277,10 @@ class _Params:
             if isinstance(value, bool):
                 raise ValueError
             number = float(value)
-        except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be a number between {low} and {high}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
+            raise BadRequest(f"{name} must be a number between {low} and {high}, got {str(value)[:100]!r}") from None
         if not math.isfinite(number) or not low <= number <= high:
-            raise BadRequest(f"{name} must be a finite number between {low} and {high}, got {value!r}")
+            raise BadRequest(f"{name} must be a finite number between {low} and {high}, got {str(value)[:100]!r}")
         return number
 
     def flag(self, name: str) -> bool:
@@ -464,7 +467,12 @@ def http_error(exc: HTTPException):
     """Errors under /api/ as JSON; the page's own errors stay HTML."""
     if not request.path.startswith("/api/"):
         return exc
-    message = _page().settings.upload_too_large if exc.code == 413 else exc.description
+    message = exc.description
+    if exc.code == 413:
+        settings = _page().settings
+        message = (settings.upload_too_large if (request.content_length or 0) > settings.max_upload_bytes else
+                   f"the form is over its limits: at most {MAX_FORM_PARTS} fields, and {MAX_FORM_FIELD_BYTES:,} "
+                   "bytes in a field other than a file")
     response = jsonify(error_body(exc.code, exc.name, message))
     response.status_code = exc.code or 500
     return response
@@ -548,7 +556,8 @@ def create_app(engines: Mapping[str, RetrievalEngine], *, max_upload_mb: float =
     app = Flask(__name__, template_folder=os.path.join(HERE, "templates"), static_folder=os.path.join(HERE, "static"))
     app.request_class = InMemoryRequest
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, DEBUG=False, PROPAGATE_EXCEPTIONS=False,
-                      SEND_FILE_MAX_AGE_DEFAULT=300)
+                      SEND_FILE_MAX_AGE_DEFAULT=300, MAX_FORM_PARTS=MAX_FORM_PARTS,
+                      MAX_FORM_MEMORY_SIZE=MAX_FORM_FIELD_BYTES)
     app.json.sort_keys = False
     app.extensions["tf_retrieval"] = page
     app.register_blueprint(routes)

@@ -146,7 +146,7 @@ def rocchio(query: np.ndarray | None, positives: np.ndarray, alpha: float = ROCC
 
 def class_labels(class_names: Sequence[str], classes: Sequence[str | int] | str | None) -> list[int] | None:
     """A class filter as sorted labels: `classes` are class names, labels or digit strings (or one comma-separated
-    string of them); None or empty: no filter (None).
+    string of them, unless it is a class name itself); None or empty: no filter (None).
 
     Raises:
       InvalidInputError: an unknown class.
@@ -154,7 +154,7 @@ def class_labels(class_names: Sequence[str], classes: Sequence[str | int] | str 
     if isinstance(classes, str):
         classes = [classes]
     values = list(classes or [])
-    if len(values) == 1 and isinstance(values[0], str):
+    if len(values) == 1 and isinstance(values[0], str) and values[0] not in class_names:  # "a, b": a list of two
         values = [v.strip() for v in values[0].split(",") if v.strip()]
     if not values:
         return None

@@ -140,7 +140,14 @@
   function selectedClasses() {
     const boxes = [...el.classFilter.querySelectorAll("input")];
     const checked = boxes.filter((b) => b.checked).map((b) => b.value);
+    if (boxes.length && !checked.length) return null;  // nothing ticked: nothing to search
     return checked.length === boxes.length ? [] : checked;  // [] = no filter
+  }
+
+  function noClassesTicked(settings) {
+    if (settings.classes !== null) return false;
+    showError("Tick at least one class to search (or press All).");
+    return true;
   }
 
   function currentSettings() {
@@ -247,12 +254,14 @@
       return;
     }
     const settings = currentSettings();
+    if (noClassesTicked(settings)) return;
     const body = await request("/api/search", {method: "POST", body: searchForm(settings, positives)}, "Search");
     if (body) showResponse(body);
   }
 
   async function runRandom() {
     const s = currentSettings();
+    if (noClassesTicked(s)) return;
     const params = new URLSearchParams({model: s.model, k: String(s.k)});
     if (s.threshold !== null) params.append("threshold", String(s.threshold));
     for (const name of s.classes) params.append("classes", name);
@@ -603,7 +612,14 @@
     el.searchBtn.addEventListener("click", () => runSearch());
     el.randomBtn.addEventListener("click", runRandom);
     el.clearBtn.addEventListener("click", clearAll);
-    el.moreLike.addEventListener("click", () => runSearch(state.favourites.map((f) => f.id)));
+    el.moreLike.addEventListener("click", () => {
+      const ids = state.favourites.map((f) => f.id);
+      if (ids.length > config.max_positives) {
+        showError(`"More like these" takes at most ${config.max_positives} favourites: ` +
+                  `it used the ${config.max_positives} most recent of your ${ids.length}.`);
+      }
+      runSearch(ids.slice(-config.max_positives));
+    });
     el.favOnly.addEventListener("click", () => {
       state.favouritesOnly = !state.favouritesOnly;
       state.tagFilter = null;
@@ -630,10 +646,13 @@
   }
 
   function relax(kind) {
+    // the favourites of the search being relaxed, with or without a query image
+    const given = state.response && state.response.settings.positives;
+    const positives = given && given.length ? given : null;
     if (kind === "k") {
       el.k.value = String(Math.min(config.max_k, currentSettings().k * 2));
     } else if (kind === "threshold") {
-      if (!el.thresholdCheck.checked) return runSearch();
+      if (!el.thresholdCheck.checked) return runSearch(positives);
       const lower = Math.max(-1, Number(el.threshold.value) - 0.1);
       el.threshold.value = String(lower);
       if (lower <= -1) el.thresholdCheck.checked = false;
@@ -646,7 +665,6 @@
     } else if (kind === "compare") {
       el.compare.checked = true;
     }
-    const positives = state.response && state.response.query.type === "favourites" ? state.response.settings.positives : null;
     runSearch(positives);
   }
 
