@@ -2,8 +2,9 @@
 # Embedding runs in process by default, or in TF Serving (see docker-compose.yml: `tfr web --server serving:8500`).
 #
 #   docker build -t tf_retrieval .
-#   docker run --rm -p 8080:8080 -v $PWD/artifacts:/data -v $TFDS_DATA_DIR:/tfds:ro tf_retrieval \
-#       demo --host 0.0.0.0
+#   mkdir -p artifacts   # yours, so that the container (run as you) writes its caches, runs and indexes there
+#   docker run --rm --user "$(id -u):$(id -g)" -p 8080:8080 -v $PWD/artifacts:/data -v $TFDS_DATA_DIR:/tfds:ro \
+#       tf_retrieval demo --host 0.0.0.0
 FROM python:3.11-slim-bookworm AS wheel
 # The wheel users install (tf_retrieval with tf_retrieval.web/.serving/.tuning; tests/test_packaging.py checks it).
 WORKDIR /src
@@ -35,7 +36,9 @@ RUN pip install --no-deps /dist/tf_retrieval-*.whl && rm -rf /dist && tfr --help
 
 USER app
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD python -c \
+# The demo opens its port at once but answers only once its models are cached, trained and indexed (minutes on a
+# first start).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD python -c \
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/api/health', timeout=4)"
 ENTRYPOINT ["tfr"]
 CMD ["demo", "--host", "0.0.0.0", "--port", "8080"]

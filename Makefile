@@ -37,4 +37,4 @@ test-beam: $(BEAM_VENV)/.installed
 	$(BEAM_VENV)/bin/python -m pytest -q -rs $(PYTEST_ARGS) tests/test_pipeline.py
 
 clean:
-	rm -rf $(VENV) $(BEAM_VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(BEAM_VENV) .pytest_cache   # not artifacts/: its runs took hours to train

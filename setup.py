@@ -50,7 +50,7 @@ setup(
     description="Content-based image retrieval: frozen ImageNet and triplet-trained embeddings, ScaNN, TF Serving, Flask.",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.10,<3.14",  # scann 1.4.2 ships wheels up to Python 3.13
     # The top-level folders serving/, web/ and tuning/ install as tf_retrieval.serving, tf_retrieval.web and
     # tf_retrieval.tuning, so no generic top-level name lands in site-packages.
     packages=find_packages(include=["tf_retrieval", "tf_retrieval.*"]) + list(SUBPACKAGE_FOLDERS),
