@@ -621,13 +621,14 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     from tf_retrieval.models.heads import trunk_of
     from tf_retrieval.data.protocols import load_protocol
 
+    resuming = _check_resumable(run_dir, config)  # before any slow work
     start, earlier = time.perf_counter(), trained_seconds(os.path.join(run_dir, "backup"))  # interrupted attempts
     workdir = workdir or default_workdir()
     protocol = protocol or load_protocol(config.protocol, config.source)
     if inputs is None:
         inputs = cache_inputs(config, protocol.collection, workdir=workdir, runtime=runtime)
     cache_seconds = time.perf_counter() - start
-    _start_run(run_dir, config)
+    _start_run(run_dir, config, resuming)
     labels = protocol.collection.labels
     _, backbone, head, history = fit(config, _take(inputs, protocol.train), labels[protocol.train], run_dir,
                                      verbose=verbose, class_disjoint=protocol.class_disjoint or None)
@@ -650,33 +651,38 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     return result
 
 
-def _start_run(run_dir: str, config: TrainConfig) -> None:
-    """Writes `config` as the run's train_config.json. An interrupted run (one with a backup) resumes only with the
-    config it started with; a new run first removes a finished run's results, so that until it finishes the directory
-    holds no run (a recipe would take a finished run of the new config for a trained stage).
+def _check_resumable(run_dir: str, config: TrainConfig) -> bool:
+    """Whether `run_dir` holds an interrupted run (a backup) to resume; it resumes only with the config it started with.
 
     Raises:
-      InvalidInputError: the run directory holds an interrupted run of another config.
+      InvalidInputError: an interrupted run of another config, or a damaged backup.
     """
-    config_path = os.path.join(run_dir, "train_config.json")
-    if _resumed_epoch(os.path.join(run_dir, "backup")):
-        try:
-            started = TrainConfig.load(config_path)
-        except (MissingError, InvalidInputError):
-            started = None
-        if started != config:
-            changed = sorted(key for key, value in config.to_dict().items()
-                             if started is None or started.to_dict().get(key) != value)
-            raise InvalidInputError(
-                f"{run_dir} holds an interrupted run of another config (it differs in {', '.join(changed)}): resume it "
-                f"with the same settings, train into another --run-dir, or delete {os.path.join(run_dir, 'backup')} to "
-                "start this one there")
-    else:
+    if not _resumed_epoch(os.path.join(run_dir, "backup")):
+        return False
+    try:
+        started = TrainConfig.load(os.path.join(run_dir, "train_config.json"))
+    except (MissingError, InvalidInputError):
+        started = None
+    if started != config:
+        changed = sorted(key for key, value in config.to_dict().items()
+                         if started is None or started.to_dict().get(key) != value)
+        raise InvalidInputError(
+            f"{run_dir} holds an interrupted run of another config (it differs in {', '.join(changed)}): resume it "
+            f"with the same settings, train into another --run-dir, or delete {os.path.join(run_dir, 'backup')} to "
+            "start this one there")
+    return True
+
+
+def _start_run(run_dir: str, config: TrainConfig, resuming: bool) -> None:
+    """Writes `config` as the run's train_config.json; a new run first removes a finished run's results, so that until
+    it finishes the directory holds no run (a recipe would take a finished run of the new config for a trained
+    stage)."""
+    if not resuming:
         for name in ("model.json", "result.json"):
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     os.makedirs(run_dir, exist_ok=True)
-    config.save(config_path)
+    config.save(os.path.join(run_dir, "train_config.json"))
 
 
 def train_recipe(recipe: Recipe, run_dir: str, *, workdir: str | None = None, protocol: Protocol | None = None,
