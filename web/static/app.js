@@ -612,13 +612,13 @@
     el.searchBtn.addEventListener("click", () => runSearch());
     el.randomBtn.addEventListener("click", runRandom);
     el.clearBtn.addEventListener("click", clearAll);
-    el.moreLike.addEventListener("click", () => {
+    el.moreLike.addEventListener("click", async () => {
       const ids = state.favourites.map((f) => f.id);
-      if (ids.length > config.max_positives) {
+      await runSearch(ids.slice(-config.max_positives));
+      if (ids.length > config.max_positives && !el.error.textContent) {  // said after the search, which clears it
         showError(`"More like these" takes at most ${config.max_positives} favourites: ` +
                   `it used the ${config.max_positives} most recent of your ${ids.length}.`);
       }
-      runSearch(ids.slice(-config.max_positives));
     });
     el.favOnly.addEventListener("click", () => {
       state.favouritesOnly = !state.favouritesOnly;
