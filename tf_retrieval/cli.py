@@ -271,14 +271,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Scores a protocol with the vectors `tfr index` would index, and keeps the record in a records file."""
     from tf_retrieval.data.protocols import load_protocol
-    from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_model, records_markdown, write_records_markdown
-    from tf_retrieval.storage import RecordStore
+    from tf_retrieval.evaluation.evaluate import evaluate_model, records_markdown, write_records_markdown
     from tf_retrieval.training.adapt import adaptation_details
 
     config = _model_config(args)
-    store = RecordStore(args.records, RECORD_KEY) if args.records else None
-    if store:
-        store.load()  # a damaged records file fails now, not after the evaluation
+    store = _records_store(args)
     protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(protocol.summary())
     adaptation = adaptation_details(args.model_config) if args.model_config else {}
@@ -429,15 +426,25 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"next: tfr train --config {result.config_path}")
 
 
+def _records_store(args: argparse.Namespace):
+    """The records file of `--records` (None without it), read once now: a damaged one fails before the evaluation,
+    not after it."""
+    from tf_retrieval.evaluation.evaluate import RECORD_KEY
+    from tf_retrieval.storage import RecordStore
+
+    if not args.records:
+        return None
+    store = RecordStore(args.records, RECORD_KEY)
+    store.load()
+    return store
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     """Scores baseline and fine-tuned models of training runs; writes report.md, report.json and figures."""
     from tf_retrieval.evaluation.compare import compare
-    from tf_retrieval.evaluation.evaluate import RECORD_KEY, write_records_markdown
-    from tf_retrieval.storage import RecordStore
+    from tf_retrieval.evaluation.evaluate import write_records_markdown
 
-    store = RecordStore(args.records, RECORD_KEY) if args.records else None
-    if store:
-        store.load()  # a damaged records file fails now, not after the evaluation
+    store = _records_store(args)
     records = compare(args.runs, args.out, workdir=_workdir(args), command=_command_line(), expand=args.expand,
                       augment=args.dba, alpha=args.alpha, label=args.label, runtime=args.runtime, flip=args.flip)
     print(f"report: {os.path.join(args.out, 'report.md')} ({len(records)} records)")

@@ -517,9 +517,8 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
     seconds every attempt (`TrainingClock`). Runs under `config.strategy` (`distribution_strategy`).
     """
     labels = np.asarray(labels)
-    validating = config.validation_fraction > 0
-    against_training = config.validate_against == "training"
     train_pos, val_pos = run_validation_split(config, labels, class_disjoint)
+    validating, against_training = val_pos is not None, config.validate_against == "training"
     backup_dir, history_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "history.csv")
     batches = BalancedBatches(_take(inputs, train_pos), labels[train_pos], config,
                               start_epoch=_resumed_epoch(backup_dir))
@@ -557,7 +556,10 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
 def _run_history(path: str) -> dict[str, list[float]]:
     """{metric: values per epoch} of a run's history.csv: every epoch of a resumed run, those before it too."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return _history_columns(list(csv.DictReader(f)))
+
+
+def _history_columns(rows: list[dict[str, str]]) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
 
 
@@ -573,7 +575,7 @@ def _history_before(path: str, epoch: int) -> dict[str, list[float]]:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    return _run_history(path)
+    return _history_columns(rows)
 
 
 def _resumed_epoch(backup_dir: str) -> int:
