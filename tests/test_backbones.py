@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from tf_retrieval.config import ModelConfig, TrainConfig
+from tf_retrieval.storage import file_digest
 from tf_retrieval.models.backbones import (GeneralizedMeanPooling, ImagePreprocessing, ScaleMean, backbone_id,
                                           backbone_of, build_backbone)
 
@@ -61,7 +62,16 @@ def test_build_backbone_errors():
 
 def test_backbone_id_names_weights_files():
     assert backbone_id("resnet50", 96, "gem", "imagenet") == "resnet50-96px-gem-imagenet"
-    assert backbone_id("resnet50", 96, "avg", "/tmp/my weights.h5") == "resnet50-96px-avg-my_weights_h5"
+    assert backbone_id("resnet50", 96, "avg", "/nowhere/my weights.h5") == "resnet50-96px-avg-my_weights_h5_missing"
+
+
+def test_backbone_id_changes_with_the_weights_files_content(tmp_path):
+    weights = tmp_path / "trunk.weights.h5"
+    weights.write_bytes(b"first")
+    first = backbone_id("resnet50", 96, "avg", str(weights))
+    assert first == f"resnet50-96px-avg-trunk_weights_h5_{file_digest(weights)[:8]}"
+    weights.write_bytes(b"second, rewritten in place")
+    assert backbone_id("resnet50", 96, "avg", str(weights)) not in (first, backbone_id("resnet50", 96, "avg", None))
 
 
 def test_scale_mean_is_the_power_mean_of_the_scales(rng):

@@ -10,7 +10,7 @@ def test_model_config_round_trip_and_id(tmp_path):
     config.save(tmp_path / "model.json")
     loaded = ModelConfig.load(tmp_path / "model.json")
     assert loaded == config
-    assert loaded.model_id() == "finetuned:v3:efficientnet_lite0-160px-gem-imagenet:head.keras"
+    assert loaded.model_id() == "finetuned:v3:efficientnet_lite0-160px-gem-imagenet:head.keras@missing"
     assert ModelConfig(weights=None).model_id() == "baseline:v1:efficientnet_lite0-96px-avg-random:identity"
 
 

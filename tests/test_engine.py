@@ -83,6 +83,20 @@ def test_bundle_refuses_another_model_version(bundle):
         RetrievalEngine.load(path)
 
 
+def test_bundle_refuses_a_model_file_rewritten_in_place(image_dir, tmp_path):
+    head = tmp_path / "my-head.keras"
+    head.write_bytes(b"the head the index was built with")
+    collection = image_folder(image_dir, progress=False)
+    embedder = ColourEmbedder()
+    vectors = embedder.embed_bytes([collection.read_bytes(i) for i in range(len(collection))])
+    config = ModelConfig(name="colour", backbone="mobilenet_v2", image_size=32, weights=None, head=str(head))
+    build_bundle(str(tmp_path / "bundle"), config, collection, vectors, source=image_dir, backend="exact")
+    assert len(RetrievalEngine.load(str(tmp_path / "bundle"), embedder=embedder)) == 18
+    head.write_bytes(b"another head under the same name")
+    with pytest.raises(IndexModelMismatchError, match=r"my-head.keras@[0-9a-f]{8}"):
+        RetrievalEngine.load(str(tmp_path / "bundle"), embedder=embedder)
+
+
 def test_bundle_detects_a_changed_collection(bundle, image_dir):
     path, _, embedder = bundle
     os.remove(os.path.join(image_dir, "red", "red_000.png"))

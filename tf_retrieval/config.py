@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -10,7 +11,7 @@ import re
 from typing import Any, Iterator, TypeVar
 
 from tf_retrieval.errors import InvalidInputError, MissingError
-from tf_retrieval.storage import read_json_value, write_json
+from tf_retrieval.storage import file_digest, read_json_value, write_json
 
 T = TypeVar("T", bound="JsonConfig")
 
@@ -83,9 +84,26 @@ def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
         weights_tag = "random"
     elif weights == "imagenet":
         weights_tag = "imagenet"
-    else:  # a weights file: its base name, made safe for file and model names
-        weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(os.fspath(weights)))
+    else:  # a weights file: its base name, made safe for file and model names, and its content
+        weights_tag = re.sub(r"[^A-Za-z0-9_-]+", "_", file_tag(weights))
     return f"{name}-{image_size}px{multiscale}-{pooling}-{weights_tag}"
+
+
+def file_tag(path: str | os.PathLike) -> str:
+    """Names a model file in ids: its base name and `@` a digest of its content ("@missing" where there is no such
+    file), so that a file rewritten in place, or another of the same name, gives another id."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)}@missing"
+    stat = os.stat(path)
+    return f"{os.path.basename(path)}@{_content_digest(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The first 8 hex digits of a file's sha256 (cached by size and modification time: ids are asked for often)."""
+    del size, mtime_ns  # part of the cache key only
+    return file_digest(path)[:8]
 
 
 @dataclasses.dataclass
@@ -156,7 +174,7 @@ class ModelConfig(JsonConfig):
 
     def embedding_space(self) -> str:
         """Names what its vectors are, whatever the model is called: version, backbone features, head, codes."""
-        head = "identity" if self.head is None else os.path.basename(self.head)
+        head = "identity" if self.head is None else file_tag(self.head)
         codes = f":hash{self.hash_bits}" if self.hash_bits else ""
         return f"v{self.version}:{self.backbone_key()}:{head}{codes}"
 
