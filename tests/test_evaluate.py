@@ -58,6 +58,10 @@ def test_map_at_r_from_rankings_r_deep_equals_the_whole_ranking(metric, rng):
         whole = rank_and_score(database, labels, *args, metric=metric, chunk_size=7)[0]["MAP@R"]
         assert map_at_r_score(database, labels, *args, metric=metric, chunk_size=7) == pytest.approx(whole, abs=1e-12)
         assert 0 < whole < 1
+    tied = np.ones((200, 8), np.float32)  # every score ties: the cut at R falls inside the tie
+    tied_labels = np.repeat(np.arange(4), 50)
+    whole = rank_and_score(tied, tied_labels, metric="cosine")[0]["MAP@R"]
+    assert map_at_r_score(tied, tied_labels, metric="cosine") == pytest.approx(whole, abs=1e-12)
 
 
 def test_evaluate_protocol_with_head_and_pca(rng):

@@ -72,6 +72,10 @@ def test_exact_breaks_ties_by_insertion_order():
     index.add(np.array([[1, 0], [0, 1], [1, 0], [1, 0]]), [7, 3, 9, 1])
     assert index.search(np.array([[1.0, 0.0]]), 3)[1][0].tolist() == [7, 9, 1]
     assert index.search(np.array([[1.0, 0.0]]), 4)[1][0].tolist() == [7, 9, 1, 3]
+    assert index.search(np.array([[1.0, 0.0]]), 2)[1][0].tolist() == [7, 9]  # cut inside a tie: the earliest stored
+    many = ExactIndex(4, metric="cosine")
+    many.add(np.ones((300, 4), np.float32), np.arange(300))
+    assert many.search(np.ones((2, 4), np.float32), 51)[1].tolist() == [list(range(51))] * 2
 
 
 def clustered(rng, n, dim=16, clusters=30):

@@ -378,8 +378,8 @@ class ExactIndex(Index):
         if self.metric == "hamming":
             return self._search_hamming(queries, k)
         vectors, n = self._vectors, len(self._vectors)
-        # ~16 bytes per (query, vector) pair: float32 scores plus int64 positions plus one temporary
-        chunk = max(1, _CHUNK_BYTES // (16 * n))
+        # ~24 bytes per (query, vector) pair: float32 scores, a partitioned copy, masks and a running count
+        chunk = max(1, _CHUNK_BYTES // (24 * n))
         squared_norms = np.einsum("ij,ij->i", vectors, vectors) if self.metric == "euclidean" else None
         all_scores, all_ids = [], []
         for start in range(0, len(queries), chunk):
@@ -391,7 +391,7 @@ class ExactIndex(Index):
                 scores -= np.einsum("ij,ij->i", block, block)[:, None]
                 np.minimum(scores, 0, out=scores)
             if k < n:
-                top = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+                top = _top_k_positions(scores, k)
                 top_scores = np.take_along_axis(scores, top, axis=1)
                 order = np.lexsort((top, -top_scores), axis=1)  # by score, then by storage order
                 top = np.take_along_axis(top, order, axis=1)
@@ -415,6 +415,17 @@ class ExactIndex(Index):
             all_scores.append((-np.take_along_axis(distances, top, axis=1)).astype(np.float32))  # negated as ints: no -0.0
             all_ids.append(self._ids[top])
         return np.concatenate(all_scores), np.concatenate(all_ids)
+
+
+def _top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """The positions of each row's k highest scores, unordered; of the scores tied at the cut-off, the earliest stored
+    (argpartition alone picks any of them, so a ranking k deep would not be the start of the full one)."""
+    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]
+    above = scores > kth[:, None]
+    tied = scores == kth[:, None]
+    room = k - np.count_nonzero(above, axis=1)
+    keep = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room[:, None]))
+    return np.nonzero(keep)[1].reshape(len(scores), k)
 
 
 def scann_params(n: int, dim: int, metric: str = "cosine", mode: str | None = None,
