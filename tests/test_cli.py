@@ -43,6 +43,8 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
         ["index", "--dataset", str(tmp_path), "--image-size", "8"], capsys)
     assert "image folder not found" in run_error(["index", "--dataset", "./no/such/dir", *SMALL_MODEL], capsys)
     assert "no such image or folder" in run_error(["search", str(tmp_path / "nope.jpg"), "--index", "x"], capsys)
+    assert "training drew cifar10-1's split with seed 0" in run_error(
+        ["evaluate", "--protocol", "cifar10-1", "--seed", "1", "--head", str(tmp_path / "head.keras")], capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: exit 2 with usage
         main(["evaluate", "--protocol", "imagenet"])
     assert exit_info.value.code == 2

@@ -63,4 +63,7 @@ def test_protocol_errors(cifar):
         make_protocol("flowers-official", cifar)
     with pytest.raises(ValueError, match="needs images of classes 0-50 and 51-101"):
         make_protocol("flowers-disjoint", cifar)
+    eight_classes = fake_collection(cifar.labels % 8, cifar.splits, "eight")
+    with pytest.raises(ValueError, match="cifar10-unseen: eight gives no database and no queries images"):
+        make_protocol("cifar10-unseen", eight_classes)
     assert {dataset_family(p) for p in PROTOCOLS} == {"cifar10", "flowers"}

@@ -270,12 +270,16 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Scores a protocol with the vectors `tfr index` would index, and keeps the record in a records file."""
-    from tf_retrieval.data.protocols import load_protocol
+    from tf_retrieval.data.protocols import SEEDED_PROTOCOLS, load_protocol
     from tf_retrieval.evaluation.evaluate import evaluate_model, records_markdown, write_records_markdown
     from tf_retrieval.training.adapt import adaptation_details
 
     config = _model_config(args)
     store = _records_store(args)
+    trained = config.head is not None or config.weights not in ("imagenet", None)
+    if args.seed and args.protocol in SEEDED_PROTOCOLS and trained:
+        raise InvalidInputError(f"--seed {args.seed}: training drew {args.protocol}'s split with seed 0, so another "
+                                "draw's queries include images this model trained on; evaluate it with seed 0")
     protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(protocol.summary())
     adaptation = adaptation_details(args.model_config) if args.model_config else {}
@@ -289,6 +293,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             model=args.record_model or label, run_dir=run_dir, runtime=args.runtime,
                             expand=args.expand, augment=args.dba, alpha=args.alpha)
     record.update(adaptation)
+    if args.seed and args.protocol in SEEDED_PROTOCOLS:
+        record["seed"] = args.seed  # another draw of queries: a record of its own
     print(records_markdown([record]), end="")
     if store:
         write_records_markdown(args.records, store.merge([record]))
@@ -604,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--records", help="keep the record in this JSON list (e.g. benchmarks/results/retrieval.json)")
     evaluate.add_argument("--record-model", help="model label of the record (default: baseline, or finetuned with a "
                                                  "head)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="draws cifar10-1's queries and training images (trained "
+                                                          "models: 0, the draw training used)")
     _add_search_args(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=64)
     _add_runtime_arg(evaluate)

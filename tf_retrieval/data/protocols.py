@@ -36,6 +36,13 @@ class Protocol:
     database: np.ndarray
     queries: np.ndarray | None
 
+    def __post_init__(self):
+        empty = [part for part in ("database", "queries") if getattr(self, part) is not None
+                 and not len(getattr(self, part))]
+        if empty:
+            raise InvalidInputError(f"{self.name}: {self.collection.name} gives no {' and no '.join(empty)} images "
+                                    f"({PROTOCOLS[self.name]}); is it the right collection?")
+
     @property
     def description(self) -> str:
         return PROTOCOLS[self.name]
@@ -61,6 +68,10 @@ def dataset_family(protocol: str) -> str:
     if protocol not in PROTOCOLS:
         raise InvalidInputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return protocol.split("-")[0]
+
+
+#: Protocols whose split is drawn at random (by `make_protocol`'s seed; training always draws with seed 0).
+SEEDED_PROTOCOLS = ("cifar10-1",)
 
 
 def make_protocol(name: str, collection: ImageCollection, *, seed: int = 0) -> Protocol:

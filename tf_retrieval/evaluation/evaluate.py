@@ -241,7 +241,7 @@ def machine_description() -> str:
 #: What identifies a record: the model, how its vectors were made, and the training run it comes from (one record per
 #: run, so the runs of an ablation sit side by side).
 RECORD_KEY = ("protocol", "model", "backbone", "image_size", "scales", "flip", "pooling", "embedding_dim", "weights",
-              "hash_bits", "variant", "train_from", "runtime", "run")
+              "hash_bits", "variant", "train_from", "runtime", "run", "seed")
 
 
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
