@@ -36,6 +36,11 @@ def test_decode_image_rgb_and_conversions():
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[..., 0] = 200
     assert decode_image(encode(rgba)).shape == (2, 2, 3)
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024 + 1000)  # 16-bit grey (mode I;16): its high byte
+    for fmt in ("PNG", "TIFF"):
+        np.testing.assert_array_equal(decode_image(encode(deep, fmt))[..., 1], (deep >> 8).astype(np.uint8))
+    with pytest.raises(ImageDecodeError, match="floating-point pixels have no agreed range"):
+        decode_image(encode(np.ones((4, 4), np.float32), "TIFF"))
 
 
 def test_decode_image_applies_the_exif_orientation():
@@ -88,6 +93,14 @@ def test_decode_image_jpeg_with_exif_orientation_goes_to_pil():
     decoded = decode_image(data)
     assert decoded.shape == (24, 16, 3)  # rotated upright
     np.testing.assert_array_equal(decoded, pil_pixels(data))
+
+
+def test_decode_image_jpeg_with_xmp_orientation_goes_to_pil():
+    pixels = np.zeros((10, 20, 3), np.uint8)
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    data = encode(pixels, "JPEG", xmp=xmp)
+    assert decode_image(data).shape == pil_pixels(data).shape == (20, 10, 3)  # rotated, as PIL does
 
 
 @pytest.mark.parametrize("data, message", [
