@@ -28,7 +28,7 @@ def test_features_follow_collection_order(collection):
 def test_cache_is_reused_and_keyed(collection, tmp_path):
     pool = keras.layers.GlobalAveragePooling2D()
     first = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
-    path = cache_path(str(tmp_path), collection, "mean")
+    path = cache_path(str(tmp_path), collection, "mean", 32)
     meta = json.load(open(path[:-4] + ".json"))
     assert meta["count"] == 18 and meta["shape"] == [18, 3] and meta["model_key"] == "mean"
 
@@ -46,7 +46,7 @@ def test_cache_is_reused_and_keyed(collection, tmp_path):
 def test_damaged_cache_is_rebuilt(collection, tmp_path, caplog):
     pool = keras.layers.GlobalAveragePooling2D()
     first = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
-    path = cache_path(str(tmp_path), collection, "mean")
+    path = cache_path(str(tmp_path), collection, "mean", 32)
     with open(path, "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(b"\x00garbage")
@@ -68,7 +68,7 @@ def test_interrupted_extraction_resumes_from_shards(collection, tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         extract_features(collection, flaky, image_size=32, model_key="m", cache_dir=str(tmp_path), batch_size=4,
                          shard_size=4, progress=False)
-    shards = os.path.join(cache_path(str(tmp_path), collection, "m")[:-4] + ".partial")
+    shards = os.path.join(cache_path(str(tmp_path), collection, "m", 32)[:-4] + ".partial")
     assert sorted(f for f in os.listdir(shards) if f.startswith("shard")) == ["shard_00000.npy", "shard_00001.npy"]
 
     seen = []
@@ -82,3 +82,54 @@ def test_interrupted_extraction_resumes_from_shards(collection, tmp_path):
     assert sum(seen) <= 18 - 8  # the two finished shards were not recomputed
     np.testing.assert_allclose(features, extract_features(collection, pool, image_size=32, progress=False), atol=1e-5)
     assert not os.path.exists(shards)
+
+
+def test_each_image_size_and_dtype_keeps_its_own_entry(collection, tmp_path):
+    pool = keras.layers.GlobalAveragePooling2D()
+    calls = []
+
+    def counting(images, training=False):
+        calls.append(int(images.shape[1]))
+        return pool(images)
+
+    for size, dtype in ((32, "float32"), (24, "float32"), (32, "float16"), (32, "float32"), (24, "float32")):
+        features = extract_features(collection, counting, image_size=size, model_key="m", cache_dir=str(tmp_path),
+                                    dtype=dtype, progress=False)
+        assert features.dtype == dtype
+    assert sorted(set(calls)) == [24, 32] and len(calls) == 3  # the last two were cache hits
+
+
+def test_concurrent_extractions_of_one_key_take_turns(collection, tmp_path):
+    import threading
+
+    pool = keras.layers.GlobalAveragePooling2D()
+    runs, results = [], []
+
+    def counting(images, training=False):
+        runs.append(1)
+        return pool(images)
+
+    def extract():
+        results.append(extract_features(collection, counting, image_size=32, model_key="m", cache_dir=str(tmp_path),
+                                        batch_size=6, shard_size=6, progress=False))
+
+    threads = [threading.Thread(target=extract) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(runs) == 3 and len(results) == 2  # one extraction (3 batches); the other waited and read the cache
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_an_empty_shard_file_is_extracted_again(collection, tmp_path):
+    pool = keras.layers.GlobalAveragePooling2D()
+    shards = cache_path(str(tmp_path), collection, "m", 32)[:-4] + ".partial"
+    with pytest.raises(RuntimeError, match="stop"):
+        def stop(images, training=False):
+            raise RuntimeError("stop")
+        extract_features(collection, stop, image_size=32, model_key="m", cache_dir=str(tmp_path), progress=False)
+    open(os.path.join(shards, "shard_00000.npy"), "wb").close()  # a crash left it empty
+    features = extract_features(collection, pool, image_size=32, model_key="m", cache_dir=str(tmp_path),
+                                progress=False)
+    assert features.shape == (18, 3)

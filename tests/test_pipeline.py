@@ -61,3 +61,28 @@ def test_direct_runner_embeds_like_the_process_keeps_dead_letters_and_indexes(im
     with open(query, "rb") as f:
         first = engine.search_images([f.read()], k=1)[0][0]
     assert first.id == os.path.join("green", "green_002.png") and first.score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_nested_folders_patterns_and_an_earlier_runs_shards(image_dir, exported, tmp_path, monkeypatch):
+    import shutil
+
+    from tf_retrieval.pipeline import read_manifest, read_records, run_embedding
+
+    folder = tmp_path / "photos"
+    shutil.copytree(image_dir, folder)
+    (folder / "green" / "deeper").mkdir()
+    shutil.copy(folder / "green" / "green_002.png", folder / "green" / "deeper" / "nested.png")
+    out = tmp_path / "vectors" / "photos"
+    out.parent.mkdir()
+    (out.parent / "photos-00000-of-00007.tfrecord").write_bytes(b"an earlier run's shard")
+    manifest = run_embedding(str(folder), exported, str(out), shards=2, beam_args=["--runner=DirectRunner"])
+    assert manifest["shards"] == ["photos-00000-of-00002.tfrecord", "photos-00001-of-00002.tfrecord"]
+    records = {image_id: name for image_id, name, _ in read_records(read_manifest(f"{out}.manifest.json")[1])}
+    assert manifest["count"] == len(records) == 19 and records["green/deeper/nested.png"] == "green"  # as tfr index
+
+    monkeypatch.chdir(tmp_path)  # a relative pattern: ids are relative to the folder before its first wildcard
+    run_embedding("photos/*/*.png", exported, "by-pattern", shards=1, beam_args=["--runner=DirectRunner"])
+    manifest, files = read_manifest("by-pattern.manifest.json")
+    records = {image_id: name for image_id, name, _ in read_records(files)}
+    assert manifest["count"] == len(records) == 18 and records["red/red_000.png"] == "red"  # */* does not go deeper
+    assert manifest["source"] == str(tmp_path / "photos/*/*.png")  # absolute: the manifest is read from anywhere

@@ -76,6 +76,10 @@ def test_class_disjoint_validation_with_many_classes(tmp_path):
         SiameseHyperModel(TrainConfig.from_dict({**TINY, "validate_against": "training"}), features, labels)
     with pytest.raises(ValueError, match="unknown tuning algorithm"):
         make_tuner(hypermodel, str(tmp_path), algorithm="grid")
+    from tf_retrieval.tuning.tune import tune_protocol
+
+    with pytest.raises(ValueError, match="train_from 'images' .* would hold every decoded training image in memory"):
+        tune_protocol(TrainConfig.from_dict({**TINY, "train_from": "images"}), str(tmp_path), workdir=str(tmp_path))
 
 
 def test_index_cost_grows_with_the_embedding_size():

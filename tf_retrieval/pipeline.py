@@ -13,7 +13,6 @@ Beam is the `beam` extra (its own constraints file: it needs an older protobuf a
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -55,18 +54,31 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
     tfds dataset name (read by the launcher with `data.images.load_tfds`)."""
     beam = _beam()
     from apache_beam.io import fileio
+    from apache_beam.io.filesystems import FileSystems
 
-    if os.path.isdir(source) or any(ch in source for ch in "*?[") or "://" in source:
-        root = source if os.path.isdir(source) else os.path.dirname(source.split("*")[0].rstrip("/"))
-        pattern = os.path.join(source, "*", "*") if os.path.isdir(source) else source
-        root = root.rstrip("/") + "/"
+    if os.path.isdir(source):  # listed as `tfr index` lists it: class sub-folders at any depth, or index.csv
+        from tf_retrieval.data.images import image_folder
+
+        collection = image_folder(source, validate=False, progress=False)
+        listed = [(image_id, collection.class_names[int(label)], path)
+                  for image_id, label, path in zip(collection.ids, collection.labels, collection.paths)]
+
+        def read(element):
+            image_id, class_name, path = element
+            with FileSystems.open(path) as f:
+                return image_id, class_name, f.read()
+
+        return pipeline | "List" >> beam.Create(listed, reshuffle=True) | "Read" >> beam.Map(read)
+    if _is_pattern(source) or "://" in source:
+        source = _absolute(source)  # Beam names local matches by absolute path
+        root = pattern_root(source)
 
         def keyed(readable):
             path = readable.metadata.path
             relative = path[len(root):] if path.startswith(root) else os.path.basename(path)
             return relative, relative.split("/")[0] if "/" in relative else "", readable.read()
 
-        return (pipeline | "Match" >> fileio.MatchFiles(pattern) | "Open" >> fileio.ReadMatches()
+        return (pipeline | "Match" >> fileio.MatchFiles(source) | "Open" >> fileio.ReadMatches()
                 | "Read" >> beam.Map(keyed))
     from tf_retrieval.data.images import load_tfds
 
@@ -74,6 +86,14 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
     return pipeline | "Create" >> beam.Create(
         [(collection.ids[i], collection.class_names[int(collection.labels[i])], collection.read_bytes(i))
          for i in range(len(collection))], reshuffle=False)
+
+
+def pattern_root(pattern: str) -> str:
+    """The folder a file pattern's matches are named relative to (their ids; the class is the first folder below it):
+    everything before the first wildcard, back to its last "/" (`gs://b/images/*/*.jpg` -> `gs://b/images/`)."""
+    first = min((pattern.find(ch) for ch in "*?[" if ch in pattern), default=len(pattern))
+    folder, _, _ = pattern[:first].rpartition("/")
+    return folder + "/"
 
 
 class DecodeImage:
@@ -164,18 +184,37 @@ def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, bat
         (decoded[DEAD_LETTER] | "DeadLetterJson" >> beam.Map(json.dumps)
          | "WriteDeadLetter" >> beam.io.WriteToText(f"{out}-dead-letter", file_name_suffix=".jsonl", num_shards=1))
     seconds = time.perf_counter() - start
-    files = sorted(glob.glob(f"{out}-*-of-*.tfrecord"))
-    dead = [json.loads(line) for path in sorted(glob.glob(f"{out}-dead-letter*.jsonl"))
-            for line in open(path, encoding="utf-8") if line.strip()]
-    count = sum(1 for _ in read_records(files))
-    manifest = {"model_id": config.model_id(), "model_config": config.to_dict(), "model_dir": os.path.abspath(model_dir),
-                "source": source, "split": split, "shards": [os.path.basename(f) for f in files], "count": count,
-                "dead_letters": len(dead), "seconds": round(seconds, 1), "options": list(beam_args)}
-    from tf_retrieval.storage import write_json
+    import tensorflow as tf  # tf.io.gfile: local files and Cloud Storage alike
 
-    write_json(f"{out}.manifest.json", manifest, indent=1)
+    # this run's files by their exact names: an earlier run's shards beside them (another --shards) are not this run's
+    files = [f"{out}-{shard:05d}-of-{shards:05d}.tfrecord" for shard in range(shards)]
+    dead_letters, dead = f"{out}-dead-letter-00000-of-00001.jsonl", []
+    if tf.io.gfile.exists(dead_letters):
+        with tf.io.gfile.GFile(dead_letters) as f:
+            dead = [json.loads(line) for line in f if line.strip()]
+    count = sum(1 for _ in read_records(files))
+    manifest = {"model_id": config.model_id(), "model_config": config.to_dict(), "model_dir": _absolute(model_dir),
+                "source": _absolute(source) if os.path.exists(source) or _is_pattern(source) else source, "split": split,
+                "shards": [f.rsplit("/", 1)[-1] for f in files], "count": count, "dead_letters": len(dead),
+                "seconds": round(seconds, 1), "options": list(beam_args)}
+    if "://" in out:
+        with tf.io.gfile.GFile(f"{out}.manifest.json", "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+    else:
+        from tf_retrieval.storage import write_json
+
+        write_json(f"{out}.manifest.json", manifest, indent=1)
     logger.info("embedded %d images (%d dead letters) into %d shards in %.1f s", count, len(dead), len(files), seconds)
     return manifest
+
+
+def _is_pattern(source: str) -> bool:
+    return any(ch in source for ch in "*?[")
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (a manifest is read from anywhere); a URL (gs://...) as it is."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def read_records(files: Sequence[str]) -> Iterable[tuple[str, str, np.ndarray]]:
@@ -190,14 +229,16 @@ def read_records(files: Sequence[str]) -> Iterable[tuple[str, str, np.ndarray]]:
 
 
 def read_manifest(path: str) -> tuple[dict, list[str]]:
-    """The manifest and the paths of its shards (beside it)."""
-    if not os.path.isfile(path):
-        raise MissingError(f"no pipeline manifest at {path}: run `tfr pipeline embed` first")
-    with open(path, encoding="utf-8") as f:
+    """The manifest and the paths of its shards (beside it), local or on Cloud Storage."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise MissingError(f"no pipeline manifest at {path}: run `tfr pipeline` first")
+    with tf.io.gfile.GFile(path) as f:
         manifest = json.load(f)
-    folder = os.path.dirname(os.path.abspath(path))
-    files = [os.path.join(folder, name) for name in manifest["shards"]]
-    missing = [f for f in files if not os.path.isfile(f)]
+    folder = _absolute(path).rsplit("/", 1)[0]
+    files = [f"{folder}/{name}" for name in manifest["shards"]]
+    missing = [f for f in files if not tf.io.gfile.exists(f)]
     if missing:
         raise MissingError(f"{len(missing)} shard(s) of {path} are missing, e.g. {missing[0]}")
     return manifest, files
@@ -220,6 +261,9 @@ def index_from_shards(manifest_path: str, bundle_dir: str, *, data_dir: str | No
     keep = np.array([i for i, image_id in enumerate(collection.ids) if image_id in vector_of], dtype=np.int64)
     if len(keep) == 0:
         raise InvalidInputError(f"none of the {len(vector_of)} embedded ids is an image of {manifest['source']}")
+    if len(keep) < len(collection):
+        logger.warning("%d of the %d images of %s have no vector (the run wrote %d dead letters): they are left out",
+                       len(collection) - len(keep), len(collection), manifest["source"], manifest.get("dead_letters", 0))
     collection = collection.subset(keep)
     vectors = finish(np.stack([vector_of[image_id] for image_id in collection.ids]), config.hash_bits)
     return build_bundle(bundle_dir, config, collection, vectors, source=manifest["source"], data_dir=data_dir,

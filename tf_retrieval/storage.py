@@ -100,6 +100,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive advisory lock (flock) on `path`, a folder or a lock file (created if need be), until the
+    block ends: processes that lock the same path take turns."""
+    import fcntl
+
+    path = os.fspath(path)
+    descriptor = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def save_with_digest(save, folder: str, stem: str, suffix: str) -> str:
     """Saves through `save(path)` into `folder`, then names the file `<stem>-<sha256[:10]><suffix>`, so that the name
     changes whenever the content does (file names are part of model ids and cache keys). Returns the final path."""
@@ -245,17 +260,11 @@ class RecordStore:
         """Adds `records`, each replacing a stored record with the same key (the newest wins within `records` too);
         saves atomically and returns the whole list. Stored records keep their order; new keys are appended.
         Concurrent merges into one file (two evaluations finishing together) take turns: none loses the other's."""
-        import fcntl
-
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        lock = os.open(folder, os.O_RDONLY)  # the folder, not the file: the file is replaced by each write
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(folder):  # the folder, not the file: the file is replaced by each write
             merged = {self.key_of(record): record for record in self.load()}
             merged.update((self.key_of(record), record) for record in records)
             result = list(merged.values())
             write_json(self.path, result, indent=1)
-        finally:
-            os.close(lock)  # releases the lock
         return result

@@ -17,7 +17,7 @@ import keras_tuner
 import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
-from tf_retrieval.config import TrainConfig
+from tf_retrieval.config import END_TO_END, TrainConfig
 from tf_retrieval.training.train import VAL_METRIC, BalancedBatches, ValidationMapAtR, compile_trainable, \
     validation_split
 
@@ -61,6 +61,27 @@ class SearchSpace:
         return {k: list(v) for k, v in dataclasses.asdict(self).items()}
 
 
+def check_tunable(base: TrainConfig) -> None:
+    """Refuses a base config that tuning cannot search as `tfr train` would train it.
+
+    Raises:
+      InvalidInputError: a hashing head, augmented views, validation against the training images, or end-to-end
+        training (trials train heads on cached inputs; a trunk trained on every image is `tfr train`'s).
+    """
+    if base.model.hash_bits:
+        raise InvalidInputError("tuning searches float embedding heads: set hash_bits to None in the base config")
+    if base.augment:  # trials would train on the plain view only, and score what `tfr train` would not
+        raise InvalidInputError(f"tuning trains on the plain cached inputs: drop augment {list(base.augment)} from "
+                                "the base config (tune first, then train the best config with its views)")
+    if base.validate_against != "held-out":
+        raise InvalidInputError("tuning scores held-out images searching each other: validate_against must be "
+                                f"'held-out' in the base config, not {base.validate_against!r}")
+    if base.model.train_from == END_TO_END:
+        raise InvalidInputError("tuning trains heads on cached features or activations: train_from 'images' (end to "
+                                "end) would hold every decoded training image in memory; tune a head or the top "
+                                "blocks (--train-from LAYER), then train end to end with `tfr train`")
+
+
 class SiameseHyperModel(keras_tuner.HyperModel):
     """Builds and trains one trial's head on in-memory cached inputs.
 
@@ -80,14 +101,7 @@ class SiameseHyperModel(keras_tuner.HyperModel):
     def __init__(self, base: TrainConfig, inputs: np.ndarray, labels: np.ndarray, space: SearchSpace | None = None,
                  class_disjoint: bool | None = None):
         super().__init__(name="siamese_head", tunable=True)
-        if base.model.hash_bits:
-            raise InvalidInputError("tuning searches float embedding heads: set hash_bits to None in the base config")
-        if base.augment:  # trials would train on the plain view only, and score what `tfr train` would not
-            raise InvalidInputError(f"tuning trains on the plain cached inputs: drop augment {list(base.augment)} from "
-                                    "the base config (tune first, then train the best config with its views)")
-        if base.validate_against != "held-out":
-            raise InvalidInputError("tuning scores held-out images searching each other: validate_against must be "
-                                    f"'held-out' in the base config, not {base.validate_against!r}")
+        check_tunable(base)
         labels = np.asarray(labels)
         if len(inputs) != len(labels):
             raise InvalidInputError(f"{len(inputs)} inputs but {len(labels)} labels")

@@ -32,7 +32,7 @@ import numpy as np
 from tf_retrieval.config import TrainConfig
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.storage import write_json, write_text
-from tf_retrieval.tuning.hypermodel import OBJECTIVE, SearchSpace, SiameseHyperModel
+from tf_retrieval.tuning.hypermodel import OBJECTIVE, SearchSpace, SiameseHyperModel, check_tunable
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ def tune_protocol(base: TrainConfig, out_dir: str, *, workdir: str, trials: int 
 
     if trials < 1:
         raise InvalidInputError(f"--trials must be positive, got {trials}")
+    check_tunable(base)  # before any caching
     protocol = load_protocol(base.protocol, base.source)
     inputs = cache_inputs(base, protocol.collection, workdir=workdir)
     labels = protocol.collection.labels

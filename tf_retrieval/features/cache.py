@@ -17,7 +17,7 @@ import numpy as np
 
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.data.images import ImageCollection
-from tf_retrieval.storage import atomic_write, file_digest, safe_name, write_json
+from tf_retrieval.storage import atomic_write, exclusive_lock, file_digest, safe_name, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,13 @@ def collection_fingerprint(collection: ImageCollection) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(cache_dir: str, collection: ImageCollection, model_key: str) -> str:
-    """The `.npy` file holding the features of `collection` under `model_key` (the `.json` beside it describes it)."""
+def cache_path(cache_dir: str, collection: ImageCollection, model_key: str, image_size: int,
+               dtype: str = "float32") -> str:
+    """The `.npy` file holding the features of `collection` under `model_key` at `image_size` px in `dtype` (the
+    `.json` beside it describes it)."""
     name = safe_name(os.path.basename(collection.name.rstrip("/")) or "collection")
     model = safe_name(model_key)
-    return os.path.join(cache_dir, f"{name}-{collection_fingerprint(collection)}-{model}.npy")
+    return os.path.join(cache_dir, f"{name}-{collection_fingerprint(collection)}-{model}-{int(image_size)}px-{dtype}.npy")
 
 
 def extract_features(collection: ImageCollection, model, *, image_size: int, model_key: str | None = None,
@@ -67,13 +69,21 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
     if not model_key:
         raise InvalidInputError("extract_features: model_key is required when cache_dir is given (it keys the cache)")
     os.makedirs(cache_dir, exist_ok=True)
-    path = cache_path(cache_dir, collection, model_key)
+    path = cache_path(cache_dir, collection, model_key, image_size, dtype)
     key = {"collection": collection.name, "fingerprint": collection_fingerprint(collection), "count": len(collection),
            "model_key": model_key, "image_size": int(image_size), "dtype": dtype}
-    cached = _load_cache(path, key)
-    if cached is not None:
-        logger.info("features from cache %s %s", path, cached.shape)
-        return cached
+    with exclusive_lock(path[:-len(".npy")] + ".lock"):  # another process extracting the same: wait, then reuse
+        cached = _load_cache(path, key)
+        if cached is not None:
+            logger.info("features from cache %s %s", path, cached.shape)
+            return cached
+        return _extract_in_shards(collection, model, path, key, batch_size, shard_size, progress)
+
+
+def _extract_in_shards(collection: ImageCollection, model, path: str, key: dict, batch_size: int, shard_size: int,
+                       progress: bool) -> np.ndarray:
+    """Extracts shard by shard into `<path>.partial/` (kept across interruptions), then saves the whole at `path`."""
+    image_size, dtype = key["image_size"], key["dtype"]
     shards_dir = path[:-len(".npy")] + ".partial"
     os.makedirs(shards_dir, exist_ok=True)
     _check_shards_key(shards_dir, key, shard_size)
@@ -135,7 +145,7 @@ def _load_cache(path: str, key: dict) -> np.ndarray | None:
                 problem = f"shape {features.shape} does not match {meta.get('shape')}"
             else:
                 return features
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         problem = f"unreadable ({exc})"
     logger.warning("feature cache %s is damaged or stale (%s): rebuilding it", path, problem)
     for stale in (path, meta_path):
@@ -166,7 +176,7 @@ def _load_shard(path: str, count: int) -> np.ndarray | None:
         values = np.load(path, allow_pickle=False)
         if len(values) == count:
             return values
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         pass
     logger.warning("partial shard %s is damaged: extracting it again", path)
     return None
