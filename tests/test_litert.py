@@ -63,6 +63,18 @@ def test_the_converted_model_is_cached_per_model_id(embedders, monkeypatch):
     np.testing.assert_allclose(again.embed_bytes(images), fast.embed_bytes(images), atol=1e-6)
 
 
+def test_a_damaged_cached_model_is_converted_again(tmp_path, caplog):
+    tiny = ModelConfig(name="tiny", backbone="mobilenet_v2", image_size=32, weights=None)
+    first = Embedder(tiny, runtime="litert", workdir=str(tmp_path))
+    (cached,) = (tmp_path / "litert").glob("*.tflite")
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[:len(whole) // 2])  # a disk filled up, or a copy cut short
+    again = Embedder(tiny, runtime="litert", workdir=str(tmp_path))
+    assert again.runtime == "litert" and "does not load" in caplog.text and cached.read_bytes() == whole
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(again.embed_pixels(pixels), first.embed_pixels(pixels), atol=1e-6)
+
+
 def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
     fast, _, _ = embedders
     pixels = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)

@@ -51,17 +51,28 @@ def convert(model) -> bytes:
     return tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert()
 
 
-def cached_flatbuffer(model_id: str, build_model, cache_dir: str) -> bytes:
-    """The flatbuffer of the model `model_id` from `<cache_dir>/<model_id>.tflite`, converted from `build_model()`
-    and written there on first use."""
-    from tf_retrieval.storage import atomic_write, safe_name
+def cached_litert(model_id: str, build_model, cache_dir: str, precision: str = "fp32") -> tuple[LiteRTModel, str]:
+    """`load_litert` of the model `model_id` from `<cache_dir>/<model_id>.tflite`, converted from `build_model()` and
+    written there on first use; a cached file that does not load (damaged) is converted and written again."""
+    from tf_retrieval.storage import safe_name
 
     path = os.path.join(cache_dir, safe_name(model_id) + ".tflite")
     try:
         with open(path, "rb") as f:
-            return f.read()
+            flatbuffer = f.read()
     except FileNotFoundError:
-        pass
+        return load_litert(_convert_and_cache(model_id, build_model, path), precision)
+    try:
+        return load_litert(flatbuffer, precision)
+    except Exception as exc:  # noqa: BLE001 - whatever the interpreter says of a damaged file
+        logger.warning("cached LiteRT model %s does not load (%s): converting it again", path, exc)
+        return load_litert(_convert_and_cache(model_id, build_model, path), precision)
+
+
+def _convert_and_cache(model_id: str, build_model, path: str) -> bytes:
+    """`convert(build_model())`, also written to `path` (where it can be)."""
+    from tf_retrieval.storage import atomic_write
+
     flatbuffer = convert(build_model())
     try:
         with atomic_write(path, "wb", encoding=None) as f:
@@ -92,10 +103,9 @@ def compile_model(build_model, *, runtime: str = "litert", cache_key: str | None
     if runtime in LITERT_PRECISIONS:
         try:
             if cache_key and cache_dir:
-                flatbuffer = cached_flatbuffer(cache_key, build_model, cache_dir)
+                model, precision = cached_litert(cache_key, build_model, cache_dir, LITERT_PRECISIONS[runtime])
             else:
-                flatbuffer = convert(build_model())
-            model, precision = load_litert(flatbuffer, LITERT_PRECISIONS[runtime])
+                model, precision = load_litert(convert(build_model()), LITERT_PRECISIONS[runtime])
             return model, {value: name for name, value in LITERT_PRECISIONS.items()}[precision]
         except Exception as exc:  # noqa: BLE001 - any converter or interpreter failure: TensorFlow still runs it
             logger.warning("model %s does not run on LiteRT (%s: %s); using TensorFlow", cache_key or "(uncached)",
