@@ -192,6 +192,11 @@ def test_image_folder_index_csv(image_dir):
     assert collection.labels.tolist() == [5, 2]
     assert collection.splits.tolist() == ["train", "test"]
     assert len(collection.class_names) == 6
+    from tf_retrieval.data.images import load_collection
+
+    assert load_collection(image_dir, splits=["test"]).ids == ["blue/blue_001.png"]
+    with pytest.raises(InvalidInputError, match=r"has no split 'validation' \(its splits: test, train"):
+        load_collection(image_dir, splits=["validation"])
 
 
 def test_image_folder_errors(tmp_path):

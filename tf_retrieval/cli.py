@@ -83,7 +83,8 @@ def _add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--dataset", required=required,
                         help="a tfds name (cifar10, oxford_flowers102) or a folder of images with one sub-folder per class")
     parser.add_argument("--data-dir", help="tfds data directory (default: $TFDS_DATA_DIR, else tfds' own default)")
-    parser.add_argument("--split", action="append", help="only these splits of a tfds dataset (repeatable)")
+    parser.add_argument("--split", action="append", help="only these splits of a tfds dataset, or of a folder whose "
+                                                         "index.csv has an official_split column (repeatable)")
     parser.add_argument("--limit", type=int, help="only the first N images")
 
 

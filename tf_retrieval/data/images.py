@@ -546,11 +546,19 @@ def load_dataset(source: str, data_dir: str | None = None) -> ImageCollection:
 
 def load_collection(source: str, *, data_dir: str | None = None, splits: Sequence[str] | None = None,
                     limit: int | None = None) -> ImageCollection:
-    """`load_dataset`, restricted to some tfds `splits` and to the first `limit` images when given."""
+    """`load_dataset`, restricted to some `splits` (of a tfds dataset, or of a folder whose index.csv has an
+    official_split column) and to the first `limit` images when given."""
     if splits and not (os.path.isdir(source) or source.startswith("folder:")):
         collection = load_tfds(source, data_dir=data_dir, splits=splits)
     else:
         collection = load_dataset(source, data_dir=data_dir)
+        if splits:
+            unknown = sorted(set(splits) - set(collection.splits.tolist()))
+            if unknown:
+                raise InvalidInputError(f"{collection.name} has no split {', '.join(map(repr, unknown))} (its splits: "
+                                        f"{', '.join(sorted(set(collection.splits.tolist())))}; a folder has splits "
+                                        "where its index.csv has an official_split column)")
+            collection = collection.subset(np.flatnonzero(np.isin(collection.splits, list(splits))))
     if limit is not None:
         if limit <= 0:
             raise InvalidInputError(f"the limit must be positive, got {limit}")
