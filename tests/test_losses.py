@@ -350,6 +350,17 @@ def test_loss_classes_match_functions_and_round_trip_config():
     assert cases[3][0].get_config()["distance_metric"] != "L2"
 
 
+def test_loss_classes_keep_large_labels_apart():
+    x = np.array([[0, 0], [0, 1], [3, 0], [3, 1]], np.float32)
+    for labels in (np.array([256, 256, 257, 257]), np.array([2**24, 2**24, 2**24 + 1, 2**24 + 1])):
+        expected = float(triplet_hard_loss(labels, x, 0.5))  # two classes 3 apart: no loss
+        assert expected == 0.0
+        assert float(TripletHardLoss(0.5)(labels, x)) == expected  # float32 would merge 2**24 and 2**24 + 1
+        assert float(TripletHardLoss(0.5, dtype="bfloat16")(labels, x)) == expected  # bfloat16: 256 and 257
+    with pytest.raises(ValueError, match="take no sample_weight"):
+        TripletHardLoss(0.5)(labels, x, sample_weight=np.ones(4))
+
+
 def test_get_resolves_names_dicts_and_instances():
     for name in ("semi-hard", "semihard", "Semi_Hard", "triplet_semihard_loss", "TripletSemiHardLoss"):
         assert type(losses.get(name)) is TripletSemiHardLoss

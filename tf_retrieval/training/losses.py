@@ -299,6 +299,14 @@ class _TripletLoss(keras.losses.Loss):
         self.margin = float(margin)
         self.distance_metric = distance_metric
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """As `keras.losses.Loss.__call__`, but the labels keep their integer type: Keras would convert them to the
+        loss's float dtype, where distinct labels can round to one (2**24 and 2**24 + 1 in float32), as tfa's did not."""
+        if sample_weight is not None:
+            raise InvalidInputError("the triplet losses are one value for the whole batch: they take no sample_weight")
+        with tf.name_scope(self.name):
+            return self.call(tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred, dtype=self.dtype))
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin, distance_metric=_serialize_metric(self.distance_metric))
