@@ -36,13 +36,6 @@ class Protocol:
     database: np.ndarray
     queries: np.ndarray | None
 
-    def __post_init__(self):
-        empty = [part for part in ("database", "queries") if getattr(self, part) is not None
-                 and not len(getattr(self, part))]
-        if empty:
-            raise InvalidInputError(f"{self.name}: {self.collection.name} gives no {' and no '.join(empty)} images "
-                                    f"({PROTOCOLS[self.name]}); is it the right collection?")
-
     @property
     def description(self) -> str:
         return PROTOCOLS[self.name]
@@ -78,8 +71,19 @@ def make_protocol(name: str, collection: ImageCollection, *, seed: int = 0) -> P
     """Splits `collection` (CIFAR-10 with train/test splits, or Oxford Flowers 102 with train/validation/test) by protocol `name`.
 
     Raises:
-      ValueError: unknown protocol, or a collection without the splits or classes the protocol needs.
+      ValueError: unknown protocol, or a collection without the splits or classes the protocol needs (one that gives
+        no database or no queries, as cifar10-unseen on a collection without classes 8 and 9).
     """
+    protocol = _split(name, collection, seed)
+    empty = [part for part in ("database", "queries") if getattr(protocol, part) is not None
+             and not len(getattr(protocol, part))]
+    if empty:
+        raise InvalidInputError(f"{name}: {collection.name} gives no {' and no '.join(empty)} images "
+                                f"({PROTOCOLS[name]}); is it the right collection?")
+    return protocol
+
+
+def _split(name: str, collection: ImageCollection, seed: int) -> Protocol:
     family = dataset_family(name)
     labels, splits = collection.labels, collection.splits
     if family == "cifar10":
