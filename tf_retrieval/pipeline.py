@@ -25,6 +25,8 @@ from tf_retrieval.errors import InvalidInputError, MissingDependencyError, Missi
 
 logger = logging.getLogger(__name__)
 
+#: The characters that make a source a file pattern (glob's).
+WILDCARDS = "*?["
 #: Tag of the dead-letter output: {"id", "reason"} of every image that could not be read.
 DEAD_LETTER = "dead_letter"
 
@@ -91,7 +93,7 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
 def pattern_root(pattern: str) -> str:
     """The folder a file pattern's matches are named relative to (their ids; the class is the first folder below it):
     everything before the first wildcard, back to its last "/" (`gs://b/images/*/*.jpg` -> `gs://b/images/`)."""
-    first = min((pattern.find(ch) for ch in "*?[" if ch in pattern), default=len(pattern))
+    first = min((pattern.find(ch) for ch in WILDCARDS if ch in pattern), default=len(pattern))
     folder, _, _ = pattern[:first].rpartition("/")
     return folder + "/"
 
@@ -209,7 +211,7 @@ def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, bat
 
 
 def _is_pattern(source: str) -> bool:
-    return any(ch in source for ch in "*?[")
+    return any(ch in source for ch in WILDCARDS)
 
 
 def _absolute(path: str) -> str:
