@@ -221,3 +221,7 @@ def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
     assert training.index("tfr train first") < training.index("tfr train second") < training.index("tfr train third")
     assert "| 0.500 |" in report  # the run's validation MAP@R; a run that held out no validation split shows none
     assert "| – (none held out) |" in report_markdown([{**record, "validation_map_at_r": None}], str(tmp_path))
+    # a recipe changes over time: where a training command names one, the report says what reproduces the run
+    assert "`--recipe` command" not in report
+    recipe_record = {**record, "train_command": "tfr train --recipe cifar10-1 --run-dir third"}
+    assert "`tfr train --config FILE` trains again" in report_markdown([recipe_record], str(tmp_path))

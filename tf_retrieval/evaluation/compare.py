@@ -188,6 +188,9 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
                               for step in r.get("starts_from", []) + [r] if step.get("train_command"))
     if trainings:
         lines += ["Training commands (a run that starts from another run's trunk comes after that run):", ""]
+        if any("--recipe" in command for command in trainings):
+            lines += ["A `--recipe` command trains the recipe as it stood when the run was trained; each record's "
+                      "`config` is the run's whole TrainConfig, which `tfr train --config FILE` trains again.", ""]
         lines += [f"    {command}" for command in trainings] + [""]
     for name, r in runs.items():
         title = r["run"] + (" + flip" if r.get("flip") else "")
