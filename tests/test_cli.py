@@ -45,9 +45,15 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
     assert "no such image or folder" in run_error(["search", str(tmp_path / "nope.jpg"), "--index", "x"], capsys)
     assert "training drew cifar10-1's split with seed 0" in run_error(
         ["evaluate", "--protocol", "cifar10-1", "--seed", "1", "--head", str(tmp_path / "head.keras")], capsys)
+    assert "drop --dataset, --backbone" in run_error(
+        ["index", "--from-pipeline", "run.manifest.json", "--dataset", str(tmp_path), "--backbone", "vgg"], capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: exit 2 with usage
         main(["evaluate", "--protocol", "imagenet"])
     assert exit_info.value.code == 2
+    for command in (["embed", "--dataset", str(tmp_path), "--out", "v.npy"], ["index", "--dataset", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            main([*command, "--batch-size", "0"])
+        assert "--batch-size: must be a whole number, at least 1, got '0'" in capsys.readouterr().err
 
 
 def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):

@@ -14,6 +14,26 @@ def test_model_config_round_trip_and_id(tmp_path):
     assert ModelConfig(weights=None).model_id() == "baseline:v1:efficientnet_lite0-96px-avg-random:identity"
 
 
+def test_a_saved_model_config_names_its_files_absolutely_so_another_folder_reads_the_same_model(tmp_path,
+                                                                                                  monkeypatch):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "head.keras").write_bytes(b"head")
+    (tmp_path / "run" / "trunk.weights.h5").write_bytes(b"trunk")
+    monkeypatch.chdir(tmp_path)
+    config = ModelConfig(name="finetuned", weights="run/trunk.weights.h5", head="run/head.keras")
+    config.save("run/model.json")
+    expected = config.model_id()
+    monkeypatch.chdir(tmp_path / "run")  # e.g. `tfr web` started elsewhere
+    loaded = ModelConfig.load("model.json")
+    assert loaded.head == str(tmp_path / "run" / "head.keras")
+    assert loaded.weights == str(tmp_path / "run" / "trunk.weights.h5")
+    assert loaded.model_id() == expected and "@missing" not in expected
+    assert config.model_id() != expected  # the relative paths, read from here, name no file
+    for kept in ({"weights": "imagenet"}, {"weights": None}, {"head": "gs://bucket/head.keras"}):  # not local files
+        ModelConfig(**kept).save("other.json")
+        assert ModelConfig.load("other.json") == ModelConfig(**kept)
+
+
 def test_model_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
         ModelConfig.from_dict({"colour": "red"})

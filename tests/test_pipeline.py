@@ -61,6 +61,11 @@ def test_direct_runner_embeds_like_the_process_keeps_dead_letters_and_indexes(im
     with open(query, "rb") as f:
         first = engine.search_images([f.read()], k=1)[0][0]
     assert first.id == os.path.join("green", "green_002.png") and first.score == pytest.approx(1.0, abs=1e-4)
+    # the index flags apply to a pipeline's vectors too; the bundle is named after the model by default
+    assert main(["--workdir", str(tmp_path / "work"), "index", "--from-pipeline", out + ".manifest.json",
+                 "--dba", "2"]) == 0
+    augmented = RetrievalEngine.load(os.path.join(tmp_path, "work", "indexes", SMALL.name))
+    assert augmented.database_augmentation == {"k": 2, "alpha": 3.0}
 
 
 def test_nested_folders_patterns_and_an_earlier_runs_shards(image_dir, exported, tmp_path, monkeypatch):

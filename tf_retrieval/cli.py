@@ -79,6 +79,24 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     return config
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts such as --batch-size and --shards: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1, got {text!r}")
+    return value
+
+
+def _model_flags_given(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """(flag, value) of each model flag (`_add_model_args`), its value None where it was not given."""
+    return [(f"--{name.replace('_', '-')}", getattr(args, name))
+            for name in ("model_config", "model_name", "backbone", "image_size", "pooling", "scales", "flip", "weights",
+                         "head", "hash_bits")]
+
+
 def _add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--dataset", required=required,
                         help="a tfds name (cifar10, oxford_flowers102) or a folder of images with one sub-folder per class")
@@ -111,16 +129,17 @@ def _bundle(args: argparse.Namespace, name: str) -> str:
     return resolve_bundle(name, _workdir(args))
 
 
-def _remote_embedder(address: str | None, model_name: str):
+def _remote_embedder(address: str | None, model_name: str, batch_size: int | None = None):
     """A TF Serving client (gRPC "host:port" or REST "http://host:port"; several, comma-separated, are replicas) for
-    `model_name`, or None for in process. `RetrievalEngine.load` checks that its vectors fit the index."""
+    `model_name` sending up to `batch_size` images a request (default: the client's), or None for in process.
+    `RetrievalEngine.load` checks that its vectors fit the index."""
     if not address:
         return None
     try:
         from tf_retrieval.serving.client import connect
     except ImportError as exc:
         raise MissingDependencyError(f"--server needs the serving extra: pip install 'tf_retrieval[serving]' ({exc})")
-    return connect(address, model_name)
+    return connect(address, model_name, **({} if batch_size is None else {"batch_size": batch_size}))
 
 
 def _web():
@@ -144,11 +163,15 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     config = _model_config(args)
     collection = _load_collection(args)
-    client = _remote_embedder(args.server, args.server_model or config.name)
+    client = _remote_embedder(args.server, args.server_model or config.name, args.batch_size)
     if client is not None:
+        import numpy as np
+
         client.check_embedding_space(config.embedding_space(), "this command's model")
-        vectors = finish(client.embed_bytes([collection.read_bytes(i) for i in range(len(collection))]),
-                         config.hash_bits)
+        chunk = 16 * args.batch_size  # images read into memory at a time (the client sends --batch-size a request)
+        vectors = finish(np.concatenate([
+            client.embed_bytes([collection.read_bytes(i) for i in range(start, min(start + chunk, len(collection)))])
+            for start in range(0, len(collection), chunk)]), config.hash_bits)
     else:
         vectors = embed_collection(collection, config, workdir=_workdir(args), batch_size=args.batch_size,
                                    runtime=args.runtime)
@@ -180,26 +203,33 @@ def cmd_index(args: argparse.Namespace) -> None:
         print(f"{bundle}: added {len(result['added'])} image(s){note}, deleted {len(result['deleted'])}; "
               f"{result['count']} images indexed, no rebuild")
         return
+    options = {} if args.target_recall is None else {"target_recall": args.target_recall}
+    if args.shards > 1:
+        options["shards"] = args.shards
+    augmented = f", α-DBA over {args.dba} neighbours" if args.dba else ""
     if args.from_pipeline:
-        from tf_retrieval.pipeline import index_from_shards
+        from tf_retrieval.pipeline import index_from_shards, read_manifest
 
-        bundle = os.path.join(_workdir(args), "indexes", args.name or "pipeline")
+        given = [flag for flag, value in (("--dataset", args.dataset), ("--split", args.split), ("--limit", args.limit),
+                                          *_model_flags_given(args)) if value is not None]
+        if given:
+            raise InvalidInputError(f"--from-pipeline indexes the source and model of the pipeline run (its manifest); "
+                                    f"drop {', '.join(given)}")
+        name = args.name or read_manifest(args.from_pipeline)[0]["model_config"]["name"]
+        bundle = os.path.join(_workdir(args), "indexes", name)
         engine = index_from_shards(args.from_pipeline, bundle, data_dir=args.data_dir, metric=args.metric,
-                                   backend=args.backend, index_options={"shards": args.shards} if args.shards > 1 else None)
-        print(f"indexed {len(engine)} images embedded by the pipeline ({engine.config.model_id()}) -> {bundle}")
+                                   backend=args.backend, index_options=options, augment=args.dba, alpha=args.alpha)
+        print(f"indexed {len(engine)} images embedded by the pipeline ({engine.config.model_id()}, "
+              f"{engine.index.metric}{augmented}) -> {bundle}")
         return
     if not args.dataset:
         raise InvalidInputError("--dataset is required to build an index (or give --add / --delete to change one)")
     config = _model_config(args)
     collection = _load_collection(args)
     bundle = os.path.join(_workdir(args), "indexes", args.name or config.name)
-    options = {} if args.target_recall is None else {"target_recall": args.target_recall}
-    if args.shards > 1:
-        options["shards"] = args.shards
     engine = index_collection(collection, config, bundle, source=args.dataset, data_dir=args.data_dir,
                               metric=args.metric, backend=args.backend, index_options=options, workdir=_workdir(args),
                               batch_size=args.batch_size, runtime=args.runtime, augment=args.dba, alpha=args.alpha)
-    augmented = f", α-DBA over {args.dba} neighbours" if args.dba else ""
     print(f"indexed {len(engine)} images of {args.dataset} with {config.model_id()} ({engine.index.metric}{augmented}) "
           f"-> {bundle}")
 
@@ -541,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .npy file")
     embed.add_argument("--server", help="embed through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT; replicas: A:PORT,B:PORT")
     embed.add_argument("--server-model", help="model name on the server (default: the model name)")
-    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--batch-size", type=_positive_int, default=64)
     _add_runtime_arg(embed)
 
     index = command("index", cmd_index, "build an index bundle of a collection, or add / remove images")
@@ -555,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--target-recall", type=float,
                        help="ScaNN: the recall@10 its automatic settings aim at, e.g. 0.9 (faster) or 0.99 "
                             "(see tf_retrieval.search.index.scann_params); default: its own settings")
-    index.add_argument("--shards", type=int, default=1,
+    index.add_argument("--shards", type=_positive_int, default=1,
                        help="split the index by image id into N shards, searched in parallel and merged (each a "
                             "complete index of --backend under <bundle>/index/shard-NNNNN)")
     index.add_argument("--from-pipeline", metavar="MANIFEST",
@@ -566,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--delete", nargs="+", metavar="ID",
                        help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
                             "rebuilding it")
-    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--batch-size", type=_positive_int, default=64)
     _add_search_args(index, expand=False)
     _add_runtime_arg(index)
 
@@ -577,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--data-dir", help="tfds data directory")
     pipeline.add_argument("--model-dir", required=True, help="an exported model version, e.g. artifacts/models/baseline/1")
     pipeline.add_argument("--out", required=True, help="output prefix, e.g. artifacts/vectors/cifar10 (local or gs://)")
-    pipeline.add_argument("--shards", type=int, default=4, help="output shards")
-    pipeline.add_argument("--batch-size", type=int, default=64, help="largest batch per model call")
+    pipeline.add_argument("--shards", type=_positive_int, default=4, help="output shards")
+    pipeline.add_argument("--batch-size", type=_positive_int, default=64, help="largest batch per model call")
     pipeline.add_argument("beam_args", nargs=argparse.REMAINDER,
                           help="after --: Beam pipeline options (default: --runner=DirectRunner --direct_num_workers=2 "
                                "--direct_running_mode=multi_processing)")
@@ -614,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="draws cifar10-1's queries and training images (trained "
                                                           "models: 0, the draw training used)")
     _add_search_args(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
     _add_runtime_arg(evaluate)
 
     adapt = command("adapt", cmd_adapt, "fuse a model's frozen features (whitened or not) with its trained head")
@@ -640,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=10000, help="database images from the CIFAR-10 train split")
     demo.add_argument("-k", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0, help="picks the query test image")
-    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--batch-size", type=_positive_int, default=64)
     _add_runtime_arg(demo)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)

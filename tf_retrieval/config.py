@@ -182,6 +182,14 @@ class ModelConfig(JsonConfig):
         """Identifies the model and its embedding space: two models with the same id give comparable vectors."""
         return f"{self.name}:{self.embedding_space()}"
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes it as JSON, with a weights file or head named by a relative path made absolute: the file is the same
+        whichever folder reads the config later (a run's model.json, the copy in each index bundle)."""
+        files = {"weights": None if self.weights == "imagenet" else self.weights, "head": self.head}
+        absolute = {field: os.path.abspath(file) for field, file in files.items()
+                    if file and "://" not in file and not os.path.isabs(file)}
+        JsonConfig.save(dataclasses.replace(self, **absolute), path)
+
 
 #: `train_from` of end-to-end training (the whole trunk on decoded images).
 END_TO_END = "images"

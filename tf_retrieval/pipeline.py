@@ -247,9 +247,10 @@ def read_manifest(path: str) -> tuple[dict, list[str]]:
 
 
 def index_from_shards(manifest_path: str, bundle_dir: str, *, data_dir: str | None = None, metric: str | None = None,
-                      backend: str = "auto", index_options: dict | None = None):
+                      backend: str = "auto", index_options: dict | None = None, augment: int = 0, alpha: float = 3.0):
     """An index bundle (`search.engine.build_bundle`) of the records a pipeline run wrote: the images of its source
-    that were embedded (dead letters are left out), with their vectors finished as in process (`vectors.finish`)."""
+    that were embedded (dead letters are left out), with their vectors finished as in process (`vectors.finish`);
+    `augment`, `alpha`: α database augmentation, as `build_bundle` takes them."""
     from tf_retrieval.config import ModelConfig
     from tf_retrieval.data.images import load_collection
     from tf_retrieval.search.engine import build_bundle
@@ -269,4 +270,4 @@ def index_from_shards(manifest_path: str, bundle_dir: str, *, data_dir: str | No
     collection = collection.subset(keep)
     vectors = finish(np.stack([vector_of[image_id] for image_id in collection.ids]), config.hash_bits)
     return build_bundle(bundle_dir, config, collection, vectors, source=manifest["source"], data_dir=data_dir,
-                        metric=metric, backend=backend, index_options=index_options)
+                        metric=metric, backend=backend, index_options=index_options, augment=augment, alpha=alpha)

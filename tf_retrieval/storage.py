@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
@@ -63,11 +64,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write opens files with mode 'w' or 'wb', not {mode!r}")
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # a link is written through, not replaced by a file
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, _mode_for(path, 0o666))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
             yield f
             f.flush()
@@ -77,6 +79,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _mode_for(path: str | None, base: int) -> int:
+    """The permission bits for a temp file or folder that will replace `path`: those of `path` where it exists, else
+    `base` less the process umask (what `open()` or `os.mkdir()` would give; mkstemp and mkdtemp give owner-only)."""
+    if path is not None and os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return base & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (changing it races other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, value: Any, **dump_options: Any) -> None:
@@ -117,11 +139,15 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
 
 def save_with_digest(save, folder: str, stem: str, suffix: str) -> str:
     """Saves through `save(path)` into `folder`, then names the file `<stem>-<sha256[:10]><suffix>`, so that the name
-    changes whenever the content does (file names are part of model ids and cache keys). Returns the final path."""
+    changes whenever the content does (file names are part of model ids and cache keys). Returns the final path,
+    absolute (it goes into model configs, which other folders read)."""
+    folder = os.path.abspath(folder)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{stem}.tmp{suffix}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)  # one per save, however many
+    os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, _mode_for(None, 0o666))
         path = os.path.join(folder, f"{stem}-{file_digest(tmp)[:10]}{suffix}")
         os.replace(tmp, path)
     finally:
@@ -137,11 +163,12 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     The swap is atomic where Linux offers renameat2(RENAME_EXCHANGE); elsewhere the old folder is renamed aside and put
     back if the second rename fails. On an exception the temp folder is removed and `target` is left as it was.
     """
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(os.fspath(target))  # a linked folder is replaced where the link points
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, _mode_for(target, 0o777))
         yield tmp
         fsync_tree(tmp)
         _replace_dir(tmp, target)
@@ -252,6 +279,8 @@ class RecordStore:
                 records = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidInputError(f"{self.path} is not valid JSON ({exc}): fix it or move it away") from None
+        except IsADirectoryError:
+            raise InvalidInputError(f"{self.path} is a folder, not a records file (a .json file)") from None
         if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
             raise InvalidInputError(f"{self.path} holds no JSON list of records: fix it or move it away")
         return records
