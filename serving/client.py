@@ -63,10 +63,15 @@ def _raise_for(kind: str, message: str, address: str):
 
 
 class _Embedder:
-    """What both clients share: batching, and reading metadata and status protos."""
+    """What both clients share: batching, checking what the served vectors are, reading metadata and status protos."""
 
     model_name: str
     batch_size: int
+    version: int | None = None
+    #: (expected, needed_by) of the last `check_embedding_space`.
+    _checked: tuple[str, str] | None = None
+    #: Made for the server's newest version: the client keeps to the version it checked, and checks the next one.
+    _follows_newest: bool = False
 
     def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature."""
@@ -79,11 +84,27 @@ class _Embedder:
         return self._batched(np.asarray(pixels, dtype=np.float32), _PIXELS_SIGNATURE)
 
     def _batched(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        return np.concatenate([self._embed(images[start:start + self.batch_size], signature_name)
+        return np.concatenate([self._embed_checked(images[start:start + self.batch_size], signature_name)
                                for start in range(0, len(images), self.batch_size)])
+
+    def _embed_checked(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+        """`_embed` on the version `check_embedding_space` checked; where the server has replaced it since, the newest
+        version is checked the same way before it answers."""
+        try:
+            return self._embed(images, signature_name)
+        except MissingError:
+            if not self._follows_newest:
+                raise
+            self._set_version(None)
+            self.check_embedding_space(*self._checked)
+            return self._embed(images, signature_name)
 
     def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
         raise NotImplementedError
+
+    def _set_version(self, version: int | None) -> None:
+        """Sends the next requests to `version` (None: the server's newest)."""
+        self.version = version
 
     def metadata(self) -> dict:
         """{"version": served version, "signatures": {name: {"inputs"/"outputs": {tensor: (dtype, shape)}}}}."""
@@ -105,7 +126,10 @@ class _Embedder:
     def embedding_space(self) -> str | None:
         """What the served model's vectors are (`ModelConfig.embedding_space`, answered by its `model_info`
         signature, which `tfr export` writes); None for a model exported without it."""
-        _, signatures = self._metadata()
+        return self._space_of(self._metadata()[1])
+
+    def _space_of(self, signatures) -> str | None:
+        """`embedding_space` of a model with these signatures (a SignatureDefMap proto)."""
         if MODEL_INFO_SIGNATURE not in signatures.signature_def:
             return None
         return str(np.asarray(self._model_info()).ravel()[0])
@@ -117,9 +141,15 @@ class _Embedder:
     def check_embedding_space(self, expected: str, needed_by: str) -> None:
         """Refuses a served model whose vectors are not `expected` (an embedding space, `ModelConfig.embedding_space`)
         as `needed_by` (e.g. "the index at ...") needs them. A model exported without `model_info` cannot say: it is
-        trusted, with a warning, as is a server that refuses to answer it."""
+        trusted, with a warning, as is a server that refuses to answer it. A client of the server's newest version then
+        keeps to the version it checked: once the server has replaced that one, the next request checks the new one
+        before it is used, so vectors of another model never mix into the answers."""
+        self._checked, self._follows_newest = (expected, needed_by), self._follows_newest or self.version is None
         try:
-            served, why = self.embedding_space(), f"exported without the {MODEL_INFO_SIGNATURE} signature"
+            version, signatures = self._metadata()
+            if self._follows_newest:
+                self._set_version(version)  # `model_info` and every later request: the version described
+            served, why = self._space_of(signatures), f"exported without the {MODEL_INFO_SIGNATURE} signature"
         except InvalidInputError as exc:  # a server that does not take a Predict without inputs
             served, why = None, str(exc)
         if served is None:
@@ -242,10 +272,14 @@ class RestEmbeddingClient(_Embedder):
 
     def __init__(self, url: str, model_name: str, version: int | None = None, timeout: float = 30.0,
                  batch_size: int = DEFAULT_BATCH_SIZE):
-        self.url, self.model_name, self.version, self.timeout = url.rstrip("/"), model_name, version, timeout
+        self.url, self.model_name, self.timeout = url.rstrip("/"), model_name, timeout
         self.batch_size = batch_size
+        self._set_version(version)
+
+    def _set_version(self, version: int | None) -> None:
+        self.version = version
         version_path = f"/versions/{version}" if version is not None else ""
-        self._model_url = f"{self.url}/v1/models/{urllib.request.quote(model_name, safe='')}{version_path}"
+        self._model_url = f"{self.url}/v1/models/{urllib.request.quote(self.model_name, safe='')}{version_path}"
 
     def _request(self, url: str, payload: dict | None = None) -> dict:
         data = None if payload is None else json.dumps(payload).encode("utf-8")
@@ -321,6 +355,7 @@ class ReplicatedClient(_Embedder):
         self.model_name, self.batch_size = replicas[0].model_name, min(r.batch_size for r in replicas)
         self._turn = itertools.count()
         self._down: dict[int, float] = {}  # replica -> time it failed
+        self._unchecked: set[int] = set()  # replicas `check_embedding_space` could not reach yet
         self._lock = threading.Lock()
         self.failovers = 0  # requests sent again after a replica failed
 
@@ -341,6 +376,8 @@ class ReplicatedClient(_Embedder):
         failures = []
         for number in self._order():
             try:
+                if number in self._unchecked:
+                    self._check_replica(number)
                 answer = getattr(self.replicas[number], name)(*args)
             except ConnectionError as exc:
                 failures.append(str(exc))
@@ -353,8 +390,25 @@ class ReplicatedClient(_Embedder):
             return answer
         raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
 
+    def check_embedding_space(self, expected: str, needed_by: str) -> None:
+        """Checks each replica (`_Embedder.check_embedding_space`; each keeps to the version it checked); a replica
+        that cannot be reached now is checked before its first request."""
+        self._checked, self._unchecked = (expected, needed_by), set(range(len(self.replicas)))
+        failures = []
+        for number in range(len(self.replicas)):
+            try:
+                self._check_replica(number)
+            except ConnectionError as exc:
+                failures.append(str(exc))
+        if len(failures) == len(self.replicas):
+            raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
+
+    def _check_replica(self, number: int) -> None:
+        self.replicas[number].check_embedding_space(*self._checked)
+        self._unchecked.discard(number)
+
     def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        return self._call("_embed", images, signature_name)
+        return self._call("_embed_checked", images, signature_name)
 
     def _metadata(self):
         return self._call("_metadata")

@@ -114,6 +114,8 @@ class RestApi:
             raise _invalid("Missing 'inputs' or 'instances' key" if "inputs" not in document else
                            "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
         rows = "instances" in document
+        if not dtypes and (rows or not _is_named(document["inputs"])):
+            raise _invalid(f'signature "{signature_name}" takes no inputs: send "inputs": {{}}')
         arrays = _rows_to_arrays(document["instances"], dtypes) if rows else _columns_to_arrays(document["inputs"], dtypes)
         request = predict_pb2.PredictRequest(model_spec=spec)
         for name, array in arrays.items():

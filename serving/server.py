@@ -52,6 +52,16 @@ def _invalid(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def _dtype_name(enum: int) -> str:
+    """A TensorProto dtype number's name ("float32", ...), or the number where it names no TensorFlow dtype."""
+    import tensorflow as tf
+
+    try:
+        return tf.dtypes.as_dtype(enum).name
+    except TypeError:
+        return f"dtype number {enum}"
+
+
 @dataclasses.dataclass(frozen=True)
 class VersionPolicy:
     """Which versions on disk are served, like TF Serving's `model_version_policy`.
@@ -364,7 +374,7 @@ class ServingCore:
         for key, spec in specs.items():
             proto = request.inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
-                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {tf.dtypes.as_dtype(proto.dtype).name}")
+                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {_dtype_name(proto.dtype)}")
             # the declared shape first: `make_ndarray` fills it (one value repeated), so a few bytes could ask for gigabytes
             shape = [dim.size for dim in proto.tensor_shape.dim]
             if proto.tensor_shape.unknown_rank or min(shape, default=0) < 0 or not spec.shape.is_compatible_with(shape):

@@ -1,5 +1,6 @@
 """Tiny exported models for the serving tests: a random-weight conv backbone, 16x16 inputs, 8-d embeddings."""
 import io
+import time
 
 import numpy as np
 from PIL import Image
@@ -47,3 +48,11 @@ def embed_in_process(model, encoded: list[bytes]) -> np.ndarray:
 
     pixels = np.stack([resize_and_crop(decode_image(data), IMAGE_SIZE).numpy() for data in encoded])
     return model.predict(pixels, verbose=0)
+
+
+def wait_for(condition, seconds=60):
+    """Whether `condition()` came true within `seconds` (polled every 0.1 s)."""
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.1)
+    return condition()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs
+from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs, wait_for
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
@@ -123,6 +123,17 @@ def test_a_declared_shape_is_checked_before_the_tensor_is_built(served, dims, me
     assert message in error.value.details()
 
 
+def test_an_unknown_dtype_number_is_invalid_argument(served, client):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "tiny", "embed_pixels"
+    request.inputs["images"].dtype = 999  # no TensorFlow dtype has this number
+    with pytest.raises(grpc.RpcError) as error:
+        stubs(served[2].port)[0].Predict(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'images' must be float32, got dtype number 999" in error.value.details()
+    assert client.embed_pixels(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)).shape == (1, 8)
+
+
 def test_an_undecodable_image_says_what_is_wrong(served, client):
     with pytest.raises(grpc.RpcError) as error:
         stubs(served[2].port)[0].Predict(predict_request({"images": np.array([b"definitely not an image"], object)}),
@@ -195,13 +206,6 @@ def test_unknown_model_or_version_is_not_found(served):
     assert error.value.details() == "Could not find any versions of model nope"
     with pytest.raises(MissingError, match="Could not find version 7 of model tiny"):
         EmbeddingClient(f"127.0.0.1:{served[2].port}", "tiny", version=7).status()
-
-
-def wait_for(condition, seconds=60):
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.1)
-    return condition()
 
 
 def test_latest_policy_serves_only_the_newest_version_and_keeps_old_states(tmp_path, rng):

@@ -6,7 +6,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs
+from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs, wait_for
 
 from tf_retrieval.errors import InvalidInputError, MissingError
 from tf_retrieval.serving.client import EmbeddingClient, RestEmbeddingClient, connect
@@ -192,8 +192,56 @@ def test_clients_check_the_embedding_space_a_model_states(tmp_path, caplog):
             caplog.clear()
             unsaid.check_embedding_space(space, "the index")  # cannot say: trusted, with a warning
             assert "the served model 'unsaid' does not say what its vectors are" in caplog.text
+        # the model_info signature takes no inputs: a request with some is a clear refusal, not a server error
+        status, answer = http(f"{url}/v1/models/said:predict", {"signature_name": "model_info", "instances": [1]})
+        assert status == 400 and 'signature "model_info" takes no inputs: send "inputs": {}' in answer["error"]
     finally:
         server.stop(grace=1)
+
+
+def test_a_checked_client_keeps_to_its_version_and_checks_the_next_one(tmp_path, rng):
+    """A model re-exported under the same name while a client is in use: the same vectors are taken up, another
+    model's are refused, never mixed into the answers."""
+    space = "v1:tiny-16px-avg-random:identity"
+    export_tiny(tmp_path, "m", seed=0, embedding_space=space)
+    server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0.2)
+    pixels = rng.uniform(0, 255, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    clients = [connect(f"127.0.0.1:{server.port}", "m"), connect(f"http://127.0.0.1:{server.rest_port}", "m")]
+    try:
+        for client in clients:
+            client.check_embedding_space(space, "the index")
+            assert client.version == 1
+        retrained = export_tiny(tmp_path, "m", seed=1, embedding_space=space)  # version 2, the same kind of vectors
+        assert wait_for(lambda: server.registry.versions("m") == [2])
+        for client in clients:
+            np.testing.assert_allclose(client.embed_pixels(pixels), retrained.predict(pixels, verbose=0), atol=1e-5)
+            assert client.version == 2
+        export_tiny(tmp_path, "m", seed=2, embedding_space=space.replace("px-", "px-flip-"))  # another model
+        assert wait_for(lambda: server.registry.versions("m") == [3])
+        for client in clients:
+            with pytest.raises(InvalidInputError, match="gives v1:tiny-16px-flip-avg-random:identity vectors, but the "
+                                                        "index needs v1:tiny-16px-avg-random:identity vectors"):
+                client.embed_pixels(pixels)
+        # a client of one version keeps to it, as asked
+        with pytest.raises(MissingError, match=r"Specific\(m, 2\)"):
+            connect(f"127.0.0.1:{server.port}", "m", version=2).embed_pixels(pixels)
+    finally:
+        server.stop(grace=1)
+
+
+def test_every_replica_is_checked(tmp_path):
+    space = "v1:tiny-16px-avg-random:identity"
+    export_tiny(tmp_path / "a", "m", embedding_space=space)
+    export_tiny(tmp_path / "b", "m", embedding_space=space.replace("px-", "px-flip-"))
+    servers = [serve(str(tmp_path / folder), port=0, poll_seconds=0) for folder in ("a", "b")]
+    try:
+        for order in (servers, servers[::-1]):
+            client = connect(",".join(f"127.0.0.1:{s.port}" for s in order), "m")
+            with pytest.raises(InvalidInputError, match="gives v1:tiny-16px-flip-avg-random:identity vectors"):
+                client.check_embedding_space(space, "the index")
+    finally:
+        for server in servers:
+            server.stop(grace=1)
 
 
 def test_rest_client_on_a_closed_port_is_a_connection_error(served):
