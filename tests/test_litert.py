@@ -97,6 +97,13 @@ def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
     for thread in threads:
         thread.join()
     assert not errors
+    built = fast._forward.runners
+    assert 1 <= built <= 3  # no more interpreters than calls at once
+    for _ in range(4):  # a thread per call, one after the other (as a server with a thread per connection): reused
+        thread = threading.Thread(target=fast.embed_pixels, args=(pixels[:1],))
+        thread.start()
+        thread.join()
+    assert fast._forward.runners == built
     for number in range(3):
         np.testing.assert_allclose(results[number], whole[number:number + 2], atol=1e-5)
     with pytest.raises(InvalidInputError, match=r"expected pixels of shape \[n, 64, 64, 3\]"):

@@ -143,8 +143,9 @@ def interpreter_class():
 class LiteRTModel:
     """Calls a one-input, one-output flatbuffer like a model: `model(pixels) -> outputs`.
 
-    An interpreter must only be used by one thread at a time, so each calling thread gets its own (created on its
-    first call); its input is resized to the batch it is given, without converting again.
+    An interpreter must only be used by one call at a time, so calls made at the same time get one each: interpreters
+    are kept and reused, as many as the most calls that ran at once (a server that starts a thread per connection still
+    builds only those); each one's input is resized to the batch it is given, without converting again.
 
     Args:
       flatbuffer: the model (`convert`).
@@ -158,26 +159,34 @@ class LiteRTModel:
             raise InvalidInputError(f"unknown LiteRT precision {precision!r}; choose fp32 or fp16")
         self.flatbuffer, self.precision = flatbuffer, precision
         self.num_threads = num_threads or int(os.environ.get("TFR_LITERT_THREADS") or 0) or os.cpu_count() or 1
-        self._local = threading.local()
-        self.input_shape = self._runner().input_shape  # fail here, not on the first request, when it cannot run
+        self._idle = [self._new_runner()]  # built here, so a model that cannot run fails now, not on a request
+        self._idle_lock = threading.Lock()
+        self.input_shape = self._idle[0].input_shape
+        self.runners = 1  # interpreters built so far
 
-    def _runner(self):
-        runner = getattr(self._local, "runner", None)
-        if runner is None:
-            make = _CompiledModelRunner if self.precision == "fp16" else _InterpreterRunner
-            runner = self._local.runner = make(self.flatbuffer, self.num_threads)
-        return runner
+    def _new_runner(self):
+        make = _CompiledModelRunner if self.precision == "fp16" else _InterpreterRunner
+        return make(self.flatbuffer, self.num_threads)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         if tuple(pixels.shape[1:]) != tuple(self.input_shape[1:]):
             raise InvalidInputError(f"expected pixels of shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
                                     f"got {list(pixels.shape)}")
-        return self._runner()(pixels)
+        with self._idle_lock:
+            runner = self._idle.pop() if self._idle else None
+            self.runners += runner is None
+        if runner is None:  # every one is busy
+            runner = self._new_runner()
+        try:
+            return runner(pixels)
+        finally:
+            with self._idle_lock:
+                self._idle.append(runner)
 
 
 class _InterpreterRunner:
-    """One thread's `Interpreter` (float32), resized to each new batch size."""
+    """An `Interpreter` (float32) for one call at a time, resized to each new batch size."""
 
     def __init__(self, flatbuffer: bytes, num_threads: int):
         self.interpreter = interpreter_class()(model_content=flatbuffer, num_threads=num_threads)
@@ -197,7 +206,8 @@ class _InterpreterRunner:
 
 
 class _CompiledModelRunner:
-    """One thread's LiteRT `CompiledModel` in XNNPACK's float16 arithmetic, resized to each new batch size."""
+    """A LiteRT `CompiledModel` in XNNPACK's float16 arithmetic for one call at a time, resized to each new batch
+    size."""
 
     def __init__(self, flatbuffer: bytes, num_threads: int):
         from ai_edge_litert.compiled_model import CompiledModel
