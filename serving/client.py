@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import urllib.error
 import urllib.request
 from typing import Sequence
@@ -33,6 +34,8 @@ _BYTES_SIGNATURE, _PIXELS_SIGNATURE = "serving_default", "embed_pixels"
 MODEL_INFO_SIGNATURE = "model_info"
 
 logger = logging.getLogger(__name__)
+#: Held while a client checks what a server's vectors are (re-entrant: a client of replicas checks each of them).
+_CHECK_LOCK = threading.RLock()
 
 
 def connect(address: str, model_name: str, version: int | None = None, *, timeout: float = 30.0,
@@ -67,11 +70,12 @@ class _Embedder:
 
     model_name: str
     batch_size: int
+    #: The version asked for (None: the server's newest).
     version: int | None = None
-    #: (expected, needed_by) of the last `check_embedding_space`.
+    #: The version `check_embedding_space` checked, which a client of the newest version embeds with from then on.
+    _pinned: int | None = None
+    #: (expected, needed_by) of the last `check_embedding_space` that passed.
     _checked: tuple[str, str] | None = None
-    #: Made for the server's newest version: the client keeps to the version it checked, and checks the next one.
-    _follows_newest: bool = False
 
     def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature."""
@@ -87,30 +91,32 @@ class _Embedder:
         return np.concatenate([self._embed_checked(images[start:start + self.batch_size], signature_name)
                                for start in range(0, len(images), self.batch_size)])
 
+    def _serving_version(self) -> int | None:
+        """The version requests for vectors go to: the checked one, else the one asked for."""
+        return self.version if self._pinned is None else self._pinned
+
     def _embed_checked(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        """`_embed` on the version `check_embedding_space` checked; where the server has replaced it since, the newest
-        version is checked the same way before it answers."""
+        """`_embed` on the version `check_embedding_space` checked; where the server has dropped it since (a client of
+        the newest version), the newest is checked the same way before it answers (until one passes, none does)."""
+        pinned = self._pinned
         try:
-            return self._embed(images, signature_name)
+            return self._embed(images, signature_name, pinned if pinned is not None else self.version)
         except MissingError:
-            if not self._follows_newest:
+            if pinned is None or self._checked is None:
                 raise
-            self._set_version(None)
-            self.check_embedding_space(*self._checked)
-            return self._embed(images, signature_name)
+            with _CHECK_LOCK:
+                if self._pinned == pinned:  # not re-checked by another thread meanwhile
+                    self.check_embedding_space(*self._checked)
+            return self._embed(images, signature_name, self._pinned)
 
-    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+    def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
         raise NotImplementedError
-
-    def _set_version(self, version: int | None) -> None:
-        """Sends the next requests to `version` (None: the server's newest)."""
-        self.version = version
 
     def metadata(self) -> dict:
         """{"version": served version, "signatures": {name: {"inputs"/"outputs": {tensor: (dtype, shape)}}}}."""
         import tensorflow as tf
 
-        version, signatures = self._metadata()
+        version, signatures = self._metadata(self._serving_version())
 
         def describe(tensors):
             return {key: (tf.dtypes.as_dtype(t.dtype).name, [d.size for d in t.tensor_shape.dim])
@@ -119,46 +125,48 @@ class _Embedder:
         return {"version": version, "signatures": {name: {"inputs": describe(s.inputs), "outputs": describe(s.outputs)}
                                                    for name, s in signatures.signature_def.items()}}
 
-    def _metadata(self):
-        """(version, SignatureDefMap proto)."""
+    def _metadata(self, version: int | None):
+        """(version, SignatureDefMap proto) of `version` (None: the newest)."""
         raise NotImplementedError
 
     def embedding_space(self) -> str | None:
         """What the served model's vectors are (`ModelConfig.embedding_space`, answered by its `model_info`
         signature, which `tfr export` writes); None for a model exported without it."""
-        return self._space_of(self._metadata()[1])
+        return self._space_of(*self._metadata(self._serving_version()))
 
-    def _space_of(self, signatures) -> str | None:
-        """`embedding_space` of a model with these signatures (a SignatureDefMap proto)."""
+    def _space_of(self, version: int, signatures) -> str | None:
+        """`embedding_space` of `version`, whose signatures (a SignatureDefMap proto) are given."""
         if MODEL_INFO_SIGNATURE not in signatures.signature_def:
             return None
-        return str(np.asarray(self._model_info()).ravel()[0])
+        return str(np.asarray(self._model_info(version)).ravel()[0])
 
-    def _model_info(self):
-        """The `embedding_space` output of the `model_info` signature."""
+    def _model_info(self, version: int):
+        """The `embedding_space` output of `version`'s `model_info` signature."""
         raise NotImplementedError
 
     def check_embedding_space(self, expected: str, needed_by: str) -> None:
         """Refuses a served model whose vectors are not `expected` (an embedding space, `ModelConfig.embedding_space`)
         as `needed_by` (e.g. "the index at ...") needs them. A model exported without `model_info` cannot say: it is
-        trusted, with a warning, as is a server that refuses to answer it. A client of the server's newest version then
-        keeps to the version it checked: once the server has replaced that one, the next request checks the new one
-        before it is used, so vectors of another model never mix into the answers."""
-        self._checked, self._follows_newest = (expected, needed_by), self._follows_newest or self.version is None
-        try:
-            version, signatures = self._metadata()
-            if self._follows_newest:
-                self._set_version(version)  # `model_info` and every later request: the version described
-            served, why = self._space_of(signatures), f"exported without the {MODEL_INFO_SIGNATURE} signature"
-        except InvalidInputError as exc:  # a server that does not take a Predict without inputs
-            served, why = None, str(exc)
-        if served is None:
-            logger.warning("the served model %r does not say what its vectors are (%s): trusting that they are the %s "
-                           "vectors %s needs", self.model_name, why, expected, needed_by)
-        elif served != expected:
-            raise InvalidInputError(f"the served model {self.model_name!r} gives {served} vectors, but {needed_by} "
-                                    f"needs {expected} vectors: serve that model (`tfr export --model-config` its "
-                                    f"model.json)")
+        trusted, with a warning, as is a server that refuses to answer it.
+
+        A client of the server's newest version checks the newest, and then embeds with the version it checked; once
+        the server has dropped that one (a model exported again under its name), the next request checks the new
+        newest the same way first, so another model's vectors are refused, never mixed into the answers.
+        """
+        with _CHECK_LOCK:
+            version, signatures = self._metadata(self.version)
+            try:
+                served, why = self._space_of(version, signatures), f"exported without the {MODEL_INFO_SIGNATURE} signature"
+            except InvalidInputError as exc:  # a server that does not take a Predict without inputs
+                served, why = None, str(exc)
+            if served is None:
+                logger.warning("the served model %r does not say what its vectors are (%s): trusting that they are the "
+                               "%s vectors %s needs", self.model_name, why, expected, needed_by)
+            elif served != expected:
+                raise InvalidInputError(f"the served model {self.model_name!r} gives {served} vectors, but {needed_by} "
+                                        f"needs {expected} vectors: serve that model (`tfr export --model-config` its "
+                                        f"model.json)")
+            self._checked, self._pinned = (expected, needed_by), version
 
     def status(self) -> list[tuple[int, str]]:
         """(version, state name) of each version the server knows, as it lists them (TF Serving: newest first)."""
@@ -208,10 +216,10 @@ class EmbeddingClient(_Embedder):
     def close(self) -> None:
         self._channel.close()
 
-    def _spec(self, spec, signature_name: str | None = None):
+    def _spec(self, spec, version: int | None, signature_name: str | None = None):
         spec.name = self.model_name
-        if self.version is not None:
-            spec.version.value = self.version
+        if version is not None:
+            spec.version.value = version
         if signature_name:
             spec.signature_name = signature_name
 
@@ -226,29 +234,32 @@ class EmbeddingClient(_Embedder):
             # server stopped while answering (this client never cancels)
             _raise_for(kind, error.details(), self.address)
 
-    def predict(self, inputs: dict[str, np.ndarray], signature_name: str = _BYTES_SIGNATURE) -> dict[str, np.ndarray]:
-        """Raw Predict: named input arrays -> named output arrays (one request, no batching)."""
+    def predict(self, inputs: dict[str, np.ndarray], signature_name: str = _BYTES_SIGNATURE, *,
+                version: int | None = None) -> dict[str, np.ndarray]:
+        """Raw Predict: named input arrays -> named output arrays (one request, no batching), of `version` (default:
+        the one the client embeds with)."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
         request = predict_pb2.PredictRequest()
-        self._spec(request.model_spec, signature_name)
+        self._spec(request.model_spec, self._serving_version() if version is None else version, signature_name)
         for key, value in inputs.items():
             request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
         response = self._call(self._predict.Predict, request)
         return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
-    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        return self.predict({"images": images}, signature_name)["embedding"]
+    def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
+        return self.predict({"images": images}, signature_name, version=version)["embedding"]
 
-    def _model_info(self):
-        return [v.decode("utf-8") for v in self.predict({}, MODEL_INFO_SIGNATURE)["embedding_space"].ravel()]
+    def _model_info(self, version: int):
+        answer = self.predict({}, MODEL_INFO_SIGNATURE, version=version)["embedding_space"]
+        return [v.decode("utf-8") for v in answer.ravel()]
 
-    def _metadata(self):
+    def _metadata(self, version: int | None):
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        self._spec(request.model_spec)
+        self._spec(request.model_spec, version)
         response = self._call(self._predict.GetModelMetadata, request)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
@@ -258,7 +269,7 @@ class EmbeddingClient(_Embedder):
         from tensorflow_serving.apis import get_model_status_pb2
 
         request = get_model_status_pb2.GetModelStatusRequest()
-        self._spec(request.model_spec)
+        self._spec(request.model_spec, self.version)
         return self._call(self._models.GetModelStatus, request)
 
 
@@ -272,14 +283,12 @@ class RestEmbeddingClient(_Embedder):
 
     def __init__(self, url: str, model_name: str, version: int | None = None, timeout: float = 30.0,
                  batch_size: int = DEFAULT_BATCH_SIZE):
-        self.url, self.model_name, self.timeout = url.rstrip("/"), model_name, timeout
+        self.url, self.model_name, self.version, self.timeout = url.rstrip("/"), model_name, version, timeout
         self.batch_size = batch_size
-        self._set_version(version)
 
-    def _set_version(self, version: int | None) -> None:
-        self.version = version
+    def _model_url(self, version: int | None) -> str:
         version_path = f"/versions/{version}" if version is not None else ""
-        self._model_url = f"{self.url}/v1/models/{urllib.request.quote(self.model_name, safe='')}{version_path}"
+        return f"{self.url}/v1/models/{urllib.request.quote(self.model_name, safe='')}{version_path}"
 
     def _request(self, url: str, payload: dict | None = None) -> dict:
         data = None if payload is None else json.dumps(payload).encode("utf-8")
@@ -298,27 +307,27 @@ class RestEmbeddingClient(_Embedder):
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             _raise_for("unavailable", str(getattr(error, "reason", error)), self.url)
 
-    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
+    def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
         if images.dtype == object:
             instances = [{"b64": base64.b64encode(image).decode("ascii")} for image in images]
         else:
             instances = images.tolist()
-        predictions = self._request(f"{self._model_url}:predict",
+        predictions = self._request(f"{self._model_url(version)}:predict",
                                     {"signature_name": signature_name, "instances": instances})["predictions"]
         if predictions and isinstance(predictions[0], dict):  # several outputs: one object per instance
             predictions = [p["embedding"] for p in predictions]
         return np.asarray(predictions, dtype=np.float32)
 
-    def _model_info(self):
-        outputs = self._request(f"{self._model_url}:predict",
+    def _model_info(self, version: int):
+        outputs = self._request(f"{self._model_url(version)}:predict",
                                 {"signature_name": MODEL_INFO_SIGNATURE, "inputs": {}})["outputs"]
         return outputs["embedding_space"] if isinstance(outputs, dict) else outputs
 
-    def _metadata(self):
+    def _metadata(self, version: int | None):
         from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        answer = self._request(f"{self._model_url}/metadata")
+        answer = self._request(f"{self._model_url(version)}/metadata")
         signatures = json_format.ParseDict(answer["metadata"]["signature_def"], get_model_metadata_pb2.SignatureDefMap(),
                                            ignore_unknown_fields=True)
         return int(answer["model_spec"]["version"]), signatures
@@ -327,7 +336,8 @@ class RestEmbeddingClient(_Embedder):
         from google.protobuf import json_format
         from tensorflow_serving.apis import get_model_status_pb2
 
-        return json_format.ParseDict(self._request(self._model_url), get_model_status_pb2.GetModelStatusResponse(),
+        return json_format.ParseDict(self._request(self._model_url(self.version)),
+                                     get_model_status_pb2.GetModelStatusResponse(),
                                      ignore_unknown_fields=True)
 
 
@@ -344,7 +354,6 @@ class ReplicatedClient(_Embedder):
 
     def __init__(self, replicas: Sequence[_Embedder], retry_after: float = 5.0):
         import itertools
-        import threading
 
         if not replicas:
             raise InvalidInputError("ReplicatedClient needs at least one replica")
@@ -391,30 +400,33 @@ class ReplicatedClient(_Embedder):
         raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
 
     def check_embedding_space(self, expected: str, needed_by: str) -> None:
-        """Checks each replica (`_Embedder.check_embedding_space`; each keeps to the version it checked); a replica
-        that cannot be reached now is checked before its first request."""
-        self._checked, self._unchecked = (expected, needed_by), set(range(len(self.replicas)))
-        failures = []
-        for number in range(len(self.replicas)):
-            try:
-                self._check_replica(number)
-            except ConnectionError as exc:
-                failures.append(str(exc))
-        if len(failures) == len(self.replicas):
-            raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
+        """Checks each replica (`_Embedder.check_embedding_space`: each then embeds with the version it checked); a
+        replica that cannot be reached now is checked before its first request."""
+        with _CHECK_LOCK:
+            self._checked, self._unchecked = (expected, needed_by), set(range(len(self.replicas)))
+            failures = []
+            for number in range(len(self.replicas)):
+                try:
+                    self._check_replica(number)
+                except ConnectionError as exc:
+                    failures.append(str(exc))
+            if len(failures) == len(self.replicas):
+                raise ConnectionError(f"no replica of {self.model_name} answered: {'; '.join(failures)}")
 
     def _check_replica(self, number: int) -> None:
-        self.replicas[number].check_embedding_space(*self._checked)
-        self._unchecked.discard(number)
+        with _CHECK_LOCK:
+            if number in self._unchecked:
+                self.replicas[number].check_embedding_space(*self._checked)
+                self._unchecked.discard(number)
 
-    def _embed(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        return self._call("_embed_checked", images, signature_name)
+    def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
+        return self._call("_embed_checked", images, signature_name)  # each replica's own version
 
-    def _metadata(self):
-        return self._call("_metadata")
+    def _metadata(self, version: int | None):
+        return self._call("_metadata", version)
 
-    def _model_info(self):
-        return self._call("_model_info")
+    def _model_info(self, version: int):
+        return self._call("_model_info", version)
 
     def _status(self):
         return self._call("_status")

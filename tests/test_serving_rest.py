@@ -1,6 +1,7 @@
 """TF Serving's REST API on a real server on 127.0.0.1, called with a plain HTTP client (urllib), and the REST client."""
 import base64
 import json
+import shutil
 import urllib.error
 import urllib.request
 
@@ -9,7 +10,7 @@ import pytest
 from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs, wait_for
 
 from tf_retrieval.errors import InvalidInputError, MissingError
-from tf_retrieval.serving.client import EmbeddingClient, RestEmbeddingClient, connect
+from tf_retrieval.serving.client import EmbeddingClient, ReplicatedClient, RestEmbeddingClient, connect
 from tf_retrieval.serving.server import serve
 
 
@@ -200,9 +201,9 @@ def test_clients_check_the_embedding_space_a_model_states(tmp_path, caplog):
 
 
 def test_a_checked_client_keeps_to_its_version_and_checks_the_next_one(tmp_path, rng):
-    """A model re-exported under the same name while a client is in use: the same vectors are taken up, another
-    model's are refused, never mixed into the answers."""
-    space = "v1:tiny-16px-avg-random:identity"
+    """A model exported again under its name while a client is in use: the same kind of vectors are taken up, another
+    model's are refused on every request, never mixed into the answers, until the server serves the right kind again."""
+    space, other = "v1:tiny-16px-avg-random:identity", "v1:tiny-16px-flip-avg-random:identity"
     export_tiny(tmp_path, "m", seed=0, embedding_space=space)
     server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0.2)
     pixels = rng.uniform(0, 255, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
@@ -210,35 +211,57 @@ def test_a_checked_client_keeps_to_its_version_and_checks_the_next_one(tmp_path,
     try:
         for client in clients:
             client.check_embedding_space(space, "the index")
-            assert client.version == 1
+            assert client.metadata()["version"] == 1
         retrained = export_tiny(tmp_path, "m", seed=1, embedding_space=space)  # version 2, the same kind of vectors
         assert wait_for(lambda: server.registry.versions("m") == [2])
         for client in clients:
             np.testing.assert_allclose(client.embed_pixels(pixels), retrained.predict(pixels, verbose=0), atol=1e-5)
-            assert client.version == 2
-        export_tiny(tmp_path, "m", seed=2, embedding_space=space.replace("px-", "px-flip-"))  # another model
+            assert client.metadata()["version"] == 2
+        export_tiny(tmp_path, "m", seed=2, embedding_space=other)  # version 3: another model
         assert wait_for(lambda: server.registry.versions("m") == [3])
         for client in clients:
-            with pytest.raises(InvalidInputError, match="gives v1:tiny-16px-flip-avg-random:identity vectors, but the "
-                                                        "index needs v1:tiny-16px-avg-random:identity vectors"):
-                client.embed_pixels(pixels)
+            for _ in range(2):  # refused each time, not only the first
+                with pytest.raises(InvalidInputError, match=f"gives {other} vectors, but the index needs {space} vectors"):
+                    client.embed_pixels(pixels)
+        shutil.rmtree(tmp_path / "m" / "3")  # the newest on disk is version 2 again
+        assert wait_for(lambda: server.registry.versions("m") == [2])
+        for client in clients:
+            np.testing.assert_allclose(client.embed_pixels(pixels), retrained.predict(pixels, verbose=0), atol=1e-5)
         # a client of one version keeps to it, as asked
-        with pytest.raises(MissingError, match=r"Specific\(m, 2\)"):
-            connect(f"127.0.0.1:{server.port}", "m", version=2).embed_pixels(pixels)
+        with pytest.raises(MissingError, match=r"Specific\(m, 1\)"):
+            connect(f"127.0.0.1:{server.port}", "m", version=1).embed_pixels(pixels)
     finally:
         server.stop(grace=1)
 
 
-def test_every_replica_is_checked(tmp_path):
-    space = "v1:tiny-16px-avg-random:identity"
+def test_every_replica_is_checked_one_unreachable_before_its_first_request(tmp_path, rng):
+    space, other = "v1:tiny-16px-avg-random:identity", "v1:tiny-16px-flip-avg-random:identity"
     export_tiny(tmp_path / "a", "m", embedding_space=space)
-    export_tiny(tmp_path / "b", "m", embedding_space=space.replace("px-", "px-flip-"))
+    export_tiny(tmp_path / "b", "m", embedding_space=other)
     servers = [serve(str(tmp_path / folder), port=0, poll_seconds=0) for folder in ("a", "b")]
+    addresses = [f"127.0.0.1:{s.port}" for s in servers]
+    pixels = rng.uniform(0, 255, (1, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     try:
-        for order in (servers, servers[::-1]):
-            client = connect(",".join(f"127.0.0.1:{s.port}" for s in order), "m")
-            with pytest.raises(InvalidInputError, match="gives v1:tiny-16px-flip-avg-random:identity vectors"):
-                client.check_embedding_space(space, "the index")
+        for order in (addresses, addresses[::-1]):
+            with pytest.raises(InvalidInputError, match=f"gives {other} vectors"):
+                connect(",".join(order), "m").check_embedding_space(space, "the index")
+        servers[1].stop(grace=1)
+        client = ReplicatedClient([connect(address, "m", timeout=5) for address in addresses], retry_after=0)
+        client.check_embedding_space(space, "the index")  # b is down: checked when it answers again
+        assert client.embed_pixels(pixels).shape == (1, 8)
+        servers[1] = serve(str(tmp_path / "b"), port=servers[1].port, poll_seconds=0)
+
+        refusals = []
+
+        def refused():  # a answers; b, once its channel has reconnected, is checked first and refused
+            if not refusals:
+                try:
+                    client.embed_pixels(pixels)
+                except InvalidInputError as exc:
+                    refusals.append(str(exc))
+            return bool(refusals)
+
+        assert wait_for(refused, seconds=30) and f"gives {other} vectors" in refusals[0]
     finally:
         for server in servers:
             server.stop(grace=1)

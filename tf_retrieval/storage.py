@@ -82,9 +82,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
 
 
 def _mode_for(path: str | None, base: int) -> int:
-    """The permission bits for a temp file or folder that will replace `path`: those of `path` where it exists, else
-    `base` less the process umask (what `open()` or `os.mkdir()` would give; mkstemp and mkdtemp give owner-only)."""
-    if path is not None and os.path.exists(path):
+    """The permission bits for a temp file (`base` 0o666) or folder (0o777) that will replace `path`: those of `path`
+    where it is one of the same kind, else `base` less the process umask (what `open()` or `os.mkdir()` would give;
+    mkstemp and mkdtemp give owner-only)."""
+    if path is not None and (os.path.isdir(path) if base == 0o777 else os.path.isfile(path)):
         return stat.S_IMODE(os.stat(path).st_mode)
     return base & ~_umask()
 
@@ -168,8 +169,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        os.chmod(tmp, _mode_for(target, 0o777))
         yield tmp
+        os.chmod(tmp, _mode_for(target, 0o777))  # after the caller wrote into it: an old folder's mode may not let it
         fsync_tree(tmp)
         _replace_dir(tmp, target)
         fsync_dir(parent)

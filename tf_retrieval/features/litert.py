@@ -143,9 +143,9 @@ def interpreter_class():
 class LiteRTModel:
     """Calls a one-input, one-output flatbuffer like a model: `model(pixels) -> outputs`.
 
-    An interpreter must only be used by one call at a time, so calls made at the same time get one each: interpreters
-    are kept and reused, as many as the most calls that ran at once (a server that starts a thread per connection still
-    builds only those); each one's input is resized to the batch it is given, without converting again.
+    An interpreter must only be used by one call at a time, so calls made at the same time get one each; up to
+    `MAX_IDLE` of them are kept between calls and reused (a server that starts a thread per connection does not build
+    one per request); each one's input is resized to the batch it is given, without converting again.
 
     Args:
       flatbuffer: the model (`convert`).
@@ -153,6 +153,9 @@ class LiteRTModel:
       precision: "fp32" (`Interpreter`), or "fp16": XNNPACK's float16 arithmetic (LiteRT's `CompiledModel`, from
         `ai-edge-litert`; raises here when it is missing or cannot run the model).
     """
+
+    #: Interpreters kept between calls (each holds its tensors and `num_threads` kernel threads).
+    MAX_IDLE = 8
 
     def __init__(self, flatbuffer: bytes, num_threads: int | None = None, precision: str = "fp32"):
         if precision not in ("fp32", "fp16"):
@@ -175,14 +178,16 @@ class LiteRTModel:
                                     f"got {list(pixels.shape)}")
         with self._idle_lock:
             runner = self._idle.pop() if self._idle else None
-            self.runners += runner is None
         if runner is None:  # every one is busy
             runner = self._new_runner()
+            with self._idle_lock:
+                self.runners += 1
         try:
             return runner(pixels)
         finally:
             with self._idle_lock:
-                self._idle.append(runner)
+                if len(self._idle) < self.MAX_IDLE:
+                    self._idle.append(runner)
 
 
 class _InterpreterRunner:
