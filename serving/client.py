@@ -100,9 +100,9 @@ class _Embedder:
         the newest version), the newest is checked the same way before it answers (until one passes, none does)."""
         pinned = self._pinned
         try:
-            return self._embed(images, signature_name, pinned if pinned is not None else self.version)
+            return self._embed(images, signature_name, self.version if pinned is None else pinned)
         except MissingError:
-            if pinned is None or self._checked is None:
+            if pinned is None:  # never checked (a check pins and records what it checked together): nothing to redo
                 raise
             with _CHECK_LOCK:
                 if self._pinned == pinned:  # not re-checked by another thread meanwhile
