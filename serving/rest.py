@@ -24,9 +24,14 @@ import urllib.parse
 import grpc
 import numpy as np
 
+from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.serving.server import ServingCore, ServingError
 
 logger = logging.getLogger(__name__)
+
+#: Connections served at once, and seconds a connection may stall, unless `RestServer` is told otherwise.
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_TIMEOUT_SECONDS = 30.0
 
 _NAME_AND_VERSION = r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
 _PREDICT_PATH = re.compile(_NAME_AND_VERSION + r":(classify|regress|predict)", re.IGNORECASE)
@@ -284,17 +289,70 @@ def _outputs(outputs: dict[str, np.ndarray]) -> dict:
     return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
 
 
+class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_connections` connection threads; one more is refused with a 503."""
+
+    def __init__(self, address, handler, max_connections: int):
+        self._places = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._places.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
+
+    def _refuse(self, request, client_address) -> None:
+        logger.warning("REST: %d connections are being served; refused one from %s", self._max_connections,
+                       client_address[0])
+        body = json.dumps({"error": f"the server is busy: {self._max_connections} connections are being served; "
+                                    "retry later"}).encode("utf-8")
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n").encode("ascii")
+        try:
+            request.settimeout(0.2)
+            try:
+                request.recv(65536)  # what the client sent already: closing on unread data would reset the connection
+            except TimeoutError:
+                pass
+            request.sendall(head + body)
+        except OSError:
+            pass  # the client is gone: nothing to tell it
+        finally:
+            self.shutdown_request(request)
+
+
 class RestServer:
     """The REST API on an HTTP server of its own (standard library, one thread per connection).
+
+    At most `max_connections` connections are served at once: the next one is answered 503 and closed, so a flood of
+    clients cannot exhaust the process's threads. A connection that sends or takes nothing for `timeout_seconds`
+    (a stalled request body, an idle keep-alive) is closed and frees its place.
 
     Binding happens here, so a port in use raises OSError before anything starts; `start()` serves, `stop()` ends.
     """
 
-    def __init__(self, core: ServingCore, host: str, port: int, max_body_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, core: ServingCore, host: str, port: int, max_body_bytes: int = 64 * 1024 * 1024,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
+        if max_connections < 1 or not timeout_seconds > 0:
+            raise InvalidInputError(f"the REST API needs at least 1 connection and a timeout above 0 seconds, got "
+                             f"{max_connections} and {timeout_seconds}")
         api = RestApi(core)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = timeout_seconds  # applied to the socket: reads and writes that stall this long end the connection
 
             def do_GET(self):
                 declared = self.headers.get("Content-Length") or "0"
@@ -324,9 +382,9 @@ class RestServer:
             def log_message(self, format, *args):
                 logger.debug("REST %s: " + format, self.client_address[0], *args)
 
-        server_class = type("RestHTTPServer", (http.server.ThreadingHTTPServer,),
+        server_class = type("RestHTTPServer", (_BoundedHTTPServer,),
                             {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-        self._http = server_class((host, port), Handler)
+        self._http = server_class((host, port), Handler, max_connections)
         self.port = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name="rest-api", daemon=True)
 

@@ -2,6 +2,7 @@
 import base64
 import json
 import shutil
+import socket
 import urllib.error
 import urllib.request
 
@@ -155,6 +156,36 @@ def test_a_body_the_server_cannot_bound_is_refused_and_it_keeps_serving(tmp_path
         assert http(f"http://127.0.0.1:{server.rest_port}/v1/models/tiny")[0] == 200
     finally:
         server.stop(grace=1)
+
+
+def test_connections_over_the_limit_get_a_503_and_stalled_ones_are_closed(tmp_path):
+    export_tiny(str(tmp_path))
+    server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0, rest_max_connections=2,
+                   rest_timeout_seconds=1.0)
+    url = f"http://127.0.0.1:{server.rest_port}/v1/models/tiny"
+    stalled = []
+    try:
+        for _ in range(2):  # two requests whose bodies never come: they hold both places
+            connection = socket.create_connection(("127.0.0.1", server.rest_port), timeout=30)
+            connection.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            stalled.append(connection)
+        status, body = http(url)
+        assert status == 503
+        assert body == {"error": "the server is busy: 2 connections are being served; retry later"}
+        for connection in stalled:  # after the 1 s timeout the server closes them without an answer
+            assert connection.recv(1024) == b""
+        assert wait_for(lambda: http(url)[0] == 200, seconds=10)
+    finally:
+        for connection in stalled:
+            connection.close()
+        server.stop(grace=1)
+
+
+@pytest.mark.parametrize("options, message", [({"rest_max_connections": 0}, "rest_max_connections must be at least 1"),
+                                              ({"rest_timeout_seconds": 0}, "rest_timeout_seconds must be above 0")])
+def test_rest_limits_are_checked_before_anything_binds(tmp_path, options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0, **options)
 
 
 def test_connect_picks_rest_or_grpc_and_both_embed_alike(served, rng):

@@ -391,7 +391,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = serve(args.model_base_path or os.path.join(_workdir(args), "models"), args.model_name, host=args.host,
                    port=args.port, rest_port=args.rest_port or None, poll_seconds=args.poll_seconds,
                    max_workers=args.max_workers, max_batch_size=args.max_batch_size,
-                   version_policy=args.version_policy, runtime=args.runtime)
+                   version_policy=args.version_policy, runtime=args.runtime,
+                   rest_max_connections=args.rest_max_connections, rest_timeout_seconds=args.rest_timeout)
     rest = f", REST on http://{args.host}:{server.rest_port}" if server.rest_port else ""
     print(f"serving gRPC on {args.host}:{server.port}{rest}  (Ctrl-C to stop)", flush=True)
     server.wait_for_signal()
@@ -696,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-seconds", type=float, default=2.0, help="how often new versions are looked for")
     serve.add_argument("--max-workers", type=int, default=8)
     serve.add_argument("--max-batch-size", type=int, default=1024)
+    serve.add_argument("--rest-max-connections", type=_positive_int, default=64,
+                       help="REST connections served at once (one thread each); one more is answered 503")
+    serve.add_argument("--rest-timeout", type=float, default=30.0,
+                       help="seconds after which a stalled REST connection (request body, idle keep-alive) is closed")
     _add_runtime_arg(serve)
 
     web = command("web", cmd_web, "serve the search page")
