@@ -67,12 +67,13 @@ def test_exact_matches_numpy_argsort(metric, rng, monkeypatch):
         np.testing.assert_allclose(scores, np.take_along_axis(sims, reference[:, :k], 1), rtol=1e-4, atol=1e-4)
 
 
-def test_exact_breaks_ties_by_insertion_order():
+def test_exact_breaks_ties_by_id_whatever_the_insertion_order():
     index = ExactIndex(2, metric="dot")
     index.add(np.array([[1, 0], [0, 1], [1, 0], [1, 0]]), [7, 3, 9, 1])
-    assert index.search(np.array([[1.0, 0.0]]), 3)[1][0].tolist() == [7, 9, 1]
-    assert index.search(np.array([[1.0, 0.0]]), 4)[1][0].tolist() == [7, 9, 1, 3]
-    assert index.search(np.array([[1.0, 0.0]]), 2)[1][0].tolist() == [7, 9]  # cut inside a tie: the earliest stored
+    assert index.search(np.array([[1.0, 0.0]]), 3)[1][0].tolist() == [1, 7, 9]
+    assert index.search(np.array([[1.0, 0.0]]), 4)[1][0].tolist() == [1, 7, 9, 3]
+    assert index.search(np.array([[1.0, 0.0]]), 2)[1][0].tolist() == [1, 7]  # cut inside a tie: the smallest ids
+    np.testing.assert_array_equal(index.search(np.array([[1.0, 0.0]]), 4)[0][0], [1, 1, 1, 0])
     many = ExactIndex(4, metric="cosine")
     many.add(np.ones((300, 4), np.float32), np.arange(300))
     assert many.search(np.ones((2, 4), np.float32), 51)[1].tolist() == [list(range(51))] * 2
@@ -520,6 +521,20 @@ def test_scann_calibrates_its_search_on_high_dimensional_data(mode, size, rng, c
     fixed.search(queries[:1], 10)  # trains the searcher
     assert {key: fixed.built_params[key] for key in given} == given
     assert ("calibrated_recall" in fixed.built_params) == (mode == "tree_ah")
+
+
+@pytest.mark.parametrize("metric", ["dot", "euclidean"])
+def test_sharded_exact_search_equals_one_exact_index_through_ties_in_any_id_order(metric, rng):
+    """Small integer vectors score exactly (no rounding), each stored 20 times under ids in random order: ties
+    everywhere, and the same answer from 4 shards as from one index, at every depth."""
+    vectors = np.repeat(rng.integers(-3, 4, (30, 8)).astype(np.float32), 20, axis=0)
+    ids = rng.permutation(10_000)[:600]
+    whole = build_index(vectors, ids, metric=metric, backend="exact")
+    sharded = build_index(vectors, ids, metric=metric, backend="exact", shards=4)
+    for k in (7, 30, 600):
+        scores, found = whole.search(vectors[::50], k)
+        np.testing.assert_array_equal(sharded.search(vectors[::50], k)[1], found)
+        assert all((np.diff(row_ids)[np.diff(row_scores) == 0] > 0).all() for row_ids, row_scores in zip(found, scores))
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "hamming"])

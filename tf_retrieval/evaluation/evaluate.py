@@ -40,8 +40,9 @@ def _ranked_relevance(database: np.ndarray, database_labels: np.ndarray, queries
                       query_labels: np.ndarray | None, metric: str, depth: int | None, chunk_size: int,
                       progress: bool = False):
     """Yields (relevance [c, columns], num_relevant [c]) a chunk of queries at a time: each query's exact ranking of
-    the database, whole (`depth` None) or its first `depth` entries (the exact index breaks ties by storage order,
-    so a shorter ranking is the start of the whole one). Leave-one-out (`queries` None) drops each query's own entry."""
+    the database, whole (`depth` None) or its first `depth` entries (the exact index breaks ties by id, here the
+    database position, so a shorter ranking is the start of the whole one). Leave-one-out (`queries` None) drops each
+    query's own entry."""
     from tqdm.auto import tqdm
 
     database_labels = np.asarray(database_labels)

@@ -369,56 +369,60 @@ class ExactIndex(Index):
     """Exhaustive search with numpy float32 matrix products (byte popcounts for Hamming), in query chunks of bounded
     memory. The ground truth.
 
-    Ties are broken by storage order (earlier added first); for Hamming, by id.
+    Ties are broken by id (the smaller first), so a sharded exact index (`search.sharded`), which merges by score then
+    id, answers as one exact index does, whatever order the ids were added in.
     """
 
     backend = "exact"
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.metric == "hamming":
-            return self._search_hamming(queries, k)
-        vectors, n = self._vectors, len(self._vectors)
-        # ~24 bytes per (query, vector) pair: float32 scores, a partitioned copy, masks and a running count
-        chunk = max(1, _CHUNK_BYTES // (24 * n))
-        squared_norms = np.einsum("ij,ij->i", vectors, vectors) if self.metric == "euclidean" else None
+        by_id = self._id_order()
+        ids = self._ids if by_id is None else self._ids[by_id]
+        n = len(ids)
+        # ~24 bytes per (query, vector) pair: float32 scores, a partitioned copy, masks and a running count; 4 more to
+        # put the scores in id order; Hamming's xor bytes and popcounts besides
+        per_pair = 24 + (4 if by_id is not None else 0) + (5 * self._vectors.shape[1] if self.metric == "hamming" else 0)
+        chunk = max(1, _CHUNK_BYTES // (per_pair * n))
+        squared_norms = np.einsum("ij,ij->i", self._vectors, self._vectors) if self.metric == "euclidean" else None
         all_scores, all_ids = [], []
         for start in range(0, len(queries), chunk):
-            block = queries[start:start + chunk]
-            scores = block @ vectors.T
-            if squared_norms is not None:  # -|q - x|^2 = 2 q.x - |x|^2 - |q|^2
-                scores *= 2
-                scores -= squared_norms[None, :]
-                scores -= np.einsum("ij,ij->i", block, block)[:, None]
-                np.minimum(scores, 0, out=scores)
+            scores = self._scores(queries[start:start + chunk], squared_norms)
+            if by_id is not None:
+                scores = scores[:, by_id]  # columns in id order: ties below keep it
             if k < n:
                 top = _top_k_positions(scores, k)
                 top_scores = np.take_along_axis(scores, top, axis=1)
-                order = np.lexsort((top, -top_scores), axis=1)  # by score, then by storage order
-                top = np.take_along_axis(top, order, axis=1)
+                top = np.take_along_axis(top, np.lexsort((top, -top_scores), axis=1), axis=1)
             else:
                 top = np.argsort(-scores, axis=1, kind="stable")
             all_scores.append(np.take_along_axis(scores, top, axis=1))
-            all_ids.append(self._ids[top])
+            all_ids.append(ids[top])
         return np.concatenate(all_scores), np.concatenate(all_ids)
 
-    def _search_hamming(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        codes, n = self._vectors, len(self._vectors)
-        id_rank = np.empty(n, np.int64)
-        id_rank[np.argsort(self._ids, kind="stable")] = np.arange(n)
-        chunk = max(1, _CHUNK_BYTES // (n * (5 * codes.shape[1] + 24)))  # xor bytes, popcounts, sort keys
-        all_scores, all_ids = [], []
-        for start in range(0, len(queries), chunk):
-            distances = hamming_distances(queries[start:start + chunk], codes)
-            keys = distances.astype(np.int64) * n + id_rank  # by distance, then by id
-            top = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), keys.shape)
-            top = np.take_along_axis(top, np.argsort(np.take_along_axis(keys, top, axis=1), axis=1), axis=1)
-            all_scores.append((-np.take_along_axis(distances, top, axis=1)).astype(np.float32))  # negated as ints: no -0.0
-            all_ids.append(self._ids[top])
-        return np.concatenate(all_scores), np.concatenate(all_ids)
+    def _scores(self, queries: np.ndarray, squared_norms: np.ndarray | None) -> np.ndarray:
+        """float32 [len(queries), len(self)], higher is closer: dot products, -|q - x|^2 (given the vectors' squared
+        norms), or minus the Hamming distance."""
+        if self.metric == "hamming":
+            return (-hamming_distances(queries, self._vectors)).astype(np.float32)  # negated as ints: no -0.0
+        scores = queries @ self._vectors.T
+        if self.metric == "euclidean":  # -|q - x|^2 = 2 q.x - |x|^2 - |q|^2
+            scores *= 2
+            scores -= squared_norms[None, :]
+            scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
+            np.minimum(scores, 0, out=scores)
+        return scores
+
+    def _id_order(self) -> np.ndarray | None:
+        """Storage positions in id order; None when storage order is id order already (ids added ascending, as
+        bundles add them)."""
+        ids = self._ids
+        if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+            return None
+        return np.argsort(ids, kind="stable")
 
 
 def _top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
-    """The positions of each row's k highest scores, unordered; of the scores tied at the cut-off, the earliest stored
+    """The positions of each row's k highest scores, unordered; of the scores tied at the cut-off, the leftmost
     (argpartition alone picks any of them, so a ranking k deep would not be the start of the full one)."""
     kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]
     above = scores > kth[:, None]
