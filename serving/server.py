@@ -628,11 +628,18 @@ def _poll(registry: ModelRegistry, seconds: float, stop_event: threading.Event) 
             logger.exception("model directory poll failed")
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tf_retrieval.serving`: flags follow tensorflow_model_server's."""
     parser = argparse.ArgumentParser(prog="python -m tf_retrieval.serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free port)")
-    parser.add_argument("--rest_api_port", type=int, default=8501, help="REST API port (0: no REST API)")
+    parser.add_argument("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
+    parser.add_argument("--rest_api_port", type=_port, default=8501, help="REST API port (0: no REST API)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--model_base_path", required=True, help="a model directory, or a directory of model directories")
     parser.add_argument("--model_name", help="served name when --model_base_path is one model's directory")

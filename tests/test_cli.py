@@ -54,6 +54,15 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*command, "--batch-size", "0"])
         assert "--batch-size: must be a whole number, at least 1, got '0'" in capsys.readouterr().err
+    for command, flag, message in ((["web", "--index", "x", "--port", "70000"], "--port", "must be a port number "
+                                    "from 0 to 65535, got '70000'"),
+                                   (["serve", "--rest-port", "-1"], "--rest-port", "must be a port number"),
+                                   (["demo", "--port", "http"], "--port", "must be a port number"),
+                                   (["web", "--index", "x", "--threads", "0"], "--threads", "must be a whole number"),
+                                   (["web", "--index", "x", "--workers", "0"], "--workers", "must be a whole number")):
+        with pytest.raises(SystemExit):
+            main(command)
+        assert f"{flag}: {message}" in capsys.readouterr().err
 
 
 def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):
@@ -334,6 +343,9 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         assert "indexing 30 CIFAR-10 train images" in out and "query: CIFAR-10 test image" in out
         assert "baseline: " in out and "neighbours share the query's class" in out and "finetuned" not in out
         assert [int(line.split(".")[0]) for line in out.splitlines() if line.startswith("  ")] == list(range(1, 11))
+        os.remove(os.path.join(workdir, "indexes", "demo-baseline", "model.json"))  # a damaged bundle is rebuilt
+        assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", "--baseline-only", *SMALL_MODEL]) == 0
+        assert "demo-baseline: config file not found" in capsys.readouterr().out
         assert main(["--workdir", workdir, "train", "--protocol", "cifar10-2", "--image-size", "32", "--embedding-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--steps-per-epoch", "2",
                      "--validation-fraction", "0.5"]) == 0
         served = {}

@@ -158,6 +158,38 @@ def test_filters_and_side_by_side(searcher, collection):
     assert [r.score for r in answers["colour"].results] != [r.score for r in answers["reversed"].results]
 
 
+def test_bundles_over_different_images_and_classes_side_by_side(collection):
+    """A model asked about an image only another model's collection holds embeds its pixels; a class filter keeps,
+    for each model, the classes it knows."""
+    import dataclasses
+
+    reds_and_greens = [i for i, label in enumerate(collection.labels) if collection.class_names[label] != "blue"]
+    part = collection.subset(reds_and_greens)
+    part = dataclasses.replace(part, class_names=["green", "red"], labels=part.labels - 1)  # blue was label 0
+    searcher = Searcher({"colour": colour_engine(collection, "colour"), "part": colour_engine(part, "part")})
+    engine = searcher.engines["part"]
+    blue = "blue/blue_001.png"
+    pixels = engine.embed([collection.read_bytes(collection.ids.index(blue))])[0]
+
+    answer = searcher.search(Query(id=blue), "part", k=12)
+    assert [r.id for r in answer.results] == ranking(engine, pixels) and "embed_ms" in answer.timing_ms
+    red = part.ids.index("red/red_000.png")
+    feedback = searcher.search(Query(id="red/red_000.png", positives=[blue], alpha=0.3, beta=1.0), "part", k=11)
+    expected = rocchio(engine.vectors([red])[0], pixels[None], 0.3, 1.0)
+    assert [r.id for r in feedback.results] == ranking(engine, expected, exclude={red})
+    assert set(searcher.compare(Query(id=blue), k=3)) == {"colour", "part"}
+
+    answers = searcher.compare(Query(id="red/red_000.png"), k=20, classes=["blue", "red"])
+    assert {r.class_name for r in answers["colour"].results} == {"blue", "red"} and answers["colour"].total == 11
+    assert {r.class_name for r in answers["part"].results} == {"red"} and answers["part"].classes == ["red"]
+    only_blue = searcher.compare(Query(id="red/red_000.png"), k=5, classes="blue")
+    assert only_blue["part"].total == 0 and only_blue["part"].classes == [] and only_blue["colour"].total == 5
+    with pytest.raises(InvalidInputError, match="unknown class 'purple' in classes; known classes: blue, green, red"):
+        searcher.compare(Query(id="red/red_000.png"), classes=["red", "purple"])
+    with pytest.raises(MissingError, match="unknown image id 'ghost.png': no collection holds it"):
+        searcher.search(Query(id="ghost.png"), "part")
+
+
 def test_random_ids_locate_and_errors(searcher, collection):
     assert searcher.random_id(seed=3) == searcher.random_id(seed=3) and searcher.random_id() in collection.ids
     assert len({searcher.random_id() for _ in range(20)}) > 1
@@ -168,7 +200,7 @@ def test_random_ids_locate_and_errors(searcher, collection):
         searcher.locate("nope.png")
     with pytest.raises(MissingError, match="unknown model 'resnet'; available models: colour, reversed"):
         searcher.search(Query(id="red/red_000.png"), "resnet")
-    with pytest.raises(MissingError, match="unknown image id 'ghost.png' in the collection of model 'colour'"):
+    with pytest.raises(MissingError, match="unknown image id 'ghost.png': no collection holds it"):
         searcher.search(Query(id="red/red_000.png", positives=["ghost.png"]))
     with pytest.raises(InvalidInputError, match="id must be a database image id"):
         searcher.search(Query(id=42))

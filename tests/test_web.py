@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import struct
 import threading
@@ -225,7 +226,7 @@ def test_upload_search_finds_the_image_itself_first(client, engines):
     first = body["results"][0]
     assert first["id"] == "ring/ring_03.png" and first["score"] == pytest.approx(1.0, abs=1e-4)
     assert first["class_name"] == "ring" and first["label"] == sorted(SHAPES).index("ring")
-    assert first["thumbnail_url"] == "/api/images/ring%2Fring_03.png?model=baseline&size=256"
+    assert first["thumbnail_url"] == "/api/images/ring%2Fring_03.png?model=baseline&size=256&v=0"
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert_same_ranking(body["results"], reference_ranking(engine, engine.vectors([position])[0]))
@@ -322,7 +323,7 @@ def test_side_by_side_runs_both_models_on_the_same_query(client, engines):
         vector = engine.embed([data])[0]
         assert runs[name]["total"] == 6
         assert_same_ranking(runs[name]["results"], reference_ranking(engine, vector))
-        assert all(r["thumbnail_url"].endswith(f"model={name}&size=256") for r in runs[name]["results"])
+        assert all(r["thumbnail_url"].endswith(f"model={name}&size=256&v=0") for r in runs[name]["results"])
     assert [r["score"] for r in runs["baseline"]["results"]] != [r["score"] for r in runs["finetuned"]["results"]]
 
 
@@ -537,6 +538,15 @@ def test_every_oversized_body_gets_the_json_413_under_waitress(engines):
             assert response.status == 200
 
 
+@pytest.mark.parametrize("max_upload_mb", [0, float("inf"), float("nan"), 51])
+def test_an_upload_limit_the_decoder_cannot_honour_is_refused(engines, max_upload_mb):
+    from tf_retrieval.errors import InvalidInputError
+    from tf_retrieval.web.app import create_app
+
+    with pytest.raises(InvalidInputError, match="max_upload_mb must be above 0 and at most 50 .*got"):
+        create_app(engines, max_upload_mb=max_upload_mb)
+
+
 def test_a_port_in_use_is_reported_at_once(app):
     """`tfr web` reserves its port before it loads models: a taken port fails fast, with the way out."""
     from tf_retrieval.errors import InvalidInputError
@@ -573,14 +583,19 @@ def test_every_request_is_logged_with_its_status_and_time(client, caplog):
 
 def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
     """`tfr index --add` swaps the bundle folder: the running page loads it aside and serves it, without a restart."""
-    from tf_retrieval.search.engine import RetrievalEngine, add_images, build_bundle
+    from tf_retrieval.search.engine import RetrievalEngine, add_images, build_bundle, update_bundle
     from tf_retrieval.search.query import Query
     from tf_retrieval.web.app import create_app
 
+    from tf_retrieval.data.images import image_folder
+
     engine = engines["baseline"]
+    folder = shutil.copytree(engine.collection.name, tmp_path / "images")  # its own copy: a file is replaced below
+    collection = image_folder(folder, progress=False)
+    assert collection.ids == engine.collection.ids
     bundle = str(tmp_path / "bundle")
-    build_bundle(bundle, engine.config, engine.collection.subset(range(40)), engine.vectors(range(40)),
-                 source=engine.collection.name, backend="exact")
+    build_bundle(bundle, engine.config, collection.subset(range(40)), engine.vectors(range(40)), source=str(folder),
+                 backend="exact")
     app = create_app({"baseline": RetrievalEngine.load(bundle, embedder=engine.embedder)}, reload_seconds=0.01)
     page, client = app.extensions["tf_retrieval"], app.test_client()
 
@@ -594,7 +609,7 @@ def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
 
     assert index_size() == 40
     before = page.searcher
-    added = engine.collection.subset(range(40, 60))
+    added = collection.subset(range(40, 60))
     add_images(bundle, added, engine.vectors(range(40, 60)))
     assert index_size() == 60
     new_id = added.ids[0]
@@ -603,6 +618,23 @@ def test_the_page_serves_a_bundle_replaced_on_disk(tmp_path, engines, caplog):
     assert client.get("/api/stats").get_json()["models"][0]["index_size"] == 60
     assert len(before.engines["baseline"]) == 40  # a request that started before keeps its engine
     assert before.search(Query(id=engine.collection.ids[0]), k=2).total == 2
+
+    # a file replaced, and its id deleted and added again: the thumbnail gets a new URL and the new picture behind it
+    first_id = collection.ids[0]
+
+    def thumbnail_url(image_id):
+        return client.post("/api/search", json={"id": image_id, "k": 1}).get_json()["query"]["thumbnail_url"]
+
+    old_url = thumbnail_url(first_id)
+    old_thumbnail = client.get(old_url).data
+    other_thumbnail = client.get(thumbnail_url(engine.collection.ids[50])).data
+    assert old_thumbnail != other_thumbnail
+    with open(collection.paths[0], "wb") as f:
+        f.write(collection.read_bytes(50))
+    update_bundle(bundle, delete=[first_id], add=collection.subset([0]), embeddings=engine.vectors([50]))
+    assert index_size() == 60
+    new_url = thumbnail_url(first_id)
+    assert new_url != old_url and client.get(new_url).data == other_thumbnail
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tf_retrieval.web.reload"):

@@ -90,6 +90,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """argparse type of --port flags: a TCP port number, 0 to 65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return value
+
+
 def _model_flags_given(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(flag, value) of each model flag (`_add_model_args`), its value None where it was not given."""
     return [(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -674,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive_int, default=64)
     _add_runtime_arg(demo)
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--port", type=_port, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
     demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the CIFAR-10 run "
                                                          "with the best validation MAP@R, else a head trained now)")
@@ -690,8 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-base-path", help="a model directory or a directory of models (default <workdir>/models)")
     serve.add_argument("--model-name", help="served name when the base path is one model's directory")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8500, help="gRPC port")
-    serve.add_argument("--rest-port", type=int, default=8501, help="TF Serving REST API port (0: none)")
+    serve.add_argument("--port", type=_port, default=8500, help="gRPC port")
+    serve.add_argument("--rest-port", type=_port, default=8501, help="TF Serving REST API port (0: none)")
     serve.add_argument("--version-policy", default="latest", help="versions served: latest (default), latest:N, all, "
                                                                   "or specific:1,3")
     serve.add_argument("--poll-seconds", type=float, default=2.0, help="how often new versions are looked for")
@@ -711,9 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--data-dir", help="tfds data directory of the indexed collections")
     _add_runtime_arg(web)
     web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=8080)
-    web.add_argument("--threads", type=int, default=8, help="request threads per worker process")
-    web.add_argument("--workers", type=int, default=1,
+    web.add_argument("--port", type=_port, default=8080)
+    web.add_argument("--threads", type=_positive_int, default=8, help="request threads per worker process")
+    web.add_argument("--workers", type=_positive_int, default=1,
                      help="server processes (each loads the models and the index; more than one keeps several cores "
                           "busy under load: e.g. the number of cores)")
     web.add_argument("--max-upload-mb", type=float, default=10.0)

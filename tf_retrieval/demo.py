@@ -48,7 +48,7 @@ def demo_engine(config: ModelConfig, database: ImageCollection, *, workdir: str,
                 say(f"using the index at {bundle}")
                 return engine
             say(f"rebuilding {bundle}: it holds other images or another model than the demo asks for")
-        except ValueError as exc:
+        except (ValueError, OSError, KeyError) as exc:  # a damaged or partial bundle (MissingError is an OSError)
             say(f"rebuilding {bundle}: {exc}")
     say(f"indexing {len(database):,} CIFAR-10 train images with {config.model_id()} ...")
     return index_collection(database, config, bundle, source="cifar10", data_dir=data_dir, workdir=workdir,

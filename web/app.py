@@ -47,7 +47,7 @@ from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, NotFound
 
-from tf_retrieval.data.images import ImageDecodeError, ThumbnailCache
+from tf_retrieval.data.images import MAX_BYTES, ImageDecodeError, ThumbnailCache
 from tf_retrieval.errors import InvalidInputError, MissingError, RetrievalError
 from tf_retrieval.features.batching import EmbeddingBatcher
 from tf_retrieval.search.query import ROCCHIO_ALPHA, ROCCHIO_BETA, Answer, Query, Searcher
@@ -69,8 +69,10 @@ MAX_POSITIVES = 200
 #: Form fields a request may send (Werkzeug's limits): every favourite and class name, with room to spare.
 MAX_FORM_PARTS = 2000
 MAX_FORM_FIELD_BYTES = 500_000
-#: Largest body waitress reads (its default, 1 GiB); the app's own upload limit is far lower.
-SERVER_BODY_LIMIT = 1 << 30
+#: Largest body waitress reads to its end (spooled to a temp file) to answer the app's JSON 413 cleanly: above it (or
+#: above twice the upload limit, if larger), waitress answers as soon as the headers arrive. 64 MiB, not waitress's
+#: 1 GiB, so that a hundred connections cannot fill the disk with oversized uploads.
+SERVER_BODY_LIMIT = 64 << 20
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
@@ -119,8 +121,9 @@ class PageSettings:
     def __post_init__(self):
         if not 1 <= self.default_k <= self.max_k:
             raise InvalidInputError(f"default_k must be between 1 and max_k={self.max_k}, got {self.default_k}")
-        if not self.max_upload_mb > 0:
-            raise InvalidInputError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
+        if not 0 < self.max_upload_mb <= MAX_BYTES / (1 << 20):
+            raise InvalidInputError(f"max_upload_mb must be above 0 and at most {MAX_BYTES >> 20} (the largest image "
+                                    f"the decoder reads), got {self.max_upload_mb}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -135,7 +138,9 @@ class PageSettings:
 class SearchPage:
     """What the routes serve: a `Searcher` over the engines, the settings, the embedding batchers and thumbnails.
 
-    `searcher` is replaced as a whole when a bundle is reloaded, so a request that took it keeps consistent engines.
+    `searcher` is replaced as a whole when a bundle is reloaded, so a request that took it keeps consistent engines;
+    `revision` counts the reloads: thumbnails are cached (here and in browsers) per revision, since a reloaded bundle
+    may hold another image under an old id.
     """
 
     def __init__(self, engines: Mapping[str, RetrievalEngine], settings: PageSettings,
@@ -143,6 +148,7 @@ class SearchPage:
         self.settings = settings
         self.searcher = Searcher(engines, default_model, embed=self.embed)
         self.thumbnails = ThumbnailCache()
+        self.revision = 0
         self.started = time.time()
         self._batchers: dict[str, EmbeddingBatcher | None] = {}
         self._lock = threading.Lock()
@@ -167,6 +173,7 @@ class SearchPage:
         with self._lock:
             old = self.searcher
             self.searcher = Searcher({**old.engines, **engines}, old.default_model, embed=self.embed)
+            self.revision += 1
 
     def warm_up(self) -> None:
         """Builds each model and traces it for a batch of one and of several, so that no request pays for that."""
@@ -314,7 +321,9 @@ class _Params:
 # ------------------------------------------------------------------------------------------------ HTTP out
 
 def _thumbnail_url(model: str, image_id: str) -> str:
-    return f"/api/images/{quote(image_id, safe='')}?model={quote(model, safe='')}&size={DEFAULT_THUMBNAIL}"
+    """The URL of a thumbnail, with the page's revision: a reloaded bundle's images get new URLs."""
+    return (f"/api/images/{quote(image_id, safe='')}?model={quote(model, safe='')}&size={DEFAULT_THUMBNAIL}"
+            f"&v={_page().revision}")
 
 
 def _result_json(model: str, result: SearchResult, rank: int) -> dict[str, Any]:
@@ -330,8 +339,9 @@ def _answer_json(answer: Answer) -> dict[str, Any]:
 
 
 def _id_description(searcher: Searcher, model: str, image_id: Any) -> dict[str, Any]:
-    """How a query by database image is shown: its id, position, class and thumbnail."""
-    position = searcher.position_of(model, image_id)
+    """How a query by database image is shown: its id, position, class and thumbnail (from `model`'s collection, or
+    the first other one that holds it)."""
+    model, position = searcher.locate(image_id, model)
     collection = searcher.engines[model].collection
     label = int(collection.labels[position])
     return {"type": "id", "id": image_id, "position": position, "label": label,
@@ -426,7 +436,7 @@ def api_image(image_id: str) -> Response:
     size = params.integer("size", DEFAULT_THUMBNAIL, MIN_THUMBNAIL, MAX_THUMBNAIL)
     model, position = searcher.locate(image_id, params.raw("model"))
     try:
-        data = page.thumbnails.get(searcher.engines[model].collection, position, size)
+        data = page.thumbnails.get(searcher.engines[model].collection, position, size, version=page.revision)
     except (ImageDecodeError, OSError):
         logger.exception("cannot read database image %r of model %s", image_id, model)
         raise InternalServerError(f"database image {image_id[:200]!r} could not be read") from None

@@ -266,18 +266,19 @@ def make_thumbnail(image: np.ndarray, size: int, quality: int = 88) -> bytes:
 class ThumbnailCache:
     """Thumbnails of collection images (`make_thumbnail`); the `maxsize` most recently used stay in memory.
 
-    Entries are keyed by collection name, image id and size, so a reloaded collection (other positions) still hits them.
+    Entries are keyed by collection name, image id, size and a `version` the caller gives: a reloaded collection
+    (other positions) still hits them, unless the caller moves to a new version (an id may now name another image).
     Safe to share between threads.
     """
 
     def __init__(self, maxsize: int = 2048):
         self.maxsize = maxsize
-        self._entries: collections.OrderedDict[tuple[str, str, int], bytes] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple[str, str, int, int], bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, collection: ImageCollection, position: int, size: int) -> bytes:
+    def get(self, collection: ImageCollection, position: int, size: int, version: int = 0) -> bytes:
         """The JPEG thumbnail of `collection`'s image at `position` (decode errors: `ImageDecodeError`, `OSError`)."""
-        key = (collection.name, collection.ids[position], size)
+        key = (collection.name, collection.ids[position], size, version)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

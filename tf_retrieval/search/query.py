@@ -20,7 +20,7 @@ import dataclasses
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -151,25 +151,34 @@ def class_labels(class_names: Sequence[str], classes: Sequence[str | int] | str 
     Raises:
       InvalidInputError: an unknown class.
     """
-    if isinstance(classes, str):
-        classes = [classes]
-    values = list(classes or [])
-    if len(values) == 1 and isinstance(values[0], str) and values[0] not in class_names:  # "a, b": a list of two
-        values = [v.strip() for v in values[0].split(",") if v.strip()]
+    values = _class_values(classes, class_names)
     if not values:
         return None
-    names = list(class_names)
-    labels = []
-    for value in values:
-        if isinstance(value, str) and value in names:
-            labels.append(names.index(value))
-        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
-            labels.append(int(value))
-        elif isinstance(value, str) and value.isascii() and value.isdigit() and int(value) < len(names):
-            labels.append(int(value))
-        else:
-            raise InvalidInputError(f"unknown class {str(value)[:100]!r} in classes; known classes: {', '.join(names)}")
+    labels = [_label_of(class_names, value) for value in values]
+    for value, label in zip(values, labels):
+        if label is None:
+            raise InvalidInputError(f"unknown class {str(value)[:100]!r} in classes; known classes: "
+                                    f"{', '.join(class_names)}")
     return sorted(set(labels))
+
+
+def _class_values(classes: Sequence[str | int] | str | None, class_names: Sequence[str]) -> list:
+    """The classes of a filter as a list: one string that is no class name is a comma-separated list."""
+    values = [classes] if isinstance(classes, str) else list(classes or [])
+    if len(values) == 1 and isinstance(values[0], str) and values[0] not in class_names:  # "a, b": a list of two
+        values = [v.strip() for v in values[0].split(",") if v.strip()]
+    return values
+
+
+def _label_of(class_names: Sequence[str], value: str | int) -> int | None:
+    """The label of a class given by name, label or digit string; None for a class not in `class_names`."""
+    if isinstance(value, str) and value in class_names:
+        return list(class_names).index(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(class_names):
+        return int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) < len(class_names):
+        return int(value)
+    return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -226,6 +235,12 @@ class Answer:
 EmbedFunction = Callable[[str, "RetrievalEngine", Query], np.ndarray]
 
 
+def _checked_id(image_id: Any, what: str) -> str:
+    if not isinstance(image_id, str) or not image_id or len(image_id) > MAX_ID_LENGTH:
+        raise InvalidInputError(f"{what} must be a database image id (a non-empty string), got {str(image_id)[:80]!r}")
+    return image_id
+
+
 class Searcher:
     """Searches one or more named engines (e.g. a baseline and a fine-tuned model over the same images).
 
@@ -272,26 +287,26 @@ class Searcher:
           MissingError: no such image.
         """
         model = self.engine(model)[0]
-        if not isinstance(image_id, str) or not image_id or len(image_id) > MAX_ID_LENGTH:
-            raise InvalidInputError(f"{what} must be a database image id (a non-empty string), "
-                                    f"got {str(image_id)[:80]!r}")
-        position = self._positions[model].get(image_id)
+        position = self._positions[model].get(_checked_id(image_id, what))
         if position is None:
             raise MissingError(f"unknown image id {image_id[:200]!r} in the collection of model {model!r}")
         return position
 
-    def locate(self, image_id: str, model: str | None = None) -> tuple[str, int]:
+    def locate(self, image_id: str, model: str | None = None, what: str = "id") -> tuple[str, int]:
         """(model, position) of a database image: in `model`'s collection, or else the first collection holding it.
 
         Raises:
+          InvalidInputError: `image_id` is not a non-empty string of at most MAX_ID_LENGTH characters.
           MissingError: an unknown model, or no collection holds the image.
         """
-        models = [self.engine(model)[0]] if model else list(self.engines)
-        for name in models:
-            position = self._positions[name].get(image_id) if len(image_id) <= MAX_ID_LENGTH else None
+        _checked_id(image_id, what)
+        first = [self.engine(model)[0]] if model else []
+        for name in first + [name for name in self.engines if name not in first]:
+            position = self._positions[name].get(image_id)
             if position is not None:
                 return name, position
-        raise MissingError(f"unknown image id {image_id[:200]!r}")
+        raise MissingError(f"unknown image id {image_id[:200]!r}: no collection holds it (models "
+                           f"{', '.join(self.engines)})")
 
     def random_id(self, model: str | None = None, seed: int | None = None) -> str:
         """A random database image id of `model`'s collection (`seed`: the same one every time)."""
@@ -317,22 +332,52 @@ class Searcher:
         vector, exclude = None, set()
         if query.image is not None:
             vector = self._embed(model, engine, query)
-            timings["embed_ms"] = (time.perf_counter() - start) * 1000
         elif query.id is not None:
-            position = self.position_of(model, query.id)
-            vector = engine.vectors([position])[0]
+            vector, position = self._database_vector(model, engine, query.id, "id")
             exclude.add(position)
         if query.positives:
-            favourites = [self.position_of(model, image_id, "positives") for image_id in query.positives]
-            vector = rocchio(vector, engine.vectors(favourites), query.alpha, query.beta)
-            exclude.update(favourites)
+            favourites = [self._database_vector(model, engine, image_id, "positives") for image_id in query.positives]
+            vector = rocchio(vector, np.stack([v for v, _ in favourites]), query.alpha, query.beta)
+            exclude.update(position for _, position in favourites)
+        if query.image is not None or None in exclude:  # an image was embedded
+            timings["embed_ms"] = (time.perf_counter() - start) * 1000
+        exclude.discard(None)
         start = time.perf_counter()
         results = engine.search(vector[None, :], k, threshold=threshold, classes=labels, exclude=sorted(exclude))[0]
         timings["search_ms"] = (time.perf_counter() - start) * 1000
         return Answer(model, results, None if labels is None else [engine.collection.class_names[c] for c in labels],
                       timings)
 
-    def compare(self, query: Query, **filters) -> dict[str, Answer]:
+    def _database_vector(self, model: str, engine: RetrievalEngine, image_id: str,
+                         what: str) -> tuple[np.ndarray, int | None]:
+        """(vector, position) of a database image for `model`: its stored vector, or, when only another model's
+        collection holds the image (bundles over different image sets), its pixels embedded by `model` (position
+        None)."""
+        if _checked_id(image_id, what) in self._positions[model]:
+            position = self._positions[model][image_id]
+            return engine.vectors([position])[0], position
+        holder, position = self.locate(image_id, what=what)
+        image = Query.from_bytes(self.engines[holder].collection.read_bytes(position), name=image_id[:200])
+        return self._embed(model, engine, image), None
+
+    def compare(self, query: Query, *, classes: Sequence[str | int] | str | None = None,
+                **filters) -> dict[str, Answer]:
         """Side by side: every model's answer to the same query, {model: answer} in the engines' order (`filters` as in
-        `search`)."""
-        return {model: self.search(query, model, **filters) for model in self.engines}
+        `search`). Bundles may differ in their classes: each model filters by those of `classes` it knows, and a
+        model that knows none of them answers nothing.
+
+        Raises:
+          InvalidInputError: a class that no model knows (and the errors of `search`).
+        """
+        every_name = list(dict.fromkeys(name for engine in self.engines.values()
+                                        for name in engine.collection.class_names))
+        values = _class_values(classes, every_name)
+        known = {model: [value for value in values if _label_of(engine.collection.class_names, value) is not None]
+                 for model, engine in self.engines.items()}
+        for value in values:
+            if not any(value in model_values for model_values in known.values()):
+                raise InvalidInputError(f"unknown class {str(value)[:100]!r} in classes; known classes: "
+                                        f"{', '.join(every_name)}")
+        return {model: (self.search(query, model, classes=known[model], **filters) if known[model] or not values
+                        else Answer(model, [], [], {}))
+                for model in self.engines}
