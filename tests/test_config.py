@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -97,6 +98,47 @@ def test_best_run_ranks_whole_training_sets_then_validation_map_at_r(tmp_path):
     ModelConfig(name="finetuned").save(str(final_fit / "model.json"))
     (final_fit / "result.json").write_text(json.dumps({"best_map_at_r": None}))
     assert best_run(str(tmp_path), protocol_prefix="cifar10", hashing=False) == str(final_fit)
+
+
+def test_stage_changes_name_model_fields_flat_or_in_a_nested_model_object():
+    from tf_retrieval.config import TrainConfig, with_changes
+    from tf_retrieval.errors import InvalidInputError
+
+    config = TrainConfig(model=ModelConfig(name="finetuned", image_size=160, train_from="images"), epochs=10)
+    flat = with_changes(config, {"image_size": 224, "epochs": 4})
+    nested = with_changes(config, {"model": {"image_size": 224, "flip": True}, "epochs": 4})
+    assert (flat.model.image_size, flat.epochs) == (224, 4)
+    assert (nested.model.image_size, nested.model.flip, nested.epochs, nested.model.train_from) == (224, True, 4, "images")
+    with pytest.raises(InvalidInputError, match="model changes must be an object of model fields, got 'big'"):
+        with_changes(config, {"model": "big"})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mining": "semi"}, "unknown mining 'semi'; choose one of semi-hard, semihard, hard"),
+    ({"strategy": "tpu"}, "unknown strategy 'tpu'; choose one of default, mirrored, multiworker"),
+    ({"proxy_loss": "arcface"}, "unknown proxy_loss 'arcface'; choose one of None, cosface, proxy-anchor"),
+    ({"hashing": "sign"}, "unknown hashing 'sign'; choose one of tanh, greedy"),
+    ({"epochs": 0}, "epochs must be a whole number, at least 1; got 0"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch must be a whole number, at least 1; got 0"),
+    ({"images_per_class": 1}, "images_per_class must be a whole number, at least 2: a batch needs positives; got 1"),
+    ({"classes_per_batch": 1}, "classes_per_batch must be a whole number, at least 2: a batch needs negatives"),
+    ({"embedding_dim": 2.5}, "embedding_dim must be a whole number, at least 1; got 2.5"),
+])
+def test_a_train_config_that_cannot_train_is_refused_when_made(changes, message):
+    """Before any caching or training: such values used to fail hours later, or train nothing."""
+    from tf_retrieval.config import TrainConfig
+    from tf_retrieval.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        TrainConfig(**changes)
+    assert TrainConfig(mining="Batch_Hard").mining == "Batch_Hard"  # as `training.losses.get` reads names
+
+
+def test_the_minings_a_config_accepts_are_the_losses_names():
+    from tf_retrieval.config import MININGS
+    from tf_retrieval.training import losses
+
+    assert set(MININGS) == set(losses._NAMES)
 
 
 def test_a_recipe_may_end_in_stages_that_hold_out_no_validation_split():

@@ -535,10 +535,11 @@ class _StopAfter:
 
 
 def test_a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one_does(tmp_path):
+    """With dropout, as every recipe has: the resumed epochs draw their dropout masks as the uninterrupted run did."""
     from tf_retrieval.training.train import fit
 
     features, labels = nuisance_features(np.random.default_rng(0))
-    config = TrainConfig(embedding_dim=8, hidden_dim=32, dropout=0.0, learning_rate=0.1, classes_per_batch=6,
+    config = TrainConfig(embedding_dim=8, hidden_dim=32, dropout=0.1, learning_rate=0.1, classes_per_batch=6,
                          images_per_class=6, epochs=30, steps_per_epoch=3, patience=2, validation_fraction=0.25)
     model, _, _, whole = fit(config, features, labels, str(tmp_path / "whole"), verbose=0)
     scores = whole["val_map_at_r"]
@@ -549,6 +550,7 @@ def test_a_resumed_run_keeps_its_best_epoch_and_stops_where_an_uninterrupted_one
     resumed_model, _, _, resumed = fit(config, features, labels, str(tmp_path / "resumed"), verbose=0)
     assert len(resumed["val_map_at_r"]) == len(scores)  # the same epochs: early stopping counted the earlier ones
     np.testing.assert_allclose(resumed["val_map_at_r"], scores, atol=1e-4)
+    np.testing.assert_allclose(resumed["loss"], whole["loss"], rtol=1e-4, atol=1e-6)
     # the weights kept are the best epoch's (before the restart), not the first resumed epoch's
     np.testing.assert_allclose(resumed_model.predict(features[:20], verbose=0), model.predict(features[:20], verbose=0),
                                atol=1e-4)

@@ -6,6 +6,7 @@ import functools
 import glob
 import json
 import math
+import numbers
 import os
 import re
 from typing import Any, Iterator, TypeVar
@@ -199,6 +200,14 @@ AUGMENTATIONS = ("flip", "zoom", "zoom-tl", "zoom-tr", "zoom-bl", "zoom-br")
 LR_SCHEDULES = ("constant", "cosine")
 #: What the held-out images are searched against in validation (`TrainConfig.validate_against`).
 VALIDATION_SEARCHES = ("held-out", "training")
+#: `TrainConfig.mining` values (`training.losses.get`, where case and "_" / "-" do not matter).
+MININGS = ("semi-hard", "semihard", "hard", "batch-hard", "batch-all", "all")
+#: `TrainConfig.strategy` values (`training.train.distribution_strategy`).
+STRATEGIES = ("default", "mirrored", "multiworker")
+#: `TrainConfig.proxy_loss` values (None: the triplet loss alone; `training.proxies`).
+PROXY_LOSSES = ("cosface", "proxy-anchor")
+#: How a hashing head makes its codes (`TrainConfig.hashing`, `models.heads.build_head(hashing=...)`).
+HASHINGS = ("tanh", "greedy")
 
 #: The `ModelConfig` fields a training run sets (`TrainConfig.model`; `tfr train` has a flag for each).
 TRAINED_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
@@ -294,6 +303,14 @@ class TrainConfig(JsonConfig):
         return super().from_dict({**values, "model": model})
 
     def __post_init__(self):
+        self._check_choices()
+        for name, least in (("epochs", 1), ("steps_per_epoch", 1), ("classes_per_batch", 2), ("images_per_class", 2),
+                            ("patience", 0), ("embedding_dim", 1), ("hidden_dim", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                why = {"classes_per_batch": ": a batch needs negatives", "images_per_class": ": a batch needs "
+                       "positives"}.get(name, "")
+                raise InvalidInputError(f"{name} must be a whole number, at least {least}{why}; got {value!r}")
         if self.model.train_from and len(self.model.scales) > 1:
             raise InvalidInputError("a multi-scale model (scales) trains its head only: train_from must be None")
         self.augment = tuple(self.augment or ())
@@ -323,6 +340,15 @@ class TrainConfig(JsonConfig):
             raise InvalidInputError("randaugment augments decoded images on the fly: it needs end-to-end training "
                                     f"(train_from={END_TO_END!r})")
 
+    def _check_choices(self) -> None:
+        mining = self.mining.lower().replace("_", "-") if isinstance(self.mining, str) else self.mining
+        for name, value, choices in (("mining", mining, MININGS), ("strategy", self.strategy, STRATEGIES),
+                                     ("proxy_loss", self.proxy_loss, (None, *PROXY_LOSSES)),
+                                     ("hashing", self.hashing, HASHINGS)):
+            if value not in choices:
+                raise InvalidInputError(f"unknown {name} {getattr(self, name)!r}; choose one of "
+                                        f"{', '.join(str(choice) for choice in choices)}")
+
     def base_model(self) -> ModelConfig:
         """The frozen baseline this run starts from (float embeddings of the starting backbone)."""
         return dataclasses.replace(self.model, name="baseline", head=None, train_from=None, hash_bits=None)
@@ -330,9 +356,18 @@ class TrainConfig(JsonConfig):
 
 def with_changes(config: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
     """`config` with `changes` applied: TrainConfig fields and the model's `TRAINED_MODEL_FIELDS`, all by name (as
-    `tfr train` flags name them)."""
+    `tfr train` flags name them), or model fields in a nested "model" object (as recipe files write the model).
+
+    Raises:
+      InvalidInputError: a "model" that is no object.
+    """
     values = config.to_dict()
     model = values.pop("model")
+    changes = dict(changes)
+    nested = changes.pop("model", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise InvalidInputError(f"model changes must be an object of model fields, got {str(nested)[:100]!r}")
+    model.update(nested or {})
     model.update({name: value for name, value in changes.items() if name in TRAINED_MODEL_FIELDS})
     values.update({name: value for name, value in changes.items() if name not in TRAINED_MODEL_FIELDS})
     return TrainConfig.from_dict({**values, "model": model})

@@ -17,6 +17,7 @@ import os
 import keras
 import numpy as np
 
+from tf_retrieval.config import HASHINGS
 from tf_retrieval.errors import InvalidInputError, MissingError
 
 
@@ -62,8 +63,6 @@ class GreedySign(keras.layers.Layer):
         return {**super().get_config(), "weight": self.weight}
 
 
-#: How a hashing head makes its codes (`build_head(hashing=...)`).
-HASHINGS = ("tanh", "greedy")
 
 
 def build_head(input_shape: int | tuple[int, ...], embedding_dim: int = 128, hidden_dim: int = 512,

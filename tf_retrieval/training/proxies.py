@@ -16,10 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_retrieval.config import PROXY_LOSSES
 from tf_retrieval.errors import InvalidInputError
-
-#: `TrainConfig.proxy_loss` values (None: the triplet loss alone).
-PROXY_LOSSES = ("cosface", "proxy-anchor")
 
 
 #: Proxies start short: Adam moves every weight by about the learning rate per step, so short proxies turn fast, as the

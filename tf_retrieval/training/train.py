@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from tf_retrieval.errors import InvalidInputError, MissingError
-from tf_retrieval.config import AUGMENTATIONS, END_TO_END, ModelConfig, Recipe, TrainConfig, load_run
+from tf_retrieval.config import AUGMENTATIONS, END_TO_END, STRATEGIES, ModelConfig, Recipe, TrainConfig, load_run
 from tf_retrieval.data.protocols import Protocol
 from tf_retrieval.storage import atomic_write, read_json_value, save_with_digest, write_json
 from tf_retrieval.vectors import finish
@@ -419,13 +419,21 @@ class TrainingClock(keras.callbacks.Callback):
 _CLOCK = "training_seconds.json"
 
 
+class EpochSeeds(keras.callbacks.Callback):
+    """Sets every random layer's seed generator (dropout, augmentation) to (its seed, epoch) when an epoch begins, so
+    a run resumed at epoch e draws what an uninterrupted run draws there: the backup holds the weights and the
+    optimizer, not these states, and a rebuilt model would replay the first epoch's draws."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for variable in self.model.non_trainable_variables:
+            if variable.path.endswith("seed_generator_state"):
+                seed = int(keras.ops.convert_to_numpy(variable)[0])
+                variable.assign(np.array([seed, epoch << 20], dtype=variable.dtype))  # ~1M draws an epoch apart
+
+
 def trained_seconds(backup_dir: str) -> float:
     """The seconds an interrupted run trained before (`TrainingClock`); 0 for a new run."""
     return read_json_value(os.path.join(backup_dir, _CLOCK), "seconds", float, 0.0)
-
-
-#: `TrainConfig.strategy` values.
-STRATEGIES = ("default", "mirrored", "multiworker")
 
 
 def distribution_strategy(name: str):
@@ -543,6 +551,7 @@ def fit(config: TrainConfig, inputs: np.ndarray, labels: np.ndarray, run_dir: st
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
         keras.callbacks.BackupAndRestore(backup_dir),
+        EpochSeeds(),
         TrainingClock(backup_dir),
         *(extra_callbacks or []),
     ]
@@ -627,6 +636,7 @@ def train(config: TrainConfig, run_dir: str, *, workdir: str | None = None, prot
     start, earlier = time.perf_counter(), trained_seconds(os.path.join(run_dir, "backup"))  # interrupted attempts
     workdir = workdir or default_workdir()
     protocol = protocol or load_protocol(config.protocol, config.source)
+    run_validation_split(config, protocol.collection.labels[protocol.train], protocol.class_disjoint or None)  # checks
     if inputs is None:
         inputs = cache_inputs(config, protocol.collection, workdir=workdir, runtime=runtime)
     cache_seconds = time.perf_counter() - start
