@@ -65,6 +65,18 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
         assert f"{flag}: {message}" in capsys.readouterr().err
 
 
+def test_training_flags_can_unset_a_configs_optional_fields(tmp_path):
+    from tf_retrieval.cli import _train_config, build_parser
+    from tf_retrieval.config import ModelConfig, TrainConfig
+
+    path = str(tmp_path / "hashing.json")
+    TrainConfig(model=ModelConfig(name="finetuned", hash_bits=48), proxy_loss="cosface").save(path)
+    args = build_parser().parse_args(["train", "--config", path, "--hash-bits", "None", "--proxy-loss", "none"])
+    config = _train_config(args)
+    assert config.model.hash_bits is None and config.proxy_loss is None
+    assert _train_config(build_parser().parse_args(["train", "--config", path, "--hash-bits", "16"])).model.hash_bits == 16
+
+
 def test_index_then_search_a_folder(image_dir, tmp_path, capsys, monkeypatch):
     workdir = str(tmp_path / "work")
     assert main(["--workdir", workdir, "index", "--dataset", image_dir, "--name", "colours", *SMALL_MODEL]) == 0
@@ -274,6 +286,11 @@ def test_train_then_compare(tmp_path, capsys):
                  str(tmp_path / "run2" / "model.json"), "--flip", "--records", flipped]) == 0
     (evaluated,) = json.load(open(flipped))
     assert evaluated["flip"] is True and evaluated["metrics"]["mAP"] == merged[-1]["metrics"]["mAP"]
+    for command in (["evaluate"], ["adapt", "--out", str(tmp_path / "never")]):  # another protocol of the same data:
+        assert main(["--workdir", workdir, *command, "--protocol", "cifar10-1", "--dataset", folder,  # its queries
+                     "--model-config", str(tmp_path / "run2" / "model.json")]) == 2  # hold its training images
+        assert (f"run2 trained on cifar10-2's training images: cifar10-1 on the same data would search with images or "
+                f"classes it trained on; use --protocol cifar10-2") in capsys.readouterr().err
     damaged = tmp_path / "damaged.json"
     damaged.write_text('[{"protocol": "cifar10-2"},')  # a hand edit gone wrong: refused before evaluating, kept
     for command in (["evaluate", "--protocol", "cifar10-2", "--dataset", folder], ["compare", str(tmp_path / "run2"),

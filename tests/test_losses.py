@@ -276,6 +276,10 @@ def test_float16_embeddings_are_computed_in_float32():
             full = fn(labels, tf.cast(tf.constant(x, tf.float16), tf.float32), metric)
             assert float(half) == pytest.approx(float(full), abs=2e-3)
     assert pairwise_distance(tf.constant(x, tf.float16)).dtype == tf.float16
+    for loss_class in (TripletSemiHardLoss, TripletHardLoss, TripletBatchAllLoss):  # the Keras losses too
+        half = loss_class(0.2)(labels, tf.constant(x, tf.float16))  # (refused float16 before)
+        full = loss_class(0.2)(labels, tf.cast(tf.constant(x, tf.float16), tf.float32))
+        assert float(half) == pytest.approx(float(full), abs=2e-3)
 
 
 @pytest.mark.parametrize("metric", ["L2", "squared-L2", "angular"])

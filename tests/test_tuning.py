@@ -114,6 +114,9 @@ def test_tfr_tune_writes_a_config_that_tfr_train_takes(tmp_path, capsys):
 
     assert main(["tune", "--protocol", "cifar10-2", "--trials", "0"]) == 2
     assert "--trials must be positive" in capsys.readouterr().err
+    assert main(["tune", "--protocol", "cifar10-2", "--margin", "0.3", "--strategy", "mirrored"]) == 2
+    assert ("tfr tune searches embedding_dim, hidden_dim, mining, margin, learning_rate itself, on one device: drop "
+            "--margin, --strategy") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     assert capsys.readouterr().out.startswith("usage: tfr tune")

@@ -310,6 +310,30 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise InvalidInputError("no query image could be read")
 
 
+def _check_not_trained_on(run_dir: str | None, protocol: str, source: str | None) -> None:
+    """Refuses to score (or adapt) a training run's model on another protocol of the data it trained on: that
+    protocol's queries, or its unseen classes, hold images or classes the model trained on.
+
+    Raises:
+      InvalidInputError: such a protocol.
+    """
+    from tf_retrieval.data.protocols import dataset_family
+
+    if not run_dir or not os.path.isfile(os.path.join(run_dir, "train_config.json")):
+        return
+    trained = TrainConfig.load(os.path.join(run_dir, "train_config.json"))
+
+    def where(path: str | None) -> str | None:
+        return os.path.realpath(path) if path and os.path.exists(path) else path
+
+    same_data = (dataset_family(trained.protocol) == dataset_family(protocol)
+                 and where(trained.source) == where(source))
+    if same_data and trained.protocol != protocol:
+        raise InvalidInputError(f"{run_dir} trained on {trained.protocol}'s training images: {protocol} on the same "
+                                f"data would search with images or classes it trained on; use --protocol "
+                                f"{trained.protocol} (or another dataset)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Scores a protocol with the vectors `tfr index` would index, and keeps the record in a records file."""
     from tf_retrieval.data.protocols import SEEDED_PROTOCOLS, load_protocol
@@ -322,12 +346,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.seed and args.protocol in SEEDED_PROTOCOLS and trained:
         raise InvalidInputError(f"--seed {args.seed}: training drew {args.protocol}'s split with seed 0, so another "
                                 "draw's queries include images this model trained on; evaluate it with seed 0")
-    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
-    print(protocol.summary())
     adaptation = adaptation_details(args.model_config) if args.model_config else {}
     label = adaptation.pop("model", None)
     run_dir = adaptation.pop("run_dir", None) or (os.path.dirname(os.path.abspath(args.model_config))
                                                   if args.model_config else None)
+    _check_not_trained_on(run_dir, args.protocol, args.dataset)
+    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir, seed=args.seed)
+    print(protocol.summary())
     if run_dir and not os.path.isfile(os.path.join(run_dir, "result.json")):
         run_dir = None  # a model config that is not a training run's
     record = evaluate_model(protocol, config, workdir=_workdir(args), pca_dim=args.pca_dim, metric=args.metric,
@@ -350,10 +375,11 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from tf_retrieval.training.adapt import adapt
 
     config = _model_config(args)
-    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir)
     run_dir = os.path.dirname(os.path.abspath(args.model_config)) if args.model_config else None
     if run_dir and not os.path.isfile(os.path.join(run_dir, "train_config.json")):
         run_dir = None
+    _check_not_trained_on(run_dir, args.protocol, args.dataset)
+    protocol = load_protocol(args.protocol, source=args.dataset, data_dir=args.data_dir)
     whiten = {"auto": None, "yes": True, "no": False}[args.whiten]
     adapted = adapt(config, protocol, args.out, dim=args.whiten_dim, whiten=whiten,
                     head_weight=args.head_weight, shrinkage=args.shrinkage, run_dir=run_dir, workdir=_workdir(args),
@@ -458,10 +484,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
     set (cached backbone outputs); writes the best TrainConfig, a trial table and a plot with each size's index cost.
     Resumable: run it again with the same --out to finish or extend (--trials) the search."""
     try:
-        from tf_retrieval.tuning.tune import tune_protocol
+        from tf_retrieval.tuning.tune import SEARCHED, tune_protocol
     except ImportError as exc:
         raise MissingDependencyError(f"tfr tune needs keras-tuner and matplotlib: pip install "
                                      f"'tf_retrieval[tuning,plots]' ({exc})")
+    ignored = [f"--{name.replace('_', '-')}" for name in (*SEARCHED, "strategy")
+               if getattr(args, f"train_{name}", None) is not None]
+    if ignored:
+        raise InvalidInputError(f"tfr tune searches {', '.join(SEARCHED)} itself, on one device: drop "
+                                f"{', '.join(ignored)} (the search space is in tuning/hypermodel.py's SearchSpace)")
     config = _train_config(args)
     out = args.out or os.path.join(_workdir(args), "tuning", f"{config.model.name}-{config.protocol}")
     result = tune_protocol(config, out, workdir=_workdir(args), trials=args.trials, algorithm=args.algorithm,
@@ -515,7 +546,12 @@ def _add_search_args(parser: argparse.ArgumentParser, expand: bool = True, expan
 
 
 # -- training flags: one per TrainConfig field and per field of its ModelConfig -------------------------------------
-_OPTIONAL_TYPES = {"hash_bits": int, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
+def _int_or_none(text: str) -> int | str:
+    """argparse type of --hash-bits: a whole number, or "none" (unsets a config's)."""
+    return text if text.lower() == "none" else int(text)
+
+
+_OPTIONAL_TYPES = {"hash_bits": _int_or_none, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
 _LIST_TYPES = {"scales": (float, "+"), "augment": (str, "*")}  # `--augment` alone: no views (over a recipe's)
 
 
@@ -545,7 +581,7 @@ def _train_recipe(args: argparse.Namespace) -> Recipe:
         raise InvalidInputError("give --config or --recipe, not both")
     base = Recipe.load(args.config) if args.config else load_recipe(recipe) if recipe else Recipe((TrainConfig(),))
     flags = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
-    for name in ("weights", "train_from", "source", "proxy_loss"):  # `--proxy-loss none` unsets a recipe's
+    for name in ("weights", "train_from", "source", "proxy_loss", "hash_bits"):  # `--proxy-loss none` unsets a recipe's
         if isinstance(flags.get(name), str) and flags[name].lower() == "none":
             flags[name] = None
     recipe = base.with_changes(flags, getattr(args, "stages", None))

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 ALGORITHMS = ("bayesian", "random", "hyperband")
 HISTORY_FILE = "tfr_history.json"
 SEARCH_FILE = "search.json"
-_SEARCHED = ("embedding_dim", "hidden_dim", "mining", "margin", "learning_rate")
+#: The TrainConfig fields the search sets (`SearchSpace`): a base config's values of these are not used.
+SEARCHED = ("embedding_dim", "hidden_dim", "mining", "margin", "learning_rate")
 
 
 @dataclasses.dataclass
@@ -306,7 +307,7 @@ def _trial_records(tuner: keras_tuner.Tuner) -> list[dict[str, Any]]:
         values = trial.hyperparameters.values
         start = int(values.get("tuner/initial_epoch", 0))  # Hyperband continues earlier trials' training
         config = tuner.hypermodel.trial_config(trial.hyperparameters)  # the values as trained (e.g. rounded margin)
-        record: dict[str, Any] = {"trial_id": trial_id, **{k: getattr(config, k) for k in _SEARCHED},
+        record: dict[str, Any] = {"trial_id": trial_id, **{k: getattr(config, k) for k in SEARCHED},
                                   "MAP@R": float(trial.score), "best_epoch": start + trial.best_step + 1}
         history_path = os.path.join(tuner.get_trial_dir(trial_id), HISTORY_FILE)
         if os.path.exists(history_path):

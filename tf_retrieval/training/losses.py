@@ -304,8 +304,9 @@ class _TripletLoss(keras.losses.Loss):
         loss's float dtype, where distinct labels can round to one (2**24 and 2**24 + 1 in float32), as tfa's did not."""
         if sample_weight is not None:
             raise InvalidInputError("the triplet losses are one value for the whole batch: they take no sample_weight")
-        with tf.name_scope(self.name):
-            return self.call(tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred, dtype=self.dtype))
+        with tf.name_scope(self.name):  # half-precision embeddings stay as they are: `_prepare` computes in float32
+            y_pred = y_pred if tf.is_tensor(y_pred) else tf.convert_to_tensor(y_pred, dtype=self.dtype)
+            return self.call(tf.convert_to_tensor(y_true), y_pred)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
