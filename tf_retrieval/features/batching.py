@@ -35,8 +35,9 @@ class EmbeddingBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.image_size = int(embedder.image_size)
         self._queue: queue.Queue = queue.Queue()
-        self.batches = 0  # model calls made, and images embedded (for stats)
+        self.batches = 0  # model calls made, and images embedded (for stats; several workers count them)
         self.images = 0
+        self._count_lock = threading.Lock()
         self._workers = [threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for worker in self._workers:
@@ -77,8 +78,9 @@ class EmbeddingBatcher:
                 for j in batch:
                     j["error"] = exc
             finally:
-                self.batches += 1
-                self.images += len(batch)
+                with self._count_lock:
+                    self.batches += 1
+                    self.images += len(batch)
                 for j in batch:
                     j["done"].set()
             if stop:
