@@ -3,7 +3,8 @@
 
 (function () {
   const config = JSON.parse(document.getElementById("config").textContent);
-  const FAVOURITES_KEY = "tfr.favourites.v1";
+  // favourites are ids of the collections served: another set of collections on this host keeps its own
+  const FAVOURITES_KEY = "tfr.favourites.v1:" + [...new Set(config.models.map((m) => m.collection))].sort().join("|");
   const SIZE_KEY = "tfr.thumbSize.v1";
   const THUMB_SIZES = [88, 120, 160, 220, 300];
   const RESULT_TYPE = "application/x-tfr-result";
