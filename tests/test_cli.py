@@ -289,7 +289,7 @@ def test_train_then_compare(tmp_path, capsys):
     for command in (["evaluate"], ["adapt", "--out", str(tmp_path / "never")]):  # another protocol of the same data:
         assert main(["--workdir", workdir, *command, "--protocol", "cifar10-1", "--dataset", folder,  # its queries
                      "--model-config", str(tmp_path / "run2" / "model.json")]) == 2  # hold its training images
-        assert (f"run2 trained on cifar10-2's training images: cifar10-1 on the same data would search with images or "
+        assert ("run2 trained on cifar10-2's training images: cifar10-1 on the same data would search with images or "
                 "classes it trained on; use --protocol cifar10-2") in capsys.readouterr().err
     damaged = tmp_path / "damaged.json"
     damaged.write_text('[{"protocol": "cifar10-2"},')  # a hand edit gone wrong: refused before evaluating, kept
