@@ -24,14 +24,10 @@ import urllib.parse
 import grpc
 import numpy as np
 
-from tf_retrieval.errors import InvalidInputError
-from tf_retrieval.serving.server import ServingCore, ServingError
+from tf_retrieval.serving.server import (REST_MAX_CONNECTIONS, REST_TIMEOUT_SECONDS, ServingCore, ServingError,
+                                          check_rest_limits)
 
 logger = logging.getLogger(__name__)
-
-#: Connections served at once, and seconds a connection may stall, unless `RestServer` is told otherwise.
-DEFAULT_MAX_CONNECTIONS = 64
-DEFAULT_TIMEOUT_SECONDS = 30.0
 
 _NAME_AND_VERSION = r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
 _PREDICT_PATH = re.compile(_NAME_AND_VERSION + r":(classify|regress|predict)", re.IGNORECASE)
@@ -344,10 +340,8 @@ class RestServer:
     """
 
     def __init__(self, core: ServingCore, host: str, port: int, max_body_bytes: int = 64 * 1024 * 1024,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
-        if max_connections < 1 or not timeout_seconds > 0:
-            raise InvalidInputError(f"the REST API needs at least 1 connection and a timeout above 0 seconds, got "
-                             f"{max_connections} and {timeout_seconds}")
+                 max_connections: int = REST_MAX_CONNECTIONS, timeout_seconds: float = REST_TIMEOUT_SECONDS):
+        check_rest_limits(max_connections, timeout_seconds)
         api = RestApi(core)
 
         class Handler(http.server.BaseHTTPRequestHandler):

@@ -537,11 +537,24 @@ class Server:
         self.stop(grace)
 
 
+#: REST connections served at once, and seconds a REST connection may stall, by default.
+REST_MAX_CONNECTIONS = 64
+REST_TIMEOUT_SECONDS = 30.0
+
+
+def check_rest_limits(max_connections: int, timeout_seconds: float) -> None:
+    """Raises InvalidInputError unless at least 1 REST connection and a timeout above 0 seconds are allowed."""
+    if max_connections < 1:
+        raise InvalidInputError(f"rest_max_connections must be at least 1, got {max_connections}")
+    if not timeout_seconds > 0:
+        raise InvalidInputError(f"rest_timeout_seconds must be above 0, got {timeout_seconds}")
+
+
 def serve(model_base_path: str, model_name: str | None = None, *, host: str = "127.0.0.1", port: int = 8500,
           rest_port: int | None = None, poll_seconds: float = 2.0, max_workers: int = 8, max_batch_size: int = 1024,
           version_policy: VersionPolicy | str = "latest", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          runtime: str = "litert", rest_max_connections: int | None = None, rest_timeout_seconds: float | None = None,
-          block: bool = False) -> Server:
+          runtime: str = "litert", rest_max_connections: int = REST_MAX_CONNECTIONS,
+          rest_timeout_seconds: float = REST_TIMEOUT_SECONDS, block: bool = False) -> Server:
     """Loads the models under `model_base_path` and serves them over gRPC (and REST when `rest_port` is given).
 
     Args:
@@ -554,8 +567,8 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
       version_policy: "latest" (default), "latest:N", "all" or "specific:1,3" (see `VersionPolicy`).
       runtime: "litert" (default: versions exported with their LiteRT flatbuffer run on it), "litert-fp16" (the same in
         float16 arithmetic) or "tf".
-      rest_max_connections: REST connections served at once (default 64); one more is answered 503.
-      rest_timeout_seconds: a REST connection that stalls this long (reading or writing) is closed (default 30).
+      rest_max_connections: REST connections served at once; one more is answered 503.
+      rest_timeout_seconds: a REST connection that stalls this long (reading or writing) is closed.
       block: serve until SIGINT/SIGTERM, then stop gracefully before returning.
 
     Returns:
@@ -570,12 +583,7 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
     from tf_retrieval.runtime import single_threaded_blas
     from tf_retrieval.serving.rest import RestServer
 
-    rest_options = {key: value for key, value in (("max_connections", rest_max_connections),
-                                                  ("timeout_seconds", rest_timeout_seconds)) if value is not None}
-    if rest_max_connections is not None and rest_max_connections < 1:
-        raise InvalidInputError(f"rest_max_connections must be at least 1, got {rest_max_connections}")
-    if rest_timeout_seconds is not None and not rest_timeout_seconds > 0:
-        raise InvalidInputError(f"rest_timeout_seconds must be above 0, got {rest_timeout_seconds}")
+    check_rest_limits(rest_max_connections, rest_timeout_seconds)  # before anything binds
     single_threaded_blas()
     registry = ModelRegistry(model_base_path, model_name, version_policy, runtime)
     registry.refresh()
@@ -598,7 +606,9 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
         raise PortUnavailableError(f"cannot serve gRPC on {host}:{port}: the address is in use (another server?) or "
                                    "not available")
     try:
-        rest = RestServer(core, host, rest_port, max_body_bytes=max_message_bytes, **rest_options) if rest_port is not None else None
+        rest = None if rest_port is None else RestServer(core, host, rest_port, max_body_bytes=max_message_bytes,
+                                                         max_connections=rest_max_connections,
+                                                         timeout_seconds=rest_timeout_seconds)
     except OSError as exc:
         grpc_server.stop(None)
         raise PortUnavailableError(f"cannot serve REST on {host}:{rest_port}: {exc.strerror or exc}") from None
@@ -648,10 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=2.0,
                         help="how often to look for new / removed versions (0: never)")
     parser.add_argument("--max_workers", type=int, default=8)
-    parser.add_argument("--rest_api_num_threads", type=int, default=None,
-                        help="REST connections served at once, one thread each (default 64); one more gets a 503")
-    parser.add_argument("--rest_api_timeout_in_ms", type=int, default=None,
-                        help="a REST connection that stalls this long is closed (default 30000)")
+    parser.add_argument("--rest_api_num_threads", type=int, default=REST_MAX_CONNECTIONS,
+                        help="REST connections served at once, one thread each; one more gets a 503")
+    parser.add_argument("--rest_api_timeout_in_ms", type=int, default=int(REST_TIMEOUT_SECONDS * 1000),
+                        help="a REST connection that stalls this long is closed")
     parser.add_argument("--max_batch_size", type=int, default=1024)
     parser.add_argument("--max_message_mb", type=int, default=64)
     parser.add_argument("--runtime", choices=("litert", "litert-fp16", "tf"), default="litert",
@@ -665,8 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        max_workers=args.max_workers, max_batch_size=args.max_batch_size,
                        version_policy=args.model_version_policy, max_message_bytes=args.max_message_mb * 1024 * 1024,
                        runtime=args.runtime, rest_max_connections=args.rest_api_num_threads,
-                       rest_timeout_seconds=(None if args.rest_api_timeout_in_ms is None
-                                             else args.rest_api_timeout_in_ms / 1000))
+                       rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000)
     except (OSError, ValueError) as exc:
         print(f"serving: error: {exc}", file=sys.stderr)
         return 2

@@ -279,19 +279,6 @@ class Searcher:
             raise MissingError(f"unknown model {model!r}; available models: {', '.join(self.engines)}")
         return model, self.engines[model]
 
-    def position_of(self, model: str, image_id: str, what: str = "id") -> int:
-        """The position of a database image in `model`'s collection (`what` names the parameter in messages).
-
-        Raises:
-          InvalidInputError: `image_id` is not a non-empty string of at most MAX_ID_LENGTH characters.
-          MissingError: no such image.
-        """
-        model = self.engine(model)[0]
-        position = self._positions[model].get(_checked_id(image_id, what))
-        if position is None:
-            raise MissingError(f"unknown image id {image_id[:200]!r} in the collection of model {model!r}")
-        return position
-
     def locate(self, image_id: str, model: str | None = None, what: str = "id") -> tuple[str, int]:
         """(model, position) of a database image: in `model`'s collection, or else the first collection holding it.
 
@@ -353,10 +340,9 @@ class Searcher:
         """(vector, position) of a database image for `model`: its stored vector, or, when only another model's
         collection holds the image (bundles over different image sets), its pixels embedded by `model` (position
         None)."""
-        if _checked_id(image_id, what) in self._positions[model]:
-            position = self._positions[model][image_id]
+        holder, position = self.locate(image_id, model, what)
+        if holder == model:
             return engine.vectors([position])[0], position
-        holder, position = self.locate(image_id, what=what)
         image = Query.from_bytes(self.engines[holder].collection.read_bytes(position), name=image_id[:200])
         return self._embed(model, engine, image), None
 
