@@ -439,6 +439,8 @@ def test_uploads_stay_in_memory(client, engines, monkeypatch):
     ({"data": {"id": "square/square_00.png", "compare": "maybe"}}, 400, "compare must be true or false"),
     ({"data": {"id": "square/square_00.png", "classes": "unicorn"}}, 400, "unknown class 'unicorn'"),
     ({"data": {"id": "square/square_00.png", "model": "resnet"}}, 404, "unknown model 'resnet'"),
+    ({"json": {"id": "square/square_00.png", "model": 0}}, 404, "unknown model 0"),  # not the default model
+    ({"json": {"id": "square/square_00.png", "model": False}}, 404, "unknown model False"),
     ({"data": {"id": "nope.png"}}, 404, "unknown image id 'nope.png'"),
     ({"data": {"id": "square/square_00.png", "positives": "ghost.png"}}, 404, "unknown image id 'ghost.png'"),
     ({"json": {"id": 42}}, 400, "id must be a database image id"),

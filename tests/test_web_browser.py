@@ -273,3 +273,23 @@ def test_drag_and_drop_upload_relaxing_and_errors(page, site):
     page.click("#random-btn")
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator("#results .card")).to_have_count(59)  # k=60: every other image
+
+
+def test_a_new_query_cancels_the_search_in_flight(page, site):
+    """Results shown under a query image are that image's: choosing another one while a search runs cancels it."""
+    base, engines = site
+    page.set_input_files("#file-input", image_path(engines, "ring/ring_03.png"))
+    held = []
+    page.route("**/api/search", lambda route: held.append(route))
+    page.click("#search-btn")
+    expect(page.locator("#spinner")).to_be_visible()
+    deadline = time.time() + 10
+    while not held and time.time() < deadline:
+        page.wait_for_timeout(20)
+    page.set_input_files("#file-input", image_path(engines, "cross/cross_04.png"))
+    expect(page.locator("#spinner")).to_be_hidden()
+    expect(page.locator("#search-btn")).to_be_enabled()
+    page.unroute("**/api/search")
+    page.click("#search-btn")
+    expect(page.locator("#settings-line")).to_contain_text("query cross_04.png")
+    assert page.locator("#results .card").first.get_attribute("data-id") == "cross/cross_04.png"

@@ -117,7 +117,8 @@ def make_tuner(hypermodel: SiameseHyperModel, directory: str, *, algorithm: str 
       hypermodel: the hypermodel to tune.
       directory: tuner directory; an existing search there is resumed unless `overwrite`.
       algorithm: "bayesian" (Gaussian-process Bayesian optimisation), "random", or "hyperband" (successive halving of
-        epoch budgets, up to the base config's `epochs`).
+        epoch budgets, up to the base config's `epochs`). A Hyperband trial that continues an earlier one starts from
+        that trial's best weights, as keras-tuner restores them, with a fresh optimizer (Adam's moments start at zero).
       trials: at most this many trials (in all, counting those of a resumed search).
       overwrite: start afresh, deleting the search state in `directory`.
       seed: seeds the search.

@@ -274,7 +274,8 @@ class Searcher:
         Raises:
           MissingError: an unknown model.
         """
-        model = model or self.default_model
+        if model is None or model == "":  # absent, or an empty form field
+            model = self.default_model
         if not isinstance(model, str) or model not in self.engines:
             raise MissingError(f"unknown model {model!r}; available models: {', '.join(self.engines)}")
         return model, self.engines[model]
@@ -287,7 +288,7 @@ class Searcher:
           MissingError: an unknown model, or no collection holds the image.
         """
         _checked_id(image_id, what)
-        first = [self.engine(model)[0]] if model else []
+        first = [] if model is None or model == "" else [self.engine(model)[0]]
         for name in first + [name for name in self.engines if name not in first]:
             position = self._positions[name].get(image_id)
             if position is not None:

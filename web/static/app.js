@@ -178,6 +178,7 @@
       showError(`"${file.name}" is ${formatBytes(file.size)}, more than the ${config.max_upload_mb} MB limit.`);
       return;
     }
+    cancelRequest();  // its results would belong to the previous query
     releaseQueryUrl();
     state.query = {kind: "upload", file, url: URL.createObjectURL(file)};
     showQuery(state.query.url, `${file.name} · ${formatBytes(file.size)}`);
@@ -185,6 +186,7 @@
   }
 
   function setIdQuery(item) {
+    cancelRequest();
     releaseQueryUrl();
     state.query = {kind: "id", id: item.id, model: item.model, thumbnail_url: item.thumbnail_url, class_name: item.class_name};
     showQuery(item.thumbnail_url, `database image ${item.id} · ${item.class_name}`);
@@ -204,8 +206,12 @@
 
   // ------------------------------------------------------------------ requests
 
-  async function request(url, options, describe) {
+  function cancelRequest() {
     if (state.controller) state.controller.abort();
+  }
+
+  async function request(url, options, describe) {
+    cancelRequest();
     const controller = new AbortController();
     state.controller = controller;
     showError("");
@@ -566,7 +572,7 @@
   // ------------------------------------------------------------------ clear
 
   function clearAll() {
-    if (state.controller) state.controller.abort();
+    cancelRequest();
     releaseQueryUrl();
     state.query = null;
     state.response = null;
