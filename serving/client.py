@@ -21,7 +21,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -77,19 +77,48 @@ class _Embedder:
     #: (expected, needed_by) of the last `check_embedding_space` that passed.
     _checked: tuple[str, str] | None = None
 
+    #: The most bytes of images put in one request (a single larger image goes alone, for the server to refuse).
+    max_request_bytes: int = 32 * 1024 * 1024
+
     def embed_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
-        """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature."""
-        if len(encoded) == 0:
-            raise InvalidInputError("embed_bytes: no images given")
-        return self._batched(np.array(list(encoded), dtype=object), _BYTES_SIGNATURE)
+        """Encoded images (JPEG/PNG/...) -> float32 [n, d] through the `serving_default` signature.
+
+        Each image is sent as the model's graph reads it as indexing does (`encoded_for_graph`: a photo with an EXIF
+        orientation is sent upright, as PNG), so any server, the real TF Serving included, embeds what the index holds.
+
+        Raises:
+          ImageDecodeError: an image that is not usable (checked here, before anything is sent).
+        """
+        from tf_retrieval.data.images import encoded_for_graph
+
+        images = np.empty(len(encoded), dtype=object)
+        images[:] = [encoded_for_graph(data, name=f"image {i}") for i, data in enumerate(encoded)]
+        return self._batched(images, _BYTES_SIGNATURE)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """float32 [n, s, s, 3] pixels in 0..255 -> float32 [n, d] through the `embed_pixels` signature."""
         return self._batched(np.asarray(pixels, dtype=np.float32), _PIXELS_SIGNATURE)
 
     def _batched(self, images: np.ndarray, signature_name: str) -> np.ndarray:
-        return np.concatenate([self._embed_checked(images[start:start + self.batch_size], signature_name)
-                               for start in range(0, len(images), self.batch_size)])
+        if len(images) == 0:
+            raise InvalidInputError("no images given")
+        return np.concatenate([self._embed_checked(images[start:stop], signature_name)
+                               for start, stop in self._requests(images)])
+
+    def _requests(self, images: np.ndarray) -> Iterator[tuple[int, int]]:
+        """(start, stop) of each request: at most `batch_size` images and `max_request_bytes` of them."""
+        start, size = 0, 0
+        for position, image in enumerate(images):
+            cost = self._cost(image)
+            if position > start and (position - start == self.batch_size or size + cost > self.max_request_bytes):
+                yield start, position
+                start, size = position, 0
+            size += cost
+        yield start, len(images)
+
+    def _cost(self, image) -> int:
+        """The bytes one image (encoded bytes, or a pixel array) adds to a request."""
+        return len(image) if isinstance(image, bytes) else image.nbytes
 
     def _serving_version(self) -> int | None:
         """The version requests for vectors go to: the checked one, else the one asked for."""
@@ -198,7 +227,7 @@ class EmbeddingClient(_Embedder):
       version: a model version; None for the server's newest.
       timeout: seconds per call.
       batch_size: the most images sent in one request (longer lists are split).
-      max_message_bytes: gRPC message limit for large batches.
+      max_message_bytes: gRPC message limit (the server's is 64 MB too); requests carry at most half of it in images.
     """
 
     def __init__(self, address: str, model_name: str, version: int | None = None, timeout: float = 30.0,
@@ -206,7 +235,7 @@ class EmbeddingClient(_Embedder):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.address, self.model_name, self.version, self.timeout = address, model_name, version, timeout
-        self.batch_size = batch_size
+        self.batch_size, self.max_request_bytes = batch_size, max_message_bytes // 2
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel = grpc.insecure_channel(address, options=options)
@@ -307,6 +336,10 @@ class RestEmbeddingClient(_Embedder):
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             _raise_for("unavailable", str(getattr(error, "reason", error)), self.url)
 
+    def _cost(self, image) -> int:
+        # base64 for bytes; a float written in JSON takes up to 20 characters ("123.45677947998047, ")
+        return 4 * len(image) // 3 + 16 if isinstance(image, bytes) else image.size * 20
+
     def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
         if images.dtype == object:
             instances = [{"b64": base64.b64encode(image).decode("ascii")} for image in images]
@@ -362,6 +395,7 @@ class ReplicatedClient(_Embedder):
             raise InvalidInputError(f"replicas must serve one model, got {sorted(names)}")
         self.replicas, self.retry_after = list(replicas), retry_after
         self.model_name, self.batch_size = replicas[0].model_name, min(r.batch_size for r in replicas)
+        self.max_request_bytes = min(r.max_request_bytes for r in replicas)
         self._turn = itertools.count()
         self._down: dict[int, float] = {}  # replica -> time it failed
         self._unchecked: set[int] = set()  # replicas `check_embedding_space` could not reach yet
@@ -419,14 +453,17 @@ class ReplicatedClient(_Embedder):
                 self.replicas[number].check_embedding_space(*self._checked)
                 self._unchecked.discard(number)
 
+    def _cost(self, image) -> int:
+        return max(replica._cost(image) for replica in self.replicas)
+
     def _embed(self, images: np.ndarray, signature_name: str, version: int | None) -> np.ndarray:
         return self._call("_embed_checked", images, signature_name)  # each replica's own version
 
-    def _metadata(self, version: int | None):
-        return self._call("_metadata", version)
+    def metadata(self) -> dict:
+        return self._call("metadata")  # one replica's, of the version it serves
 
-    def _model_info(self, version: int):
-        return self._call("_model_info", version)
+    def embedding_space(self) -> str | None:
+        return self._call("embedding_space")  # the version and its answer from the same replica
 
     def _status(self):
         return self._call("_status")

@@ -26,17 +26,23 @@ from tf_retrieval.storage import atomic_directory, write_json, write_text
 logger = logging.getLogger(__name__)
 
 
-def decode_for_model(data, image_size: int):
-    """One encoded image (scalar tf.string) -> float32 [image_size, image_size, 3], decoded as PIL would."""
+def decode_in_graph(data):
+    """One encoded image (scalar tf.string) -> uint8 [h, w, 3], as `decode_image` decodes plain JPEGs and PNGs (the
+    graph applies no EXIF orientation: `data.images.encoded_for_graph` prepares other files)."""
     import tensorflow as tf
-
-    from tf_retrieval.data.images import resize_and_crop
 
     image = tf.cond(tf.io.is_jpeg(data),
                     lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])
-    return resize_and_crop(image, image_size)
+    return image
+
+
+def decode_for_model(data, image_size: int):
+    """One encoded image (scalar tf.string) -> float32 [image_size, image_size, 3] (`decode_in_graph`, the shared resize)."""
+    from tf_retrieval.data.images import resize_and_crop
+
+    return resize_and_crop(decode_in_graph(data), image_size)
 
 
 def next_version(model_dir: str) -> int:

@@ -142,7 +142,26 @@ class LoadedVersion:
                                f'Serving signature key "{name}" not found. Signatures of {self.name} version '
                                f"{self.version}: {sorted(self.signature_defs)}")
         function = self.model.signatures[name]
-        return name, self.signature_defs[name], function, self.fast.get(name, function)
+        run = self.fast.get(name) or (_upright_images(function) if name == DEFAULT_SIGNATURE else function)
+        return name, self.signature_defs[name], function, run
+
+
+def _upright_images(function):
+    """`serving_default` on TensorFlow, given each image as its graph decodes it as `decode_image` does
+    (`encoded_for_graph`: EXIF orientation applied, TIFF / WebP / palettes / 16 bits made plain PNG) after the same size
+    checks: this server answers the same embedding for a file on either runtime."""
+    import tensorflow as tf
+
+    from tf_retrieval.data.images import encoded_for_graph
+
+    def run(images):
+        try:
+            ready = [encoded_for_graph(data, name=f"image {i}") for i, data in enumerate(images.numpy())]
+        except ValueError as exc:  # ImageDecodeError, with TF Serving's status
+            raise _invalid(f"the model rejected the input: {exc}") from None
+        return function(images=tf.constant(ready, tf.string, shape=[len(ready)]))
+
+    return run
 
 
 def litert_signatures(path: str, precision: str = "fp32") -> dict:

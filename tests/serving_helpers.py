@@ -38,6 +38,15 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def photo(pixels: np.ndarray, orientation: int = 6, format: str = "JPEG") -> bytes:
+    """`pixels` saved as a camera would, with an EXIF orientation tag (6: to be turned 90 degrees to be upright)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format, exif=exif.tobytes(), **({"quality": 95} if format == "JPEG" else {}))
+    return buffer.getvalue()
+
+
 def random_pngs(rng, count: int) -> list[bytes]:
     return [png(rng.integers(0, 255, (18, 20, 3), dtype=np.uint8)) for _ in range(count)]
 

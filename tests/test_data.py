@@ -8,8 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
-from tf_retrieval.data.images import (ImageCollection, ImageDecodeError, decode_image, image_folder, load_dataset, load_tfds,
-                               read_image, resize_and_crop)
+from tf_retrieval.data.images import (ImageCollection, ImageDecodeError, decode_image, encoded_for_graph, image_folder,
+                                      load_dataset, load_tfds, read_image, resize_and_crop)
 from tf_retrieval.errors import InvalidInputError
 
 
@@ -147,6 +147,29 @@ def test_decode_image_rejects_decompression_bombs_before_decoding():
         decode_image(encode(np.zeros((20, 20, 3), np.uint8), "JPEG"), max_pixels=100)
     with pytest.raises(ImageDecodeError, match="more than the limit of 10"):
         decode_image(encode(np.zeros((20, 20, 3), np.uint8)), max_bytes=10)
+
+
+def test_encoded_for_graph_gives_the_exported_models_decoder_the_pixels_of_decode_image():
+    from tf_retrieval.serving.export import decode_in_graph
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (12, 18, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = [encode(pixels, "JPEG"), encode(pixels, "PNG"), encode(pixels[..., 0], "PNG")]
+    for data in plain:  # nearly every file: sent as it is
+        assert encoded_for_graph(data) == data
+    converted = [encode(pixels, "JPEG", exif=exif.tobytes()), encode(pixels, "TIFF"), encode(pixels, "WEBP", lossless=True),
+                 encode(pixels, "GIF"), encode(pixels[..., 0].astype(np.uint16) * 257, "PNG"),
+                 encode(np.dstack([pixels, pixels[..., :1]]), "PNG")]
+    for data in plain + converted:
+        ready = encoded_for_graph(data)
+        np.testing.assert_array_equal(decode_in_graph(ready).numpy(), decode_image(data))
+    assert decode_image(encoded_for_graph(converted[0])).shape == (18, 12, 3)  # upright
+    with pytest.raises(ImageDecodeError, match="possible decompression bomb"):
+        encoded_for_graph(png_header_only(100_000, 100_000))
+    with pytest.raises(ImageDecodeError, match="upload: not an image"):
+        encoded_for_graph(b"not an image", name="upload")
 
 
 def test_read_image_missing_file(tmp_path):

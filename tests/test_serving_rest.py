@@ -111,7 +111,7 @@ def test_rest_floats_are_the_exact_float32_values_grpc_returns(served, rng):
      "JSON Value: 1.0 found at incorrect level: 3 in the JSON DOM. Expected at level: 4"),
     ("tiny:predict", {"instances": [{"b64": "%%%"}]}, 400, "Unable to base64 decode"),
     ("tiny:predict", {"instances": ["not an image"]}, 400,
-     "the model rejected the input: Unknown image file format. One of JPEG, PNG, GIF, BMP, WebP required."),
+     "the model rejected the input: image 0: not an image of a known format (JPEG, PNG, BMP, GIF, WEBP, TIFF)"),
     ("tiny:predict", {"instances": ["x"] * 5}, 400, "batch of 5 is over this server's limit of 4"),
     ("tiny:predict", {"signature_name": "nope", "instances": ["x"]}, 400, 'Serving signature key "nope" not found.'),
     ("nope:predict", {"instances": ["x"]}, 404, "Servable not found for request: Latest(nope)"),
@@ -199,7 +199,7 @@ def test_connect_picks_rest_or_grpc_and_both_embed_alike(served, rng):
     np.testing.assert_array_equal(rest.embed_pixels(pixels), grpc_client.embed_pixels(pixels))
     assert rest.metadata() == grpc_client.metadata()
     assert rest.status() == grpc_client.status() == [(1, "AVAILABLE")]
-    with pytest.raises(InvalidInputError, match="Unknown image file format"):
+    with pytest.raises(InvalidInputError, match="not an image of a known format"):
         rest.embed_bytes([b"not an image"])
     with pytest.raises(MissingError, match=r"Latest\(nope\)"):
         connect(url, "nope").embed_bytes(encoded[:1])
