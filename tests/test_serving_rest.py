@@ -298,6 +298,22 @@ def test_every_replica_is_checked_one_unreachable_before_its_first_request(tmp_p
             server.stop(grace=1)
 
 
+def test_replicas_at_different_versions_answer_their_embedding_space(tmp_path):
+    space = "v1:tiny-16px-avg-random:identity"
+    export_tiny(tmp_path / "a", "m", embedding_space=space)
+    for _ in range(2):
+        export_tiny(tmp_path / "b", "m", embedding_space=space)  # b serves version 2, a version 1
+    servers = [serve(str(tmp_path / folder), port=0, poll_seconds=0) for folder in ("a", "b")]
+    try:
+        client = connect(",".join(f"127.0.0.1:{s.port}" for s in servers), "m")
+        for _ in range(4):  # round robin: the version and its question must go to the same replica
+            assert client.embedding_space() == space
+            assert client.metadata()["version"] in (1, 2)
+    finally:
+        for server in servers:
+            server.stop(grace=1)
+
+
 def test_rest_client_on_a_closed_port_is_a_connection_error(served):
     server = serve(served[1].registry.base_path, port=0, rest_port=0, poll_seconds=0)
     url = f"http://127.0.0.1:{server.rest_port}"
