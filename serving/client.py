@@ -331,7 +331,8 @@ class RestEmbeddingClient(_Embedder):
                 message = json.loads(body)["error"]
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {error.code}: {body[:200].decode('utf-8', 'replace')}"
-            kind = {400: "invalid", 404: "not_found", 503: "unavailable"}.get(error.code, f"HTTP {error.code}")
+            kind = {400: "invalid", 411: "invalid", 413: "invalid", 404: "not_found",
+                    503: "unavailable"}.get(error.code, f"HTTP {error.code}")
             _raise_for(kind, message, self.url)
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             _raise_for("unavailable", str(getattr(error, "reason", error)), self.url)

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from tf_retrieval.serving.server import (REST_MAX_CONNECTIONS, REST_TIMEOUT_SECONDS, ServingCore, ServingError,
-                                          check_rest_limits)
+                                          check_rest_limits, invalid_argument)
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ _HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PR
                 grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
                 grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNIMPLEMENTED: 501,
                 grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504}
-
-
-def _invalid(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 class RestApi:
@@ -69,12 +65,12 @@ class RestApi:
         if method == "GET" and (match := _MODEL_PATH.fullmatch(path)):
             name, version, label, metadata = match.groups()
             if not name:
-                raise _invalid("Missing model name in request.")
+                raise invalid_argument("Missing model name in request.")
             spec = _model_spec(name, version, label)
             return self._metadata(spec) if metadata else self._status(spec)
         if not path.lower().startswith("/v1/"):
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"no such path: {path} (the REST API lives under /v1/models/)")
-        raise _invalid(f"Malformed request: {method} {path}")
+        raise invalid_argument(f"Malformed request: {method} {path}")
 
     def _status(self, spec) -> dict:
         from google.protobuf import json_format
@@ -105,18 +101,18 @@ class RestApi:
         document = _parse_json(body)
         signature_name = document.get("signature_name", "")
         if not isinstance(signature_name, str):
-            raise _invalid("'signature_name' key must be a string value.")
+            raise invalid_argument("'signature_name' key must be a string value.")
         spec.signature_name = signature_name
         servable = self.core.resolve(spec)
         spec.version.value = servable.version  # the version whose signature typed the JSON answers it
         _, signature_def, _, _ = servable.signature(signature_name)
         dtypes = {name: tf.dtypes.as_dtype(info.dtype) for name, info in signature_def.inputs.items()}
         if ("instances" in document) == ("inputs" in document):
-            raise _invalid("Missing 'inputs' or 'instances' key" if "inputs" not in document else
+            raise invalid_argument("Missing 'inputs' or 'instances' key" if "inputs" not in document else
                            "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
         rows = "instances" in document
         if not dtypes and (rows or not _is_named(document["inputs"])):
-            raise _invalid(f'signature "{signature_name}" takes no inputs: send "inputs": {{}}')
+            raise invalid_argument(f'signature "{signature_name}" takes no inputs: send "inputs": {{}}')
         arrays = _rows_to_arrays(document["instances"], dtypes) if rows else _columns_to_arrays(document["inputs"], dtypes)
         request = predict_pb2.PredictRequest(model_spec=spec)
         for name, array in arrays.items():
@@ -132,7 +128,7 @@ def _model_spec(name: str, version: str | None, label: str | None):
     spec = model_pb2.ModelSpec(name=urllib.parse.unquote(name))
     if version is not None:
         if len(version) > 18:  # over int64: no such version
-            raise _invalid(f"version {version} is out of range")
+            raise invalid_argument(f"version {version} is out of range")
         spec.version.value = int(version)
     if label is not None:
         spec.version_label = urllib.parse.unquote(label)
@@ -141,13 +137,15 @@ def _model_spec(name: str, version: str | None, label: str | None):
 
 def _parse_json(body: bytes) -> dict:
     if not body:
-        raise _invalid("JSON Parse error: The document is empty")
+        raise invalid_argument("JSON Parse error: The document is empty")
     try:
         document = json.loads(body)
     except ValueError as exc:  # also bad UTF-8
-        raise _invalid(f"JSON Parse error: {exc}") from None
+        raise invalid_argument(f"JSON Parse error: {exc}") from None
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: nested too deeply") from None
     if not isinstance(document, dict):
-        raise _invalid(f"JSON Value: {_excerpt(document)} Is not object")
+        raise invalid_argument(f"JSON Value: {_excerpt(document)} Is not object")
     return document
 
 
@@ -167,21 +165,21 @@ def _is_named(value) -> bool:
 def _rows_to_arrays(instances, dtypes: dict) -> dict[str, np.ndarray]:
     """The row format: a list of instances, each a value (one input) or an object of named inputs."""
     if not isinstance(instances, list):
-        raise _invalid("Excepting 'instances' to be an list/array")
+        raise invalid_argument("Excepting 'instances' to be an list/array")
     if not instances:
-        raise _invalid("No values in 'instances' array")
+        raise invalid_argument("No values in 'instances' array")
     if not _is_named(instances[0]):
         if len(dtypes) > 1:
-            raise _invalid("instances is a plain list, but expecting list of objects as multiple input tensors required "
+            raise invalid_argument("instances is a plain list, but expecting list of objects as multiple input tensors required "
                            f"as per tensorinfo_map (inputs: {sorted(dtypes)})")
         (name, dtype), = dtypes.items()
         return {name: _json_to_array(instances, dtype)}
     columns: dict[str, list] = {name: [] for name in dtypes}
     for i, instance in enumerate(instances):
         if not _is_named(instance):
-            raise _invalid(f"Expecting object but got list at item {i} of input list")
+            raise invalid_argument(f"Expecting object but got list at item {i} of input list")
         if set(instance) != set(dtypes):
-            raise _invalid(f"Failed to process element: {i} of 'instances' list. JSON object: {_excerpt(instance)} keys "
+            raise invalid_argument(f"Failed to process element: {i} of 'instances' list. JSON object: {_excerpt(instance)} keys "
                            f"must be equal to: {','.join(sorted(dtypes))}")
         for name, value in instance.items():
             columns[name].append(value)
@@ -192,13 +190,15 @@ def _columns_to_arrays(inputs, dtypes: dict) -> dict[str, np.ndarray]:
     """The columnar format: one value (one input) or an object of named inputs, each with its batch dimension."""
     if not _is_named(inputs):
         if len(dtypes) > 1:
-            raise _invalid("inputs is a plain value/list, but expecting an object as multiple input tensors required as "
+            raise invalid_argument("inputs is a plain value/list, but expecting an object as multiple input tensors required as "
                            f"per tensorinfo_map (inputs: {sorted(dtypes)})")
         (name, dtype), = dtypes.items()
         return {name: _json_to_array(inputs, dtype)}
-    missing = sorted(set(dtypes) - set(inputs))
+    missing, extra = sorted(set(dtypes) - set(inputs)), sorted(set(inputs) - set(dtypes))
     if missing:
-        raise _invalid(f"Missing named input: {missing[0]} in 'inputs' object.")
+        raise invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
+    if extra:
+        raise invalid_argument(f"inputs do not match the signature. Sent extra: {{{','.join(extra)}}}")
     return {name: _json_to_array(inputs[name], dtype) for name, dtype in dtypes.items()}
 
 
@@ -215,11 +215,11 @@ def _json_to_array(value, dtype) -> np.ndarray:
     def visit(node, level):
         if isinstance(node, list):
             if level >= len(shape) or len(node) != shape[level]:
-                raise _invalid(f"JSON Value: {_excerpt(node)} is not dense: expected a tensor of shape {shape}")
+                raise invalid_argument(f"JSON Value: {_excerpt(node)} is not dense: expected a tensor of shape {shape}")
             for item in node:
                 visit(item, level + 1)
         elif level != len(shape):
-            raise _invalid(f"JSON Value: {_excerpt(node)} found at incorrect level: {level + 1} in the JSON DOM. "
+            raise invalid_argument(f"JSON Value: {_excerpt(node)} found at incorrect level: {level + 1} in the JSON DOM. "
                            f"Expected at level: {len(shape)}")
         else:
             leaves.append(_json_leaf(node, dtype))
@@ -228,7 +228,7 @@ def _json_to_array(value, dtype) -> np.ndarray:
     try:
         return np.array(leaves, dtype=object if dtype == tf.string else dtype.as_numpy_dtype).reshape(shape)
     except (OverflowError, ValueError) as exc:
-        raise _invalid(f"JSON values do not fit {dtype.name}: {exc}") from None
+        raise invalid_argument(f"JSON values do not fit {dtype.name}: {exc}") from None
 
 
 def _json_leaf(value, dtype):
@@ -240,7 +240,7 @@ def _json_leaf(value, dtype):
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except binascii.Error:
-                raise _invalid(f"Unable to base64 decode {_excerpt(value)}") from None
+                raise invalid_argument(f"Unable to base64 decode {_excerpt(value)}") from None
     elif dtype.is_bool:
         if isinstance(value, bool):
             return value
@@ -251,7 +251,7 @@ def _json_leaf(value, dtype):
         if isinstance(value, int):
             return value
     json_type = {dict: "Object", list: "Array", str: "String", bool: "Bool", type(None): "Null"}.get(type(value), "Number")
-    raise _invalid(f"JSON Value: {_excerpt(value)} Type: {json_type} is not of expected type: {dtype.name}")
+    raise invalid_argument(f"JSON Value: {_excerpt(value)} Type: {json_type} is not of expected type: {dtype.name}")
 
 
 def _to_json(name: str, array: np.ndarray):
@@ -272,7 +272,7 @@ def _predictions(outputs: dict[str, np.ndarray]) -> dict:
     """{"predictions": [...]}: one entry per instance; an object of named outputs when there are several."""
     sizes = {name: (array.shape[0] if array.ndim else None) for name, array in outputs.items()}
     if None in sizes.values() or len(set(sizes.values())) > 1:
-        raise _invalid(f"outputs have no common batch size for the row format (sizes: {sizes}); use 'inputs'")
+        raise invalid_argument(f"outputs have no common batch size for the row format (sizes: {sizes}); use 'inputs'")
     columns = {name: _to_json(name, array) for name, array in outputs.items()}
     if len(columns) == 1:
         return {"predictions": next(iter(columns.values()))}
@@ -342,34 +342,71 @@ class RestServer:
     def __init__(self, core: ServingCore, host: str, port: int, max_body_bytes: int = 64 * 1024 * 1024,
                  max_connections: int = REST_MAX_CONNECTIONS, timeout_seconds: float = REST_TIMEOUT_SECONDS):
         check_rest_limits(max_connections, timeout_seconds)
-        api = RestApi(core)
+        api, stopping = RestApi(core), threading.Event()
+        self._stopping = stopping
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = timeout_seconds  # applied to the socket: reads and writes that stall this long end the connection
 
             def do_GET(self):
+                refusal = (503, {"error": "the server is shutting down"}) if stopping.is_set() else self._refusal()
+                if refusal is not None:
+                    self.close_connection = True
+                    self._answer(*refusal)
+                    self._drain()
+                    return
+                status, payload = api.handle(self.command, urllib.parse.urlsplit(self.path).path,
+                                             self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self._answer(status, payload)
+
+            def handle_expect_100(self):
+                """A client that asks before sending its body (curl does, for large ones) hears the refusal first."""
+                refusal = self._refusal()
+                if refusal is None:
+                    return super().handle_expect_100()
+                self.close_connection = True
+                self._answer(*refusal)
+                return False
+
+            def _refusal(self) -> tuple[int, dict] | None:
+                """(status, payload) where the headers say the body cannot be read; None where it can."""
                 declared = self.headers.get("Content-Length") or "0"
-                length = int(declared) if declared.isascii() and declared.isdigit() else -1
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    status, payload = 411, {"error": "chunked request bodies are not supported: send Content-Length"}
-                    self.close_connection = True
-                elif length < 0:
-                    status, payload = 400, {"error": f"Content-Length must be a number of bytes, got {declared!r}"}
-                    self.close_connection = True
-                elif length > max_body_bytes:
-                    status, payload = 413, {"error": f"request body of {length} bytes is over the limit of "
-                                                     f"{max_body_bytes}"}
-                    self.close_connection = True
-                else:
-                    status, payload = api.handle(self.command, urllib.parse.urlsplit(self.path).path,
-                                                 self.rfile.read(length))
+                    return 411, {"error": "chunked request bodies are not supported: send Content-Length"}
+                if not (declared.isascii() and declared.isdigit()):
+                    return 400, {"error": f"Content-Length must be a number of bytes, got {declared!r}"}
+                if int(declared) > max_body_bytes:
+                    return 413, {"error": f"request body of {declared} bytes is over the limit of {max_body_bytes}"}
+                return None
+
+            def _answer(self, status: int, payload: dict) -> None:
                 data = json.dumps(payload).encode("utf-8")
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if self.close_connection:
+                    self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _drain(self, seconds: float = 5.0) -> None:
+                """Reads and drops what the client still sends of a refused body (for `seconds` at most), so that it
+                hears the answer: closing on unread data resets the connection before the client reads it."""
+                import time
+
+                self.wfile.flush()
+                deadline = time.monotonic() + seconds
+                try:
+                    self.connection.settimeout(0.2)
+                    while time.monotonic() < deadline:
+                        try:
+                            if not self.connection.recv(1 << 16):
+                                break
+                        except TimeoutError:
+                            continue
+                except OSError:
+                    pass  # the client is gone
 
             do_POST = do_GET
 
@@ -386,7 +423,9 @@ class RestServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops serving and closes the port (requests in progress finish on their own threads)."""
+        """Stops serving and closes the port (requests in progress finish on their own threads; open connections are
+        answered 503 and closed)."""
+        self._stopping.set()
         if self._thread.is_alive():
             self._http.shutdown()
         self._http.server_close()

@@ -48,7 +48,8 @@ class ServingError(Exception):
         self.code = code
 
 
-def _invalid(message: str) -> ServingError:
+def invalid_argument(message: str) -> ServingError:
+    """A ServingError with INVALID_ARGUMENT, the status of a request that is wrong in itself (REST: 400)."""
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
@@ -158,7 +159,7 @@ def _upright_images(function):
         try:
             ready = [encoded_for_graph(data, name=f"image {i}") for i, data in enumerate(images.numpy())]
         except ValueError as exc:  # ImageDecodeError, with TF Serving's status
-            raise _invalid(f"the model rejected the input: {exc}") from None
+            raise invalid_argument(f"the model rejected the input: {exc}") from None
         return function(images=tf.constant(ready, tf.string, shape=[len(ready)]))
 
     return run
@@ -192,7 +193,7 @@ def litert_signatures(path: str, precision: str = "fp32") -> dict:
         try:
             decoded = [decode_image(data, name=f"image {i}") for i, data in enumerate(images.numpy())]
         except ValueError as exc:  # ImageDecodeError, with TF Serving's status
-            raise _invalid(f"the model rejected the input: {exc}") from None
+            raise invalid_argument(f"the model rejected the input: {exc}") from None
         return {"embedding": model(np.stack([resize_and_crop_array(image, image_size) for image in decoded]))}
 
     return {"serving_default": embed_bytes, "embed_pixels": lambda images: {"embedding": model(images.numpy())}}
@@ -230,7 +231,7 @@ class ModelRegistry:
         self.policy = VersionPolicy.parse(version_policy) if isinstance(version_policy, str) else version_policy
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._states: dict[str, dict[int, VersionState]] = {}
-        self._failed: dict[tuple[str, int], float] = {}  # (name, version) -> mtime of the saved_model.pb that failed
+        self._failed: dict[tuple[str, int], tuple] = {}  # (name, version) -> `_fingerprint` of the files that failed
         self._lock = threading.Lock()
 
     def _model_dirs(self) -> dict[str, str]:
@@ -265,7 +266,8 @@ class ModelRegistry:
                             "removed from disk" if version not in on_disk else f"version policy {self.policy}")
 
     def _loadable(self, name: str, on_disk: dict[int, str]) -> list[int]:
-        return [v for v, path in on_disk.items() if self._failed.get((name, v)) != _mtime(path)]
+        return [v for v, path in on_disk.items()
+                if (name, v) not in self._failed or self._failed[(name, v)] != _fingerprint(path)]
 
     def _load(self, name: str, version: int, path: str) -> None:
         with self._lock:
@@ -274,7 +276,7 @@ class ModelRegistry:
             loaded = LoadedVersion.load(name, version, path, self.runtime)
         except Exception as exc:  # a broken version must not stop the server; it is retried when its files change
             logger.exception("could not load %s version %d from %s", name, version, path)
-            self._failed[(name, version)] = _mtime(path)
+            self._failed[(name, version)] = _fingerprint(path)
             with self._lock:
                 self._states[name][version] = VersionState("END", f"{type(exc).__name__}: {exc}")
             return
@@ -320,11 +322,18 @@ def _versions_on_disk(directory: str) -> dict[int, str]:
             if entry.isdigit() and int(entry) > 0 and os.path.isfile(os.path.join(path, "saved_model.pb"))}
 
 
-def _mtime(version_dir: str) -> float:
-    try:
-        return os.path.getmtime(os.path.join(version_dir, "saved_model.pb"))
-    except OSError:
-        return 0.0
+def _fingerprint(version_dir: str) -> tuple:
+    """The files of a version directory with their sizes and times: a version that failed to load is tried again when
+    this changes (a copy that had written `saved_model.pb` before `variables/` completes, say)."""
+    files = []
+    for directory, _, names in os.walk(version_dir):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            files.append((os.path.relpath(os.path.join(directory, name), version_dir), info.st_size, info.st_mtime_ns))
+    return tuple(sorted(files))
 
 
 def op_error_message(message: str) -> str:
@@ -340,6 +349,14 @@ def op_error_message(message: str) -> str:
     return text or message.strip()
 
 
+def _check_spec(model_spec) -> None:
+    """INVALID_ARGUMENT, in TF Serving's words, for a ModelSpec without a name or with a version label (none is set)."""
+    if not model_spec.name:
+        raise invalid_argument("ModelSpec has no name specified.")
+    if model_spec.WhichOneof("version_choice") == "version_label":
+        raise invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}")
+
+
 class ServingCore:
     """The request handling behind both APIs (gRPC and REST): proto requests in, proto responses out.
 
@@ -352,12 +369,9 @@ class ServingCore:
 
     def resolve(self, model_spec) -> LoadedVersion:
         """The loaded version a ModelSpec asks for (newest without a version; labels are not configured here)."""
-        if not model_spec.name:
-            raise _invalid("ModelSpec has no name specified.")
-        choice = model_spec.WhichOneof("version_choice")
-        if choice == "version_label":
-            raise _invalid(f"Unrecognized servable version label: {model_spec.version_label}")
-        return self.registry.get(model_spec.name, model_spec.version.value if choice == "version" else None)
+        _check_spec(model_spec)
+        return self.registry.get(model_spec.name,
+                                 model_spec.version.value if model_spec.HasField("version") else None)
 
     def predict(self, request):
         """PredictRequest -> PredictResponse, outputs as typed fields (`float_val`, ...) like TF Serving's default."""
@@ -368,10 +382,10 @@ class ServingCore:
         wanted = list(request.output_filter) or list(signature_def.outputs)
         for alias in wanted:
             if alias not in signature_def.outputs:
-                raise _invalid(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
                                f"{{{','.join(sorted(signature_def.outputs))}}}.")
         if len(set(wanted)) != len(wanted):
-            raise _invalid(f"duplicate output tensor alias in output_filter {wanted}")
+            raise invalid_argument(f"duplicate output tensor alias in output_filter {wanted}")
         outputs = self._run(run, self._inputs(request, function, signature_name))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
@@ -387,25 +401,25 @@ class ServingCore:
         specs = function.structured_input_signature[1]
         if set(request.inputs) != set(specs):
             extra, missing = sorted(set(request.inputs) - set(specs)), sorted(set(specs) - set(request.inputs))
-            raise _invalid(f'inputs do not match signature "{signature_name}". Sent extra: {{{",".join(extra)}}}. '
+            raise invalid_argument(f'inputs do not match signature "{signature_name}". Sent extra: {{{",".join(extra)}}}. '
                            f'Missing but required: {{{",".join(missing)}}}.')
         inputs = {}
         for key, spec in specs.items():
             proto = request.inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
-                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {_dtype_name(proto.dtype)}")
+                raise invalid_argument(f"input {key!r} must be {spec.dtype.name}, got {_dtype_name(proto.dtype)}")
             # the declared shape first: `make_ndarray` fills it (one value repeated), so a few bytes could ask for gigabytes
             shape = [dim.size for dim in proto.tensor_shape.dim]
             if proto.tensor_shape.unknown_rank or min(shape, default=0) < 0 or not spec.shape.is_compatible_with(shape):
-                raise _invalid(f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got {shape}")
+                raise invalid_argument(f"input {key!r} must have shape {spec.shape.as_list()} (None = any), got {shape}")
             if shape and shape[0] > self.max_batch_size:
-                raise _invalid(f"batch of {shape[0]} is over this server's limit of {self.max_batch_size}")
+                raise invalid_argument(f"batch of {shape[0]} is over this server's limit of {self.max_batch_size}")
             if shape and shape[0] == 0:
-                raise _invalid(f"input {key!r} is an empty batch")
+                raise invalid_argument(f"input {key!r} is an empty batch")
             try:
                 value = tf.make_ndarray(proto)
             except Exception as exc:  # malformed TensorProto content
-                raise _invalid(f"input {key!r} is not a valid tensor: {exc}") from None
+                raise invalid_argument(f"input {key!r} is not a valid tensor: {exc}") from None
             inputs[key] = tf.constant(value, dtype=spec.dtype)
         return inputs
 
@@ -416,17 +430,17 @@ class ServingCore:
         try:
             return function(**inputs)
         except tf.errors.InvalidArgumentError as exc:
-            raise _invalid(f"the model rejected the input: {op_error_message(exc.message or str(exc))}") from None
+            raise invalid_argument(f"the model rejected the input: {op_error_message(exc.message or str(exc))}") from None
 
     def metadata(self, request):
         """GetModelMetadataRequest -> GetModelMetadataResponse (the `signature_def` field, the only one TF Serving has)."""
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         if not request.metadata_field:
-            raise _invalid("GetModelMetadataRequest must specify at least one metadata_field")
+            raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
             if field != "signature_def":
-                raise _invalid(f"Metadata field {field} is not supported")
+                raise invalid_argument(f"Metadata field {field} is not supported")
         servable = self.resolve(request.model_spec)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for key, signature_def in servable.signature_defs.items():
@@ -442,10 +456,7 @@ class ServingCore:
         from tensorflow_serving.apis import get_model_status_pb2
 
         spec = request.model_spec
-        if not spec.name:
-            raise _invalid("ModelSpec has no name specified.")
-        if spec.WhichOneof("version_choice") == "version_label":
-            raise _invalid(f"Unrecognized servable version label: {spec.version_label}")
+        _check_spec(spec)
         states = self.registry.states(spec.name)
         if spec.HasField("version"):
             if spec.version.value not in states:
@@ -635,11 +646,21 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
     if rest:
         rest.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    for name in registry.names():
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reported: set[str] = set()
+
+    def report_health() -> None:
+        """Each model's health: SERVING while it has a loaded version, NOT_SERVING once it has none (removed)."""
+        names = set(registry.names())
+        for name in sorted(names | reported):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if name in names
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
+        reported.update(names)
+
+    report_health()
     stop_event = threading.Event()
     if poll_seconds > 0:
-        threading.Thread(target=_poll, args=(registry, poll_seconds, stop_event), name="model-poller", daemon=True).start()
+        threading.Thread(target=_poll, args=(registry, poll_seconds, stop_event, report_health), name="model-poller",
+                         daemon=True).start()
     logger.info("serving %s on %s (gRPC port %d%s), version policy %s",
                 {name: registry.versions(name) for name in registry.names()}, host, bound,
                 f", REST port {rest.port}" if rest else "", registry.policy)
@@ -649,10 +670,11 @@ def serve(model_base_path: str, model_name: str | None = None, *, host: str = "1
     return server
 
 
-def _poll(registry: ModelRegistry, seconds: float, stop_event: threading.Event) -> None:
+def _poll(registry: ModelRegistry, seconds: float, stop_event: threading.Event, refreshed) -> None:
     while not stop_event.wait(seconds):
         try:
             registry.refresh()
+            refreshed()
         except Exception:
             logger.exception("model directory poll failed")
 

@@ -69,6 +69,18 @@ def test_a_failed_model_call_fails_its_requests_only():
     np.testing.assert_allclose(batcher.embed(np.full((8, 8, 3), 20, np.uint8)), [20] * 3, atol=1e-4)
     batcher.close()
     assert not any(worker.is_alive() for worker in batcher._workers)
+    with pytest.raises(RuntimeError, match="the embedding batcher is closed"):  # instead of waiting for good
+        batcher.embed(np.full((8, 8, 3), 20, np.uint8))
+
+
+def test_an_embedder_answering_too_few_vectors_fails_the_batch_clearly():
+    embedder = GatedEmbedder()
+    embedder.gate.set()
+    embedder.embed_pixels = lambda pixels: np.zeros((0, 3), np.float32)
+    batcher = EmbeddingBatcher(embedder)
+    with pytest.raises(RuntimeError, match="answered 0 vectors for 1 images"):
+        batcher.embed(np.full((8, 8, 3), 20, np.uint8))
+    batcher.close()
 
 
 def test_bad_settings_are_refused():

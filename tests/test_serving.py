@@ -276,6 +276,30 @@ def test_version_policies_and_a_broken_version(tmp_path):
     registry.refresh()  # version 4 fails to load: 3 keeps serving, instead of nothing
     assert registry.versions("tiny") == [3]
     assert registry.states("tiny")[4].state == "END" and registry.states("tiny")[4].error
+    registry.refresh()  # not retried while its files stay as they are
+    assert registry.states("tiny")[4].state == "END"
+
+
+def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
+    """`cp -r` or rsync of a version can write saved_model.pb before variables/: the first load fails, and the version
+    loads when the copy completes, though saved_model.pb itself did not change again."""
+    export_tiny(tmp_path / "source", seed=1)
+    export_tiny(tmp_path / "served")
+    registry = ModelRegistry(str(tmp_path / "served"))
+    registry.refresh()
+    source, target = tmp_path / "source" / "tiny" / "1", tmp_path / "served" / "tiny" / "2"
+    target.mkdir()
+    shutil.copy2(source / "saved_model.pb", target / "saved_model.pb")
+    registry.refresh()
+    assert registry.versions("tiny") == [1] and registry.states("tiny")[2].state == "END"
+    for entry in source.iterdir():
+        if entry.is_dir():
+            shutil.copytree(entry, target / entry.name)
+    registry.refresh()
+    assert registry.versions("tiny") == [2] and registry.states("tiny")[2].state == "AVAILABLE"
+
+
+def test_version_policy_texts():
     for bad in ("newest", "latest:0", "specific:", "all:2"):
         with pytest.raises(InvalidInputError, match="version policy"):
             VersionPolicy.parse(bad)
@@ -311,6 +335,29 @@ def test_health_and_graceful_stop_on_sigterm(served):
     with pytest.raises(ConnectionError, match="is not reachable"):
         EmbeddingClient(f"127.0.0.1:{server.port}", "tiny", timeout=2).status()
     assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_each_models_health_follows_the_models_on_disk(tmp_path):
+    export_tiny(tmp_path, "first")
+    server = serve(str(tmp_path), port=0, poll_seconds=0.2)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+
+    def status(name):
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        except grpc.RpcError as error:
+            return error.code()
+
+    try:
+        assert status("first") == health_pb2.HealthCheckResponse.SERVING
+        assert status("second") == grpc.StatusCode.NOT_FOUND
+        export_tiny(tmp_path, "second")
+        assert wait_for(lambda: status("second") == health_pb2.HealthCheckResponse.SERVING)
+        shutil.rmtree(tmp_path / "first")
+        assert wait_for(lambda: status("first") == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert status("") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(grace=1)
 
 
 def test_replicas_share_the_load_and_a_killed_one_loses_no_request(tmp_path, rng):

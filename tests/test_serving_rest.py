@@ -8,7 +8,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, random_pngs, wait_for
+from serving_helpers import IMAGE_SIZE, embed_in_process, export_tiny, png, random_pngs, wait_for
 
 from tf_retrieval.errors import InvalidInputError, MissingError
 from tf_retrieval.serving.client import EmbeddingClient, ReplicatedClient, RestEmbeddingClient, connect
@@ -98,6 +98,8 @@ def test_rest_floats_are_the_exact_float32_values_grpc_returns(served, rng):
 @pytest.mark.parametrize("path, body, status, message", [
     ("tiny:predict", b"{not json", 400, "JSON Parse error"),
     ("tiny:predict", [1, 2], 400, "Is not object"),
+    ("tiny:predict", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "JSON Parse error: nested too deeply"),
+    ("tiny:predict", {"inputs": {"images": ["x"], "imagez": ["y"]}}, 400, "Sent extra: {imagez}"),
     ("tiny:predict", {"signature_name": 3, "instances": []}, 400, "'signature_name' key must be a string value."),
     ("tiny:predict", {"nothing": []}, 400, "Missing 'inputs' or 'instances' key"),
     ("tiny:predict", {"inputs": [], "instances": []}, 400, "expecting only one of 'inputs' or 'instances'"),
@@ -131,6 +133,25 @@ def test_paths_outside_the_api(served):
     assert http(f"{url}/v1/models") == (400, {"error": "Missing model name in request."})
     assert http(f"{url}/v1/models/tiny:predict")[0] == 400  # GET on a POST path: malformed
     assert http(f"{url}/index.html")[0] == 404
+
+
+def test_a_client_sending_a_body_over_the_limit_hears_why(tmp_path, rng):
+    """The refused body is read and dropped, so the client gets the 413, not a reset; one that asks first
+    (`Expect: 100-continue`, as curl does) is told before it sends."""
+    export_tiny(str(tmp_path))
+    server = serve(str(tmp_path), port=0, rest_port=0, poll_seconds=0, max_message_bytes=100_000)
+    try:
+        client = RestEmbeddingClient(f"http://127.0.0.1:{server.rest_port}", "tiny")
+        noise = png(rng.integers(0, 255, (1500, 1500, 3), dtype=np.uint8))  # 6.8 MB: more than the sockets buffer
+        with pytest.raises(InvalidInputError, match="over the limit of 100000"):
+            client.embed_bytes([noise])
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=30) as connection:
+            connection.sendall(b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n"
+                               b"Expect: 100-continue\r\n\r\n")
+            assert connection.recv(1 << 16).startswith(b"HTTP/1.1 413 ")  # not "100 Continue"
+        assert client.status() == [(1, "AVAILABLE")]
+    finally:
+        server.stop(grace=1)
 
 
 @pytest.mark.parametrize("headers, status, message", [
@@ -312,6 +333,20 @@ def test_replicas_at_different_versions_answer_their_embedding_space(tmp_path):
     finally:
         for server in servers:
             server.stop(grace=1)
+
+
+def test_a_kept_alive_connection_is_not_served_after_stop(served):
+    import http.client as http_client
+
+    server = serve(served[1].registry.base_path, port=0, rest_port=0, poll_seconds=0)
+    connection = http_client.HTTPConnection("127.0.0.1", server.rest_port, timeout=30)
+    connection.request("GET", "/v1/models/tiny")
+    assert connection.getresponse().read() and connection.sock is not None  # kept alive
+    server.stop(grace=1)
+    connection.request("POST", "/v1/models/tiny:predict", body=json.dumps({"instances": ["x"]}))
+    response = connection.getresponse()
+    assert response.status == 503 and json.loads(response.read()) == {"error": "the server is shutting down"}
+    assert response.getheader("Connection") == "close"
 
 
 def test_rest_client_on_a_closed_port_is_a_connection_error(served):

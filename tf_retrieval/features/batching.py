@@ -37,7 +37,8 @@ class EmbeddingBatcher:
         self._queue: queue.Queue = queue.Queue()
         self.batches = 0  # model calls made, and images embedded (for stats; several workers count them)
         self.images = 0
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # the counters, and `_closed` with the queue's stops
+        self._closed = False
         self._workers = [threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for worker in self._workers:
@@ -51,16 +52,21 @@ class EmbeddingBatcher:
     def embed(self, image: np.ndarray) -> np.ndarray:
         """One decoded RGB uint8 image [h, w, 3] -> its embedding [d] (blocks until its batch is done)."""
         job = {"pixels": resize_and_crop_array(image, self.image_size), "done": threading.Event()}
-        self._queue.put(job)
+        with self._count_lock:  # not after close()'s stops, where no worker would take it
+            if self._closed:
+                raise RuntimeError("the embedding batcher is closed")
+            self._queue.put(job)
         job["done"].wait()
         if "error" in job:
             raise job["error"]
         return job["vector"]
 
     def close(self) -> None:
-        """Stops the worker threads (queued jobs are finished first)."""
-        for _ in self._workers:
-            self._queue.put(None)
+        """Stops the worker threads (queued jobs are finished first); `embed` raises from then on."""
+        with self._count_lock:
+            self._closed = True
+            for _ in self._workers:
+                self._queue.put(None)
         for worker in self._workers:
             worker.join(timeout=10)
 
@@ -72,6 +78,8 @@ class EmbeddingBatcher:
             batch, stop = self._gather(job)
             try:
                 vectors = self.embedder.embed_pixels(np.stack([j["pixels"] for j in batch]))
+                if len(vectors) != len(batch):
+                    raise RuntimeError(f"the embedder answered {len(vectors)} vectors for {len(batch)} images")
                 for j, vector in zip(batch, vectors):
                     j["vector"] = vector
             except Exception as exc:  # handed to every waiting request thread, which raises it
