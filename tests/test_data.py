@@ -222,6 +222,21 @@ def test_image_folder_index_csv(image_dir):
         load_collection(image_dir, splits=["validation"])
 
 
+@pytest.mark.parametrize("rows, message", [
+    ("red/red_000.png,-1\n", r"index.csv:2: label '-1' is not an integer of 0 or more"),  # was the last class
+    ("red/red_000.png,x\n", r"index.csv:2: label 'x' is not an integer"),
+    ("red/red_000.png,1\nblue/blue_001.png,2\n./red/red_000.png,1\n",
+     r"index.csv:4: './red/red_000.png' is listed already \(line 2\)"),  # two ids for one image
+])
+def test_image_folder_index_csv_errors(image_dir, rows, message):
+    import os
+
+    with open(os.path.join(image_dir, "index.csv"), "w") as f:
+        f.write("file,label\n" + rows)
+    with pytest.raises(InvalidInputError, match=message):
+        image_folder(image_dir, progress=False)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         image_folder(tmp_path / "missing")

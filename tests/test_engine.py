@@ -106,6 +106,23 @@ def test_bundle_detects_a_changed_collection(bundle, image_dir):
         assert len(json.load(f)["ids"]) == 18
 
 
+def test_a_folder_bundle_loads_without_decoding_its_images_and_survives_one_damaged(bundle, image_dir, monkeypatch):
+    import tf_retrieval.data.images as images
+
+    path, _, embedder = bundle
+    with open(os.path.join(image_dir, "red", "red_000.png"), "r+b") as f:
+        f.truncate(100)  # damaged after it was indexed
+    decoded = []
+    monkeypatch.setattr(images, "decode_image", lambda data, **kwargs: decoded.append(1))
+    engine = RetrievalEngine.load(path, embedder=embedder)
+    assert decoded == [] and len(engine.collection) == 18  # loaded by listing the folder
+    monkeypatch.undo()
+    position = engine.collection.ids.index("red/red_000.png")
+    with pytest.raises(ImageDecodeError, match="red/red_000.png: truncated or damaged"):
+        engine.collection.image(position)  # the damage shows where the image is read
+    assert engine.collection.image(position + 1).shape[2] == 3
+
+
 @pytest.mark.parametrize("content, message", [('{"source": "x", "ids": [', "is damaged \\(Expecting value"),
                                               ('{"source": "x"}', "is damaged \\(it lacks ids, labels, class_names\\)"),
                                               ("[]", "is damaged \\(it lacks source, ids, labels, class_names\\)")])

@@ -43,6 +43,39 @@ def test_cache_is_reused_and_keyed(collection, tmp_path):
         extract_features(collection, pool, image_size=32, cache_dir=str(tmp_path))
 
 
+def test_a_picture_replaced_under_the_same_name_is_extracted_again(image_dir, tmp_path):
+    from PIL import Image
+
+    pool = keras.layers.GlobalAveragePooling2D()
+    before = image_folder(image_dir, progress=False)
+    first = extract_features(before, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    Image.new("RGB", (40, 48), (250, 5, 5)).save(before.paths[3])
+    after = image_folder(image_dir, progress=False)
+    assert after.ids == before.ids
+    again = extract_features(after, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    np.testing.assert_allclose(again[3], [250, 5, 5], atol=1e-3)
+    np.testing.assert_allclose(np.delete(again, 3, axis=0), np.delete(first, 3, axis=0), atol=1e-5)
+
+
+def test_file_names_that_are_not_utf8_and_empty_collections(image_dir, tmp_path):
+    import shutil
+
+    from tf_retrieval.errors import InvalidInputError
+
+    folder = image_dir
+    source = image_folder(folder, progress=False).paths[0]
+    shutil.copy(source, os.path.join(os.path.dirname(source), os.fsdecode(b"caf\xe9.png")))  # a Latin-1 name
+    collection = image_folder(folder, progress=False)
+    assert any("\udce9" in image_id for image_id in collection.ids)
+    features = extract_features(collection, keras.layers.GlobalAveragePooling2D(), image_size=32, model_key="mean",
+                                cache_dir=str(tmp_path), progress=False)
+    assert features.shape == (len(collection), 3)
+    for cache_dir in (None, str(tmp_path)):  # the same error with and without a cache
+        with pytest.raises(InvalidInputError, match="is empty: nothing to extract"):
+            extract_features(collection.subset([]), keras.layers.GlobalAveragePooling2D(), image_size=32,
+                             model_key="mean", cache_dir=cache_dir, progress=False)
+
+
 def test_damaged_cache_is_rebuilt(collection, tmp_path, caplog):
     pool = keras.layers.GlobalAveragePooling2D()
     first = extract_features(collection, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)

@@ -149,8 +149,9 @@ def save_with_digest(save, folder: str, stem: str, suffix: str) -> str:
     try:
         save(tmp)
         os.chmod(tmp, _mode_for(None, 0o666))
-        path = os.path.join(folder, f"{stem}-{file_digest(tmp)[:10]}{suffix}")
+        path = os.path.join(folder, f"{stem}-{file_digest(tmp, fsync=True)[:10]}{suffix}")  # on disk before its name
         os.replace(tmp, path)
+        fsync_dir(folder)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

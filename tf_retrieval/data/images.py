@@ -558,11 +558,19 @@ def _read_index_csv(root: str, index_csv: str) -> tuple[list[str], list[int], li
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
             raise InvalidInputError(f"{index_csv}: expected a header with columns file,label[,official_split]; got {reader.fieldnames}")
+        first_line = {}
         for line, row in enumerate(reader, start=2):
             try:
-                labels.append(int(row["label"]))
-            except ValueError:
-                raise InvalidInputError(f"{index_csv}:{line}: label {row['label']!r} is not an integer") from None
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                label = -1
+            if label < 0:
+                raise InvalidInputError(f"{index_csv}:{line}: label {row['label']!r} is not an integer of 0 or more")
+            file = os.path.normpath(row["file"] or "")
+            if file in first_line:
+                raise InvalidInputError(f"{index_csv}:{line}: {row['file']!r} is listed already (line {first_line[file]})")
+            first_line[file] = line
+            labels.append(label)
             files.append(row["file"])
             splits.append(row.get("official_split") or "all")
     return files, labels, splits
@@ -582,12 +590,13 @@ def _validate_files(root: str, files: list[str], progress: bool) -> tuple[list[i
     return keep, skipped
 
 
-def load_dataset(source: str, data_dir: str | None = None) -> ImageCollection:
-    """Loads `source`: a folder path (or "folder:PATH") as an image folder, anything else as a tfds dataset name."""
+def load_dataset(source: str, data_dir: str | None = None, *, validate: bool = True) -> ImageCollection:
+    """Loads `source`: a folder path (or "folder:PATH") as an image folder (each file decoded to check it unless not
+    `validate`), anything else as a tfds dataset name."""
     if source.startswith("folder:"):
-        return image_folder(source[len("folder:"):])
+        return image_folder(source[len("folder:"):], validate=validate)
     if os.path.isdir(source):
-        return image_folder(source)
+        return image_folder(source, validate=validate)
     if os.sep in source or source.startswith("."):
         raise MissingError(f"image folder not found: {source}")
     return load_tfds(source, data_dir=data_dir)

@@ -28,10 +28,17 @@ def default_workdir() -> str:
 
 
 def collection_fingerprint(collection: ImageCollection) -> str:
-    """A short hash of the collection's name and ordered image ids."""
-    digest = hashlib.sha256(collection.name.encode())
-    for image_id in collection.ids:
-        digest.update(b"\0" + image_id.encode())
+    """A short hash of the collection's name and ordered image ids, and for files (folders) each one's size and
+    modification time: a picture replaced under the same name is extracted again, not answered from the cache."""
+    digest = hashlib.sha256(os.fsencode(collection.name))
+    for position, image_id in enumerate(collection.ids):
+        digest.update(b"\0" + os.fsencode(image_id))  # names that are not UTF-8 stay as the bytes they were
+        if collection.paths is not None:
+            try:
+                info = os.stat(collection.paths[position])
+                digest.update(b"%d:%d" % (info.st_size, info.st_mtime_ns))
+            except OSError:
+                digest.update(b"missing")  # reading it will say what is wrong
     return digest.hexdigest()[:16]
 
 
@@ -64,6 +71,8 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
     Returns:
       array [len(collection), ...] of `dtype`.
     """
+    if len(collection) == 0:
+        raise InvalidInputError(f"collection {collection.name!r} is empty: nothing to extract")
     if cache_dir is None:
         return _run(collection, model, image_size, batch_size, dtype, progress)
     if not model_key:
@@ -99,7 +108,7 @@ def _extract_in_shards(collection: ImageCollection, model, path: str, key: dict,
         else:
             logger.info("resuming: shard %d already extracted", shard)
         shards.append(values)
-    features = np.concatenate(shards) if shards else np.zeros((0,), dtype)
+    features = np.concatenate(shards)
     _atomic_save(path, features)
     write_json(path[:-len(".npy")] + ".json", {**key, "shape": list(features.shape), "sha256": file_digest(path)},
                indent=1)
@@ -113,8 +122,6 @@ def _run(collection: ImageCollection, model, image_size: int, batch_size: int, d
     import tensorflow as tf
     from tqdm.auto import tqdm
 
-    if len(collection) == 0:
-        raise InvalidInputError(f"collection {collection.name!r} is empty: nothing to extract")
     if isinstance(model, tf.keras.Model):
         keras_forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
         forward = lambda images: keras_forward(images).numpy()  # noqa: E731

@@ -184,13 +184,15 @@ def embed_collection(collection, config: ModelConfig, *, workdir: str | None = N
 
 
 def save_vectors(path: str, vectors: np.ndarray, ids: Sequence[str]) -> str:
-    """Saves vectors as `.npy` and their image ids, one per line, beside it (`<stem>.ids.txt`); returns the ids path."""
-    from tf_retrieval.storage import atomic_write, write_text
+    """Saves vectors as `.npy` and their image ids, one per line, beside it (`<stem>.ids.txt`; UTF-8, and ids from
+    file names that are not UTF-8 as the bytes they were); returns the ids path."""
+    from tf_retrieval.storage import atomic_write
 
     if len(vectors) != len(ids):
         raise InvalidInputError(f"{len(vectors)} vectors for {len(ids)} ids")
     with atomic_write(path, "wb") as f:
         np.save(f, vectors, allow_pickle=False)
     ids_path = os.path.splitext(path)[0] + ".ids.txt"
-    write_text(ids_path, "".join(f"{image_id}\n" for image_id in ids))
+    with atomic_write(ids_path, "wb") as f:
+        f.write(b"".join(os.fsencode(image_id) + b"\n" for image_id in ids))
     return ids_path

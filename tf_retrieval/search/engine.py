@@ -318,10 +318,11 @@ def build_bundle(bundle_dir: str, config: ModelConfig, collection: ImageCollecti
 
 
 def _load_source(catalog: dict, data_dir: str | None) -> ImageCollection:
-    """The catalog's collection: its folder, or only the tfds splits it indexed."""
+    """The catalog's collection: its folder (listed, not decoded again: the catalog holds the images that decoded when
+    they were indexed, and one damaged since fails where it is read), or only the tfds splits it indexed."""
     source = catalog["source"]
     if os.path.isdir(source) or source.startswith("folder:") or not catalog.get("splits"):
-        return load_dataset(source, data_dir=data_dir)
+        return load_dataset(source, data_dir=data_dir, validate=False)
     return load_tfds(source, data_dir=data_dir, splits=catalog["splits"])
 
 
@@ -336,7 +337,7 @@ def _catalog_collection(catalog: dict, data_dir: str | None) -> ImageCollection:
             raise InvalidInputError(f"{len(missing)} indexed image(s) are no longer in {catalog['source']} (e.g. {missing[:3]}): "
                              "the collection changed since the index was built; rebuild it with `tfr index`")
         return primary.subset([positions[image_id] for image_id in catalog["ids"]])
-    parts = [primary] + [load_dataset(source["source"]) for source in added]
+    parts = [primary] + [load_dataset(source["source"], validate=False) for source in added]
     lookups = [{image_id: i for i, image_id in enumerate(part.ids)} for part in parts]
     origins = catalog.get("origins") or [0] * len(catalog["ids"])
     picks, missing = [], []
