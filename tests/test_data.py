@@ -237,6 +237,18 @@ def test_image_folder_index_csv_errors(image_dir, rows, message):
         image_folder(image_dir, progress=False)
 
 
+def test_a_file_pattern_is_a_collection_named_below_its_first_wildcard(image_dir):
+    import os
+
+    open(os.path.join(image_dir, "red", "notes.txt"), "w").close()
+    collection = load_dataset(os.path.join(image_dir, "*", "*_00[0-2].png"))
+    assert collection.ids == [f"{colour}/{colour}_00{i}.png" for colour in ("blue", "green", "red") for i in range(3)]
+    assert collection.class_names == ["blue", "green", "red"] and collection.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert collection.image(0).shape == (40, 48, 3)
+    with pytest.raises(FileNotFoundError, match="no image files match"):
+        load_dataset(os.path.join(image_dir, "*", "*.txt"))
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         image_folder(tmp_path / "missing")

@@ -112,3 +112,12 @@ def test_makefile_exports_tfds_data_dir_only_when_the_shared_copy_exists(tmp_pat
     result = subprocess.run(["make", "-s", "--eval", "show-tfds: ; @echo \"[$${TFDS_DATA_DIR-unset}]\"", "show-tfds"],
                             cwd=checkout, env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == (f"[{data}]" if shared else "[unset]")
+
+
+def test_the_dataflow_requirements_are_pinned_as_the_beam_environment_is():
+    def pins(name):
+        with open(os.path.join(REPO, name)) as f:
+            return {line.split("==")[0].lower(): line.strip() for line in f if "==" in line and not line.startswith("#")}
+
+    dataflow, beam = pins("requirements-dataflow.txt"), pins("constraints-beam.txt")
+    assert dataflow and all(beam.get(name) == pin for name, pin in dataflow.items()), (dataflow, beam)

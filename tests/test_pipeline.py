@@ -71,7 +71,9 @@ def test_direct_runner_embeds_like_the_process_keeps_dead_letters_and_indexes(im
 def test_nested_folders_patterns_and_an_earlier_runs_shards(image_dir, exported, tmp_path, monkeypatch):
     import shutil
 
+    from tf_retrieval.errors import InvalidInputError
     from tf_retrieval.pipeline import read_manifest, read_records, run_embedding
+    from tf_retrieval.search.engine import RetrievalEngine
 
     folder = tmp_path / "photos"
     shutil.copytree(image_dir, folder)
@@ -91,3 +93,14 @@ def test_nested_folders_patterns_and_an_earlier_runs_shards(image_dir, exported,
     records = {image_id: name for image_id, name, _ in read_records(files)}
     assert manifest["count"] == len(records) == 18 and records["red/red_000.png"] == "red"  # */* does not go deeper
     assert manifest["source"] == str(tmp_path / "photos/*/*.png")  # absolute: the manifest is read from anywhere
+    # a pattern's run indexes like a folder's: the bundle lists the pattern's files, named as the pipeline named them
+    assert main(["--workdir", str(tmp_path / "work"), "index", "--from-pipeline", "by-pattern.manifest.json",
+                 "--name", "by-pattern"]) == 0
+    engine = RetrievalEngine.load(os.path.join(tmp_path, "work", "indexes", "by-pattern"))
+    assert sorted(engine.collection.ids) == sorted(records) and len(engine.collection) == 18
+    with open(folder / "green" / "green_002.png", "rb") as f:
+        first = engine.search_images([f.read()], k=1)[0][0]
+    assert first.id == "green/green_002.png" and first.score == pytest.approx(1.0, abs=1e-4)
+    assert engine.collection.image(engine.collection.ids.index("red/red_000.png")).shape[2] == 3
+    with pytest.raises(InvalidInputError, match="a file pattern has no splits"):
+        run_embedding("photos/*/*.png", exported, "split", split="test", beam_args=["--runner=DirectRunner"])

@@ -25,8 +25,6 @@ from tf_retrieval.errors import InvalidInputError, MissingDependencyError, Missi
 
 logger = logging.getLogger(__name__)
 
-#: The characters that make a source a file pattern (glob's).
-WILDCARDS = "*?["
 #: Tag of the dead-letter output: {"id", "reason"} of every image that could not be read.
 DEAD_LETTER = "dead_letter"
 
@@ -42,11 +40,13 @@ def _beam():
 
 def export_details(model_dir: str) -> dict:
     """What an exported version says of itself (`<model_dir>/assets.extra/config.json`): image size, model config."""
-    path = os.path.join(model_dir, "assets.extra", "config.json")
-    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")) or not os.path.isfile(path):
+    import tensorflow as tf  # tf.io.gfile: a local folder or Cloud Storage alike
+
+    path = f"{model_dir.rstrip('/')}/assets.extra/config.json"
+    if not tf.io.gfile.exists(f"{model_dir.rstrip('/')}/saved_model.pb") or not tf.io.gfile.exists(path):
         raise MissingError(f"{model_dir} is not an exported model version (expected saved_model.pb and "
                            "assets.extra/config.json): export one with `tfr export`")
-    with open(path, encoding="utf-8") as f:
+    with tf.io.gfile.GFile(path) as f:
         return json.load(f)
 
 
@@ -58,10 +58,10 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
     from apache_beam.io import fileio
     from apache_beam.io.filesystems import FileSystems
 
-    if os.path.isdir(source):  # listed as `tfr index` lists it: class sub-folders at any depth, or index.csv
-        from tf_retrieval.data.images import image_folder
+    from tf_retrieval.data.images import is_file_pattern, load_collection, pattern_id
 
-        collection = image_folder(source, validate=False, progress=False)
+    if os.path.isdir(source):  # listed as `tfr index` lists it: class sub-folders at any depth, or index.csv (splits)
+        collection = load_collection(source, splits=[split] if split else None, validate=False)
         listed = [(image_id, collection.class_names[int(label)], path)
                   for image_id, label, path in zip(collection.ids, collection.labels, collection.paths)]
 
@@ -71,31 +71,23 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
                 return image_id, class_name, f.read()
 
         return pipeline | "List" >> beam.Create(listed, reshuffle=True) | "Read" >> beam.Map(read)
-    if _is_pattern(source) or "://" in source:
+    if is_file_pattern(source):
+        if split:
+            raise InvalidInputError(f"a file pattern has no splits (--split {split}): match the split's files instead")
         source = _absolute(source)  # Beam names local matches by absolute path
-        root = pattern_root(source)
 
         def keyed(readable):
-            path = readable.metadata.path
-            relative = path[len(root):] if path.startswith(root) else os.path.basename(path)
-            return relative, relative.split("/")[0] if "/" in relative else "", readable.read()
+            return (*pattern_id(source, readable.metadata.path), readable.read())
 
-        return (pipeline | "Match" >> fileio.MatchFiles(source) | "Open" >> fileio.ReadMatches()
-                | "Read" >> beam.Map(keyed))
+        return (pipeline | "Match" >> fileio.MatchFiles(source)
+                | "Spread" >> beam.Reshuffle()  # else reading and embedding fuse with the one match: one worker
+                | "Open" >> fileio.ReadMatches() | "Read" >> beam.Map(keyed))
     from tf_retrieval.data.images import load_tfds
 
     collection = load_tfds(source, data_dir=data_dir, splits=[split] if split else None)
     return pipeline | "Create" >> beam.Create(
         [(collection.ids[i], collection.class_names[int(collection.labels[i])], collection.read_bytes(i))
          for i in range(len(collection))], reshuffle=False)
-
-
-def pattern_root(pattern: str) -> str:
-    """The folder a file pattern's matches are named relative to (their ids; the class is the first folder below it):
-    everything before the first wildcard, back to its last "/" (`gs://b/images/*/*.jpg` -> `gs://b/images/`)."""
-    first = min((pattern.find(ch) for ch in WILDCARDS if ch in pattern), default=len(pattern))
-    folder, _, _ = pattern[:first].rpartition("/")
-    return folder + "/"
 
 
 class DecodeImage:
@@ -170,6 +162,7 @@ def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, bat
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from tf_retrieval.config import ModelConfig
+    from tf_retrieval.data.images import is_file_pattern
 
     details = export_details(model_dir)
     config = ModelConfig.from_dict({field.name: details[field.name] for field in dataclasses.fields(ModelConfig)
@@ -196,7 +189,7 @@ def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, bat
             dead = [json.loads(line) for line in f if line.strip()]
     count = sum(1 for _ in read_records(files))
     manifest = {"model_id": config.model_id(), "model_config": config.to_dict(), "model_dir": _absolute(model_dir),
-                "source": _absolute(source) if os.path.exists(source) or _is_pattern(source) else source, "split": split,
+                "source": _absolute(source) if os.path.exists(source) or is_file_pattern(source) else source, "split": split,
                 "shards": [f.rsplit("/", 1)[-1] for f in files], "count": count, "dead_letters": len(dead),
                 "seconds": round(seconds, 1), "options": list(beam_args)}
     if "://" in out:
@@ -208,10 +201,6 @@ def run_embedding(source: str, model_dir: str, out: str, *, shards: int = 4, bat
         write_json(f"{out}.manifest.json", manifest, indent=1)
     logger.info("embedded %d images (%d dead letters) into %d shards in %.1f s", count, len(dead), len(files), seconds)
     return manifest
-
-
-def _is_pattern(source: str) -> bool:
-    return any(ch in source for ch in WILDCARDS)
 
 
 def _absolute(path: str) -> str:

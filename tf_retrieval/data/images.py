@@ -381,6 +381,11 @@ class ImageCollection:
         """The encoded image at position `index`."""
         if self.encoded is not None:
             return self.encoded[index]
+        if "://" in self.paths[index]:  # a file on Cloud Storage or another filesystem of TensorFlow's
+            import tensorflow as tf
+
+            with tf.io.gfile.GFile(self.paths[index], "rb") as f:
+                return f.read()
         with open(self.paths[index], "rb") as f:
             return f.read()
 
@@ -597,19 +602,62 @@ def load_dataset(source: str, data_dir: str | None = None, *, validate: bool = T
         return image_folder(source[len("folder:"):], validate=validate)
     if os.path.isdir(source):
         return image_folder(source, validate=validate)
+    if is_file_pattern(source):
+        return pattern_images(source)
     if os.sep in source or source.startswith("."):
         raise MissingError(f"image folder not found: {source}")
     return load_tfds(source, data_dir=data_dir)
 
 
+#: The characters that make a source a file pattern (glob's).
+WILDCARDS = "*?["
+
+
+def is_file_pattern(source: str) -> bool:
+    """Whether `source` is a file pattern (`photos/*/*.jpg`, `gs://bucket/images/*/*.jpg`), not a folder or a name."""
+    return any(ch in source for ch in WILDCARDS) or "://" in source
+
+
+def pattern_root(pattern: str) -> str:
+    """The folder a file pattern's matches are named relative to (their ids; the class is the first folder below it):
+    everything before the first wildcard, back to its last "/" (`gs://b/images/*/*.jpg` -> `gs://b/images/`)."""
+    first = min((pattern.find(ch) for ch in WILDCARDS if ch in pattern), default=len(pattern))
+    folder, _, _ = pattern[:first].rpartition("/")
+    return folder + "/"
+
+
+def pattern_id(pattern: str, path: str) -> tuple[str, str]:
+    """(id, class name) of a file matched by `pattern`: its path below `pattern_root`, and the first folder there."""
+    root = pattern_root(pattern)
+    relative = path[len(root):] if path.startswith(root) else os.path.basename(path)
+    return relative, relative.split("/")[0] if "/" in relative else ""
+
+
+def pattern_images(pattern: str) -> ImageCollection:
+    """The files matching `pattern` (local, or any filesystem `tf.io.gfile` reads: gs://...), named as `pattern_id`
+    names them, in id order; listed, not decoded (a pipeline's dead letters say which did not decode)."""
+    import tensorflow as tf
+
+    pattern = pattern if "://" in pattern else os.path.abspath(pattern)
+    paths = [path for path in tf.io.gfile.glob(pattern) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise MissingError(f"no image files match {pattern}")
+    named = sorted((*pattern_id(pattern, path), path) for path in paths)
+    class_names = sorted({class_name for _, class_name, _ in named})
+    label_of = {name: label for label, name in enumerate(class_names)}
+    return ImageCollection(name=pattern, ids=[image_id for image_id, _, _ in named],
+                           labels=[label_of[class_name] for _, class_name, _ in named], splits=["all"] * len(named),
+                           class_names=class_names, paths=[path for _, _, path in named])
+
+
 def load_collection(source: str, *, data_dir: str | None = None, splits: Sequence[str] | None = None,
-                    limit: int | None = None) -> ImageCollection:
+                    limit: int | None = None, validate: bool = True) -> ImageCollection:
     """`load_dataset`, restricted to some `splits` (of a tfds dataset, or of a folder whose index.csv has an
     official_split column) and to the first `limit` images when given."""
-    if splits and not (os.path.isdir(source) or source.startswith("folder:")):
+    if splits and not (os.path.isdir(source) or source.startswith("folder:") or is_file_pattern(source)):
         collection = load_tfds(source, data_dir=data_dir, splits=splits)
     else:
-        collection = load_dataset(source, data_dir=data_dir)
+        collection = load_dataset(source, data_dir=data_dir, validate=validate)
         if splits:
             unknown = sorted(set(splits) - set(collection.splits.tolist()))
             if unknown:
