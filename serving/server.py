@@ -33,6 +33,7 @@ import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from tf_retrieval.errors import InvalidInputError, MissingError, PortUnavailableError
+from tf_retrieval import flags
 
 logger = logging.getLogger(__name__)
 
@@ -679,32 +680,25 @@ def _poll(registry: ModelRegistry, seconds: float, stop_event: threading.Event, 
             logger.exception("model directory poll failed")
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tf_retrieval.serving`: flags follow tensorflow_model_server's."""
     parser = argparse.ArgumentParser(prog="python -m tf_retrieval.serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
-    parser.add_argument("--rest_api_port", type=_port, default=8501, help="REST API port (0: no REST API)")
+    parser.add_argument("--port", type=flags.port, default=8500, help="gRPC port (0: any free port)")
+    parser.add_argument("--rest_api_port", type=flags.port, default=8501, help="REST API port (0: no REST API)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     parser.add_argument("--model_base_path", required=True, help="a model directory, or a directory of model directories")
     parser.add_argument("--model_name", help="served name when --model_base_path is one model's directory")
     parser.add_argument("--model_version_policy", default="latest",
                         help="versions served: latest (default), latest:N, all, or specific:1,3")
-    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=2.0,
+    parser.add_argument("--file_system_poll_wait_seconds", type=flags.seconds, default=2.0,
                         help="how often to look for new / removed versions (0: never)")
-    parser.add_argument("--max_workers", type=int, default=8)
+    parser.add_argument("--max_workers", type=flags.positive_int, default=8)
     parser.add_argument("--rest_api_num_threads", type=int, default=REST_MAX_CONNECTIONS,
                         help="REST connections served at once, one thread each; one more gets a 503")
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=int(REST_TIMEOUT_SECONDS * 1000),
                         help="a REST connection that stalls this long is closed")
-    parser.add_argument("--max_batch_size", type=int, default=1024)
-    parser.add_argument("--max_message_mb", type=int, default=64)
+    parser.add_argument("--max_batch_size", type=flags.positive_int, default=1024)
+    parser.add_argument("--max_message_mb", type=flags.positive_int, default=64)
     parser.add_argument("--runtime", choices=("litert", "litert-fp16", "tf"), default="litert",
                         help="litert (default): versions exported with a LiteRT flatbuffer run on it; litert-fp16: "
                              "the same in float16 arithmetic (faster on CPUs that have it); tf: TensorFlow")

@@ -45,6 +45,8 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
     assert "no such image or folder" in run_error(["search", str(tmp_path / "nope.jpg"), "--index", "x"], capsys)
     assert "training drew cifar10-1's split with seed 0" in run_error(
         ["evaluate", "--protocol", "cifar10-1", "--seed", "1", "--head", str(tmp_path / "head.keras")], capsys)
+    assert "--metric dot would replace it; drop --records or --metric" in run_error(
+        ["evaluate", "--protocol", "cifar10-2", "--metric", "dot", "--records", str(tmp_path / "r.json")], capsys)
     assert "drop --dataset, --backbone" in run_error(
         ["index", "--from-pipeline", "run.manifest.json", "--dataset", str(tmp_path), "--backbone", "vgg"], capsys)
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: exit 2 with usage
@@ -59,7 +61,10 @@ def test_bad_arguments_give_one_line(tmp_path, capsys):
                                    (["serve", "--rest-port", "-1"], "--rest-port", "must be a port number"),
                                    (["demo", "--port", "http"], "--port", "must be a port number"),
                                    (["web", "--index", "x", "--threads", "0"], "--threads", "must be a whole number"),
-                                   (["web", "--index", "x", "--workers", "0"], "--workers", "must be a whole number")):
+                                   (["web", "--index", "x", "--workers", "0"], "--workers", "must be a whole number"),
+                                   (["serve", "--max-workers", "0"], "--max-workers", "must be a whole number"),
+                                   (["serve", "--max-batch-size", "0"], "--max-batch-size", "must be a whole number"),
+                                   (["serve", "--poll-seconds", "-1"], "--poll-seconds", "must be a number of seconds")):
         with pytest.raises(SystemExit):
             main(command)
         assert f"{flag}: {message}" in capsys.readouterr().err
@@ -441,6 +446,9 @@ def test_index_add_and_delete_without_a_rebuild(image_dir, tmp_path, capsys):
     assert "--dataset is required" in run_error(["--workdir", workdir, "index", *SMALL_MODEL], capsys)
     assert "give one or the other" in run_error(
         ["--workdir", workdir, "index", "--name", "colours", "--dataset", image_dir, "--add", more], capsys)
+    assert "drop --metric, --shards, --dba (or rebuild" in run_error(  # they used to be ignored silently
+        ["--workdir", workdir, "index", "--name", "colours", "--add", more, "--metric", "dot", "--shards", "3",
+         "--dba", "2"], capsys)
 
 
 def test_a_sharded_bundle_is_searched_and_changed_like_any_other(image_dir, tmp_path, capsys):

@@ -322,6 +322,11 @@ def test_a_second_server_on_a_served_port_fails_to_start(served, tmp_path, capsy
     with pytest.raises(MissingError, match="no loadable SavedModel versions"):
         serve(str(tmp_path), port=0)
     assert main(["--model_base_path", str(tmp_path / "missing"), "--port", "0"]) == 2
+    for flag, value in (("--max_workers", "0"), ("--max_batch_size", "0"), ("--file_system_poll_wait_seconds", "nan"),
+                        ("--port", "70000")):
+        with pytest.raises(SystemExit):  # argparse's usage error, exit 2, not a traceback
+            main(["--model_base_path", base, flag, value])
+        assert f"{flag}: must be" in capsys.readouterr().err
 
 
 def test_health_and_graceful_stop_on_sigterm(served):

@@ -30,6 +30,7 @@ from typing import Sequence
 from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, TRAINED_MODEL_FIELDS, ModelConfig, Recipe, TrainConfig,
                                   load_recipe, recipe_names)
 from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
+from tf_retrieval import flags
 
 logger = logging.getLogger("tf_retrieval")
 
@@ -77,28 +78,6 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
         check_adapted_features(args.model_config, config)
     return config
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of counts such as --batch-size and --shards: a whole number, at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    """argparse type of --port flags: a TCP port number, 0 to 65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
-    return value
 
 
 def _model_flags_given(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -205,6 +184,14 @@ def cmd_index(args: argparse.Namespace) -> None:
         if args.dataset:
             raise InvalidInputError("--dataset builds a new index, --add / --delete change an existing one: give one "
                                     "or the other")
+        ignored = [flag for flag, given in (
+            ("--split", args.split), ("--limit", args.limit is not None), ("--from-pipeline", args.from_pipeline),
+            ("--metric", args.metric), ("--backend", args.backend != "auto"), ("--shards", args.shards != 1),
+            ("--target-recall", args.target_recall is not None), ("--dba", args.dba), ("--alpha", args.alpha != 3.0))
+            if given]
+        if ignored:
+            raise InvalidInputError(f"--add / --delete change a bundle with its own index settings and model; drop "
+                                    f"{', '.join(ignored)} (or rebuild the bundle with them)")
         bundle = _bundle(args, args.name or _model_config(args).name)
         result = update_from_folder(bundle, add_folder=args.add, delete=args.delete or (), workdir=_workdir(args),
                                     batch_size=args.batch_size, runtime=args.runtime)
@@ -342,6 +329,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = _model_config(args)
     store = _records_store(args)
+    if store is not None and args.metric not in (None, config.metric):
+        raise InvalidInputError(f"--records keeps one record per model, ranked as the model ranks ({config.metric}): "
+                                f"--metric {args.metric} would replace it; drop --records or --metric")
     trained = config.head is not None or config.weights not in ("imagenet", None)
     if args.seed and args.protocol in SEEDED_PROTOCOLS and trained:
         raise InvalidInputError(f"--seed {args.seed}: training drew {args.protocol}'s split with seed 0, so another "
@@ -619,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .npy file")
     embed.add_argument("--server", help="embed through TF Serving: gRPC HOST:PORT or REST http://HOST:PORT; replicas: A:PORT,B:PORT")
     embed.add_argument("--server-model", help="model name on the server (default: the model name)")
-    embed.add_argument("--batch-size", type=_positive_int, default=64)
+    embed.add_argument("--batch-size", type=flags.positive_int, default=64)
     _add_runtime_arg(embed)
 
     index = command("index", cmd_index, "build an index bundle of a collection, or add / remove images")
@@ -633,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--target-recall", type=float,
                        help="ScaNN: the recall@10 its automatic settings aim at, e.g. 0.9 (faster) or 0.99 "
                             "(see tf_retrieval.search.index.scann_params); default: its own settings")
-    index.add_argument("--shards", type=_positive_int, default=1,
+    index.add_argument("--shards", type=flags.positive_int, default=1,
                        help="split the index by image id into N shards, searched in parallel and merged (each a "
                             "complete index of --backend under <bundle>/index/shard-NNNNN)")
     index.add_argument("--from-pipeline", metavar="MANIFEST",
@@ -644,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--delete", nargs="+", metavar="ID",
                        help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
                             "rebuilding it")
-    index.add_argument("--batch-size", type=_positive_int, default=64)
+    index.add_argument("--batch-size", type=flags.positive_int, default=64)
     _add_search_args(index, expand=False)
     _add_runtime_arg(index)
 
@@ -655,8 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--data-dir", help="tfds data directory")
     pipeline.add_argument("--model-dir", required=True, help="an exported model version, e.g. artifacts/models/baseline/1")
     pipeline.add_argument("--out", required=True, help="output prefix, e.g. artifacts/vectors/cifar10 (local or gs://)")
-    pipeline.add_argument("--shards", type=_positive_int, default=4, help="output shards")
-    pipeline.add_argument("--batch-size", type=_positive_int, default=64, help="largest batch per model call")
+    pipeline.add_argument("--shards", type=flags.positive_int, default=4, help="output shards")
+    pipeline.add_argument("--batch-size", type=flags.positive_int, default=64, help="largest batch per model call")
     pipeline.add_argument("beam_args", nargs=argparse.REMAINDER,
                           help="after --: Beam pipeline options (default: --runner=DirectRunner --direct_num_workers=2 "
                                "--direct_running_mode=multi_processing)")
@@ -692,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="draws cifar10-1's queries and training images (trained "
                                                           "models: 0, the draw training used)")
     _add_search_args(evaluate)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
+    evaluate.add_argument("--batch-size", type=flags.positive_int, default=64)
     _add_runtime_arg(evaluate)
 
     adapt = command("adapt", cmd_adapt, "fuse a model's frozen features (whitened or not) with its trained head")
@@ -718,10 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=10000, help="database images from the CIFAR-10 train split")
     demo.add_argument("-k", type=int, default=10)
     demo.add_argument("--seed", type=int, default=0, help="picks the query test image")
-    demo.add_argument("--batch-size", type=_positive_int, default=64)
+    demo.add_argument("--batch-size", type=flags.positive_int, default=64)
     _add_runtime_arg(demo)
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8080)
+    demo.add_argument("--port", type=flags.port, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
     demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the CIFAR-10 run "
                                                          "with the best validation MAP@R, else a head trained now)")
@@ -737,14 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-base-path", help="a model directory or a directory of models (default <workdir>/models)")
     serve.add_argument("--model-name", help="served name when the base path is one model's directory")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8500, help="gRPC port")
-    serve.add_argument("--rest-port", type=_port, default=8501, help="TF Serving REST API port (0: none)")
+    serve.add_argument("--port", type=flags.port, default=8500, help="gRPC port")
+    serve.add_argument("--rest-port", type=flags.port, default=8501, help="TF Serving REST API port (0: none)")
     serve.add_argument("--version-policy", default="latest", help="versions served: latest (default), latest:N, all, "
                                                                   "or specific:1,3")
-    serve.add_argument("--poll-seconds", type=float, default=2.0, help="how often new versions are looked for")
-    serve.add_argument("--max-workers", type=int, default=8)
-    serve.add_argument("--max-batch-size", type=int, default=1024)
-    serve.add_argument("--rest-max-connections", type=_positive_int, default=64,
+    serve.add_argument("--poll-seconds", type=flags.seconds, default=2.0,
+                       help="how often new versions are looked for (0: never)")
+    serve.add_argument("--max-workers", type=flags.positive_int, default=8)
+    serve.add_argument("--max-batch-size", type=flags.positive_int, default=1024)
+    serve.add_argument("--rest-max-connections", type=flags.positive_int, default=64,
                        help="REST connections served at once (one thread each); one more is answered 503")
     serve.add_argument("--rest-timeout", type=float, default=30.0,
                        help="seconds after which a stalled REST connection (request body, idle keep-alive) is closed")
@@ -758,9 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--data-dir", help="tfds data directory of the indexed collections")
     _add_runtime_arg(web)
     web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=_port, default=8080)
-    web.add_argument("--threads", type=_positive_int, default=8, help="request threads per worker process")
-    web.add_argument("--workers", type=_positive_int, default=1,
+    web.add_argument("--port", type=flags.port, default=8080)
+    web.add_argument("--threads", type=flags.positive_int, default=8, help="request threads per worker process")
+    web.add_argument("--workers", type=flags.positive_int, default=1,
                      help="server processes (each loads the models and the index; more than one keeps several cores "
                           "busy under load: e.g. the number of cores)")
     web.add_argument("--max-upload-mb", type=float, default=10.0)
