@@ -10,8 +10,14 @@ from tf_retrieval.cli import build_parser, main
 SMALL_MODEL = ["--backbone", "mobilenet_v2", "--image-size", "32", "--weights", "none"]
 
 
-@pytest.mark.parametrize("command", ["embed", "index", "search", "evaluate", "demo", "export", "serve", "train",
-                                     "compare"])
+def commands() -> list[str]:
+    import argparse
+
+    (subcommands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return sorted(subcommands.choices)
+
+
+@pytest.mark.parametrize("command", commands())
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -368,6 +374,8 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         os.remove(os.path.join(workdir, "indexes", "demo-baseline", "model.json"))  # a damaged bundle is rebuilt
         assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", "--baseline-only", *SMALL_MODEL]) == 0
         assert "demo-baseline: config file not found" in capsys.readouterr().out
+        assert "drop --finetuned or --baseline-only" in run_error(
+            ["--workdir", workdir, "demo", "--no-web", "--baseline-only", "--finetuned", "some-run"], capsys)
         assert main(["--workdir", workdir, "train", "--protocol", "cifar10-2", "--image-size", "32", "--embedding-dim", "8", "--hidden-dim", "8", "--epochs", "1", "--steps-per-epoch", "2",
                      "--validation-fraction", "0.5"]) == 0
         served = {}

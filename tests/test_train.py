@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tf_retrieval.models.heads import build_head, split_backbone
-from tf_retrieval.vectors import binarize, hamming_distances, pack_codes
+from tf_retrieval.vectors import hamming_distances, pack_codes
 from tf_retrieval.data.protocols import Protocol
 from tf_retrieval.evaluation.evaluate import leave_one_out_map_at_r as map_at_r
 from tf_retrieval.features.embedding import head_function
@@ -54,7 +54,7 @@ def test_balanced_batches_hold_k_images_of_p_classes(rng):
 
 def test_hash_codes_pack_and_rank_by_hamming_distance():
     codes = np.array([[0.9, -0.2, 0.1, -0.8], [-0.5, -0.1, 0.3, 0.7], [0.2, 0.4, -0.6, -0.9]])
-    signs = binarize(codes)
+    signs = np.where(codes >= 0, 1.0, -1.0)  # the +-1 codes the bits stand for
     assert signs.tolist() == [[1, -1, 1, -1], [-1, -1, 1, 1], [1, 1, -1, -1]]
     packed = pack_codes(codes)
     assert packed.dtype == np.uint8 and packed.shape == (3, 1)

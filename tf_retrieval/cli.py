@@ -380,10 +380,12 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Indexes CIFAR-10 train images with the frozen baseline and a fine-tuned model (a training run: --finetuned
-    RUN, else the best CIFAR-10 run by validation MAP@R, else a head trained now on the cached features), answers a
+    RUN, else the best cifar10-2 run by validation MAP@R, else a head trained now on the cached features), answers a
     query with a test image, then serves the search page with both models side by side."""
     from tf_retrieval.demo import demo_query, prepare_demo
 
+    if args.finetuned and args.baseline_only:
+        raise InvalidInputError("--baseline-only indexes no fine-tuned model: drop --finetuned or --baseline-only")
     web = None if args.no_web else _web()
     sock = None if web is None else web.reserve_port(args.host, args.port)  # a busy port fails before slow work
     engines = prepare_demo(_model_config(args), workdir=_workdir(args), limit=args.limit, data_dir=args.data_dir,
@@ -713,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=flags.port, default=8080)
     demo.add_argument("--no-web", action="store_true", help="stop after the query instead of serving the page")
-    demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the CIFAR-10 run "
+    demo.add_argument("--finetuned", metavar="RUN", help="the training run to compare (default: the cifar10-2 run "
                                                          "with the best validation MAP@R, else a head trained now)")
     demo.add_argument("--baseline-only", action="store_true", help="do not index a fine-tuned model")
 

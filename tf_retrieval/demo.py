@@ -1,7 +1,7 @@
 """The one-command demo: CIFAR-10 indexed with the frozen baseline and a fine-tuned model, side by side.
 
 `prepare_demo` builds (once) an index bundle of the first `limit` CIFAR-10 train images for the baseline and for a
-fine-tuned model: a given training run, else the newest CIFAR-10 run under `<workdir>/runs`, else a small head that it
+fine-tuned model: a given training run, else the best cifar10-2 run under `<workdir>/runs`, else a small head that it
 trains on the demo's cached features (a minute or two on 2 cores, with a progress bar). Bundles that already hold the
 demo's images are reused, so a second start takes seconds.
 """
@@ -73,14 +73,14 @@ def train_demo_head(base: ModelConfig, database: ImageCollection, *, workdir: st
 def finetuned_model(base: ModelConfig, database: ImageCollection, *, workdir: str, run_dir: str | None = None,
                     train_if_missing: bool = True, runtime: str = "litert",
                     say: Callable[[str], None] = print) -> ModelConfig | None:
-    """The demo's fine-tuned model: of `run_dir`, else of the best finished CIFAR-10 float-embedding run under
-    `<workdir>/runs` (`config.best_run`), else (with `train_if_missing`) a head trained now on the baseline's
-    features."""
+    """The demo's fine-tuned model: of `run_dir`, else of the best finished cifar10-2 float-embedding run under
+    `<workdir>/runs` (`config.best_run`; cifar10-1 and cifar10-unseen runs trained on CIFAR-10 test images, which the
+    demo queries with), else (with `train_if_missing`) a head trained now on the baseline's features."""
     from tf_retrieval.config import best_run, load_run
 
     if run_dir:
         return load_run(run_dir)[1]
-    found = best_run(os.path.join(workdir, "runs"), protocol_prefix="cifar10", hashing=False)
+    found = best_run(os.path.join(workdir, "runs"), protocol_prefix="cifar10-2", hashing=False)
     if found:
         return load_run(found)[1]
     if not train_if_missing:

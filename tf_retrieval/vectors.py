@@ -25,11 +25,6 @@ def code_bytes(bits: int) -> int:
     return (int(bits) + 7) // 8
 
 
-def binarize(codes: np.ndarray) -> np.ndarray:
-    """Real-valued codes [n, bits] (e.g. tanh outputs) -> +-1 float32 codes (0 counts as +1)."""
-    return np.where(np.asarray(codes) >= 0, 1.0, -1.0).astype(np.float32)
-
-
 def pack_codes(codes: np.ndarray) -> np.ndarray:
     """Real-valued or +-1 codes [n, bits] -> packed uint8 [n, ceil(bits / 8)] (bit = output >= 0)."""
     codes = np.asarray(codes)
