@@ -386,6 +386,8 @@ def test_resize_and_crop_images_batches_images_of_any_sizes():
     for image, resized in zip(images, batch):
         np.testing.assert_array_equal(resized, resize_and_crop_array(image, 24))
     assert resize_and_crop_images([], 24).shape == (0, 24, 24, 3)
+    one_at_a_time = resize_and_crop_images((image for image in images), 24, count=3)  # a generator: decoded lazily
+    np.testing.assert_array_equal(one_at_a_time, batch)
     with pytest.raises(InvalidInputError, match="C-contiguous float32 array"):
         resize_and_crop_array(images[0], 24, out=np.empty((24, 24, 3), np.float64))
 

@@ -248,8 +248,8 @@ def index_from_shards(manifest_path: str, bundle_dir: str, *, data_dir: str | No
     manifest, files = read_manifest(manifest_path)
     config = ModelConfig.from_dict(manifest["model_config"])
     vector_of = {image_id: vector for image_id, _, vector in read_records(files)}
-    collection = load_collection(manifest["source"], data_dir=data_dir,
-                                 splits=[manifest["split"]] if manifest.get("split") else None)
+    collection = load_collection(manifest["source"], data_dir=data_dir,  # listed: the run decoded them
+                                 splits=[manifest["split"]] if manifest.get("split") else None, validate=False)
     keep = np.array([i for i, image_id in enumerate(collection.ids) if image_id in vector_of], dtype=np.int64)
     if len(keep) == 0:
         raise InvalidInputError(f"none of the {len(vector_of)} embedded ids is an image of {manifest['source']}")

@@ -284,12 +284,13 @@ def resize_and_crop_array(image: np.ndarray, size: int, out: np.ndarray | None =
     return np.clip(out, 0.0, 255.0, out=out)
 
 
-def resize_and_crop_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+def resize_and_crop_images(images: Iterable[np.ndarray], size: int, count: int | None = None) -> np.ndarray:
     """`resize_and_crop_array` of each decoded image, as one float32 batch [n, size, size, 3] (each image written in
-    place: no per-image array and no copy to stack them)."""
+    place: no per-image array and no copy to stack them). `images` may be a generator of `count` images, decoded one
+    at a time: a batch of large photos then holds one of them in memory, not all."""
     from tf_retrieval.runtime import one_blas_thread
 
-    pixels = np.empty((len(images), size, size, 3), np.float32)
+    pixels = np.empty((len(images) if count is None else count, size, size, 3), np.float32)
     with one_blas_thread():  # small matrix products: BLAS threads would only contend with the caller's
         for image, target in zip(images, pixels):
             resize_and_crop_array(image, size, out=target)
@@ -413,8 +414,8 @@ class ImageCollection:
         import itertools
 
         def load(start: int) -> np.ndarray:
-            return resize_and_crop_images([self.image(i) for i in range(start, min(start + batch_size, len(self)))],
-                                          image_size)
+            positions = range(start, min(start + batch_size, len(self)))
+            return resize_and_crop_images((self.image(i) for i in positions), image_size, count=len(positions))
 
         threads = threads or os.cpu_count() or 1
         starts = iter(range(0, len(self), batch_size))
