@@ -523,6 +523,22 @@ def test_scann_calibrates_its_search_on_high_dimensional_data(mode, size, rng, c
     assert ("calibrated_recall" in fixed.built_params) == (mode == "tree_ah")
 
 
+def test_scann_calibration_scans_more_leaves_before_it_settles_and_says_so(rng, caplog):
+    """Unclustered data is the worst case of a tree: what the usual shares of its leaves reach is not the target, so
+    half the leaves and then all of them are tried, and a target still missed is a warning."""
+    import logging
+
+    db = rng.standard_normal((3000, 257)).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="tf_retrieval.search.index"):
+        scann = build_index(db, backend="scann", params={"mode": "tree_ah", "num_leaves": 2000})
+        scann.search(db[:1], 10)
+    params = scann.built_params
+    assert params["num_leaves"] == 60  # as many as 3,000 vectors make (50 each), not the 2,000 asked for
+    assert params["leaves_to_search"] > 20 and "of 60 leaves" in caplog.text  # beyond the default share
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "not reached" in r.getMessage()]
+    assert bool(warned) == (params["calibrated_recall"] < 0.99)
+
+
 @pytest.mark.parametrize("metric", ["dot", "euclidean"])
 def test_sharded_exact_search_equals_one_exact_index_through_ties_in_any_id_order(metric, rng):
     """Small integer vectors score exactly (no rounding), each stored 20 times under ids in random order: ties

@@ -611,6 +611,7 @@ class ScannIndex(Index):
             leaves = None
             if params["mode"] == "tree_ah":
                 leaves = min(params["num_leaves"], max(1, n // 50))  # ScaNN's default minimum partition size is 50
+                params["num_leaves"] = leaves  # what the tree has, as saved and reported
                 builder = builder.tree(num_leaves=leaves, num_leaves_to_search=min(params["leaves_to_search"], leaves),
                                        training_sample_size=min(n, params["tree_training_sample_size"]),
                                        spherical=params["spherical"])
@@ -672,7 +673,11 @@ class ScannIndex(Index):
             codes = n * (searched / leaves if leaves else 1.0) * self.dim / params["dims_per_block"]
             return codes + RESCORE_COST * reorder * self.dim
 
-        for searched, reorder in sorted(((a, b) for a in scanned for b in reorders), key=cost):
+        settings = sorted(((a, b) for a in scanned for b in reorders), key=cost)
+        if len(scanned) > 1:  # tried last, where none of those reaches the target: half the leaves, then all
+            settings += [(math.ceil(leaves * share), reorder) for share in (1 / 2, 1) for reorder in reorders
+                         if math.ceil(leaves * share) > max(scanned)]
+        for searched, reorder in settings:
             params["reorder"] = reorder
             if leaves:
                 params["leaves_to_search"] = searched
@@ -681,8 +686,10 @@ class ScannIndex(Index):
             if recall >= target:
                 break
         scans = f" scanning {params['leaves_to_search']} of {leaves} leaves" if leaves else ""
-        logger.info("ScaNN re-scores %d candidates per query%s: recall@%d %.3f on %d indexed vectors (target %.2f)",
-                    params["reorder"], scans, k, recall, len(rows), target)
+        logger.log(logging.INFO if recall >= target else logging.WARNING,
+                   "ScaNN re-scores %d candidates per query%s: recall@%d %.3f on %d indexed vectors (target %.2f%s)",
+                   params["reorder"], scans, k, recall, len(rows), target,
+                   "" if recall >= target else ": not reached; an exact index (--backend exact) finds every neighbour")
         params["calibrated_recall"] = round(float(recall), 4)
 
     def tune(self, *, leaves_to_search: int | None = None, reorder: int | None = None) -> dict[str, Any]:
