@@ -128,12 +128,15 @@ def find_duplicates(engine: RetrievalEngine, threshold: float = 0.95, *, k: int 
     positions_of = dict(zip(engine.index.ids.tolist(), engine.positions_of(engine.index.ids).tolist()))
     ids = engine.collection.ids
     groups = []
-    for members in connected_groups(pairs):
+    components = connected_groups(pairs)
+    group_of = {member: number for number, members in enumerate(components) for member in members}
+    edges_of: list[list] = [[] for _ in components]  # each pair under its group, in one pass over the pairs
+    for (a, b), score in pairs.items():
+        edges_of[group_of[a]].append((ids[positions_of[a]], ids[positions_of[b]], score))
+    for members, edges in zip(components, edges_of):
         positions = sorted(positions_of[m] for m in members)
-        inside = set(members)
-        edges = sorted(((ids[positions_of[a]], ids[positions_of[b]], score) for (a, b), score in pairs.items()
-                        if a in inside), key=lambda edge: (-edge[2], edge[0], edge[1]))
-        groups.append(DuplicateGroup(positions=positions, ids=[ids[p] for p in positions], pairs=edges))
+        groups.append(DuplicateGroup(positions=positions, ids=[ids[p] for p in positions],
+                                     pairs=sorted(edges, key=lambda edge: (-edge[2], edge[0], edge[1]))))
     return sorted(groups, key=lambda group: group.positions[0])
 
 

@@ -3,7 +3,9 @@
 For collections beyond one machine's memory (or one index's build time), the vectors are split by id into shards of the
 same backend (`exact`, `scann`). A search asks every shard for its own top k (in a thread pool: ScaNN and numpy release
 Python's lock) and merges them by score, ties broken by id, so over exact shards the merged answer equals one exact
-index over everything (tests/test_index.py checks it). Each shard is a complete index on disk (`<dir>/shard-00000/`,
+index over everything (tests/test_index.py checks it), up to float rounding: BLAS may round the same dot product
+differently for a shard than for the whole, so vectors with truly equal scores (duplicates) can come out one ulp
+apart and be ordered by that, not by id. Each shard is a complete index on disk (`<dir>/shard-00000/`,
 its own manifest and checksums); the sharded manifest lists them. A shard directory can be copied to another machine
 and searched there: the merge only needs each shard's (scores, ids).
 
