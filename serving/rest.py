@@ -117,7 +117,7 @@ class RestApi:
         request = predict_pb2.PredictRequest(model_spec=spec)
         for name, array in arrays.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(array, dtype=dtypes[name]))
-        response = self.core.predict(request)
+        response = self.core.predict_on(servable, request)
         outputs = {name: tf.make_ndarray(proto) for name, proto in sorted(response.outputs.items())}
         return _predictions(outputs) if rows else _outputs(outputs)
 

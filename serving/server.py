@@ -376,9 +376,13 @@ class ServingCore:
 
     def predict(self, request):
         """PredictRequest -> PredictResponse, outputs as typed fields (`float_val`, ...) like TF Serving's default."""
+        return self.predict_on(self.resolve(request.model_spec), request)
+
+    def predict_on(self, servable: LoadedVersion, request):
+        """`predict` on a version resolved already (REST types its JSON by that version's signature: the same
+        version answers, even where the poller unloads it meanwhile)."""
         from tensorflow_serving.apis import predict_pb2
 
-        servable = self.resolve(request.model_spec)
         signature_name, signature_def, function, run = servable.signature(request.model_spec.signature_name)
         wanted = list(request.output_filter) or list(signature_def.outputs)
         for alias in wanted:

@@ -104,6 +104,13 @@ def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
         thread.start()
         thread.join()
     assert fast._forward.runners == built
+    fast._forward._slots = threading.BoundedSemaphore(1)  # MAX_RUNNERS 1: calls beyond it wait, none is built
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and fast._forward.runners == built
     for number in range(3):
         np.testing.assert_allclose(results[number], whole[number:number + 2], atol=1e-5)
     with pytest.raises(InvalidInputError, match=r"expected pixels of shape \[n, 64, 64, 3\]"):

@@ -143,9 +143,10 @@ def interpreter_class():
 class LiteRTModel:
     """Calls a one-input, one-output flatbuffer like a model: `model(pixels) -> outputs`.
 
-    An interpreter must only be used by one call at a time, so calls made at the same time get one each; up to
-    `MAX_IDLE` of them are kept between calls and reused (a server that starts a thread per connection does not build
-    one per request); each one's input is resized to the batch it is given, without converting again.
+    An interpreter must only be used by one call at a time, so calls made at the same time get one each, up to
+    `MAX_RUNNERS` (more wait for one: each runs `num_threads` kernel threads, and a REST server may run 64 calls at
+    once); they are kept between calls and reused (a server that starts a thread per connection does not build one per
+    request); each one's input is resized to the batch it is given, without converting again.
 
     Args:
       flatbuffer: the model (`convert`).
@@ -154,8 +155,8 @@ class LiteRTModel:
         `ai-edge-litert`; raises here when it is missing or cannot run the model).
     """
 
-    #: Interpreters kept between calls (each holds its tensors and `num_threads` kernel threads).
-    MAX_IDLE = 8
+    #: The most interpreters built (each holds its tensors and `num_threads` kernel threads), all kept between calls.
+    MAX_RUNNERS = 8
 
     def __init__(self, flatbuffer: bytes, num_threads: int | None = None, precision: str = "fp32"):
         if precision not in ("fp32", "fp16"):
@@ -164,6 +165,7 @@ class LiteRTModel:
         self.num_threads = num_threads or int(os.environ.get("TFR_LITERT_THREADS") or 0) or os.cpu_count() or 1
         self._idle = [self._new_runner()]  # built here, so a model that cannot run fails now, not on a request
         self._idle_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.MAX_RUNNERS)  # a call holds one while it runs
         self.input_shape = self._idle[0].input_shape
         self.runners = 1  # interpreters built so far
 
@@ -176,17 +178,17 @@ class LiteRTModel:
         if tuple(pixels.shape[1:]) != tuple(self.input_shape[1:]):
             raise InvalidInputError(f"expected pixels of shape [n, {', '.join(map(str, self.input_shape[1:]))}], "
                                     f"got {list(pixels.shape)}")
-        with self._idle_lock:
-            runner = self._idle.pop() if self._idle else None
-        if runner is None:  # every one is busy
-            runner = self._new_runner()
+        with self._slots:
             with self._idle_lock:
-                self.runners += 1
-        try:
-            return runner(pixels)
-        finally:
-            with self._idle_lock:
-                if len(self._idle) < self.MAX_IDLE:
+                runner = self._idle.pop() if self._idle else None
+            if runner is None:  # every one built is busy, and fewer than MAX_RUNNERS are built
+                runner = self._new_runner()
+                with self._idle_lock:
+                    self.runners += 1
+            try:
+                return runner(pixels)
+            finally:
+                with self._idle_lock:
                     self._idle.append(runner)
 
 
