@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the bundle from the vectors a `tfr pipeline` run wrote (its .manifest.json)")
     index.add_argument("--add", metavar="FOLDER",
                        help="add the images of FOLDER that the bundle --name does not hold yet (embedded with the "
-                            "bundle's own model), without rebuilding it")
+                            "bundle's own model), without rebuilding it; a picture replaced under an id the bundle "
+                            "holds is re-embedded with --delete ID --add FOLDER (deletes run first)")
     index.add_argument("--delete", nargs="+", metavar="ID",
                        help="remove these image ids (as `tfr search` prints them) from the bundle --name, without "
                             "rebuilding it")
