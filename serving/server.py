@@ -111,7 +111,8 @@ class VersionPolicy:
 @dataclasses.dataclass
 class LoadedVersion:
     """One loaded SavedModel version: its callable signatures and their SignatureDef protos; `fast` holds the
-    signatures answered by LiteRT instead (`litert_signatures`)."""
+    signatures answered by LiteRT instead (`litert_signatures`), and `decoded` a tf_retrieval export's
+    `serving_default` on TensorFlow, its images decoded as at index time (`_decoded_as_indexed`)."""
 
     name: str
     version: int
@@ -119,6 +120,7 @@ class LoadedVersion:
     model: object
     signature_defs: dict
     fast: dict = dataclasses.field(default_factory=dict)
+    decoded: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, version: int, path: str, runtime: str = "tf") -> LoadedVersion:
@@ -133,7 +135,14 @@ class LoadedVersion:
         from tf_retrieval.features.litert import LITERT_PRECISIONS
 
         fast = litert_signatures(path, LITERT_PRECISIONS[runtime]) if runtime in LITERT_PRECISIONS else {}
-        return cls(name, version, path, tf.saved_model.load(path), signature_defs, fast)
+        model = tf.saved_model.load(path)
+        image_size = _export_image_size(path)
+        decoded = {}
+        if not fast and image_size and {DEFAULT_SIGNATURE, "embed_pixels"} <= set(signature_defs):
+            embed_pixels = model.signatures["embed_pixels"]
+            decoded[DEFAULT_SIGNATURE] = _decoded_as_indexed(
+                lambda pixels: embed_pixels(images=tf.constant(pixels)), image_size)
+        return cls(name, version, path, model, signature_defs, fast, decoded)
 
     def signature(self, signature_name: str):
         """(name, SignatureDef, concrete function, function that runs it) of a signature ("" is `serving_default`);
@@ -144,60 +153,60 @@ class LoadedVersion:
                                f'Serving signature key "{name}" not found. Signatures of {self.name} version '
                                f"{self.version}: {sorted(self.signature_defs)}")
         function = self.model.signatures[name]
-        run = self.fast.get(name) or (_upright_images(function) if name == DEFAULT_SIGNATURE else function)
-        return name, self.signature_defs[name], function, run
+        return name, self.signature_defs[name], function, self.fast.get(name) or self.decoded.get(name) or function
 
 
-def _upright_images(function):
-    """`serving_default` on TensorFlow, given each image as its graph decodes it as `decode_image` does
-    (`encoded_for_graph`: EXIF orientation applied, TIFF / WebP / palettes / 16 bits made plain PNG) after the same size
-    checks: this server answers the same embedding for a file on either runtime."""
-    import tensorflow as tf
-
-    from tf_retrieval.data.images import encoded_for_graph
-
-    def run(images):
-        try:
-            ready = [encoded_for_graph(data, name=f"image {i}") for i, data in enumerate(images.numpy())]
-        except ValueError as exc:  # ImageDecodeError, with TF Serving's status
-            raise invalid_argument(f"the model rejected the input: {exc}") from None
-        return function(images=tf.constant(ready, tf.string, shape=[len(ready)]))
-
-    return run
-
-
-def litert_signatures(path: str, precision: str = "fp32") -> dict:
-    """The exported signatures of a version, run by LiteRT (in `precision`: "fp32" or "fp16") on its
-    `assets.extra/model.tflite`: {name: function of the checked input tensors -> {"embedding": array}}; empty when the
-    version has no flatbuffer (or LiteRT fails on it)."""
+def _export_image_size(path: str) -> int | None:
+    """The image size a tf_retrieval export says it takes (`assets.extra/config.json`); None for other SavedModels."""
     import json
 
+    try:
+        with open(os.path.join(path, "assets.extra", "config.json"), encoding="utf-8") as f:
+            return int(json.load(f)["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _decoded_as_indexed(embed_pixels, image_size: int):
+    """`serving_default` of a tf_retrieval export: each image decoded as at index time (`decode_image`: EXIF
+    orientation, every format it reads, its size limits checked from the header) and resized by the shared resize,
+    then `embed_pixels` (LiteRT's, or the SavedModel's own on TensorFlow): a file embeds alike on either runtime."""
     import numpy as np
 
     from tf_retrieval.data.images import decode_image, resize_and_crop_array
-    from tf_retrieval.features.litert import load_litert
-    from tf_retrieval.serving.export import LITERT_FILE
-
-    try:
-        with open(os.path.join(path, LITERT_FILE), "rb") as f:
-            model, _ = load_litert(f.read(), precision)
-        with open(os.path.join(path, "assets.extra", "config.json"), encoding="utf-8") as f:
-            image_size = int(json.load(f)["image_size"])
-    except FileNotFoundError:
-        return {}
-    except Exception as exc:  # noqa: BLE001 - a flatbuffer LiteRT cannot run: TensorFlow still serves the version
-        logger.warning("%s: LiteRT cannot run %s (%s: %s); serving it with TensorFlow", path, LITERT_FILE,
-                       type(exc).__name__, exc)
-        return {}
 
     def embed_bytes(images):
         try:
             decoded = [decode_image(data, name=f"image {i}") for i, data in enumerate(images.numpy())]
         except ValueError as exc:  # ImageDecodeError, with TF Serving's status
             raise invalid_argument(f"the model rejected the input: {exc}") from None
-        return {"embedding": model(np.stack([resize_and_crop_array(image, image_size) for image in decoded]))}
+        return embed_pixels(np.stack([resize_and_crop_array(image, image_size) for image in decoded]))
 
-    return {"serving_default": embed_bytes, "embed_pixels": lambda images: {"embedding": model(images.numpy())}}
+    return embed_bytes
+
+
+def litert_signatures(path: str, precision: str = "fp32") -> dict:
+    """The exported signatures of a version, run by LiteRT (in `precision`: "fp32" or "fp16") on its
+    `assets.extra/model.tflite`: {name: function of the checked input tensors -> {"embedding": array}}; empty when the
+    version has no flatbuffer (or LiteRT fails on it)."""
+    from tf_retrieval.features.litert import load_litert
+    from tf_retrieval.serving.export import LITERT_FILE
+
+    image_size = _export_image_size(path)
+    try:
+        with open(os.path.join(path, LITERT_FILE), "rb") as f:
+            model, _ = load_litert(f.read(), precision)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # noqa: BLE001 - a flatbuffer LiteRT cannot run: TensorFlow still serves the version
+        logger.warning("%s: LiteRT cannot run %s (%s: %s); serving it with TensorFlow", path, LITERT_FILE,
+                       type(exc).__name__, exc)
+        return {}
+    if image_size is None:
+        logger.warning("%s: no image size in assets.extra/config.json; serving it with TensorFlow", path)
+        return {}
+    return {"serving_default": _decoded_as_indexed(lambda pixels: {"embedding": model(pixels)}, image_size),
+            "embed_pixels": lambda images: {"embedding": model(images.numpy())}}
 
 
 @dataclasses.dataclass

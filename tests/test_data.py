@@ -156,16 +156,27 @@ def test_encoded_for_graph_gives_the_exported_models_decoder_the_pixels_of_decod
     pixels = rng.integers(0, 255, (12, 18, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = 6
-    plain = [encode(pixels, "JPEG"), encode(pixels, "PNG"), encode(pixels[..., 0], "PNG")]
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    mpo = io.BytesIO()
+    Image.fromarray(pixels).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(pixels[::-1])])
+    plain = [encode(pixels, "JPEG"), encode(pixels, "PNG"), encode(pixels[..., 0], "PNG"),
+             encode(np.dstack([pixels, pixels[..., :1]]), "PNG"), encode(pixels, "JPEG", exif=upright.tobytes()),
+             mpo.getvalue()]
     for data in plain:  # nearly every file: sent as it is
         assert encoded_for_graph(data) == data
-    converted = [encode(pixels, "JPEG", exif=exif.tobytes()), encode(pixels, "TIFF"), encode(pixels, "WEBP", lossless=True),
-                 encode(pixels, "GIF"), encode(pixels[..., 0].astype(np.uint16) * 257, "PNG"),
-                 encode(np.dstack([pixels, pixels[..., :1]]), "PNG")]
+    converted = [encode(pixels, "JPEG", exif=exif.tobytes()), encode(pixels, "PNG", exif=exif.tobytes()),
+                 encode(pixels, "TIFF"), encode(pixels, "WEBP", lossless=True),
+                 encode(pixels, "GIF"), encode(pixels[..., 0].astype(np.uint16) * 257, "PNG")]
     for data in plain + converted:
         ready = encoded_for_graph(data)
         np.testing.assert_array_equal(decode_in_graph(ready).numpy(), decode_image(data))
-    assert decode_image(encoded_for_graph(converted[0])).shape == (18, 12, 3)  # upright
+    for data in converted[:2]:  # upright
+        assert decode_image(encoded_for_graph(data)).shape == (18, 12, 3)
+    noise = encode(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "JPEG", exif=exif.tobytes())  # PNG: 12 kB
+    assert len(noise) < 8000
+    with pytest.raises(ImageDecodeError, match="as a PNG, it takes .* bytes, more than the limit of 8,000"):
+        encoded_for_graph(noise, max_bytes=8000)
     with pytest.raises(ImageDecodeError, match="possible decompression bomb"):
         encoded_for_graph(png_header_only(100_000, 100_000))
     with pytest.raises(ImageDecodeError, match="upload: not an image"):

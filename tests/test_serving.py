@@ -162,6 +162,27 @@ def test_phone_photos_and_other_formats_embed_as_indexed_on_tensorflow(served, c
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_savedmodel_of_another_kind_serves_unchanged(tmp_path):
+    """Only a tf_retrieval export's `serving_default` decodes images as indexing does; any other model's signature
+    runs as it is (here one that takes `x`)."""
+    class Doubler(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+        def double(self, x):
+            return {"y": 2 * x}
+
+    module = Doubler()
+    tf.saved_model.save(module, str(tmp_path / "doubler" / "1"), signatures={"serving_default": module.double})
+    server = serve(str(tmp_path), port=0, poll_seconds=0, runtime="tf")
+    try:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "doubler"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[1, 2]], np.float32)))
+        response = stubs(server.port)[0].Predict(request, timeout=30)
+        np.testing.assert_array_equal(tf.make_ndarray(response.outputs["y"]), [[2, 4]])
+    finally:
+        server.stop(grace=1)
+
+
 def test_requests_are_split_by_bytes_as_well_as_by_count(served, client, rng):
     sent = []
     embed = client._embed

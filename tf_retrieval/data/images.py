@@ -155,9 +155,12 @@ def _has_app1(data) -> bool:
     return True
 
 
-#: What the exported model's in-graph decoder (`serving.export.decode_for_model`) reads exactly as `decode_image` does.
-GRAPH_FORMATS = {"JPEG": ("RGB", "L"), "PNG": ("RGB", "L")}
+#: What the exported model's in-graph decoder (`serving.export.decode_for_model`) reads exactly as `decode_image` does:
+#: formats and PIL modes (MPO: a camera's multi-picture JPEG, whose first picture both decode).
+GRAPH_FORMATS = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L"), "PNG": ("RGB", "L", "RGBA", "LA")}
 _ORIENTATION_TAG = 0x0112
+#: PNG chunks (by their type or keyword) from which PIL reads an orientation.
+_PNG_ORIENTATION_CHUNKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
 def encoded_for_graph(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
@@ -166,11 +169,13 @@ def encoded_for_graph(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: i
 
     The SavedModel decodes in its graph (TensorFlow's JPEG / PNG / GIF / BMP decoders), which knows nothing of EXIF
     orientation, palettes, 16-bit or CMYK pixels, TIFF or WebP. Sending what this returns instead of `data` makes any
-    server, the real TF Serving included, embed the upright picture indexing embedded; plain JPEGs and 8-bit RGB or
-    grey PNGs (nearly every file) go through unchanged. The limits are those of `decode_image`, checked from the header.
+    server, the real TF Serving included, embed the upright picture indexing embedded; JPEGs without an orientation to
+    apply and 8-bit PNGs (nearly every file) go through unchanged, checked from their headers. The limits are those of
+    `decode_image`; the PNG must be within `max_bytes` too (an EXIF-turned photo of over about 20 M pixels is not:
+    embed such a photo in process, or send its pixels through `embed_pixels`).
 
     Raises:
-      ImageDecodeError: as `decode_image`.
+      ImageDecodeError: as `decode_image`, or a PNG over `max_bytes`.
     """
     from PIL import Image
 
@@ -184,14 +189,25 @@ def encoded_for_graph(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: i
                 width, height = image.size
                 if (width * height <= max_pixels and image.mode in GRAPH_FORMATS.get(image.format, ())
                         and (image.format != "PNG" or data[24] == 8)  # the bit depth: 16-bit is rounded otherwise
-                        and image.getexif().get(_ORIENTATION_TAG, 1) == 1 and not image.info.get("xmp")):
+                        and _orientation(image, data) == 1):
                     return bytes(data)
         except Exception:  # noqa: BLE001 - anything unusual: `decode_image` says precisely what is wrong with it
             pass
     out = io.BytesIO()
     Image.fromarray(decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=name)).save(
         out, "PNG", compress_level=1)
+    if out.tell() > max_bytes:
+        raise ImageDecodeError(f"{name}: upright, as a PNG, it takes {out.tell():,} bytes, more than the limit of "
+                               f"{max_bytes:,}: embed it in process, or send its pixels (embed_pixels)")
     return out.getvalue()
+
+
+def _orientation(image, data) -> int:
+    """The EXIF orientation PIL applies (EXIF, or XMP's where EXIF has none); 1 for a PNG with no chunk that can hold
+    one, whose `getexif` would decode the whole image to look for one after the pixels."""
+    if image.format == "PNG" and not any(chunk in data for chunk in _PNG_ORIENTATION_CHUNKS):
+        return 1
+    return image.getexif().get(_ORIENTATION_TAG, 1)
 
 
 def read_image(path: str | os.PathLike, **kwargs) -> np.ndarray:
