@@ -282,11 +282,12 @@ class ModelRegistry:
     def _load(self, name: str, version: int, path: str) -> None:
         with self._lock:
             self._states.setdefault(name, {})[version] = VersionState("LOADING")
+        files = _fingerprint(path)  # before loading: files that change while a load fails make it try again
         try:
             loaded = LoadedVersion.load(name, version, path, self.runtime)
         except Exception as exc:  # a broken version must not stop the server; it is retried when its files change
             logger.exception("could not load %s version %d from %s", name, version, path)
-            self._failed[(name, version)] = _fingerprint(path)
+            self._failed[(name, version)] = files
             with self._lock:
                 self._states[name][version] = VersionState("END", f"{type(exc).__name__}: {exc}")
             return

@@ -53,6 +53,7 @@ def test_a_picture_replaced_under_the_same_name_is_extracted_again(image_dir, tm
     after = image_folder(image_dir, progress=False)
     assert after.ids == before.ids
     again = extract_features(after, pool, image_size=32, model_key="mean", cache_dir=str(tmp_path), progress=False)
+    assert [name.endswith(".npy") for name in os.listdir(tmp_path)].count(True) == 1  # rebuilt: none left behind
     np.testing.assert_allclose(again[3], [250, 5, 5], atol=1e-3)
     np.testing.assert_allclose(np.delete(again, 3, axis=0), np.delete(first, 3, axis=0), atol=1e-5)
 

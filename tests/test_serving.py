@@ -320,6 +320,33 @@ def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
     assert registry.versions("tiny") == [2] and registry.states("tiny")[2].state == "AVAILABLE"
 
 
+def test_a_copy_that_completes_while_its_load_fails_is_loaded_next_time(tmp_path, monkeypatch):
+    from tf_retrieval.serving.server import LoadedVersion
+
+    export_tiny(tmp_path / "source", seed=1)
+    export_tiny(tmp_path / "served")
+    registry = ModelRegistry(str(tmp_path / "served"))
+    registry.refresh()
+    source, target = tmp_path / "source" / "tiny" / "1", tmp_path / "served" / "tiny" / "2"
+    target.mkdir()
+    shutil.copy2(source / "saved_model.pb", target / "saved_model.pb")
+    load = LoadedVersion.load.__func__
+
+    def load_while_the_copy_completes(cls, name, version, path, runtime="tf"):
+        try:
+            return load(cls, name, version, path, runtime)
+        finally:  # the rest of the copy lands while the load fails
+            for entry in source.iterdir():
+                if entry.is_dir() and not (target / entry.name).exists():
+                    shutil.copytree(entry, target / entry.name)
+
+    monkeypatch.setattr(LoadedVersion, "load", classmethod(load_while_the_copy_completes))
+    registry.refresh()
+    assert registry.states("tiny")[2].state == "END"
+    registry.refresh()
+    assert registry.versions("tiny") == [2]
+
+
 def test_version_policy_texts():
     for bad in ("newest", "latest:0", "specific:", "all:2"):
         with pytest.raises(InvalidInputError, match="version policy"):

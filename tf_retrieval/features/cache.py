@@ -1,6 +1,7 @@
 """Batched feature extraction with a resumable on-disk cache.
 
-Features are cached as `.npy` keyed by everything that changes them: the collection (its name and the exact list of image ids)
+Features are cached as `.npy` keyed by everything that changes them: the collection (its name, the exact list of image ids
+and, for files, their sizes and modification times)
 and the model key (backbone, image size, pooling, weights, or any other string the caller uses). Extraction runs in shards that
 are saved as they finish, so an interrupted run resumes where it stopped; a second run reads the cache. A cache whose checksum,
 shape or key does not match is reported and rebuilt.
@@ -28,17 +29,25 @@ def default_workdir() -> str:
 
 
 def collection_fingerprint(collection: ImageCollection) -> str:
-    """A short hash of the collection's name and ordered image ids, and for files (folders) each one's size and
-    modification time: a picture replaced under the same name is extracted again, not answered from the cache."""
+    """A short hash of the collection's name and ordered image ids (names that are not UTF-8 as the bytes they were)."""
     digest = hashlib.sha256(os.fsencode(collection.name))
-    for position, image_id in enumerate(collection.ids):
-        digest.update(b"\0" + os.fsencode(image_id))  # names that are not UTF-8 stay as the bytes they were
-        if collection.paths is not None:
-            try:
-                info = os.stat(collection.paths[position])
-                digest.update(b"%d:%d" % (info.st_size, info.st_mtime_ns))
-            except OSError:
-                digest.update(b"missing")  # reading it will say what is wrong
+    for image_id in collection.ids:
+        digest.update(b"\0" + os.fsencode(image_id))
+    return digest.hexdigest()[:16]
+
+
+def files_fingerprint(collection: ImageCollection) -> str | None:
+    """A short hash of each image file's size and modification time (None for images held in memory, tfds): a picture
+    replaced under the same name is extracted again, not answered from the cache."""
+    if collection.paths is None:
+        return None
+    digest = hashlib.sha256()
+    for path in collection.paths:
+        try:
+            info = os.stat(path)
+            digest.update(b"%d:%d\0" % (info.st_size, info.st_mtime_ns))
+        except OSError:
+            digest.update(b"missing\0")  # reading it will say what is wrong
     return digest.hexdigest()[:16]
 
 
@@ -80,7 +89,8 @@ def extract_features(collection: ImageCollection, model, *, image_size: int, mod
     os.makedirs(cache_dir, exist_ok=True)
     path = cache_path(cache_dir, collection, model_key, image_size, dtype)
     key = {"collection": collection.name, "fingerprint": collection_fingerprint(collection), "count": len(collection),
-           "model_key": model_key, "image_size": int(image_size), "dtype": dtype}
+           "files": files_fingerprint(collection), "model_key": model_key, "image_size": int(image_size),
+           "dtype": dtype}
     with exclusive_lock(path[:-len(".npy")] + ".lock"):  # another process extracting the same: wait, then reuse
         cached = _load_cache(path, key)
         if cached is not None:
@@ -142,7 +152,8 @@ def _load_cache(path: str, key: dict) -> np.ndarray | None:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        problem = next((f"{name} is {meta.get(name)!r}, expected {value!r}" for name, value in key.items()
+        problem = next(("its image files changed (size or modification time)" if name == "files" else
+                        f"{name} is {meta.get(name)!r}, expected {value!r}" for name, value in key.items()
                         if meta.get(name) != value), None)
         if problem is None and file_digest(path) != meta.get("sha256"):
             problem = "checksum mismatch"

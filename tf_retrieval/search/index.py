@@ -677,6 +677,7 @@ class ScannIndex(Index):
         if len(scanned) > 1:  # tried last, where none of those reaches the target: half the leaves, then all
             settings += [(math.ceil(leaves * share), reorder) for share in (1 / 2, 1) for reorder in reorders
                          if math.ceil(leaves * share) > max(scanned)]
+        best = None  # (recall, setting): where none reaches the target, the cheapest of the best recall is kept
         for searched, reorder in settings:
             params["reorder"] = reorder
             if leaves:
@@ -685,6 +686,13 @@ class ScannIndex(Index):
             recall = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)])
             if recall >= target:
                 break
+            if best is None or recall > best[0]:
+                best = recall, (searched, reorder)
+        else:
+            recall, (searched, reorder) = best
+            params["reorder"] = reorder
+            if leaves:
+                params["leaves_to_search"] = searched
         scans = f" scanning {params['leaves_to_search']} of {leaves} leaves" if leaves else ""
         logger.log(logging.INFO if recall >= target else logging.WARNING,
                    "ScaNN re-scores %d candidates per query%s: recall@%d %.3f on %d indexed vectors (target %.2f%s)",
