@@ -354,7 +354,8 @@ class RestServer:
                 if refusal is not None:
                     self.close_connection = True
                     self._answer(*refusal)
-                    self._drain()
+                    if self.headers.get("Content-Length", "0") != "0" or refusal[0] == 411:
+                        self._drain()  # a body comes, or may: read it so the client hears the answer
                     return
                 status, payload = api.handle(self.command, urllib.parse.urlsplit(self.path).path,
                                              self.rfile.read(int(self.headers.get("Content-Length") or 0)))
@@ -390,7 +391,7 @@ class RestServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _drain(self, seconds: float = 5.0) -> None:
+            def _drain(self, seconds: float = 2.0) -> None:
                 """Reads and drops what the client still sends of a refused body (for `seconds` at most), so that it
                 hears the answer: closing on unread data resets the connection before the client reads it."""
                 import time

@@ -258,6 +258,9 @@ def test_a_file_pattern_is_a_collection_named_below_its_first_wildcard(image_dir
     assert collection.image(0).shape == (40, 48, 3)
     with pytest.raises(FileNotFoundError, match="no image files match"):
         load_dataset(os.path.join(image_dir, "*", "*.txt"))
+    from tf_retrieval.data.images import is_file_pattern
+
+    assert is_file_pattern("gs://bucket/images/*/*.jpg") and not is_file_pattern("cifar10:3.*.*")  # a tfds version
 
 
 def test_image_folder_errors(tmp_path):

@@ -3,6 +3,7 @@ thread, batches of any size, and TensorFlow when a model cannot be converted."""
 import io
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,13 +105,29 @@ def test_batches_of_any_size_and_threads_give_the_same_rows(embedders):
         thread.start()
         thread.join()
     assert fast._forward.runners == built
-    fast._forward._slots = threading.BoundedSemaphore(1)  # MAX_RUNNERS 1: calls beyond it wait, none is built
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
-    for thread in threads:
+    forward, gate, running = fast._forward, threading.Event(), []
+
+    def held_runner():  # a runner that holds its call until the gate opens
+        def run(batch):
+            running.append(1)
+            gate.wait(10)
+            return np.zeros((len(batch), 8), np.float32)
+        return run
+
+    forward._idle, forward.runners, forward._new_runner = [], 0, held_runner
+    forward._slots = threading.BoundedSemaphore(2)  # MAX_RUNNERS 2
+    calls = [threading.Thread(target=forward, args=(pixels[:1],)) for _ in range(5)]
+    for thread in calls:
         thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and fast._forward.runners == built
+    deadline = time.monotonic() + 10
+    while len(running) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert (forward.runners, len(running)) == (2, 2)  # 5 calls at once: 2 interpreters, the other calls wait
+    gate.set()
+    for thread in calls:
+        thread.join(10)
+    assert (forward.runners, len(running)) == (2, 5) and len(forward._idle) == 2
     for number in range(3):
         np.testing.assert_allclose(results[number], whole[number:number + 2], atol=1e-5)
     with pytest.raises(InvalidInputError, match=r"expected pixels of shape \[n, 64, 64, 3\]"):

@@ -644,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = command("pipeline", cmd_pipeline, "embed a collection on Apache Beam into sharded vector files")
     pipeline.add_argument("--dataset", required=True, help="a folder (one sub-folder per class), a file pattern on any "
                                                            "Beam filesystem, or a tfds name")
-    pipeline.add_argument("--split", help="tfds split")
+    pipeline.add_argument("--split", help="a tfds split, or a folder's (its index.csv's official_split); a file "
+                                          "pattern has none")
     pipeline.add_argument("--data-dir", help="tfds data directory")
     pipeline.add_argument("--model-dir", required=True, help="an exported model version, e.g. artifacts/models/baseline/1")
     pipeline.add_argument("--out", required=True, help="output prefix, e.g. artifacts/vectors/cifar10 (local or gs://)")

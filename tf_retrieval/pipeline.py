@@ -58,7 +58,7 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
     from apache_beam.io import fileio
     from apache_beam.io.filesystems import FileSystems
 
-    from tf_retrieval.data.images import is_file_pattern, load_collection, pattern_id
+    from tf_retrieval.data.images import is_file_pattern, is_image_file, load_collection, pattern_id
 
     if os.path.isdir(source):  # listed as `tfr index` lists it: class sub-folders at any depth, or index.csv (splits)
         collection = load_collection(source, splits=[split] if split else None, validate=False)
@@ -80,6 +80,7 @@ def read_images(pipeline, source: str, *, data_dir: str | None = None, split: st
             return (*pattern_id(source, readable.metadata.path), readable.read())
 
         return (pipeline | "Match" >> fileio.MatchFiles(source)
+                | "Images" >> beam.Filter(lambda match: is_image_file(match.path))  # as `tfr index` lists a pattern
                 | "Spread" >> beam.Reshuffle()  # else reading and embedding fuse with the one match: one worker
                 | "Open" >> fileio.ReadMatches() | "Read" >> beam.Map(keyed))
     from tf_retrieval.data.images import load_tfds

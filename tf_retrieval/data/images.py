@@ -557,7 +557,7 @@ def image_folder(path: str | os.PathLike, *, validate: bool = True, progress: bo
         for label, class_name in enumerate(class_names):
             for dirpath, _, names in sorted(os.walk(os.path.join(root, class_name))):
                 for file in sorted(names):
-                    if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
+                    if is_image_file(file) and not file.startswith("."):
                         files.append(os.path.relpath(os.path.join(dirpath, file), root))
                         labels.append(label)
         splits = ["all"] * len(files)
@@ -631,8 +631,14 @@ WILDCARDS = "*?["
 
 
 def is_file_pattern(source: str) -> bool:
-    """Whether `source` is a file pattern (`photos/*/*.jpg`, `gs://bucket/images/*/*.jpg`), not a folder or a name."""
-    return any(ch in source for ch in WILDCARDS) or "://" in source
+    """Whether `source` is a file pattern (`photos/*/*.jpg`, `gs://bucket/images/*/*.jpg`), not a folder or a tfds
+    name (`cifar10:3.*.*` is a tfds name with a version pattern: no "/")."""
+    return "://" in source or ("/" in source and any(ch in source for ch in WILDCARDS))
+
+
+def is_image_file(path: str) -> bool:
+    """Whether a file name has one of `IMAGE_EXTENSIONS` (any case): what folders and file patterns list."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def pattern_root(pattern: str) -> str:
@@ -656,7 +662,7 @@ def pattern_images(pattern: str) -> ImageCollection:
     import tensorflow as tf
 
     pattern = pattern if "://" in pattern else os.path.abspath(pattern)
-    paths = [path for path in tf.io.gfile.glob(pattern) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    paths = [path for path in tf.io.gfile.glob(pattern) if is_image_file(path)]
     if not paths:
         raise MissingError(f"no image files match {pattern}")
     named = sorted((*pattern_id(pattern, path), path) for path in paths)
@@ -699,7 +705,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-                           if name.lower().endswith(IMAGE_EXTENSIONS))
+                           if is_image_file(name))
             if not found:
                 raise InvalidInputError(f"no images in folder {path}")
             files.extend(found)

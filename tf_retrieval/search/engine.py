@@ -38,7 +38,7 @@ import numpy as np
 
 from tf_retrieval.config import ModelConfig
 from tf_retrieval.data.images import (ImageCollection, PackedImages, decode_image, is_file_pattern, load_dataset,
-                                      load_tfds)
+                                      load_tfds, pattern_root)
 from tf_retrieval.errors import InvalidInputError, MissingError, UnknownIdError
 from tf_retrieval.search.index import Index, build_index
 from tf_retrieval.storage import atomic_directory, value_digest, write_json
@@ -322,7 +322,12 @@ def _load_source(catalog: dict, data_dir: str | None) -> ImageCollection:
     """The catalog's collection: its folder (listed, not decoded again: the catalog holds the images that decoded when
     they were indexed, and one damaged since fails where it is read), or only the tfds splits it indexed."""
     source = catalog["source"]
-    if os.path.isdir(source) or source.startswith("folder:") or is_file_pattern(source) or not catalog.get("splits"):
+    if is_file_pattern(source):  # named from the catalog, not listed again (a bucket may hold millions of files)
+        root = pattern_root(source)
+        return ImageCollection(name=source, ids=list(catalog["ids"]), labels=catalog["labels"],
+                               class_names=catalog["class_names"], splits=["all"] * len(catalog["ids"]),
+                               paths=[root + image_id for image_id in catalog["ids"]])
+    if os.path.isdir(source) or source.startswith("folder:") or not catalog.get("splits"):
         return load_dataset(source, data_dir=data_dir, validate=False)
     return load_tfds(source, data_dir=data_dir, splits=catalog["splits"])
 

@@ -222,6 +222,7 @@
       try {
         body = await response.json();
       } catch (e) {
+        if (e.name === "AbortError") throw e;  // cancelled while the answer was read: not the server's fault
         throw new Error(`the server answered ${response.status} ${response.statusText} without JSON`);
       }
       if (!response.ok) {
