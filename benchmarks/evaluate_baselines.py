@@ -38,7 +38,7 @@ def flowers_source() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--weights", default="imagenet", help="imagenet, none (random), or a weights file")
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 160])
     parser.add_argument("--poolings", nargs="+", default=["avg", "gem"])
     parser.add_argument("--protocols", nargs="+",
@@ -48,19 +48,23 @@ def main(argv=None) -> int:
     parser.add_argument("--random-only", action="store_true", help="only the random-weight backbones")
     parser.add_argument("--workdir", default=os.environ.get("TFR_WORKDIR", "artifacts"))
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--runtime", choices=("tf", "litert", "litert-fp16"), default="tf",
+                        help="where the backbone runs (default tf: the recorded baselines ran there)")
+    parser.add_argument("--results", default=RESULTS, help="folder of retrieval.json / retrieval.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from tf_retrieval.config import ModelConfig
     from tf_retrieval.data.images import load_dataset
-    from tf_retrieval.evaluation.evaluate import (RECORD_KEY, embed_collection, evaluate_protocol, make_record,
-                                                  write_records_markdown)
+    from tf_retrieval.evaluation.evaluate import RECORD_KEY, evaluate_protocol, make_record, write_records_markdown
+    from tf_retrieval.features.embedding import embed_collection
     from tf_retrieval.data.protocols import dataset_family, make_protocol
     from tf_retrieval.storage import RecordStore
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     configs = [] if args.random_only else [
-        ModelConfig(backbone=args.backbone, image_size=size, pooling=pooling, weights=args.weights)
+        ModelConfig(backbone=args.backbone, image_size=size, pooling=pooling,
+                    weights=None if args.weights == "none" else args.weights)
         for size in args.sizes for pooling in args.poolings]
     if args.random_backbones or args.random_only:
         configs += [ModelConfig(backbone=name, image_size=96, pooling="avg", weights=None)
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     sources = {"cifar10": "cifar10", "flowers": flowers_source()}
     collections = {}
     records = []
-    store = RecordStore(os.path.join(RESULTS, "retrieval.json"), RECORD_KEY)
+    store = RecordStore(os.path.join(args.results, "retrieval.json"), RECORD_KEY)
     for config in configs:
         for family in ("cifar10", "flowers"):
             names = [p for p in args.protocols if dataset_family(p) == family]
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
                 collections[family] = load_dataset(sources[family])
             collection = collections[family]
             start = time.perf_counter()
-            features = embed_collection(collection, config, workdir=args.workdir, batch_size=args.batch_size)
+            features = embed_collection(collection, config, workdir=args.workdir, batch_size=args.batch_size,
+                                        runtime=args.runtime)
             extract_seconds = time.perf_counter() - start
             for name in names:
                 protocol = make_protocol(name, collection)
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
                                      seconds=time.perf_counter() - t0, command=command,
                                      dataset=sources[family] if family == "cifar10" else os.path.basename(sources[family]),
                                      feature_seconds=round(extract_seconds, 1), images=len(collection),
+                                     runtime=args.runtime,
                                      queries=int(metrics["queries"]), pr_curve=curve)
                 records.append(record)
                 logging.info("%s: %s", name, {k: metrics[k] for k in ("mAP", "MAP@R", "R@1")})

@@ -225,3 +225,26 @@ def test_a_run_on_another_runs_trunk_records_the_runs_before_it(tmp_path):
     assert "`--recipe` command" not in report
     recipe_record = {**record, "train_command": "tfr train --recipe cifar10-1 --run-dir third"}
     assert "`tfr train --config FILE` trains again" in report_markdown([recipe_record], str(tmp_path))
+
+
+def test_the_baselines_benchmark_runs_and_records_its_runtime(image_dir, tmp_path, monkeypatch):
+    """benchmarks/evaluate_baselines.py end to end on a small flowers-like folder, into a results folder of its own."""
+    import importlib.util
+
+    files = sorted(os.path.relpath(os.path.join(folder, name), image_dir)
+                   for folder, _, names in os.walk(image_dir) for name in names if name.endswith(".png"))
+    with open(os.path.join(image_dir, "index.csv"), "w") as f:
+        f.write("file,label,official_split\n" + "".join(
+            f"{file},{['blue', 'green', 'red'].index(file.split('/')[0])},{('train', 'validation', 'test')[i % 3]}\n"
+            for i, file in enumerate(files)))
+    monkeypatch.setenv("FLOWERS_DIR", image_dir)
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "evaluate_baselines.py")
+    spec = importlib.util.spec_from_file_location("evaluate_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--backbone", "mobilenet_v2", "--weights", "none", "--sizes", "32", "--poolings", "avg",
+                        "--protocols", "flowers-official", "--workdir", str(tmp_path / "work"),
+                        "--results", str(tmp_path)]) == 0
+    (record,) = json.load(open(tmp_path / "retrieval.json"))
+    assert (record["protocol"], record["backbone"], record["runtime"]) == ("flowers-official", "mobilenet_v2", "tf")
+    assert 0 < record["metrics"]["mAP"] <= 1 and os.path.exists(tmp_path / "retrieval.md")
