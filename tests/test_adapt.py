@@ -106,6 +106,7 @@ def test_adapt_a_training_run_on_unseen_classes(tmp_path):
     assert choices["validation"]["classes"] == 2  # whole training classes held out, as the run validated
     whitened = max(branches, key=branches.get) != "raw"
     assert details["whiten_dim"] == (8 if whitened else None)
+    assert (details["fitted_on"] is None) != whitened and (not whitened or "they are the queries" in details["fitted_on"])
     assert adapted.head.startswith(out) and adapted.image_size == 32
 
     # the adapted model embeds through the ordinary path, and computes whitening fitted on the database + fusion
@@ -128,7 +129,7 @@ def test_adapt_a_training_run_on_unseen_classes(tmp_path):
                                frozen_vectors(features, fit_whitening(features[protocol.database], 8, 1.0)), atol=1e-4)
     assert adaptation_details(os.path.join(baseline_dir, "model.json"))["variant"] == "whitened"
     assert adaptation_details(os.path.join(baseline_dir, "model.json"))["model"] == "baseline"
-    assert record_fields["model"] == "finetuned"
+    assert record_fields["model"] == ("finetuned" if details["head_weight"] > 0 else "baseline")  # w 0: no head
 
     with pytest.raises(ValueError, match="choosing the head weight needs the training run"):
         adapt(result.model_config, protocol, str(tmp_path / "x"), workdir=workdir, runtime="tf")

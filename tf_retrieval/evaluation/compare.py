@@ -177,7 +177,7 @@ def report_markdown(records: Sequence[dict], out_dir: str) -> str:
             trains = f"head on a fine-tuned trunk (`{os.path.basename(c['model']['weights'])}`)"
         if c.get("randaugment"):
             trains += f", RandAugment {c['randaugment']:g}"
-        dim = f"{r['hash_bits']} bits" if r.get("hash_bits") else c["embedding_dim"]
+        dim = f"{r['hash_bits']} bits" if r.get("hash_bits") else r["embedding_dim"]  # the row's vectors (fused: more)
         loss = c["mining"] + (f" + {c['proxy_loss']}" if c.get("proxy_loss") else "")
         lines.append(f"| {name} | {r['protocol']} | {trains} | {loss} | {dim} | {c['margin']} | "
                      f"{c['learning_rate']} | {r['train_epochs']} | {r['train_seconds']:.0f} | "

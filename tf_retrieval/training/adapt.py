@@ -9,6 +9,9 @@ pipeline): that evens out a few dominant directions and helps collections of man
 few classes make the dominant directions (2 CIFAR-10 classes lose a third of their MAP@R). Whether to whiten (and to
 how many dimensions) is chosen on the protocol's training set with the frozen features alone, and the weight `w` on the
 training run's own validation split (held-out training classes for a class-disjoint protocol): never on the queries.
+The whitening itself is fitted on the database without labels, as a deployed index would fit it on its collection;
+in a leave-one-out protocol (flowers-disjoint) the database is the query set, so that fit is transductive (the
+record's `fitted_on` says so).
 
 The adapted model is an ordinary `ModelConfig` whose head is a Keras model on the backbone's pooled features, so the
 index, the page, the export and the evaluation take it unchanged. Float models with a frozen backbone only (a baseline
@@ -204,7 +207,8 @@ def adapt(config: ModelConfig, protocol, out_dir: str, *, whiten: bool | None = 
         "whiten_dim": None if branch is None else int(whitening[1].shape[1]),
         "shrinkage": None if branch is None else branch[1], "head_weight": float(head_weight),
         "fitted_on": None if branch is None else
-        f"{protocol.name} database ({len(protocol.database):,} images of {protocol.collection.name})",
+        f"{protocol.name} database ({len(protocol.database):,} images of {protocol.collection.name}"
+        + ("; leave-one-out: they are the queries, unlabelled)" if protocol.leave_one_out else ")"),
         "choices": choices}, indent=1)
     return adapted_config
 
@@ -242,4 +246,5 @@ def adaptation_details(model_config_path: str) -> dict:
     variant = frozen if weight == 0 else ("head" if weight == 1 else f"{frozen} + head (w={weight:g})")
     return {"variant": variant, "adaptation": {k: details[k] for k in ("whiten_dim", "shrinkage", "head_weight",
                                                                         "fitted_on", "choices")},
-            "run_dir": details.get("run_dir"), "model": "finetuned" if details["source_model"]["head"] else "baseline"}
+            "run_dir": details.get("run_dir"),
+            "model": "finetuned" if details["source_model"]["head"] and weight > 0 else "baseline"}  # w 0: no head
