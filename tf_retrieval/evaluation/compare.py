@@ -98,7 +98,7 @@ def compare_run(run_dir: str, out_dir: str, *, workdir: str, command: str = "", 
         for k, dba in variants:
             options = search_details(k, dba, alpha)
             start = time.perf_counter()
-            key = (protocol.name, base.model_id(), k, dba, alpha)
+            key = (protocol.name, protocol.collection.name, base.model_id(), rank_metric, k, dba, alpha)
             if model == "baseline" and key in baseline_cache:
                 metrics, curve, dim = baseline_cache[key]
             else:
