@@ -83,7 +83,8 @@ def pairwise_distance(embeddings: tf.Tensor, squared: bool = False) -> tf.Tensor
 
 
 def angular_distance(embeddings: tf.Tensor) -> tf.Tensor:
-    """Cosine distances 1 - cos(x_i, x_j) [n, n] between the rows of `embeddings` [n, d], clamped at >= 1e-16 (as tfa).
+    """Cosine distances 1 - cos(x_i, x_j) [n, n] between the rows of `embeddings` [n, d], clamped at >= 1e-16 (tfa's
+    comment says 1e-16, its code clamps at 0: the mining compares distances strictly, so no triplet differs).
 
     Rows are L2-normalised first, so the scale of the embeddings does not matter.
 
