@@ -301,9 +301,8 @@ def test_version_policies_and_a_broken_version(tmp_path):
     assert registry.states("tiny")[4].state == "END"
 
 
-def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
-    """`cp -r` or rsync of a version can write saved_model.pb before variables/: the first load fails, and the version
-    loads when the copy completes, though saved_model.pb itself did not change again."""
+def half_copied_version(tmp_path):
+    """A registry serving version 1 of `tiny`, and (source, target) of version 2 with only saved_model.pb copied yet."""
     export_tiny(tmp_path / "source", seed=1)
     export_tiny(tmp_path / "served")
     registry = ModelRegistry(str(tmp_path / "served"))
@@ -311,11 +310,22 @@ def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
     source, target = tmp_path / "source" / "tiny" / "1", tmp_path / "served" / "tiny" / "2"
     target.mkdir()
     shutil.copy2(source / "saved_model.pb", target / "saved_model.pb")
+    return registry, source, target
+
+
+def copy_the_rest(source, target):
+    for entry in source.iterdir():
+        if entry.is_dir() and not (target / entry.name).exists():
+            shutil.copytree(entry, target / entry.name)
+
+
+def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
+    """`cp -r` or rsync of a version can write saved_model.pb before variables/: the first load fails, and the version
+    loads when the copy completes, though saved_model.pb itself did not change again."""
+    registry, source, target = half_copied_version(tmp_path)
     registry.refresh()
     assert registry.versions("tiny") == [1] and registry.states("tiny")[2].state == "END"
-    for entry in source.iterdir():
-        if entry.is_dir():
-            shutil.copytree(entry, target / entry.name)
+    copy_the_rest(source, target)
     registry.refresh()
     assert registry.versions("tiny") == [2] and registry.states("tiny")[2].state == "AVAILABLE"
 
@@ -323,22 +333,14 @@ def test_a_version_copied_in_pb_first_loads_once_its_variables_arrive(tmp_path):
 def test_a_copy_that_completes_while_its_load_fails_is_loaded_next_time(tmp_path, monkeypatch):
     from tf_retrieval.serving.server import LoadedVersion
 
-    export_tiny(tmp_path / "source", seed=1)
-    export_tiny(tmp_path / "served")
-    registry = ModelRegistry(str(tmp_path / "served"))
-    registry.refresh()
-    source, target = tmp_path / "source" / "tiny" / "1", tmp_path / "served" / "tiny" / "2"
-    target.mkdir()
-    shutil.copy2(source / "saved_model.pb", target / "saved_model.pb")
+    registry, source, target = half_copied_version(tmp_path)
     load = LoadedVersion.load.__func__
 
     def load_while_the_copy_completes(cls, name, version, path, runtime="tf"):
         try:
             return load(cls, name, version, path, runtime)
         finally:  # the rest of the copy lands while the load fails
-            for entry in source.iterdir():
-                if entry.is_dir() and not (target / entry.name).exists():
-                    shutil.copytree(entry, target / entry.name)
+            copy_the_rest(source, target)
 
     monkeypatch.setattr(LoadedVersion, "load", classmethod(load_while_the_copy_completes))
     registry.refresh()

@@ -5,26 +5,24 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
-    """Counts such as --batch-size, --shards or --max-workers: a whole number, at least 1."""
+def _whole_number(text: str, low: int, high: float, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1, got {text!r}")
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Counts such as --batch-size, --shards or --max-workers: a whole number, at least 1."""
+    return _whole_number(text, 1, math.inf, "a whole number, at least 1")
 
 
 def port(text: str) -> int:
     """--port flags: a TCP port number, 0 to 65535 (0: any free port)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
-    return value
+    return _whole_number(text, 0, 65535, "a port number from 0 to 65535")
 
 
 def seconds(text: str) -> float:
