@@ -28,6 +28,7 @@ def recipe(record: dict) -> str:
     backbone = "" if record["backbone"] == "efficientnet_lite0" else record["backbone"].replace("efficientnet_", "") + " "
     scales = (", multi-scale x" + "/".join(f"{x:g}" for x in record["scales"])) if record.get("scales") else ""
     scales += ", test-time flip" if record.get("flip") else ""
+    scales += f", {record['preprocessing']} inputs" if record.get("preprocessing") else ""
     baseline = backbone + "frozen baseline" + (", GeM pooling" if record.get("pooling") == "gem" else "") + scales
     if record["model"] == "baseline" and not record.get("variant"):
         return baseline
@@ -90,7 +91,8 @@ def _reference(records: list[dict], protocol: str, size: int, which: str,
     newest."""
     def matches(r):
         if r["protocol"] != protocol or r["image_size"] != size or r.get("variant") or r.get("pooling") != "avg" \
-                or r["backbone"] != backbone or r.get("weights") != "imagenet" or bool(r.get("flip")) != flip:
+                or r["backbone"] != backbone or r.get("weights") != "imagenet" or bool(r.get("flip")) != flip \
+                or r.get("preprocessing"):
             return False
         if which == "baseline":
             return r["model"] == "baseline"

@@ -117,3 +117,20 @@ def test_model_config_scales_validation_and_ids():
             ModelConfig(image_size=96, scales=scales)
     with pytest.raises(ValueError, match="trains its head only"):
         TrainConfig(model=ModelConfig(name="finetuned", scales=(1, 0.75), train_from="block12_add"))
+
+
+def test_a_backbone_can_be_given_another_input_normalisation(rng):
+    """`ModelConfig.preprocessing`: the EfficientNet-Lite checkpoints were trained on inception-style inputs ("tf"),
+    which a model can ask for; their own here ("torch") stays the default and keeps every existing id."""
+    default = ModelConfig(image_size=32, weights=None)
+    inception = ModelConfig.from_dict({**default.to_dict(), "preprocessing": "tf"})
+    assert default.backbone_key() == "efficientnet_lite0-32px-avg-random"
+    assert inception.backbone_key() == "efficientnet_lite0-32px-tfinputs-avg-random" and inception.preprocessing == "tf"
+    pixels = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    model, own = backbone_of(inception), backbone_of(default)
+    assert (model.get_layer("preprocess").mode, own.get_layer("preprocess").mode) == ("tf", "torch")
+    assert model.name == inception.backbone_key()
+    np.testing.assert_allclose(model.get_layer("preprocess")(pixels), pixels / 127.5 - 1, atol=1e-6)
+    assert not np.allclose(np.asarray(model(pixels)), np.asarray(own(pixels)), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="unknown preprocessing 'inception'; choose one of caffe, torch, tf, none"):
+        ModelConfig(preprocessing="inception")

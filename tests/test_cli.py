@@ -480,3 +480,15 @@ def test_a_sharded_bundle_is_searched_and_changed_like_any_other(image_dir, tmp_
         assert main(["--workdir", workdir, "search", query, "--index", name, "-k", "20"]) == 0
         answers.append(capsys.readouterr().out.splitlines()[1:])
     assert answers[0] == answers[1] and len(answers[0]) == 20  # the same ranking, scores and ids
+
+
+def test_the_preprocessing_flag_reaches_the_model_and_training_configs():
+    from tf_retrieval.cli import _model_config, _train_recipe
+
+    args = build_parser().parse_args(["evaluate", "--protocol", "cifar10-2", "--preprocessing", "tf"])
+    assert _model_config(args).preprocessing == "tf"
+    assert _model_config(build_parser().parse_args(["evaluate", "--protocol", "cifar10-2"])).preprocessing is None
+    recipe = _train_recipe(build_parser().parse_args(["train", "--recipe", "cifar10-2", "--preprocessing", "tf"]))
+    assert {stage.model.preprocessing for stage in recipe.stages} == {"tf"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--protocol", "cifar10-2", "--preprocessing", "inception"])

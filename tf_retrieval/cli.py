@@ -27,8 +27,8 @@ import shlex
 import sys
 from typing import Sequence
 
-from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, TRAINED_MODEL_FIELDS, ModelConfig, Recipe, TrainConfig,
-                                  load_recipe, recipe_names)
+from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, PREPROCESSINGS, TRAINED_MODEL_FIELDS, ModelConfig, Recipe,
+                                  TrainConfig, load_recipe, recipe_names)
 from tf_retrieval.errors import InvalidInputError, MissingDependencyError, RetrievalError
 from tf_retrieval import flags
 
@@ -51,6 +51,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flip", action=argparse.BooleanOptionalAction,
                        help="test-time flip: pool the features of the image and of its mirror (twice the backbone's "
                             "compute; any model, trained ones included; default: the config's, else off)")
+    group.add_argument("--preprocessing", choices=PREPROCESSINGS,
+                       help="the backbone's input normalisation instead of its own: tf (x / 127.5 - 1, what the "
+                            "EfficientNet-Lite checkpoints were trained on), torch (ImageNet mean / std: their default "
+                            "here, as the recorded models ran), caffe, none")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")
@@ -69,7 +73,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = ModelConfig.load(args.model_config) if args.model_config else ModelConfig()
     overrides = {"name": args.model_name, "backbone": args.backbone, "image_size": args.image_size,
                  "pooling": args.pooling, "scales": args.scales, "flip": args.flip, "head": args.head,
-                 "hash_bits": args.hash_bits}
+                 "hash_bits": args.hash_bits, "preprocessing": args.preprocessing}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
@@ -83,7 +87,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 def _model_flags_given(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(flag, value) of each model flag (`_add_model_args`), its value None where it was not given."""
     return [(f"--{name.replace('_', '-')}", getattr(args, name))
-            for name in ("model_config", "model_name", "backbone", "image_size", "pooling", "scales", "flip", "weights",
+            for name in ("model_config", "model_name", "backbone", "image_size", "pooling", "scales", "flip",
+                         "preprocessing", "weights",
                          "head", "hash_bits")]
 
 
@@ -543,7 +548,8 @@ def _int_or_none(text: str) -> int | str:
     return text if text.lower() == "none" else int(text)
 
 
-_OPTIONAL_TYPES = {"hash_bits": _int_or_none, "train_from": str, "source": str, "weights": str, "proxy_loss": str}
+_OPTIONAL_TYPES = {"hash_bits": _int_or_none, "train_from": str, "source": str, "weights": str, "proxy_loss": str,
+                   "preprocessing": str}
 _LIST_TYPES = {"scales": (float, "+"), "augment": (str, "*")}  # `--augment` alone: no views (over a recipe's)
 
 

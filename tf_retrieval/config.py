@@ -76,11 +76,17 @@ def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> li
     return sizes
 
 
+#: Input normalisations a backbone can be given instead of its own (`models.backbones.ImagePreprocessing`): caffe (BGR
+#: minus the ImageNet mean), torch (ImageNet mean / std), tf (x / 127.5 - 1, inception style), none.
+PREPROCESSINGS = ("caffe", "torch", "tf", "none")
+
+
 def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
-                scales: tuple[float, ...] = SINGLE_SCALE, flip: bool = False) -> str:
+                scales: tuple[float, ...] = SINGLE_SCALE, flip: bool = False, preprocessing: str | None = None) -> str:
     """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
     multiscale = "" if tuple(scales) == SINGLE_SCALE else "-x" + "_".join(f"{scale:g}" for scale in scales)
     multiscale += "-flip" if flip else ""
+    multiscale += f"-{preprocessing}inputs" if preprocessing else ""
     if weights is None:
         weights_tag = "random"
     elif weights == "imagenet":
@@ -123,6 +129,9 @@ class ModelConfig(JsonConfig):
         both, so an image and its mirror get the same vector. Twice the backbone's compute; training ignores it (its
         mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model (one that `tfr adapt`
         made excepted: adapt it again).
+      preprocessing: the backbone's input normalisation (`PREPROCESSINGS`), where it is not the backbone's own (None).
+        The EfficientNet-Lite checkpoints were trained on inception-style inputs ("tf"); their own is still "torch"
+        (ImageNet mean / std), which the recorded models used.
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
@@ -138,6 +147,7 @@ class ModelConfig(JsonConfig):
     pooling: str = "avg"
     scales: tuple[float, ...] = SINGLE_SCALE
     flip: bool = False
+    preprocessing: str | None = None
     weights: str | None = "imagenet"
     head: str | None = None
     train_from: str | None = None
@@ -163,6 +173,9 @@ class ModelConfig(JsonConfig):
         scale_sizes(self.image_size, self.scales)  # refuses scales below 32 px
         if not isinstance(self.flip, bool):
             raise InvalidInputError(f"flip must be true or false, got {self.flip!r}")
+        if self.preprocessing is not None and self.preprocessing not in PREPROCESSINGS:
+            raise InvalidInputError(f"unknown preprocessing {self.preprocessing!r}; choose one of "
+                                    f"{', '.join(PREPROCESSINGS)}")
 
     @property
     def metric(self) -> str:
@@ -171,7 +184,8 @@ class ModelConfig(JsonConfig):
 
     def backbone_key(self) -> str:
         """Names the backbone's features (`backbone_id`): feature caches are keyed by it."""
-        return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales, self.flip)
+        return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales, self.flip,
+                           self.preprocessing)
 
     def embedding_space(self) -> str:
         """Names what its vectors are, whatever the model is called: version, backbone features, head, codes."""
@@ -210,10 +224,11 @@ PROXY_LOSSES = ("cosface", "proxy-anchor")
 HASHINGS = ("tanh", "greedy")
 
 #: The `ModelConfig` fields a training run sets (`TrainConfig.model`; `tfr train` has a flag for each).
-TRAINED_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "weights", "train_from",
-                        "hash_bits")
-#: Those that older run files have flat, beside the training fields (`flip` came after the move into `model`).
-_FLAT_MODEL_FIELDS = tuple(field for field in TRAINED_MODEL_FIELDS if field != "flip")
+TRAINED_MODEL_FIELDS = ("name", "backbone", "image_size", "pooling", "scales", "flip", "preprocessing", "weights",
+                        "train_from", "hash_bits")
+#: Those that older run files have flat, beside the training fields (`flip` and `preprocessing` came after the move
+#: into `model`).
+_FLAT_MODEL_FIELDS = tuple(field for field in TRAINED_MODEL_FIELDS if field not in ("flip", "preprocessing"))
 
 
 @dataclasses.dataclass

@@ -191,6 +191,7 @@ def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embe
             "image_size": int(model_config.image_size), "pooling": model_config.pooling,
             **({"scales": list(model_config.scales)} if len(model_config.scales) > 1 else {}),
             **({"flip": True} if model_config.flip else {}),
+            **({"preprocessing": model_config.preprocessing} if model_config.preprocessing else {}),
             "embedding_dim": int(embedding_dim), "weights": str(model_config.weights or "none"),
             "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
             "seconds": round(float(seconds), 1), "command": command,
@@ -241,8 +242,8 @@ def machine_description() -> str:
 
 #: What identifies a record: the model, how its vectors were made, and the training run it comes from (one record per
 #: run, so the runs of an ablation sit side by side).
-RECORD_KEY = ("protocol", "model", "backbone", "image_size", "scales", "flip", "pooling", "embedding_dim", "weights",
-              "hash_bits", "variant", "train_from", "runtime", "run", "seed")
+RECORD_KEY = ("protocol", "model", "backbone", "image_size", "scales", "flip", "preprocessing", "pooling",
+              "embedding_dim", "weights", "hash_bits", "variant", "train_from", "runtime", "run", "seed")
 
 
 def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "MAP@R", "P@10", "R@1", "R@2", "R@4", "R@8")) -> str:
@@ -257,7 +258,8 @@ def records_markdown(records: Sequence[dict], columns: Sequence[str] = ("mAP", "
                  + {None: "", END_TO_END: " (end to end)"}.get(r.get("train_from"), " + top blocks"))
         weights = r["weights"] if r["weights"] in ("imagenet", "none") else "fine-tuned trunk"
         size = (str(r["image_size"]) + (f" x{'/'.join(f'{x:g}' for x in r['scales'])}" if r.get("scales") else "")
-                + (" + flip" if r.get("flip") else ""))
+                + (" + flip" if r.get("flip") else "") + (f", {r['preprocessing']} inputs" if r.get("preprocessing")
+                                                            else ""))
         lines.append("| " + " | ".join([r["protocol"], model, r["backbone"], size, r.get("pooling", ""),
                                         str(r["embedding_dim"]), weights, r.get("runtime", "tf"), *values,
                                         str(r.get("seconds", "")), r.get("run") or "–"]) + " |")

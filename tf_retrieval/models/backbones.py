@@ -13,7 +13,7 @@ from typing import Callable
 import keras
 from keras import ops
 
-from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, SINGLE_SCALE, backbone_id, scale_sizes
+from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, PREPROCESSINGS, SINGLE_SCALE, backbone_id, scale_sizes
 from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 class ImagePreprocessing(keras.layers.Layer):
     """Applies a keras.applications `preprocess_input` mode ("caffe", "torch", "tf" or "none") to RGB pixels in 0..255."""
 
-    MODES = ("caffe", "torch", "tf", "none")
+    MODES = PREPROCESSINGS
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
@@ -128,7 +128,7 @@ assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the 
 
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",
                    weights: str | None = "imagenet", scales: tuple[float, ...] = SINGLE_SCALE,
-                   flip: bool = False) -> keras.Model:
+                   flip: bool = False, preprocessing: str | None = None) -> keras.Model:
     """Builds a frozen backbone: float32 RGB [n, image_size, image_size, 3] in 0..255 -> pooled features [n, d].
 
     Args:
@@ -141,6 +141,7 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         of all scales are combined by `ScaleMean` (max pooling: their maximum); see `ModelConfig.scales`.
       flip: the trunk also runs on the mirrored input at every scale, and those views are pooled in the same way (an
         image and its mirror get the same features; `ModelConfig.flip`).
+      preprocessing: the input normalisation (`ImagePreprocessing` mode) instead of the backbone's own (None).
 
     Raises:
       ValueError: unknown name or pooling, or an image size (or a scaled one) below 32.
@@ -159,7 +160,7 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
                              input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
     trunk.trainable = False
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    pixels = ImagePreprocessing(spec.preprocessing, name="preprocess")(images)
+    pixels = ImagePreprocessing(preprocessing or spec.preprocessing, name="preprocess")(images)
     if pooling == "gem":
         pool = GeneralizedMeanPooling(name="gem_pool")
     elif pooling == "max":
@@ -177,13 +178,14 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         features = keras.layers.Maximum(name="scale_max")(pooled)
     else:
         features = ScaleMean(pool.p if pooling == "gem" else 1.0, name="scale_mean")(pooled)
-    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights, scales, flip))
+    model = keras.Model(images, features, name=backbone_id(name, image_size, pooling, weights, scales, flip,
+                                                           preprocessing))
     model.trainable = False
     logger.info("built backbone %s: %d-d features", model.name, model.output_shape[-1])
     return model
 
 
 def backbone_of(config) -> keras.Model:
-    """The frozen backbone of a `ModelConfig` (its backbone, size, pooling, weights, scales and flip)."""
+    """The frozen backbone of a `ModelConfig` (its backbone, size, pooling, weights, scales, flip, preprocessing)."""
     return build_backbone(config.backbone, config.image_size, config.pooling, config.weights, config.scales,
-                          config.flip)
+                          config.flip, config.preprocessing)
