@@ -109,7 +109,7 @@ class RestApi:
         dtypes = {name: tf.dtypes.as_dtype(info.dtype) for name, info in signature_def.inputs.items()}
         if ("instances" in document) == ("inputs" in document):
             raise invalid_argument("Missing 'inputs' or 'instances' key" if "inputs" not in document else
-                           "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
+                                   "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
         rows = "instances" in document
         if not dtypes and (rows or not _is_named(document["inputs"])):
             raise invalid_argument(f'signature "{signature_name}" takes no inputs: send "inputs": {{}}')
@@ -170,8 +170,8 @@ def _rows_to_arrays(instances, dtypes: dict) -> dict[str, np.ndarray]:
         raise invalid_argument("No values in 'instances' array")
     if not _is_named(instances[0]):
         if len(dtypes) > 1:
-            raise invalid_argument("instances is a plain list, but expecting list of objects as multiple input tensors required "
-                           f"as per tensorinfo_map (inputs: {sorted(dtypes)})")
+            raise invalid_argument("instances is a plain list, but expecting list of objects as multiple input "
+                                   f"tensors required as per tensorinfo_map (inputs: {sorted(dtypes)})")
         (name, dtype), = dtypes.items()
         return {name: _json_to_array(instances, dtype)}
     columns: dict[str, list] = {name: [] for name in dtypes}
@@ -179,8 +179,8 @@ def _rows_to_arrays(instances, dtypes: dict) -> dict[str, np.ndarray]:
         if not _is_named(instance):
             raise invalid_argument(f"Expecting object but got list at item {i} of input list")
         if set(instance) != set(dtypes):
-            raise invalid_argument(f"Failed to process element: {i} of 'instances' list. JSON object: {_excerpt(instance)} keys "
-                           f"must be equal to: {','.join(sorted(dtypes))}")
+            raise invalid_argument(f"Failed to process element: {i} of 'instances' list. JSON object: "
+                                   f"{_excerpt(instance)} keys must be equal to: {','.join(sorted(dtypes))}")
         for name, value in instance.items():
             columns[name].append(value)
     return {name: _json_to_array(values, dtypes[name]) for name, values in columns.items()}
@@ -190,8 +190,8 @@ def _columns_to_arrays(inputs, dtypes: dict) -> dict[str, np.ndarray]:
     """The columnar format: one value (one input) or an object of named inputs, each with its batch dimension."""
     if not _is_named(inputs):
         if len(dtypes) > 1:
-            raise invalid_argument("inputs is a plain value/list, but expecting an object as multiple input tensors required as "
-                           f"per tensorinfo_map (inputs: {sorted(dtypes)})")
+            raise invalid_argument("inputs is a plain value/list, but expecting an object as multiple input tensors "
+                                   f"required as per tensorinfo_map (inputs: {sorted(dtypes)})")
         (name, dtype), = dtypes.items()
         return {name: _json_to_array(inputs, dtype)}
     missing, extra = sorted(set(dtypes) - set(inputs)), sorted(set(inputs) - set(dtypes))
@@ -220,7 +220,7 @@ def _json_to_array(value, dtype) -> np.ndarray:
                 visit(item, level + 1)
         elif level != len(shape):
             raise invalid_argument(f"JSON Value: {_excerpt(node)} found at incorrect level: {level + 1} in the JSON DOM. "
-                           f"Expected at level: {len(shape)}")
+                                   f"Expected at level: {len(shape)}")
         else:
             leaves.append(_json_leaf(node, dtype))
 

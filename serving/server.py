@@ -134,9 +134,9 @@ class LoadedVersion:
         signature_defs.pop("__saved_model_init_op", None)
         from tf_retrieval.features.litert import LITERT_PRECISIONS
 
-        fast = litert_signatures(path, LITERT_PRECISIONS[runtime]) if runtime in LITERT_PRECISIONS else {}
-        model = tf.saved_model.load(path)
         image_size = _export_image_size(path)
+        fast = litert_signatures(path, LITERT_PRECISIONS[runtime], image_size) if runtime in LITERT_PRECISIONS else {}
+        model = tf.saved_model.load(path)
         decoded = {}
         if not fast and image_size and {DEFAULT_SIGNATURE, "embed_pixels"} <= set(signature_defs):
             embed_pixels = model.signatures["embed_pixels"]
@@ -185,14 +185,14 @@ def _decoded_as_indexed(embed_pixels, image_size: int):
     return embed_bytes
 
 
-def litert_signatures(path: str, precision: str = "fp32") -> dict:
+def litert_signatures(path: str, precision: str = "fp32", image_size: int | None = None) -> dict:
     """The exported signatures of a version, run by LiteRT (in `precision`: "fp32" or "fp16") on its
     `assets.extra/model.tflite`: {name: function of the checked input tensors -> {"embedding": array}}; empty when the
-    version has no flatbuffer (or LiteRT fails on it)."""
+    version has no flatbuffer (or LiteRT fails on it). `image_size`: the export's (default: read from its config)."""
     from tf_retrieval.features.litert import load_litert
     from tf_retrieval.serving.export import LITERT_FILE
 
-    image_size = _export_image_size(path)
+    image_size = image_size or _export_image_size(path)
     try:
         with open(os.path.join(path, LITERT_FILE), "rb") as f:
             model, _ = load_litert(f.read(), precision)
@@ -397,8 +397,8 @@ class ServingCore:
         wanted = list(request.output_filter) or list(signature_def.outputs)
         for alias in wanted:
             if alias not in signature_def.outputs:
-                raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
-                               f"{{{','.join(sorted(signature_def.outputs))}}}.")
+                raise invalid_argument(f"output tensor alias not found in signature: {alias} Outputs expected to be in "
+                                       f"the set {{{','.join(sorted(signature_def.outputs))}}}.")
         if len(set(wanted)) != len(wanted):
             raise invalid_argument(f"duplicate output tensor alias in output_filter {wanted}")
         outputs = self._run(run, self._inputs(request, function, signature_name))
@@ -417,7 +417,7 @@ class ServingCore:
         if set(request.inputs) != set(specs):
             extra, missing = sorted(set(request.inputs) - set(specs)), sorted(set(specs) - set(request.inputs))
             raise invalid_argument(f'inputs do not match signature "{signature_name}". Sent extra: {{{",".join(extra)}}}. '
-                           f'Missing but required: {{{",".join(missing)}}}.')
+                                   f'Missing but required: {{{",".join(missing)}}}.')
         inputs = {}
         for key, spec in specs.items():
             proto = request.inputs[key]
