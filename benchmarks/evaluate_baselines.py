@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 
+from tf_retrieval.config import PREPROCESSINGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet", help="imagenet, none (random), or a weights file")
+    parser.add_argument("--preprocessing", choices=PREPROCESSINGS,
+                        help="input normalisation (default: the backbone's own; tfr's --preprocessing)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 160])
     parser.add_argument("--poolings", nargs="+", default=["avg", "gem"])
     parser.add_argument("--protocols", nargs="+",
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     configs = [] if args.random_only else [
-        ModelConfig(backbone=args.backbone, image_size=size, pooling=pooling,
+        ModelConfig(backbone=args.backbone, image_size=size, pooling=pooling, preprocessing=args.preprocessing,
                     weights=None if args.weights == "none" else args.weights)
         for size in args.sizes for pooling in args.poolings]
     if args.random_backbones or args.random_only:

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from tf_retrieval.config import PREPROCESSINGS
 from tf_retrieval.storage import atomic_write, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--pooling", default="avg")
+    parser.add_argument("--preprocessing", choices=PREPROCESSINGS,
+                        help="input normalisation (default: the backbone's own; tfr's --preprocessing)")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--algorithm", default="bayesian", choices=("bayesian", "random", "hyperband"))
     parser.add_argument("--epochs", type=int, default=20, help="epochs per trial at most (early stopping: --patience)")
@@ -80,7 +83,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     base = TrainConfig(protocol=args.protocol, model=ModelConfig(name="finetuned", backbone=args.backbone,
-                                                                 image_size=args.image_size, pooling=args.pooling),
+                                                                 image_size=args.image_size, pooling=args.pooling,
+                                                                 preprocessing=args.preprocessing),
                        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                        patience=args.patience, validation_fraction=args.validation_fraction)
     if args.synthetic:

@@ -103,10 +103,10 @@ def test_multiscale_backbone_pools_over_the_scaled_inputs(pooling, rng):
 
 def test_model_config_scales_validation_and_ids():
     single = ModelConfig(image_size=96)
-    assert single.scales == (1.0,) and single.backbone_key() == "efficientnet_lite0-96px-avg-imagenet"
+    assert single.scales == (1.0,) and single.backbone_key() == "efficientnet_lite0-96px-tfinputs-avg-imagenet"
     multi = ModelConfig.from_dict({**single.to_dict(), "image_size": 288, "scales": [1, 0.889, 0.778]})
     assert multi.scales == (1.0, 0.889, 0.778)  # JSON lists come back as tuples
-    assert multi.backbone_key() == "efficientnet_lite0-288px-x1_0.889_0.778-avg-imagenet"
+    assert multi.backbone_key() == "efficientnet_lite0-288px-x1_0.889_0.778-tfinputs-avg-imagenet"
     assert "x1_0.889_0.778" in multi.model_id() and multi.model_id() != single.model_id()
     assert backbone_of(ModelConfig(backbone="mobilenet_v2", image_size=32, weights=None)).name == \
         "mobilenet_v2-32px-avg-random"
@@ -119,18 +119,39 @@ def test_model_config_scales_validation_and_ids():
         TrainConfig(model=ModelConfig(name="finetuned", scales=(1, 0.75), train_from="block12_add"))
 
 
-def test_a_backbone_can_be_given_another_input_normalisation(rng):
-    """`ModelConfig.preprocessing`: the EfficientNet-Lite checkpoints were trained on inception-style inputs ("tf"),
-    which a model can ask for; their own here ("torch") stays the default and keeps every existing id."""
+def test_each_backbone_runs_on_its_own_input_normalisation_and_ids_name_the_one_older_models_lacked(rng):
+    """`ModelConfig.preprocessing`: None is the backbone's own; EfficientNet-Lite's is "tf" (x / 127.5 - 1, what its
+    checkpoints were trained on). Its models ran on "torch" before, so ids leave "torch" unnamed for it (the ids,
+    caches and records of those models stay valid) and name "tf"."""
     default = ModelConfig(image_size=32, weights=None)
-    inception = ModelConfig.from_dict({**default.to_dict(), "preprocessing": "tf"})
-    assert default.backbone_key() == "efficientnet_lite0-32px-avg-random"
-    assert inception.backbone_key() == "efficientnet_lite0-32px-tfinputs-avg-random" and inception.preprocessing == "tf"
+    torch_inputs = ModelConfig.from_dict({**default.to_dict(), "preprocessing": "torch"})
+    assert default.backbone_key() == "efficientnet_lite0-32px-tfinputs-avg-random" and default.preprocessing is None
+    assert ModelConfig(image_size=32, weights=None, preprocessing="tf").backbone_key() == default.backbone_key()
+    assert torch_inputs.backbone_key() == "efficientnet_lite0-32px-avg-random"
+    assert ModelConfig(backbone="resnet50", image_size=32).backbone_key() == "resnet50-32px-avg-imagenet"
+    assert ModelConfig(backbone="resnet50", image_size=32, preprocessing="tf").backbone_key() == (
+        "resnet50-32px-tfinputs-avg-imagenet")
     pixels = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    model, own = backbone_of(inception), backbone_of(default)
-    assert (model.get_layer("preprocess").mode, own.get_layer("preprocess").mode) == ("tf", "torch")
-    assert model.name == inception.backbone_key()
+    model, older = backbone_of(default), backbone_of(torch_inputs)
+    assert (model.get_layer("preprocess").mode, older.get_layer("preprocess").mode) == ("tf", "torch")
+    assert (model.name, older.name) == (default.backbone_key(), torch_inputs.backbone_key())
     np.testing.assert_allclose(model.get_layer("preprocess")(pixels), pixels / 127.5 - 1, atol=1e-6)
-    assert not np.allclose(np.asarray(model(pixels)), np.asarray(own(pixels)), rtol=1e-3, atol=0)
+    assert not np.allclose(np.asarray(model(pixels)), np.asarray(older(pixels)), rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="unknown preprocessing 'inception'; choose one of caffe, torch, tf, none"):
         ModelConfig(preprocessing="inception")
+
+
+def test_a_config_file_without_preprocessing_is_read_as_written_before_lite_ran_on_its_own_inputs(tmp_path):
+    """Files (run and bundle model.json, recipes) from before the field existed ran EfficientNet-Lite on "torch"
+    inputs: they still do, and keep their ids. Other backbones ran on their own; a written file says what it is."""
+    old = {"name": "finetuned", "backbone": "efficientnet_lite2", "image_size": 192, "weights": "imagenet"}
+    assert ModelConfig.from_dict(old).preprocessing == "torch"
+    assert ModelConfig.from_dict(old).backbone_key() == "efficientnet_lite2-192px-avg-imagenet"
+    assert ModelConfig.from_dict({"backbone": "resnet50"}).preprocessing is None
+    assert ModelConfig.from_dict({}).preprocessing == "torch"  # the default backbone is EfficientNet-Lite0
+    for config in (ModelConfig(), ModelConfig(preprocessing="torch"), ModelConfig(backbone="densenet121")):
+        config.save(tmp_path / "model.json")
+        assert ModelConfig.load(tmp_path / "model.json") == config
+    recipe = TrainConfig.from_dict({"protocol": "cifar10-1", "model": old})
+    assert recipe.model.preprocessing == "torch"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).model.preprocessing is None

@@ -334,7 +334,7 @@ def test_train_then_compare(tmp_path, capsys):
                     ["evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config", adapted_model,
                      "--flip"]):
         error = run_error(["--workdir", workdir, *command], capsys)
-        assert "was adapted (whitened, fused) on efficientnet_lite0-32px-avg-imagenet features" in error
+        assert "was adapted (whitened, fused) on efficientnet_lite0-32px-tfinputs-avg-imagenet features" in error
         assert "tfr adapt` again" in error
     assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
                  os.path.join(adapted, "model.json"), "--records", records_path]) == 0
@@ -388,7 +388,7 @@ def test_demo_indexes_cifar10_answers_a_query_and_adds_a_finetuned_model(tmp_pat
         assert main(["--workdir", workdir, "demo", "--no-web", "--limit", "30", "--flip", *SMALL_MODEL]) == 0
         flipped = capsys.readouterr().out  # both models with test-time flip: new ids, new indexes
         assert flipped.count("holds other images or another model") == 2 and "-32px-flip-avg-random:" in flipped
-        assert "with finetuned:v1:efficientnet_lite0-32px-flip-avg-imagenet:" in flipped
+        assert "with finetuned:v1:efficientnet_lite0-32px-flip-tfinputs-avg-imagenet:" in flipped
         # without the flag, both models embed as the fine-tuned model.json says: here with flip, so both reuse those
         (model_json,) = glob.glob(os.path.join(workdir, "runs", "*", "model.json"))
         with open(model_json) as f:
@@ -490,5 +490,7 @@ def test_the_preprocessing_flag_reaches_the_model_and_training_configs():
     assert _model_config(build_parser().parse_args(["evaluate", "--protocol", "cifar10-2"])).preprocessing is None
     recipe = _train_recipe(build_parser().parse_args(["train", "--recipe", "cifar10-2", "--preprocessing", "tf"]))
     assert {stage.model.preprocessing for stage in recipe.stages} == {"tf"}
+    recorded = _train_recipe(build_parser().parse_args(["train", "--recipe", "cifar10-2"]))
+    assert {stage.model.preprocessing for stage in recorded.stages} == {"torch"}  # as its records were made
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--protocol", "cifar10-2", "--preprocessing", "inception"])

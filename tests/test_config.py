@@ -11,8 +11,8 @@ def test_model_config_round_trip_and_id(tmp_path):
     config.save(tmp_path / "model.json")
     loaded = ModelConfig.load(tmp_path / "model.json")
     assert loaded == config
-    assert loaded.model_id() == "finetuned:v3:efficientnet_lite0-160px-gem-imagenet:head.keras@missing"
-    assert ModelConfig(weights=None).model_id() == "baseline:v1:efficientnet_lite0-96px-avg-random:identity"
+    assert loaded.model_id() == "finetuned:v3:efficientnet_lite0-160px-tfinputs-gem-imagenet:head.keras@missing"
+    assert ModelConfig(weights=None).model_id() == "baseline:v1:efficientnet_lite0-96px-tfinputs-avg-random:identity"
 
 
 def test_a_saved_model_config_names_its_files_absolutely_so_another_folder_reads_the_same_model(tmp_path,

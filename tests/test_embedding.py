@@ -101,8 +101,8 @@ def test_flip_pools_an_image_with_its_mirror(folder, hash_model, tmp_path):
     collection = image_folder(folder, progress=False)
     plain = ModelConfig(name="lite", backbone="efficientnet_lite0", image_size=32, weights="imagenet")
     flipped = dataclasses.replace(plain, flip=True)
-    assert flipped.model_id() == "lite:v1:efficientnet_lite0-32px-flip-avg-imagenet:identity"
-    assert plain.model_id() == "lite:v1:efficientnet_lite0-32px-avg-imagenet:identity"  # unchanged without flip
+    assert flipped.model_id() == "lite:v1:efficientnet_lite0-32px-flip-tfinputs-avg-imagenet:identity"
+    assert plain.model_id() == "lite:v1:efficientnet_lite0-32px-tfinputs-avg-imagenet:identity"  # unchanged without flip
     pixels = resize_and_crop_images([collection.image(i) for i in range(3)], 32)
     mirrored = np.ascontiguousarray(pixels[:, :, ::-1])
     trunk = backbone_of(plain)

@@ -126,7 +126,12 @@ def test_records_merge_and_markdown(tmp_path):
     merged = store.merge([second, other])
     assert [r["metrics"]["mAP"] for r in json.load(open(path))] == [0.6, 0.7] == [r["metrics"]["mAP"] for r in merged]
     table = records_markdown(merged)
-    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg | 1280 | imagenet | tf | 0.600 | 0.300 |" in table
+    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96, tf inputs | avg | 1280 | imagenet | tf | 0.600 | 0.300 |" \
+        in table
+    # EfficientNet-Lite's own inputs are named ("tf"), its earlier ones not, as in ids: the records made before match
+    assert first["preprocessing"] == "tf"
+    assert "preprocessing" not in make_record("cifar10-2", ModelConfig(image_size=96, preprocessing="torch"), {},
+                                              embedding_dim=1, seconds=1.0, command="x")
     fused = {**second, "model": "finetuned", "variant": "whitened + head (w=0.5)", "run": "r1", "hash_bits": None}
     markdown = write_records_markdown(path, store.merge([fused]))
     assert markdown == str(tmp_path / "r.md")
@@ -139,14 +144,14 @@ def test_records_merge_and_markdown(tmp_path):
     assert [r.get("scales") for r in records] == [None, None, None, [1.0, 0.75]]  # its own key: nothing replaced
     store.merge([make_record("cifar10-2", multiscale, {"mAP": 0.66}, embedding_dim=1280, seconds=1.0, command="x")])
     assert [r["metrics"]["mAP"] for r in store.load()][-1] == 0.66 and len(store.load()) == 4
-    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75 | avg |" in records_markdown(store.load())
+    assert "| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75, tf inputs | avg |" in records_markdown(store.load())
     # the compare report shows a baseline scored beside several runs once, and each baseline of its own key
     from tf_retrieval.evaluation.compare import report_markdown
 
     runs = [{**record, "run": run} for record in store.load() if record["model"] == "baseline" for run in ("a", "b")]
     report = report_markdown(json.loads(json.dumps(runs)), str(tmp_path))  # scales as JSON lists
-    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75 |") == 1
-    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 | avg |") == 1
+    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96 x1/0.75, tf inputs |") == 1
+    assert report.count("| cifar10-2 | baseline | efficientnet_lite0 | 96, tf inputs | avg |") == 1
 
 
 @pytest.mark.parametrize("content, message", [("[{", "is not valid JSON"), ('{"protocol": "p"}', "holds no JSON list"),

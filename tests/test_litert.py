@@ -53,7 +53,7 @@ def test_litert_gives_tensorflows_vectors_on_jpegs(embedders):
 def test_the_converted_model_is_cached_per_model_id(embedders, monkeypatch):
     fast, _, workdir = embedders
     cached = [name for name in os.listdir(os.path.join(workdir, "litert")) if name.endswith(".tflite")]
-    assert len(cached) == 1 and cached[0].startswith("lite0_v1_efficientnet_lite0-64px-avg-imagenet_identity-")
+    assert len(cached) == 1 and cached[0].startswith("lite0_v1_efficientnet_lite0-64px-tfinputs-avg-imagenet_identity-")
 
     def no_conversion(model):
         raise AssertionError("converted again")

@@ -52,9 +52,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="test-time flip: pool the features of the image and of its mirror (twice the backbone's "
                             "compute; any model, trained ones included; default: the config's, else off)")
     group.add_argument("--preprocessing", choices=PREPROCESSINGS,
-                       help="the backbone's input normalisation instead of its own: tf (x / 127.5 - 1, what the "
-                            "EfficientNet-Lite checkpoints were trained on), torch (ImageNet mean / std: their default "
-                            "here, as the recorded models ran), caffe, none")
+                       help="the backbone's input normalisation (default: its own, what its weights were trained "
+                            "on): tf (x / 127.5 - 1, EfficientNet-Lite's own), torch (ImageNet mean / std; the "
+                            "EfficientNet-Lite models recorded before 2026-12-08 ran on it), caffe, none")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")

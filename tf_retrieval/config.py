@@ -76,17 +76,42 @@ def scale_sizes(image_size: int, scales: tuple[float, ...] = SINGLE_SCALE) -> li
     return sizes
 
 
-#: Input normalisations a backbone can be given instead of its own (`models.backbones.ImagePreprocessing`): caffe (BGR
-#: minus the ImageNet mean), torch (ImageNet mean / std), tf (x / 127.5 - 1, inception style), none.
+#: Input normalisations of a backbone (`models.backbones.ImagePreprocessing`): caffe (BGR minus the ImageNet mean),
+#: torch (ImageNet mean / std), tf (x / 127.5 - 1, inception style), none.
 PREPROCESSINGS = ("caffe", "torch", "tf", "none")
+#: Each backbone's own input normalisation, the one its ImageNet weights were trained on: the default of
+#: `ModelConfig.preprocessing`. The EfficientNet-Lite checkpoints are the TensorFlow ones, trained on "tf" inputs.
+BACKBONE_PREPROCESSING = {"efficientnet_lite0": "tf", "efficientnet_lite1": "tf", "efficientnet_lite2": "tf",
+                          "densenet121": "torch", "resnet50": "caffe", "mobilenet_v2": "tf", "efficientnet_b0": "none"}
+#: The normalisation that ids leave unnamed, and that a config file without a `preprocessing` field means: the
+#: backbone's own, except EfficientNet-Lite, which ran on "torch" inputs before its own became "tf" (docs/training.md).
+#: So the ids, caches, bundles and records made before stay valid, for `preprocessing="torch"`.
+UNNAMED_PREPROCESSING = {**BACKBONE_PREPROCESSING, "efficientnet_lite0": "torch", "efficientnet_lite1": "torch",
+                         "efficientnet_lite2": "torch"}
+assert tuple(BACKBONE_PREPROCESSING) == BACKBONE_NAMES, "every backbone needs its own input normalisation"
+
+
+def input_preprocessing(name: str, preprocessing: str | None = None) -> str:
+    """The input normalisation a backbone runs on: `preprocessing`, or where that is None the backbone's own."""
+    return preprocessing or BACKBONE_PREPROCESSING[name]
+
+
+def named_preprocessing(name: str, preprocessing: str | None = None) -> str | None:
+    """The input normalisation as ids and records name it: None where it is `UNNAMED_PREPROCESSING`'s."""
+    inputs = input_preprocessing(name, preprocessing)
+    return None if inputs == UNNAMED_PREPROCESSING[name] else inputs
 
 
 def backbone_id(name: str, image_size: int, pooling: str, weights: str | None,
                 scales: tuple[float, ...] = SINGLE_SCALE, flip: bool = False, preprocessing: str | None = None) -> str:
-    """A readable string naming everything that determines a backbone's features (used in cache keys and model ids)."""
+    """A readable string naming everything that determines a backbone's features (used in cache keys and model ids).
+
+    The input normalisation is named ("-tfinputs") where it is not `UNNAMED_PREPROCESSING`'s; `preprocessing` None is
+    the backbone's own."""
     multiscale = "" if tuple(scales) == SINGLE_SCALE else "-x" + "_".join(f"{scale:g}" for scale in scales)
     multiscale += "-flip" if flip else ""
-    multiscale += f"-{preprocessing}inputs" if preprocessing else ""
+    inputs = named_preprocessing(name, preprocessing)
+    multiscale += f"-{inputs}inputs" if inputs else ""
     if weights is None:
         weights_tag = "random"
     elif weights == "imagenet":
@@ -129,9 +154,10 @@ class ModelConfig(JsonConfig):
         both, so an image and its mirror get the same vector. Twice the backbone's compute; training ignores it (its
         mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model (one that `tfr adapt`
         made excepted: adapt it again).
-      preprocessing: the backbone's input normalisation (`PREPROCESSINGS`), where it is not the backbone's own (None).
-        The EfficientNet-Lite checkpoints were trained on inception-style inputs ("tf"); their own is still "torch"
-        (ImageNet mean / std), which the recorded models used.
+      preprocessing: the backbone's input normalisation (`PREPROCESSINGS`); None: its own (`BACKBONE_PREPROCESSING`).
+        For EfficientNet-Lite that is "tf", what its checkpoints were trained on; the models recorded before
+        2026-12-08 ran on "torch" (ImageNet mean / std), and a config file without this field means "torch" for them
+        (`from_dict`).
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
@@ -176,6 +202,16 @@ class ModelConfig(JsonConfig):
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSINGS:
             raise InvalidInputError(f"unknown preprocessing {self.preprocessing!r}; choose one of "
                                     f"{', '.join(PREPROCESSINGS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """As `JsonConfig.from_dict`; a file without `preprocessing` was written before the field existed, when
+        EfficientNet-Lite ran on "torch" inputs: it gets `UNNAMED_PREPROCESSING` (None where that is the own one)."""
+        backbone = values.get("backbone", cls.backbone)
+        if "preprocessing" not in values and backbone in BACKBONE_NAMES:  # (an unknown one is __post_init__'s error)
+            legacy = UNNAMED_PREPROCESSING[backbone]
+            values = {**values, "preprocessing": None if legacy == BACKBONE_PREPROCESSING[backbone] else legacy}
+        return super().from_dict(values)
 
     @property
     def metric(self) -> str:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tf_retrieval.config import END_TO_END, ModelConfig, load_run, trunk_runs
+from tf_retrieval.config import END_TO_END, ModelConfig, load_run, named_preprocessing, trunk_runs
 from tf_retrieval.errors import InvalidInputError
 from tf_retrieval.search.index import build_index
 from tf_retrieval.evaluation.metrics import RetrievalMetrics, map_at_r, relevance_matrix
@@ -187,11 +187,12 @@ def search_details(expand: int = 0, augment: int = 0, alpha: float = 3.0) -> dic
 def make_record(protocol: str, model_config: ModelConfig, metrics: dict, *, embedding_dim: int, seconds: float,
                 command: str, model: str = "baseline", **extra) -> dict:
     """One record of `benchmarks/results/retrieval.json` (`extra`: e.g. `run_details`, `code_details`)."""
+    inputs = named_preprocessing(model_config.backbone, model_config.preprocessing)
     return {"protocol": protocol, "model": model, "backbone": model_config.backbone,
             "image_size": int(model_config.image_size), "pooling": model_config.pooling,
             **({"scales": list(model_config.scales)} if len(model_config.scales) > 1 else {}),
             **({"flip": True} if model_config.flip else {}),
-            **({"preprocessing": model_config.preprocessing} if model_config.preprocessing else {}),
+            **({"preprocessing": inputs} if inputs else {}),
             "embedding_dim": int(embedding_dim), "weights": str(model_config.weights or "none"),
             "metrics": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()},
             "seconds": round(float(seconds), 1), "command": command,

@@ -6,14 +6,14 @@ the keras.applications models download their weights on first use where the netw
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
 import keras
 from keras import ops
 
-from tf_retrieval.config import BACKBONE_NAMES, POOLINGS, PREPROCESSINGS, SINGLE_SCALE, backbone_id, scale_sizes
+from tf_retrieval.config import (BACKBONE_NAMES, POOLINGS, PREPROCESSINGS, SINGLE_SCALE, backbone_id,
+                                 input_preprocessing, scale_sizes)
 from tf_retrieval.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ def power_mean(values, p: float, eps: float, axis):
     return ops.power(ops.mean(ops.power(ops.maximum(values, eps), p), axis=axis), 1.0 / p)
 
 
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone: its constructor (keras.applications signature) and preprocessing mode."""
-
-    constructor: Callable[..., keras.Model]
-    preprocessing: str
-
-
 def _applications(name: str) -> Callable[..., keras.Model]:
     return lambda **kwargs: getattr(keras.applications, name)(**kwargs)
 
@@ -114,14 +106,16 @@ def _efficientnet_lite(variant: str) -> Callable[..., keras.Model]:
     return build
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(_efficientnet_lite("efficientnet_lite0"), "torch"),
-    "efficientnet_lite1": BackboneSpec(_efficientnet_lite("efficientnet_lite1"), "torch"),
-    "efficientnet_lite2": BackboneSpec(_efficientnet_lite("efficientnet_lite2"), "torch"),
-    "densenet121": BackboneSpec(_applications("DenseNet121"), "torch"),
-    "resnet50": BackboneSpec(_applications("ResNet50"), "caffe"),
-    "mobilenet_v2": BackboneSpec(_applications("MobileNetV2"), "tf"),
-    "efficientnet_b0": BackboneSpec(_applications("EfficientNetB0"), "none"),
+#: Each backbone's constructor (the keras.applications signature); its own input normalisation is
+#: `config.BACKBONE_PREPROCESSING`'s.
+BACKBONES: dict[str, Callable[..., keras.Model]] = {
+    "efficientnet_lite0": _efficientnet_lite("efficientnet_lite0"),
+    "efficientnet_lite1": _efficientnet_lite("efficientnet_lite1"),
+    "efficientnet_lite2": _efficientnet_lite("efficientnet_lite2"),
+    "densenet121": _applications("DenseNet121"),
+    "resnet50": _applications("ResNet50"),
+    "mobilenet_v2": _applications("MobileNetV2"),
+    "efficientnet_b0": _applications("EfficientNetB0"),
 }
 assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the backbones built here"
 
@@ -141,7 +135,8 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         of all scales are combined by `ScaleMean` (max pooling: their maximum); see `ModelConfig.scales`.
       flip: the trunk also runs on the mirrored input at every scale, and those views are pooled in the same way (an
         image and its mirror get the same features; `ModelConfig.flip`).
-      preprocessing: the input normalisation (`ImagePreprocessing` mode) instead of the backbone's own (None).
+      preprocessing: the input normalisation (`ImagePreprocessing` mode); None: the backbone's own
+        (`config.BACKBONE_PREPROCESSING`).
 
     Raises:
       ValueError: unknown name or pooling, or an image size (or a scaled one) below 32.
@@ -152,15 +147,14 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         raise InvalidInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if int(image_size) < 32:
         raise InvalidInputError(f"image_size must be at least 32 px, got {image_size}")
-    spec = BACKBONES[name]
     if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
         keras.utils.set_random_seed(0)
     sizes = scale_sizes(image_size, scales)
-    trunk = spec.constructor(include_top=False, weights=weights,
-                             input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
+    trunk = BACKBONES[name](include_top=False, weights=weights,
+                            input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
     trunk.trainable = False
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
-    pixels = ImagePreprocessing(preprocessing or spec.preprocessing, name="preprocess")(images)
+    pixels = ImagePreprocessing(input_preprocessing(name, preprocessing), name="preprocess")(images)
     if pooling == "gem":
         pool = GeneralizedMeanPooling(name="gem_pool")
     elif pooling == "max":

@@ -108,7 +108,8 @@ def block_settings(variant: str = LITE0) -> tuple[tuple[int, int, int, int, int,
 
 
 def preprocess_input(x: Any) -> Any:
-    """ImageNet mean/std normalisation of RGB pixels, as the PyTorch reference expects.
+    """ImageNet mean/std normalisation of RGB pixels, as the PyTorch reference package normalises (not what the
+    checkpoints were trained on: `EfficientNetLite`).
 
     Args:
       x: RGB images in 0..255, channels last: a numpy array (any dtype) or a tensor.
@@ -137,7 +138,9 @@ def EfficientNetLite0(input_shape: Sequence[int | None] = (None, None, 3), **kwa
 def EfficientNetLite(variant: str = LITE0, input_shape: Sequence[int | None] = (None, None, 3),
                      include_top: bool = False, weights: str | os.PathLike | None = None, pooling: str | None = None,
                      classes: int = 1000) -> keras.Model:
-    """An EfficientNet-Lite (`variant`: a name of `VARIANTS`) on images normalised by `preprocess_input`.
+    """An EfficientNet-Lite (`variant`: a name of `VARIANTS`) on normalised images: x / 127.5 - 1, what the TensorFlow
+    checkpoints behind the converted weights were trained on (`backbones.ImagePreprocessing("tf")`); the PyTorch
+    reference's own is `preprocess_input`, which its reference outputs in the tests were made with.
 
     Args:
       input_shape: (height, width, channels); height and width may be None (any size from 32 px, as the network
