@@ -54,7 +54,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preprocessing", choices=PREPROCESSINGS,
                        help="the backbone's input normalisation (default: its own, what its weights were trained "
                             "on): tf (x / 127.5 - 1, EfficientNet-Lite's own), torch (ImageNet mean / std; the "
-                            "EfficientNet-Lite models recorded before 2026-12-08 ran on it), caffe, none")
+                            "earlier EfficientNet-Lite models, whose records name no preprocessing, ran on it), "
+                            "caffe, none")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
     group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")

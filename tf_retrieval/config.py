@@ -155,9 +155,9 @@ class ModelConfig(JsonConfig):
         mirrored views are `TrainConfig.augment`), so it can be turned on for any trained model (one that `tfr adapt`
         made excepted: adapt it again).
       preprocessing: the backbone's input normalisation (`PREPROCESSINGS`); None: its own (`BACKBONE_PREPROCESSING`).
-        For EfficientNet-Lite that is "tf", what its checkpoints were trained on; the models recorded before
-        2026-12-08 ran on "torch" (ImageNet mean / std), and a config file without this field means "torch" for them
-        (`from_dict`).
+        For EfficientNet-Lite that is "tf", what its checkpoints were trained on; its earlier models (until
+        2026-12-07; their records name no preprocessing) ran on "torch" (ImageNet mean / std), and a config file
+        without this field means "torch" for it (`from_dict`).
       weights: "imagenet", None (random) or a weights file for the backbone (a fine-tuned trunk).
       head: path to a trained head (a `.keras` file), or None for the baseline (identity head).
       train_from: how deep training reached (None: the head only; a trunk layer name: the blocks above it; "images":
