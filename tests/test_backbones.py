@@ -51,6 +51,25 @@ def test_build_backbone_shapes_and_frozen(pooling, rng):
     assert model.name == f"mobilenet_v2-32px-{pooling}-random"
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_random_weights_are_the_same_every_time_and_leave_the_global_generators_alone(name):
+    import random
+
+    random.seed(123)
+    np.random.seed(7)
+    expected = random.random(), np.random.rand()
+    random.seed(123)
+    np.random.seed(7)
+    first = build_backbone(name, 32, weights=None)
+    assert (random.random(), np.random.rand()) == expected  # building drew nothing from the caller's generators
+    keras.utils.set_random_seed(5)
+    random.random()
+    again = build_backbone(name, 32, weights=None)
+    assert len(first.get_weights()) == len(again.get_weights()) > 0
+    for a, b in zip(first.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_build_backbone_errors():
     with pytest.raises(ValueError, match="unknown backbone 'vgg99'; choose one of efficientnet_lite0"):
         build_backbone("vgg99", 32, weights=None)

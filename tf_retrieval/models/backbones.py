@@ -6,7 +6,9 @@ the keras.applications models download their weights on first use where the netw
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 from typing import Callable
 
 import keras
@@ -120,6 +122,21 @@ BACKBONES: dict[str, Callable[..., keras.Model]] = {
 assert tuple(BACKBONES) == BACKBONE_NAMES, "config.BACKBONE_NAMES must name the backbones built here"
 
 
+@contextlib.contextmanager
+def seeded_initializers(seed: int):
+    """Inside, the layers built get the same initial weights on every run; outside, every random generator is as it was.
+
+    Keras 3 gives each unseeded initialiser (and seed generator) a seed drawn from Python's `random` when it is
+    created; seeding only those draws, and restoring the state afterwards, leaves the process's other randomness
+    (NumPy, TensorFlow, Keras' global seed) alone, where `keras.utils.set_random_seed` would reset it all."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pooling: str = "avg",
                    weights: str | None = "imagenet", scales: tuple[float, ...] = SINGLE_SCALE,
                    flip: bool = False, preprocessing: str | None = None) -> keras.Model:
@@ -147,11 +164,11 @@ def build_backbone(name: str = "efficientnet_lite0", image_size: int = 224, pool
         raise InvalidInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if int(image_size) < 32:
         raise InvalidInputError(f"image_size must be at least 32 px, got {image_size}")
-    if weights is None:  # random weights are seeded: the same config always gives the same model (and embedding space)
-        keras.utils.set_random_seed(0)
     sizes = scale_sizes(image_size, scales)
-    trunk = BACKBONES[name](include_top=False, weights=weights,
-                            input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
+    # random weights are seeded: the same config always gives the same model (and embedding space)
+    with seeded_initializers(0) if weights is None else contextlib.nullcontext():
+        trunk = BACKBONES[name](include_top=False, weights=weights,
+                                input_shape=(image_size, image_size, 3) if len(sizes) == 1 else (None, None, 3))
     trunk.trainable = False
     images = keras.Input((image_size, image_size, 3), dtype="float32", name="images")
     pixels = ImagePreprocessing(input_preprocessing(name, preprocessing), name="preprocess")(images)
