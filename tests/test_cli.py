@@ -232,6 +232,15 @@ def test_train_a_recipe_in_stages_each_from_the_trunk_before_and_resume_it(tmp_p
     assert (second["model"]["weights"], second["trunk_lr_scale"], second["epochs"]) == (first, 0.5, 2)
     assert json.load(open(tmp_path / "run" / "result.json"))["epochs"] == 2
     assert [run["run"] for run in earlier_runs(second["model"]["weights"])] == ["run-stage1"]  # its records' starts_from
+    # --head none: the fine-tuned trunk's own pooled features, scored as a fine-tuned model of the run
+    records = str(tmp_path / "records.json")
+    assert main(["--workdir", workdir, "evaluate", "--protocol", "cifar10-2", "--dataset", folder, "--model-config",
+                 os.path.join(run_dir, "model.json"), "--head", "none", "--records", records]) == 0
+    [record] = json.load(open(records))
+    trunk = json.load(open(tmp_path / "run" / "model.json"))["weights"]
+    assert (record["model"], record["variant"], record["run"], record["weights"]) == (
+        "finetuned", "trunk features", "run", trunk)
+    assert record["embedding_dim"] == 1280 and "| finetuned + trunk features (end to end) |" in capsys.readouterr().out
     # run again: the finished first stage is kept, the last one trains again
     stamp = os.path.getmtime(first)
     assert main(command) == 0 and os.path.getmtime(first) == stamp

@@ -57,7 +57,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                             "earlier EfficientNet-Lite models, whose records name no preprocessing, ran on it), "
                             "caffe, none")
     group.add_argument("--weights", help="'imagenet' (default), 'none' for random weights, or a weights file")
-    group.add_argument("--head", help="a trained head (.keras); omit for the frozen baseline")
+    group.add_argument("--head", help="a trained head (.keras), or 'none' to drop the config's head (a fine-tuned "
+                                      "trunk's own pooled features); omit for the config's (none: the frozen baseline)")
     group.add_argument("--hash-bits", type=int, help="the head is a hashing head with this many bits")
 
 
@@ -73,11 +74,13 @@ def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     config = ModelConfig.load(args.model_config) if args.model_config else ModelConfig()
     overrides = {"name": args.model_name, "backbone": args.backbone, "image_size": args.image_size,
-                 "pooling": args.pooling, "scales": args.scales, "flip": args.flip, "head": args.head,
-                 "hash_bits": args.hash_bits, "preprocessing": args.preprocessing}
+                 "pooling": args.pooling, "scales": args.scales, "flip": args.flip, "hash_bits": args.hash_bits,
+                 "preprocessing": args.preprocessing}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.weights is not None:
         config.weights = None if args.weights.lower() == "none" else args.weights
+    if args.head is not None:
+        config.head = None if args.head.lower() == "none" else args.head
     if args.model_config:
         from tf_retrieval.training.adapt import check_adapted_features
 
@@ -338,8 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if store is not None and args.metric not in (None, config.metric):
         raise InvalidInputError(f"--records keeps one record per model, ranked as the model ranks ({config.metric}): "
                                 f"--metric {args.metric} would replace it; drop --records or --metric")
-    trained = config.head is not None or config.weights not in ("imagenet", None)
-    if args.seed and args.protocol in SEEDED_PROTOCOLS and trained:
+    if args.seed and args.protocol in SEEDED_PROTOCOLS and config.fine_tuned:
         raise InvalidInputError(f"--seed {args.seed}: training drew {args.protocol}'s split with seed 0, so another "
                                 "draw's queries include images this model trained on; evaluate it with seed 0")
     adaptation = adaptation_details(args.model_config) if args.model_config else {}
@@ -688,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pca-dim", type=int, help="reduce embeddings with PCA fitted on the database")
     evaluate.add_argument("--metric", choices=METRICS, help="ranking similarity (default: the model's own)")
     evaluate.add_argument("--records", help="keep the record in this JSON list (e.g. benchmarks/results/retrieval.json)")
-    evaluate.add_argument("--record-model", help="model label of the record (default: baseline, or finetuned with a "
-                                                 "head)")
+    evaluate.add_argument("--record-model", help="model label of the record (default: finetuned with a head or a "
+                                                 "fine-tuned trunk, else baseline)")
     evaluate.add_argument("--seed", type=int, default=0, help="draws cifar10-1's queries and training images (trained "
                                                           "models: 0, the draw training used)")
     _add_search_args(evaluate)

@@ -218,6 +218,11 @@ class ModelConfig(JsonConfig):
         """The similarity its vectors are meant for: "hamming" for a hashing model, else "cosine"."""
         return "hamming" if self.hash_bits else "cosine"
 
+    @property
+    def fine_tuned(self) -> bool:
+        """Whether training made part of it: a head, or backbone weights from a file (a fine-tuned trunk)."""
+        return self.head is not None or self.weights not in ("imagenet", None)
+
     def backbone_key(self) -> str:
         """Names the backbone's features (`backbone_id`): feature caches are keyed by it."""
         return backbone_id(self.backbone, self.image_size, self.pooling, self.weights, self.scales, self.flip,

@@ -296,6 +296,8 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
 
     Args:
       metric: ranking similarity; default `config.metric` (Hamming over packed codes for a hashing model).
+      model: the record's label; default finetuned for a model training made part of (`ModelConfig.fine_tuned`; a
+        fine-tuned trunk without a head is the variant "trunk features"), else baseline.
       run_dir: the training run `config` comes from: the record gives its recipe and training figures (`run_details`).
       runtime: where the backbone runs (one of `features.litert.RUNTIMES`); the record names it.
       expand, augment, alpha: α query expansion over the top-`expand` and α database augmentation over `augment`
@@ -313,7 +315,9 @@ def evaluate_model(protocol: Protocol, config: ModelConfig, *, workdir: str | No
     logger.info("%s %s: %s", protocol.name, config.model_id(), metrics)
     extra = {"train_from": config.train_from, "runtime": runtime, **(run_details(run_dir) if run_dir else {}),
              **code_details(config, vectors), **search_details(expand, augment, alpha)}
+    if config.fine_tuned and config.head is None:  # a fine-tuned trunk's own pooled features, without a head
+        extra["variant"] = " + ".join(["trunk features"] + ([extra["variant"]] if "variant" in extra else []))
     return make_record(protocol.name, config, metrics, embedding_dim=dim, seconds=time.perf_counter() - start,
-                       command=command, model=model or ("baseline" if not config.head else "finetuned"),
+                       command=command, model=model or ("finetuned" if config.fine_tuned else "baseline"),
                        dataset=protocol.collection.name, metric=metric, pca_dim=pca_dim, pr_curve=curve,
                        queries=int(metrics.get("queries", 0)), **extra)
