@@ -503,3 +503,23 @@ def test_the_preprocessing_flag_reaches_the_model_and_training_configs():
     assert {stage.model.preprocessing for stage in recorded.stages} == {"torch"}  # as its records were made
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--protocol", "cifar10-2", "--preprocessing", "inception"])
+
+
+def test_head_none_drops_the_head_and_its_codes(tmp_path):
+    from tf_retrieval.cli import _model_config
+    from tf_retrieval.config import ModelConfig
+
+    path = str(tmp_path / "model.json")
+    ModelConfig(name="finetuned", weights=str(tmp_path / "trunk.weights.h5"), head=str(tmp_path / "head.keras"),
+                hash_bits=48).save(path)
+
+    def config(*flags):
+        return _model_config(build_parser().parse_args(["evaluate", "--protocol", "cifar10-2", "--model-config", path,
+                                                        *flags]))
+
+    assert (config().head, config().hash_bits) == (str(tmp_path / "head.keras"), 48)
+    trunk = config("--head", "none")
+    assert (trunk.head, trunk.hash_bits, trunk.weights) == (None, None, str(tmp_path / "trunk.weights.h5"))
+    assert trunk.fine_tuned and trunk.metric == "cosine"
+    assert config("--head", "other.keras").head == "other.keras"
+    assert not ModelConfig().fine_tuned and not ModelConfig(weights=None).fine_tuned

@@ -81,6 +81,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
         config.weights = None if args.weights.lower() == "none" else args.weights
     if args.head is not None:
         config.head = None if args.head.lower() == "none" else args.head
+        if config.head is None and args.hash_bits is None:
+            config.hash_bits = None  # a hashing model's codes are its head's
     if args.model_config:
         from tf_retrieval.training.adapt import check_adapted_features
 
